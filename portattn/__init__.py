@@ -1,0 +1,24 @@
+"""portattn: exact FlashAttention-style attention on whatever accelerator you have.
+
+``attention(q, k, v)`` is the front door; ``explain`` says which backend and tile plan a call gets;
+``backends()`` lists every backend and why it is or is not usable here.
+"""
+
+from .api import attention, explain, plan
+from .spec import AttentionSpec
+from .status import BackendStatus, available_backends, backends
+from .tiling import DeviceSpec, TilePlan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionSpec",
+    "BackendStatus",
+    "DeviceSpec",
+    "TilePlan",
+    "attention",
+    "available_backends",
+    "backends",
+    "explain",
+    "plan",
+]

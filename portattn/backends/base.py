@@ -1,0 +1,87 @@
+"""The interface every backend implements, and the checks all of them share.
+
+A backend *declares* what it can do (``Capabilities``) and answers two questions with complete
+lists of readable reasons: can it run on this machine at all (``unavailable_reasons``), and can it
+run this call (``not_supported_reasons``). Empty list = yes. Which usable backend *should* run is
+not decided here but by each backend's ``auto_priority`` and the dispatcher.
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Mapping
+
+from ..tiling import DeviceSpec, TilePlan
+from ..tiling import plan as make_plan
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    device_kinds: frozenset[str]  # where the data may live: "cpu", "cuda", ...
+    dtypes: frozenset[str]
+    min_head_dim: int = 1
+    max_head_dim: int = 256
+    backward: bool = True
+    notes: tuple[str, ...] = ()  # e.g. "fp16/bf16 inputs are computed in fp32"
+
+
+class Backend(ABC):
+    """One way of running attention. Subclasses are stateless; the registry holds one instance."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line: the hardware it serves and how
+    extra: ClassVar[str | None]  # the pip extra that installs what it needs
+    compute_kind: ClassVar[str]  # the array kind its kernels take: "numpy" or "torch"
+    capabilities: ClassVar[Capabilities]
+    auto_priority: ClassVar[Mapping[str, int]] = {}  # device kind -> rank for backend="auto"; absent: never
+
+    @functools.cached_property
+    def _unavailable(self) -> tuple[str, ...]:
+        return tuple(self._check_available())
+
+    def unavailable_reasons(self) -> list[str]:
+        """Why this backend cannot run on this machine at all (missing package, no device)."""
+        return list(self._unavailable)
+
+    @property
+    def usable(self) -> bool:
+        return not self._unavailable
+
+    def _check_available(self) -> list[str]:
+        """Subclasses: import what they need and report what is missing. Called once."""
+        return []
+
+    def not_supported_reasons(self, spec) -> list[str]:
+        """Every reason this backend cannot run ``spec`` (``AttentionSpec``); empty when it can."""
+        caps = self.capabilities
+        reasons = self.unavailable_reasons()
+        if spec.device_kind not in caps.device_kinds:
+            reasons.append(f"data is on {spec.device}; {self.name} runs on {', '.join(sorted(caps.device_kinds))}")
+        if spec.dtype not in caps.dtypes:
+            reasons.append(f"dtype {spec.dtype} is not supported; {self.name} takes {', '.join(sorted(caps.dtypes))}")
+        if not caps.min_head_dim <= spec.head_dim <= caps.max_head_dim:
+            reasons.append(f"head dim {spec.head_dim} is outside {self.name}'s range {caps.min_head_dim}..{caps.max_head_dim}")
+        if spec.requires_grad and not caps.backward:
+            reasons.append(f"inputs require grad but {self.name} has no backward pass")
+        return reasons + self._extra_reasons(spec)
+
+    def _extra_reasons(self, spec) -> list[str]:
+        """Subclasses: refusals the declared capabilities cannot express."""
+        return []
+
+    @abstractmethod
+    def device(self, spec) -> DeviceSpec:
+        """The description of the device this backend would run ``spec`` on."""
+
+    def plan(self, spec, device: DeviceSpec | None = None) -> TilePlan:
+        return make_plan(spec, device or self.device(spec))
+
+    @abstractmethod
+    def forward(self, q, k, v, spec, plan: TilePlan):
+        """``(out, lse)`` for (B, H, N, D) arrays of ``compute_kind``; lse is float32 (B, H, Nq)."""
+
+    @abstractmethod
+    def backward(self, grad_out, q, k, v, out, lse, spec, plan: TilePlan):
+        """``(dq, dk, dv)`` for (B, H, N, D) arrays of ``compute_kind``."""

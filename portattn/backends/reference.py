@@ -1,0 +1,37 @@
+"""``reference``: the float64 NumPy oracle as a backend, so tests and users can call it by name.
+
+Exact but O(N^2) in memory and slow; ``auto`` never picks it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import reference
+from ..tiling import probe
+from . import register
+from .base import Backend, Capabilities
+
+
+@register
+class ReferenceBackend(Backend):
+    name = "reference"
+    summary = "any CPU: float64 NumPy with the full score matrix; the test oracle, never chosen by auto"
+    extra = None
+    compute_kind = "numpy"
+    capabilities = Capabilities(
+        device_kinds=frozenset({"cpu"}),
+        dtypes=frozenset({"float64", "float32", "float16", "bfloat16"}),
+        max_head_dim=4096,
+        notes=("computes in float64 and materializes the N x N scores: memory grows as N^2",),
+    )
+
+    def device(self, spec):
+        return probe.probe_cpu()
+
+    def forward(self, q, k, v, spec, plan):
+        out, lse = reference.attention_forward(q, k, v, scale=spec.softmax_scale, causal=spec.causal)
+        return out, lse.astype(np.float32)
+
+    def backward(self, grad_out, q, k, v, out, lse, spec, plan):
+        return reference.attention_backward(grad_out, q, k, v, scale=spec.softmax_scale, causal=spec.causal)

@@ -1,0 +1,105 @@
+"""Choosing a backend: which can run a call (their reasons), and which should (their priority).
+
+``select`` honours an explicit name or, for ``"auto"``, takes the highest ``auto_priority`` among
+backends with no reason to refuse. Every refusal carries the complete list of reasons, and an
+error names the backends that would have worked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .backends import Backend, registry
+from .spec import AttentionSpec
+from .tiling import DeviceSpec, TilePlan
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    reasons: tuple[str, ...]  # why it cannot run this call; empty when it can
+    priority: int | None  # its auto rank on the call's device kind; None: never picked by auto
+
+    @property
+    def can_run(self) -> bool:
+        return not self.reasons
+
+
+def candidates(spec: AttentionSpec) -> list[Candidate]:
+    return [
+        Candidate(name, tuple(backend.not_supported_reasons(spec)), backend.auto_priority.get(spec.device_kind))
+        for name, backend in registry().items()
+    ]
+
+
+def _format_refusals(refused: list[Candidate]) -> str:
+    return "\n".join(f"  {c.name}: " + "; ".join(c.reasons) for c in refused)
+
+
+def check_name(requested: str) -> None:
+    backends = registry()
+    if not isinstance(requested, str) or (requested != "auto" and requested not in backends):
+        raise ValueError(f"unknown backend {requested!r}; use 'auto' or one of: {', '.join(backends)}")
+
+
+def select(spec: AttentionSpec, requested: str = "auto") -> Backend:
+    check_name(requested)
+    backends = registry()
+    ranked = candidates(spec)
+    able = [c.name for c in ranked if c.can_run]
+    if requested != "auto":
+        reasons = next(c.reasons for c in ranked if c.name == requested)
+        if reasons:
+            listing = "\n".join(f"  - {r}" for r in reasons)
+            alternatives = ", ".join(able) if able else "none"
+            raise ValueError(f"backend {requested!r} cannot run {spec.label()}:\n{listing}\nbackends that can: {alternatives}")
+        return backends[requested]
+    eligible = [c for c in ranked if c.can_run and c.priority is not None]
+    if not eligible:
+        raise ValueError(
+            f"no backend can run {spec.label()} on {spec.device} automatically:\n{_format_refusals([c for c in ranked if not c.can_run])}"
+            + (f"\nusable only by name: {', '.join(able)}" if able else "")
+        )
+    return backends[max(eligible, key=lambda c: c.priority).name]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What ``auto`` (or a named backend) would do with a call, and why the others were not used."""
+
+    spec: AttentionSpec
+    chosen: str | None
+    device: DeviceSpec | None
+    plan: TilePlan | None
+    candidates: tuple[Candidate, ...]
+    error: str | None = None  # set when no backend can run the call
+
+    def __str__(self) -> str:
+        lines = [f"call: {self.spec.label()} on {self.spec.device} ({self.spec.array_kind}, layout {self.spec.layout})"]
+        if self.chosen is None:
+            lines.append(f"no backend chosen: {self.error}")
+        else:
+            lines.append(f"backend: {self.chosen} on {self.device.name}")
+            lines.extend("  " + line for line in self.plan.describe().splitlines())
+        others = [c for c in self.candidates if c.name != self.chosen]
+        if others:
+            lines.append("other backends:")
+        for c in others:
+            if c.reasons:
+                lines.append(f"  {c.name}: cannot run it: " + "; ".join(c.reasons))
+            elif c.priority is None:
+                lines.append(f"  {c.name}: could run it, but auto never picks it on {self.spec.device_kind}")
+            else:
+                lines.append(f"  {c.name}: could run it, ranked below (priority {c.priority})")
+        return "\n".join(lines)
+
+
+def explain(spec: AttentionSpec, requested: str = "auto") -> Explanation:
+    check_name(requested)
+    ranked = tuple(candidates(spec))
+    try:
+        backend = select(spec, requested)
+    except ValueError as error:
+        return Explanation(spec, None, None, None, ranked, str(error))
+    device = backend.device(spec)
+    return Explanation(spec, backend.name, device, backend.plan(spec, device), ranked)

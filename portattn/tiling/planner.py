@@ -1,0 +1,301 @@
+"""The planner: (problem, device) -> `TilePlan`. Pure functions; every rule is stated where it acts.
+
+Two families of rules share one selection scheme, "enumerate legal tilings, drop those that do not
+fit, rank the rest by a documented key":
+
+GPU (a thread block owns ``block_q`` query rows of one head and streams K/V blocks through SRAM)
+  * G1  head dim is padded to a power of two >= 16: Triton block shapes must be powers of two and
+        matrix units take k in multiples of 8 or 16; the padding is masked, never computed on.
+  * G2  ``block_q`` is a multiple of the rows one warp's matrix instruction covers (16 for mma.sync
+        and WMMA, 32 for AMD's 32x32 MFMA, 8 for Intel DPAS and Apple simdgroup matrices), and no
+        warp is left without rows (warps <= block_q / rows_per_warp).
+  * G3  ``block_k`` is a multiple of the matrix unit's k (P @ V contracts over keys).
+  * G4  SRAM: the Q tile plus ``stages`` K and V tiles must fit the per-block shared memory.
+  * G5  registers: the float32 accumulators for O (block_q x d) and S (block_q x block_k; P reuses
+        them) spread over the block's threads, plus ~24 for indices and row statistics, must stay
+        within the per-thread limit, or the kernel spills.
+  * G6  stages: 2-3 buffers when the device copies asynchronously (cp.async/TMA): Triton's tutorial
+        and FlexAttention both settle on 3 on sm_80/sm_90; 1 where there is no async copy.
+  * G7  ranking: fill the device with at least one wave of blocks first, then the largest
+        ``block_q`` (K/V are re-read once per query block, so traffic falls as 1/block_q -- the
+        N^2 d^2 / M law), then the largest ``block_k`` (fewer loop trips, larger MMAs), then fewer
+        warps, then more stages.
+  * G8  when batch x heads x query blocks still cannot fill the device, split the key loop
+        (flash-decoding) until it can, keeping >= 2 key blocks per split.
+CPU (a task owns ``block_q`` query rows of one head; GEMMs on tiles go through BLAS)
+  * C1  the working set -- Q tile, O accumulator, K and V tiles, the score tile -- in float32 must
+        fit the core's L2, so every GEMM operand stays cache-resident (PyTorch's CPU kernel uses
+        256 x 512 at d = 64, which is exactly this rule for a 1 MiB L2).
+  * C2  ranking: at least 4 tasks per worker thread first (causal rows are uneven; more tasks even
+        the load), then the largest ``block_q`` (fewer K/V passes), then the largest ``block_k``.
+  * C3  key splits as G8 when tasks are fewer than threads.
+  * C4  backward: a task owns a key block; dQ is summed in the same pass when each head is one
+        task's alone (batch x heads >= 2 x threads), else computed in a pass of its own (no atomics
+        on the CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from . import iomodel
+from .device import DTYPE_BYTES, DeviceSpec
+from .plan import TilePlan
+
+if TYPE_CHECKING:  # the spec module imports tiling; importing it back at run time would be circular
+    from ..spec import AttentionSpec
+
+GPU_BLOCK_Q = (128, 64, 32, 16)
+GPU_BLOCK_K = (128, 64, 32, 16)
+GPU_WARPS = (4, 8, 2, 1)  # 4 first: Triton's default; fewer only when block_q has too few rows
+GPU_MAX_STAGES = 3  # G6
+GPU_REGISTER_OVERHEAD = 24  # G5: indices, pointers, m_i and l_i
+GPU_BACKWARD_BLOCK_Q = (64, 32, 16)
+GPU_BACKWARD_BLOCK_K = (128, 64, 32, 16)
+CPU_BLOCK_Q = (256, 128, 64, 32, 16)
+CPU_BLOCK_K = (512, 256, 128, 64, 32, 16)
+CPU_TASKS_PER_THREAD = 4  # C2
+MIN_KEY_BLOCKS_PER_SPLIT = 2  # G8/C3: a split with one block does more merging than work
+
+
+def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
+    """The tile plan for ``spec`` on ``device`` (GPU or CPU rules by ``device.kind``)."""
+    return _plan_cpu(spec, device) if device.kind == "cpu" else _plan_gpu(spec, device)
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _blocks(n: int, block: int) -> int:
+    return -(-n // block)
+
+
+def _fit_to_problem(sizes: tuple[int, ...], length: int, smallest: int) -> tuple[int, ...]:
+    """Drop block sizes larger than the problem needs (a 128-row block for 5 rows wastes work)."""
+    cap = max(smallest, next_power_of_two(max(1, length)))
+    kept = tuple(s for s in sizes if s <= cap)
+    return kept or (min(sizes),)
+
+
+def _key_splits(work_units: int, target: int, key_blocks: int) -> int:
+    """G8/C3: split the key loop when the parallel work is fewer than ``target`` units."""
+    if work_units >= target:
+        return 1
+    wanted = _blocks(target, max(1, work_units))
+    return max(1, min(wanted, key_blocks // MIN_KEY_BLOCKS_PER_SPLIT))
+
+
+def _rows_per_warp(device: DeviceSpec, dtype: str) -> int:
+    unit = device.matrix_unit_for(dtype)
+    if unit is None:
+        return 16
+    if unit.scope == "warpgroup":  # wgmma's 64 rows are shared by 4 warps: 16 rows each
+        return unit.m // 4
+    return min(unit.m, 32) if unit.m >= 16 else max(unit.m, 8)
+
+
+def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
+    e = DTYPE_BYTES[spec.dtype]
+    unit = device.matrix_unit_for(spec.dtype)
+    rows_per_warp = _rows_per_warp(device, spec.dtype)
+    k_multiple = unit.k if unit else 1
+    head_dim = max(16, next_power_of_two(spec.head_dim))
+    batch_heads = spec.batch * spec.heads
+    max_threads = device.max_threads_per_block
+    stage_options = range(GPU_MAX_STAGES, 1, -1) if device.has_async_copy else (1,)
+    min_stages = min(stage_options)
+
+    def sram(block_q: int, block_k: int, stages: int) -> int:
+        return block_q * head_dim * e + stages * 2 * block_k * head_dim * e
+
+    def registers(block_q: int, block_k: int, threads: int) -> int:
+        return _blocks(block_q * head_dim + block_q * block_k, threads) + GPU_REGISTER_OVERHEAD
+
+    candidates = []
+    for block_q in _fit_to_problem(GPU_BLOCK_Q, spec.seqlen_q, rows_per_warp):
+        if block_q % rows_per_warp:
+            continue
+        for block_k in _fit_to_problem(GPU_BLOCK_K, spec.seqlen_k, 16):
+            if block_k % k_multiple:
+                continue
+            for warps in GPU_WARPS:
+                threads = warps * device.simd_width
+                if warps > block_q // rows_per_warp or threads > max_threads:
+                    continue
+                if registers(block_q, block_k, threads) > device.max_registers_per_thread:
+                    continue
+                fitting = [s for s in stage_options if sram(block_q, block_k, s) <= device.sram_per_block]
+                if not fitting:
+                    continue
+                work = batch_heads * _blocks(spec.seqlen_q, block_q)
+                fills = work >= device.compute_units
+                # G7: the ranking key, largest first
+                rank = (fills, block_q, block_k, -warps, max(fitting))
+                candidates.append((rank, block_q, block_k, warps, max(fitting)))
+    if not candidates:
+        raise ValueError(
+            f"no tiling of head dim {spec.head_dim} ({spec.dtype}) fits {device.name}: even a 16x16 tile with "
+            f"{min_stages} stage(s) needs {sram(16, 16, min_stages)} B of SRAM (the device has {device.sram_per_block} B per block)"
+        )
+    _, block_q, block_k, warps, stages = max(candidates)
+    threads = warps * device.simd_width
+    query_blocks = _blocks(spec.seqlen_q, block_q)
+    work = batch_heads * query_blocks
+    splits = _key_splits(work, device.compute_units, _blocks(spec.seqlen_k, block_k))
+
+    reasons = [
+        f"G1 head dim {spec.head_dim} padded to {head_dim}",
+        (
+            f"G2/G3 matrix unit {unit.name} ({unit.m}x{unit.n}x{unit.k}, {spec.dtype}): block_q in multiples of "
+            f"{rows_per_warp} rows per warp, block_k in multiples of {k_multiple}"
+            if unit
+            else f"G2 no matrix unit takes {spec.dtype} on {device.name}: SIMD FMAs, 16-row warp tiles"
+        ),
+        f"G4 SRAM {sram(block_q, block_k, stages) / 1024:.0f} KiB of {device.sram_per_block / 1024:.0f} KiB per block "
+        f"(Q tile + {stages} x K/V tiles)",
+        f"G5 ~{registers(block_q, block_k, threads)} registers per thread of {device.max_registers_per_thread} "
+        f"(O and S accumulators over {threads} threads)",
+        f"G6 {stages} stage(s): "
+        + ("asynchronous copies overlap loads with math" if device.has_async_copy else "no asynchronous copy on this device"),
+        f"G7 {len(candidates)} tilings fit; chose {block_q}x{block_k} with {warps} warps: "
+        + (
+            f"{work} blocks fill {device.compute_units} compute units, and larger blocks re-read K/V less"
+            if work >= device.compute_units
+            else f"{work} blocks cannot fill {device.compute_units} compute units even at the smallest block_q"
+        ),
+    ]
+    if splits > 1:
+        reasons.append(f"G8 key loop split {splits} ways so {work * splits} units fill {device.compute_units} compute units")
+
+    bwd = _plan_gpu_backward(spec, device, head_dim, e, stage_options)
+    return _finish(
+        spec,
+        device,
+        target="gpu",
+        block_q=block_q,
+        block_k=block_k,
+        head_dim=head_dim,
+        warps=warps,
+        threads=threads,
+        stages=stages,
+        splits=splits,
+        work=work,
+        sram_bytes=sram(block_q, block_k, stages),
+        registers=registers(block_q, block_k, threads),
+        backward=bwd,
+        matrix_unit=f"{unit.name} {unit.m}x{unit.n}x{unit.k}" if unit else None,
+        reasons=reasons + [bwd[-1]],
+    )
+
+
+def _plan_gpu_backward(spec, device: DeviceSpec, head_dim: int, e: int, stage_options) -> tuple:
+    """Backward blocks: a block owns ``block_k`` keys (dK, dV accumulate in registers) and streams
+    query blocks; the G4/G5 checks apply with the dK, dV, S and dP accumulators."""
+    rows_per_warp = _rows_per_warp(device, spec.dtype)
+    for block_k in _fit_to_problem(GPU_BACKWARD_BLOCK_K, spec.seqlen_k, 16):
+        for block_q in _fit_to_problem(GPU_BACKWARD_BLOCK_Q, spec.seqlen_q, 16):
+            for warps in (4, 8):
+                threads = warps * device.simd_width
+                if threads > device.max_threads_per_block or warps > block_k // rows_per_warp:
+                    continue
+                regs = _blocks(2 * block_k * head_dim + 2 * block_q * block_k, threads) + GPU_REGISTER_OVERHEAD
+                stages = min(stage_options)
+                sram = 2 * block_k * head_dim * e + stages * 2 * block_q * head_dim * e
+                if regs <= device.max_registers_per_thread and sram <= device.sram_per_block:
+                    why = (
+                        f"backward: blocks own {block_k} keys and stream {block_q} queries with {warps} warps "
+                        f"(~{regs} registers, {sram / 1024:.0f} KiB SRAM); dQ in a pass of its own over query blocks (no atomics)"
+                    )
+                    return block_q, block_k, sram, True, why
+    return 16, 16, 4 * 16 * head_dim * e, True, "backward: only the smallest 16x16 tiles fit"
+
+
+def _plan_cpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
+    lanes = max(1, device.simd_width)
+    head_dim = _round_up(spec.head_dim, lanes)
+    threads = device.hardware_threads or device.compute_units
+    batch_heads = spec.batch * spec.heads
+    cache = device.sram_per_block
+    f32 = 4
+
+    def working_set(block_q: int, block_k: int) -> int:  # C1
+        return f32 * (2 * block_q * head_dim + 2 * block_k * head_dim + block_q * block_k)
+
+    candidates = []
+    for block_q in _fit_to_problem(CPU_BLOCK_Q, spec.seqlen_q, 16):
+        for block_k in _fit_to_problem(CPU_BLOCK_K, spec.seqlen_k, 16):
+            if working_set(block_q, block_k) > cache:
+                continue
+            work = batch_heads * _blocks(spec.seqlen_q, block_q)
+            rank = (work >= CPU_TASKS_PER_THREAD * threads, block_q, block_k)  # C2
+            candidates.append((rank, block_q, block_k))
+    if not candidates:  # a huge head dim: the smallest tiles, over the cache, are still correct
+        candidates.append(((False, 16, 16), 16, 16))
+    _, block_q, block_k = max(candidates)
+    work = batch_heads * _blocks(spec.seqlen_q, block_q)
+    splits = _key_splits(work, threads, _blocks(spec.seqlen_k, block_k))
+    reasons = [
+        f"C1 working set {working_set(block_q, block_k) / 1024:.0f} KiB of {cache / 1024:.0f} KiB L2 per core "
+        f"(head dim {spec.head_dim} rounded to {head_dim} for {lanes}-lane vectors)",
+        f"C2 chose {block_q}x{block_k} of {len(candidates)} that fit: {work} tasks for {threads} threads",
+    ]
+    if splits > 1:
+        reasons.append(f"C3 key loop split {splits} ways so {work * splits} tasks keep {threads} threads busy")
+
+    bwd_k = block_k
+    while bwd_k > 16 and f32 * (4 * bwd_k * head_dim + 2 * block_q * head_dim + 2 * block_q * bwd_k) > cache:
+        bwd_k //= 2
+    bwd_sram = f32 * (4 * bwd_k * head_dim + 2 * block_q * head_dim + 2 * block_q * bwd_k)
+    dq_separate = batch_heads < 2 * threads
+    why_bwd = (
+        f"C4 backward: tasks own {bwd_k} keys, stream {block_q} queries; dQ "
+        + ("in its own pass (too few heads to give each task whole heads)" if dq_separate else "summed in the same pass (each head is one task's)")
+    )
+    return _finish(
+        spec,
+        device,
+        target="cpu",
+        block_q=block_q,
+        block_k=block_k,
+        head_dim=head_dim,
+        warps=1,
+        threads=threads,
+        stages=1,
+        splits=splits,
+        work=work,
+        sram_bytes=working_set(block_q, block_k),
+        registers=0,
+        backward=(block_q, bwd_k, bwd_sram, dq_separate, why_bwd),
+        matrix_unit=None,
+        reasons=reasons + [why_bwd],
+    )
+
+
+def _finish(spec, device, *, target, block_q, block_k, head_dim, warps, threads, stages, splits, work, sram_bytes,
+            registers, backward, matrix_unit, reasons) -> TilePlan:
+    """Attach the IO model's traffic figures and build the plan."""
+    batch_heads = spec.batch * spec.heads
+    e = DTYPE_BYTES[spec.dtype]
+    bwd_q, bwd_k, bwd_sram, dq_separate, _ = backward
+    traffic = iomodel.forward_bytes(
+        batch_heads=batch_heads, seqlen_q=spec.seqlen_q, seqlen_k=spec.seqlen_k, head_dim=spec.head_dim,
+        element_bytes=e, block_q=block_q, causal=spec.causal, key_splits=splits,
+    )
+    bound = iomodel.lower_bound_bytes(
+        batch_heads=batch_heads, seqlen_q=spec.seqlen_q, seqlen_k=spec.seqlen_k, head_dim=spec.head_dim,
+        element_bytes=e, sram_bytes=device.sram_per_block,
+    )
+    return TilePlan(
+        device=device.name, target=target, block_q=block_q, block_k=block_k, head_dim_padded=head_dim,
+        warps=warps, threads=threads, stages=stages, key_splits=splits, work_units=work * splits,
+        sram_bytes=sram_bytes, registers_per_thread=registers, backward_block_q=bwd_q, backward_block_k=bwd_k,
+        backward_work_units=batch_heads * _blocks(spec.seqlen_k, bwd_k), backward_sram_bytes=bwd_sram,
+        backward_dq_separate=dq_separate, hbm_bytes=traffic, hbm_bytes_lower_bound=bound,
+        matrix_unit=matrix_unit, reasons=tuple(reasons),
+    )
