@@ -54,10 +54,9 @@ def _compute_dtype(spec):
     return np.float64 if spec.dtype == "float64" else np.float32
 
 
-def _scales(spec):
-    """The softmax scale and scale * log2(e), typed as the compute dtype for the kernels."""
-    dtype = _compute_dtype(spec)
-    return dtype(spec.softmax_scale), dtype(spec.softmax_scale * LOG2E)
+def _scaled(q, spec):
+    """q * scale * log2(e): the kernels' GEMM then yields scores ready for exp2 (a linear-size copy)."""
+    return q * q.dtype.type(spec.softmax_scale * LOG2E)
 
 
 @register
@@ -95,9 +94,8 @@ class NumbaBackend(Backend):
         q, k, v = (np.ascontiguousarray(x, dtype=dtype) for x in (q, k, v))
         out = np.empty_like(q)
         lse = np.empty(q.shape[:3], np.float32)
-        _, scale_log2 = _scales(spec)
         with _run_with(plan.threads):
-            _kernels().forward(q, k, v, out, lse, scale_log2, spec.causal, plan.block_q, plan.block_k, plan.key_splits)
+            _kernels().forward(_scaled(q, spec), k, v, out, lse, spec.causal, plan.block_q, plan.block_k, plan.key_splits)
         return out, lse
 
     def backward(self, grad_out, q, k, v, out, lse, spec, plan):
@@ -108,14 +106,14 @@ class NumbaBackend(Backend):
         dq, dk, dv = np.zeros_like(q), np.empty_like(k), np.empty_like(v)
         kernels = _kernels()
         block_q, block_k = plan.backward_block_q, plan.backward_block_k
-        scales = _scales(spec)
+        q_scaled, scale = _scaled(q, spec), dtype(spec.softmax_scale)
         key_blocks = -(-spec.seqlen_k // block_k)
         with _run_with(plan.threads):
             if plan.backward_dq_separate:
-                kernels.backward_key_pass(q, k, v, grad_out, lse, delta, dq, dk, dv, *scales, spec.causal, block_q, block_k, 1, False)
-                kernels.backward_query_pass(q, k, v, grad_out, lse, delta, dq, *scales, spec.causal, block_q, block_k)
+                kernels.backward_key_pass(q, q_scaled, k, v, grad_out, lse, delta, dq, dk, dv, scale, spec.causal, block_q, block_k, 1, False)
+                kernels.backward_query_pass(q_scaled, k, v, grad_out, lse, delta, dq, scale, spec.causal, block_q, block_k)
             else:
                 kernels.backward_key_pass(
-                    q, k, v, grad_out, lse, delta, dq, dk, dv, *scales, spec.causal, block_q, block_k, max(1, key_blocks), True
+                    q, q_scaled, k, v, grad_out, lse, delta, dq, dk, dv, scale, spec.causal, block_q, block_k, max(1, key_blocks), True
                 )
         return dq, dk, dv

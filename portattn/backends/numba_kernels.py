@@ -27,37 +27,40 @@ _EXP2_P = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3,
 _EXP2_FLOOR = -125.0  # below this 2**t is under float32's normal range; 2**-125 ~ 2e-38 is as good as 0
 
 
-def exp2_into(t, out, exponent_bits):
-    """``out[j] = 2 ** t[j]`` (1-D arrays of equal length); ``exponent_bits`` is int32 scratch."""
+def exp2_shifted(row, shift, exponent_bits):
+    """``row[j] = 2 ** (row[j] - shift)`` in place; returns the row's new sum. ``exponent_bits`` is
+    int32 scratch at least as long as ``row``."""
     raise NotImplementedError("only callable from numba-compiled code")
 
 
-@overload(exp2_into, inline="always")
-def _exp2_into_impl(t, out, exponent_bits):
-    if out.dtype == types.float32:
+@overload(exp2_shifted, inline="always")
+def _exp2_shifted_impl(row, shift, exponent_bits):
+    if row.dtype == types.float32:
         # float32 constants throughout: a float64 one would promote the loop and halve its lanes
         p0, p1, p2, p3, p4, p5 = (np.float32(c) for c in _EXP2_P)
         floor, half, one = np.float32(_EXP2_FLOOR), np.float32(0.5), np.float32(1.0)
 
-        def exp2_float32(t, out, exponent_bits):
+        def exp2_float32(row, shift, exponent_bits):
             # 2**t = 2**n * 2**f with n = round(t), f in [-0.5, 0.5]: the polynomial gives 2**f, and
             # adding n to the float's exponent field multiplies by 2**n without a libm call.
             # (np.floor, not math.floor: the latter returns int64, which AVX2 cannot convert in vectors.)
-            for j in range(t.size):
-                x = max(t[j], floor)
+            for j in range(row.size):
+                x = max(row[j] - shift, floor)
                 n = np.floor(x + half)
                 f = x - n
-                out[j] = one + f * (((((p0 * f + p1) * f + p2) * f + p3) * f + p4) * f + p5)
+                row[j] = one + f * (((((p0 * f + p1) * f + p2) * f + p3) * f + p4) * f + p5)
                 exponent_bits[j] = np.int32(n) << 23
-            bits = out.view(np.int32)
-            for j in range(t.size):
+            bits = row.view(np.int32)
+            for j in range(row.size):
                 bits[j] += exponent_bits[j]
+            return row.sum()
 
         return exp2_float32
 
-    def exp2_generic(t, out, exponent_bits):  # float64: accuracy over speed
-        for j in range(t.size):
-            out[j] = np.exp2(t[j])
+    def exp2_generic(row, shift, exponent_bits):  # float64: accuracy over speed
+        for j in range(row.size):
+            row[j] = np.exp2(row[j] - shift)
+        return row.sum()
 
     return exp2_generic
 
@@ -84,16 +87,16 @@ def _causal_key_blocks(i1, seqlen_k, block_k, causal, key_blocks):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def forward(q, k, v, out, lse, scale_log2, causal, block_q, block_k, key_splits):
-    """O and LSE (float32, natural log) for (B, H, N, D) ``q, k, v`` into ``out``/``lse``.
+def forward(q_scaled, k, v, out, lse, causal, block_q, block_k, key_splits):
+    """O and LSE (float32, natural log) for (B, H, N, D) arrays into ``out``/``lse``.
 
-    ``scale_log2`` is the softmax scale times log2(e), as a scalar of the arrays' dtype (a float64
-    scalar would promote every vector operation on float32 tiles).
+    ``q_scaled`` is q times the softmax scale times log2(e): the scores come out of the GEMM
+    ready for ``exp2``, with no pass over the tile to scale them.
 
     With ``key_splits > 1`` each query tile's key loop is cut in that many independent tasks whose
     partial results are merged by log-sum-exp afterwards (flash-decoding).
     """
-    batch, heads, seqlen_q, head_dim = q.shape
+    batch, heads, seqlen_q, head_dim = q_scaled.shape
     seqlen_k = k.shape[2]
     query_blocks = _ceil_div(seqlen_q, block_q)
     key_blocks = _ceil_div(seqlen_k, block_k)
@@ -118,7 +121,7 @@ def forward(q, k, v, out, lse, scale_log2, causal, block_q, block_k, key_splits)
         l_i = np.zeros(rows, out.dtype)
         scores = np.empty(rows * block_k, out.dtype)
         exponent_bits = np.empty(block_k, np.int32)
-        q_tile = q[b, h, i0:i1]
+        q_tile = q_scaled[b, h, i0:i1]
         for key_block in range(first, last):
             j0 = key_block * block_k
             j1 = min(j0 + block_k, seqlen_k)
@@ -131,17 +134,13 @@ def forward(q, k, v, out, lse, scale_log2, causal, block_q, block_k, key_splits)
                 if visible == 0:
                     row[:] = 0.0
                     continue
-                for j in range(visible):
-                    row[j] *= scale_log2
                 m_new = max(m_i[r], row[:visible].max())
                 alpha = np.exp2(m_i[r] - m_new)  # 0 on the first visible block (m_i = -inf)
-                for j in range(visible):
-                    row[j] -= m_new
-                exp2_into(row[:visible], row[:visible], exponent_bits)
+                l_i[r] = l_i[r] * alpha + exp2_shifted(row[:visible], m_new, exponent_bits)
                 row[visible:] = 0.0
-                l_i[r] = l_i[r] * alpha + row[:visible].sum()
                 m_i[r] = m_new
-                acc[r] *= alpha
+                if alpha != 1.0:  # the max moved: rescale what was summed under the old one
+                    acc[r] *= alpha
             np.dot(s, v[b, h, j0:j1], pv)
             acc += pv
         for r in range(rows):
@@ -180,11 +179,11 @@ def _merge_splits(part_out, part_lse, out, lse):
 
 
 @njit(inline="always")
-def _probabilities_and_ds(q_tile, k_tile, v_tile, do_tile, lse_log2, delta, i0, j0, scale_log2, causal, p, dp, exponent_bits):
-    """Recompute P = exp2(S * scale * log2e - LSE * log2e) for one tile, then dS = P * (dP - delta)
-    into ``dp`` (rows of P past the causal edge are zero, and so is their dS)."""
+def _probabilities_and_ds(q_scaled_tile, k_tile, v_tile, do_tile, lse_log2, delta, i0, j0, causal, p, dp, exponent_bits):
+    """Recompute P = exp2(q_scaled k^T - LSE * log2e) for one tile, then dS = P * (dP - delta)
+    into ``dp`` (entries past the causal edge are zero in both)."""
     rows, cols = p.shape
-    np.dot(q_tile, k_tile.T, p)
+    np.dot(q_scaled_tile, k_tile.T, p)
     np.dot(do_tile, v_tile.T, dp)
     for r in range(rows):
         visible = _visible(i0 + r, causal, cols, j0)
@@ -193,22 +192,20 @@ def _probabilities_and_ds(q_tile, k_tile, v_tile, do_tile, lse_log2, delta, i0, 
             row[:] = 0.0
             dp[r] = 0.0
             continue
-        for j in range(visible):
-            row[j] = row[j] * scale_log2 - lse_log2[r]
-        exp2_into(row[:visible], row[:visible], exponent_bits)
+        exp2_shifted(row[:visible], lse_log2[r], exponent_bits)
         row[visible:] = 0.0
         for j in range(cols):
             dp[r, j] = row[j] * (dp[r, j] - delta[r])
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def backward_key_pass(q, k, v, do, lse, delta, dq, dk, dv, scale, scale_log2, causal, block_q, block_k, key_blocks_per_task, accumulate_dq):
+def backward_key_pass(q, q_scaled, k, v, do, lse, delta, dq, dk, dv, scale, causal, block_q, block_k, key_blocks_per_task, accumulate_dq):
     """dK, dV (and dQ when ``accumulate_dq``) for (B, H, N, D) arrays; ``delta`` = rowsum(dO * O).
 
     A task owns ``key_blocks_per_task`` consecutive key blocks of one head and streams every query
     tile that sees them. dQ may only be accumulated here when a task owns all of a head's key
-    blocks, so no two tasks add into the same dQ rows. ``scale`` and ``scale_log2`` (scale times
-    log2(e)) are scalars of the arrays' dtype.
+    blocks, so no two tasks add into the same dQ rows. ``q_scaled`` is q times scale times
+    log2(e) (see ``forward``); ``scale`` is a scalar of the arrays' dtype.
     """
     batch, heads, seqlen_q, head_dim = q.shape
     seqlen_k = k.shape[2]
@@ -240,8 +237,8 @@ def backward_key_pass(q, k, v, do, lse, delta, dq, dk, dv, scale, scale_log2, ca
                 ds = dp[: rows * cols].reshape(rows, cols)
                 for r in range(rows):
                     lse_log2[r] = lse[b, h, i0 + r] * LOG2E
-                _probabilities_and_ds(q[b, h, i0:i1], k[b, h, j0:j1], v[b, h, j0:j1], do[b, h, i0:i1],
-                                      lse_log2, delta[b, h, i0:i1], i0, j0, scale_log2, causal, pt, ds, exponent_bits)
+                _probabilities_and_ds(q_scaled[b, h, i0:i1], k[b, h, j0:j1], v[b, h, j0:j1], do[b, h, i0:i1],
+                                      lse_log2, delta[b, h, i0:i1], i0, j0, causal, pt, ds, exponent_bits)
                 g = grad_tile[:cols]
                 np.dot(pt.T, do[b, h, i0:i1], g)
                 dv_acc += g
@@ -256,9 +253,9 @@ def backward_key_pass(q, k, v, do, lse, delta, dq, dk, dv, scale, scale_log2, ca
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def backward_query_pass(q, k, v, do, lse, delta, dq, scale, scale_log2, causal, block_q, block_k):
+def backward_query_pass(q_scaled, k, v, do, lse, delta, dq, scale, causal, block_q, block_k):
     """dQ alone, a task per query tile: used when tasks of the key pass share heads."""
-    batch, heads, seqlen_q, head_dim = q.shape
+    batch, heads, seqlen_q, head_dim = q_scaled.shape
     seqlen_k = k.shape[2]
     key_blocks = _ceil_div(seqlen_k, block_k)
     query_blocks = _ceil_div(seqlen_q, block_q)
@@ -282,8 +279,8 @@ def backward_query_pass(q, k, v, do, lse, delta, dq, scale, scale_log2, causal, 
             cols = j1 - j0
             pt = p[: rows * cols].reshape(rows, cols)
             ds = dp[: rows * cols].reshape(rows, cols)
-            _probabilities_and_ds(q[b, h, i0:i1], k[b, h, j0:j1], v[b, h, j0:j1], do[b, h, i0:i1],
-                                  lse_log2, delta[b, h, i0:i1], i0, j0, scale_log2, causal, pt, ds, exponent_bits)
+            _probabilities_and_ds(q_scaled[b, h, i0:i1], k[b, h, j0:j1], v[b, h, j0:j1], do[b, h, i0:i1],
+                                  lse_log2, delta[b, h, i0:i1], i0, j0, causal, pt, ds, exponent_bits)
             np.dot(ds, k[b, h, j0:j1], gq)
             dq_acc += gq
         dq[b, h, i0:i1] = dq_acc * scale
