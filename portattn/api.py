@@ -31,9 +31,13 @@ class PreparedCall:
         return arrays.restore(x, self.spec.array_kind, dtype, self.spec.device)
 
     def forward(self, q, k, v):
-        """(B, H, N, D) arrays of the caller's kind in; ``(out, lse)`` of that kind out."""
+        """(B, H, N, D) arrays of the caller's kind in; ``(out, lse)`` of that kind out.
+
+        The LSE keeps the backend's precision (float64 for float64 inputs) so that the backward
+        pass, which recomputes P from it, loses nothing; ``attention`` hands users float32.
+        """
         out, lse = self.backend.forward(*self._to_backend(q, k, v), self.spec, self.plan)
-        return self._to_caller(out, self.spec.dtype), self._to_caller(lse, "float32")
+        return self._to_caller(out, self.spec.dtype), self._to_caller(lse, None)
 
     def backward(self, grad_out, q, k, v, out, lse):
         grads = self.backend.backward(*self._to_backend(grad_out, q, k, v, out, lse), self.spec, self.plan)
@@ -67,7 +71,7 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd
     else:
         out, lse = call.forward(q, k, v)
     out = arrays.bhnd_view(out, layout)
-    return (out, lse) if return_lse else out
+    return (out, arrays.restore(lse, call.spec.array_kind, "float32", call.spec.device)) if return_lse else out
 
 
 def _grad_enabled() -> bool:

@@ -80,7 +80,8 @@ class Backend(ABC):
 
     @abstractmethod
     def forward(self, q, k, v, spec, plan: TilePlan):
-        """``(out, lse)`` for (B, H, N, D) arrays of ``compute_kind``; lse is float32 (B, H, Nq)."""
+        """``(out, lse)`` for (B, H, N, D) arrays of ``compute_kind``; lse is (B, H, Nq), natural log,
+        at least float32 (float64 where the backend computes in float64)."""
 
     @abstractmethod
     def backward(self, grad_out, q, k, v, out, lse, spec, plan: TilePlan):

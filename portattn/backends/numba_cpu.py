@@ -93,7 +93,7 @@ class NumbaBackend(Backend):
         dtype = _compute_dtype(spec)
         q, k, v = (np.ascontiguousarray(x, dtype=dtype) for x in (q, k, v))
         out = np.empty_like(q)
-        lse = np.empty(q.shape[:3], np.float32)
+        lse = np.empty(q.shape[:3], dtype)
         with _run_with(plan.threads):
             _kernels().forward(_scaled(q, spec), k, v, out, lse, spec.causal, plan.block_q, plan.block_k, plan.key_splits)
         return out, lse
@@ -101,7 +101,7 @@ class NumbaBackend(Backend):
     def backward(self, grad_out, q, k, v, out, lse, spec, plan):
         dtype = _compute_dtype(spec)
         grad_out, q, k, v, out = (np.ascontiguousarray(x, dtype=dtype) for x in (grad_out, q, k, v, out))
-        lse = np.ascontiguousarray(lse, dtype=np.float32)
+        lse = np.ascontiguousarray(lse, dtype=dtype)
         delta = np.einsum("bhnd,bhnd->bhn", grad_out, out)  # rowsum(dO * O), the softmax-Jacobian term
         dq, dk, dv = np.zeros_like(q), np.empty_like(k), np.empty_like(v)
         kernels = _kernels()

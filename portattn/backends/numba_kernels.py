@@ -88,7 +88,7 @@ def _causal_key_blocks(i1, seqlen_k, block_k, causal, key_blocks):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def forward(q_scaled, k, v, out, lse, causal, block_q, block_k, key_splits):
-    """O and LSE (float32, natural log) for (B, H, N, D) arrays into ``out``/``lse``.
+    """O and LSE (natural log) for (B, H, N, D) arrays into ``out``/``lse`` (both of q's dtype).
 
     ``q_scaled`` is q times the softmax scale times log2(e): the scores come out of the GEMM
     ready for ``exp2``, with no pass over the tile to scale them.
@@ -102,7 +102,7 @@ def forward(q_scaled, k, v, out, lse, causal, block_q, block_k, key_splits):
     key_blocks = _ceil_div(seqlen_k, block_k)
     blocks_per_split = _ceil_div(key_blocks, key_splits)
     part_out = np.empty((key_splits, batch, heads, seqlen_q, head_dim), out.dtype) if key_splits > 1 else out[None]
-    part_lse = np.empty((key_splits, batch, heads, seqlen_q), np.float32) if key_splits > 1 else lse[None]
+    part_lse = np.empty((key_splits, batch, heads, seqlen_q), lse.dtype) if key_splits > 1 else lse[None]
     tasks = batch * heads * query_blocks * key_splits
     for task in prange(tasks):
         split = task % key_splits
