@@ -7,8 +7,8 @@ GPU (a thread block owns ``block_q`` query rows of one head and streams K/V bloc
   * G1  head dim is padded to a power of two >= 16: Triton block shapes must be powers of two and
         matrix units take k in multiples of 8 or 16; the padding is masked, never computed on.
   * G2  ``block_q`` is a multiple of the rows one warp's matrix instruction covers (16 for mma.sync
-        and WMMA, 32 for AMD's 32x32 MFMA, 8 for Intel DPAS and Apple simdgroup matrices), and no
-        warp is left without rows (warps <= block_q / rows_per_warp).
+        and WMMA, 32 for AMD's 32x32 MFMA, 8 for Intel DPAS and Apple simdgroup matrices); warps
+        beyond block_q / rows_per_warp share rows and split the key columns instead.
   * G3  ``block_k`` is a multiple of the matrix unit's k (P @ V contracts over keys).
   * G4  SRAM: the Q tile plus ``stages`` K and V tiles must fit the per-block shared memory.
   * G5  registers: the float32 accumulators for O (block_q x d) and S (block_q x block_k; P reuses
@@ -18,8 +18,8 @@ GPU (a thread block owns ``block_q`` query rows of one head and streams K/V bloc
         and FlexAttention both settle on 3 on sm_80/sm_90; 1 where there is no async copy.
   * G7  ranking: fill the device with at least one wave of blocks first, then the largest
         ``block_q`` (K/V are re-read once per query block, so traffic falls as 1/block_q -- the
-        N^2 d^2 / M law), then the largest ``block_k`` (fewer loop trips, larger MMAs), then fewer
-        warps, then more stages.
+        N^2 d^2 / M law), then the largest ``block_k`` (fewer loop trips, larger MMAs), then 4
+        warps (Triton's default; the peers' tables use 4 or 8), 8, 2, 1, then more stages.
   * G8  when batch x heads x query blocks still cannot fill the device, split the key loop
         (flash-decoding) until it can, keeping >= 2 key blocks per split.
 CPU (a task owns ``block_q`` query rows of one head; GEMMs on tiles go through BLAS)
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # the spec module imports tiling; importing it back at run ti
 
 GPU_BLOCK_Q = (128, 64, 32, 16)
 GPU_BLOCK_K = (128, 64, 32, 16)
-GPU_WARPS = (4, 8, 2, 1)  # 4 first: Triton's default; fewer only when block_q has too few rows
+GPU_WARPS = (4, 8, 2, 1)  # G7's order of preference: 4 is Triton's default, 8 where registers need it
 GPU_MAX_STAGES = 3  # G6
 GPU_REGISTER_OVERHEAD = 24  # G5: indices, pointers, m_i and l_i
 GPU_BACKWARD_BLOCK_Q = (64, 32, 16)
@@ -85,7 +85,7 @@ def _fit_to_problem(sizes: tuple[int, ...], length: int, smallest: int) -> tuple
 
 def _key_splits(work_units: int, target: int, key_blocks: int) -> int:
     """G8/C3: split the key loop when the parallel work is fewer than ``target`` units."""
-    if work_units >= target:
+    if work_units == 0 or work_units >= target:  # no queries: nothing to split
         return 1
     wanted = _blocks(target, max(1, work_units))
     return max(1, min(wanted, key_blocks // MIN_KEY_BLOCKS_PER_SPLIT))
@@ -126,7 +126,7 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
                 continue
             for warps in GPU_WARPS:
                 threads = warps * device.simd_width
-                if warps > block_q // rows_per_warp or threads > max_threads:
+                if threads > max_threads:
                     continue
                 if registers(block_q, block_k, threads) > device.max_registers_per_thread:
                     continue
@@ -136,13 +136,18 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
                 work = batch_heads * _blocks(spec.seqlen_q, block_q)
                 fills = work >= device.compute_units
                 # G7: the ranking key, largest first
-                rank = (fills, block_q, block_k, -warps, max(fitting))
+                rank = (fills, block_q, block_k, -GPU_WARPS.index(warps), max(fitting))
                 candidates.append((rank, block_q, block_k, warps, max(fitting)))
     if not candidates:
-        raise ValueError(
-            f"no tiling of head dim {spec.head_dim} ({spec.dtype}) fits {device.name}: even a 16x16 tile with "
-            f"{min_stages} stage(s) needs {sram(16, 16, min_stages)} B of SRAM (the device has {device.sram_per_block} B per block)"
-        )
+        smallest = 16 if 16 % rows_per_warp == 0 else rows_per_warp
+        most_threads = max(w * device.simd_width for w in GPU_WARPS if w * device.simd_width <= max_threads)
+        if sram(smallest, 16, min_stages) > device.sram_per_block:
+            limit = (f"G4: a {smallest}x16 tile with {min_stages} stage(s) needs {sram(smallest, 16, min_stages)} B of SRAM "
+                     f"and the device has {device.sram_per_block} B per block")
+        else:
+            limit = (f"G5: a {smallest}x16 tile needs ~{registers(smallest, 16, most_threads)} registers per thread over "
+                     f"{most_threads} threads and the device allows {device.max_registers_per_thread}")
+        raise ValueError(f"no tiling of head dim {spec.head_dim} ({spec.dtype}) fits {device.name}: {limit}")
     _, block_q, block_k, warps, stages = max(candidates)
     threads = warps * device.simd_width
     query_blocks = _blocks(spec.seqlen_q, block_q)
@@ -196,24 +201,27 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
 
 def _plan_gpu_backward(spec, device: DeviceSpec, head_dim: int, e: int, stage_options) -> tuple:
     """Backward blocks: a block owns ``block_k`` keys (dK, dV accumulate in registers) and streams
-    query blocks; the G4/G5 checks apply with the dK, dV, S and dP accumulators."""
-    rows_per_warp = _rows_per_warp(device, spec.dtype)
+    query blocks; the G4/G5 checks apply with the dK, dV, S and dP accumulators. Largest key block
+    first (it is reused across the whole query loop), then the largest query block, then G7's warps."""
+    stages = min(stage_options)
+
+    def sram(block_q: int, block_k: int) -> int:
+        return 2 * block_k * head_dim * e + stages * 2 * block_q * head_dim * e
+
     for block_k in _fit_to_problem(GPU_BACKWARD_BLOCK_K, spec.seqlen_k, 16):
         for block_q in _fit_to_problem(GPU_BACKWARD_BLOCK_Q, spec.seqlen_q, 16):
-            for warps in (4, 8):
+            for warps in GPU_WARPS:
                 threads = warps * device.simd_width
-                if threads > device.max_threads_per_block or warps > block_k // rows_per_warp:
-                    continue
                 regs = _blocks(2 * block_k * head_dim + 2 * block_q * block_k, threads) + GPU_REGISTER_OVERHEAD
-                stages = min(stage_options)
-                sram = 2 * block_k * head_dim * e + stages * 2 * block_q * head_dim * e
-                if regs <= device.max_registers_per_thread and sram <= device.sram_per_block:
+                if threads <= device.max_threads_per_block and regs <= device.max_registers_per_thread \
+                        and sram(block_q, block_k) <= device.sram_per_block:
                     why = (
                         f"backward: blocks own {block_k} keys and stream {block_q} queries with {warps} warps "
-                        f"(~{regs} registers, {sram / 1024:.0f} KiB SRAM); dQ in a pass of its own over query blocks (no atomics)"
+                        f"(~{regs} registers, {sram(block_q, block_k) / 1024:.0f} KiB SRAM); dQ in a pass of its own "
+                        "over query blocks (no atomics)"
                     )
-                    return block_q, block_k, sram, True, why
-    return 16, 16, 4 * 16 * head_dim * e, True, "backward: only the smallest 16x16 tiles fit"
+                    return block_q, block_k, sram(block_q, block_k), True, why
+    return 16, 16, sram(16, 16), True, "backward: no tile meets G4/G5; the smallest 16x16 is used and will spill"
 
 
 def _plan_cpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
@@ -248,13 +256,19 @@ def _plan_cpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
     if splits > 1:
         reasons.append(f"C3 key loop split {splits} ways so {work * splits} tasks keep {threads} threads busy")
 
-    bwd_k = block_k
-    while bwd_k > 16 and f32 * (4 * bwd_k * head_dim + 2 * block_q * head_dim + 2 * block_q * bwd_k) > cache:
-        bwd_k //= 2
-    bwd_sram = f32 * (4 * bwd_k * head_dim + 2 * block_q * head_dim + 2 * block_q * bwd_k)
+    def backward_set(bq: int, bk: int) -> int:  # K, V, dK, dV tiles; Q and dO tiles; P and dS tiles
+        return f32 * (4 * bk * head_dim + 2 * bq * head_dim + 2 * bq * bk)
+
+    bwd_q, bwd_k = block_q, block_k
+    while backward_set(bwd_q, bwd_k) > cache and max(bwd_q, bwd_k) > 16:
+        if bwd_k >= bwd_q and bwd_k > 16:  # halve the larger side first
+            bwd_k //= 2
+        else:
+            bwd_q //= 2
+    bwd_sram = backward_set(bwd_q, bwd_k)
     dq_separate = batch_heads < 2 * threads
     why_bwd = (
-        f"C4 backward: tasks own {bwd_k} keys, stream {block_q} queries; dQ "
+        f"C4 backward: tasks own {bwd_k} keys, stream {bwd_q} queries; dQ "
         + ("in its own pass (too few heads to give each task whole heads)" if dq_separate else "summed in the same pass (each head is one task's)")
     )
     return _finish(
@@ -271,7 +285,7 @@ def _plan_cpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
         work=work,
         sram_bytes=working_set(block_q, block_k),
         registers=0,
-        backward=(block_q, bwd_k, bwd_sram, dq_separate, why_bwd),
+        backward=(bwd_q, bwd_k, bwd_sram, dq_separate, why_bwd),
         matrix_unit=None,
         reasons=reasons + [why_bwd],
     )

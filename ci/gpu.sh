@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Conformance and benchmarks on a GPU machine, in one command (run from the repository root).
+# The lent GPU machine reaches no registry, so the package runs from the tree (PYTHONPATH), and
+# pyopencl comes from wheels made beforehand with ../shared/tools/gpu-wheels.sh into .whl/.
+# Results land in ${OUT:-benchmarks/results}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+mkdir -p /tmp/icd && echo libnvidia-opencl.so.1 > /tmp/icd/nvidia.icd && export OCL_ICD_VENDORS=/tmp/icd
+device=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")
+python3 -m portattn info | tee "$out/info-$device.txt"
+python3 -m pytest -q -p no:cacheprovider --junitxml="$out/conformance-$device.xml" tests
+python3 -m portattn bench --json "$out/bench-$device.json"
