@@ -8,7 +8,7 @@ conservative default and says so in ``notes``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -75,9 +75,6 @@ class DeviceSpec:
         """The largest matrix unit that takes ``dtype`` inputs, or None when there is none."""
         units = [u for u in self.matrix_units if u.supports(dtype)]
         return max(units, key=lambda u: u.m * u.n * u.k, default=None)
-
-    def with_notes(self, *notes: str) -> "DeviceSpec":
-        return replace(self, notes=self.notes + tuple(notes))
 
     def describe(self) -> str:
         """A few readable lines for ``portattn info``."""

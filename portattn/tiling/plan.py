@@ -37,10 +37,6 @@ class TilePlan:
     matrix_unit: str | None
     reasons: tuple[str, ...]
 
-    @property
-    def query_blocks(self) -> int:
-        return self.work_units // max(1, self.key_splits)
-
     def summary(self) -> str:
         """One line: the numbers a kernel is launched with."""
         launch = f"{self.warps} warps ({self.threads} threads), {self.stages} stages" if self.target == "gpu" else f"{self.threads} threads"
