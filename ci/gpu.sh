@@ -17,3 +17,4 @@ device=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace('
 python3 -m portattn info | tee "$out/info-$device.txt"
 python3 -m pytest -q -p no:cacheprovider --junitxml="$out/conformance-$device.xml" tests
 python3 -m portattn bench --json "$out/bench-$device.json"
+OUT="$out" python3 benchmarks/triton_check.py

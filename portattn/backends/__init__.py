@@ -11,7 +11,7 @@ import importlib
 
 from .base import Backend, Capabilities
 
-MODULES = ("reference", "numba_cpu")
+MODULES = ("reference", "numba_cpu", "triton_gpu")
 
 _REGISTRY: dict[str, Backend] = {}
 

@@ -1,0 +1,202 @@
+"""``triton``: FlashAttention-2 on NVIDIA Ampere/Ada/Hopper GPUs, in Triton (kernels in triton_kernels.py).
+
+Executes the planner's GPU plan as given: forward ``block_q`` x ``block_k`` with ``warps`` warps and
+``stages`` pipeline stages; backward ``backward_block_q`` x ``backward_block_k`` (dK/dV by key
+blocks, then dQ in a pass of its own over query blocks -- no atomics). ``head_dim_padded`` is the
+kernels' ``BLOCK_D``; the padding is masked. Inputs are read through their strides (no copies);
+outputs are (B, H, N, D) contiguous in the input dtype, the LSE float32.
+
+float16/bfloat16: tensor-core products accumulated in float32, softmax in float32. float32: products
+in IEEE float32 (``input_precision="ieee"``), not tf32 -- slower, but within the float32 error
+bounds of the conformance suite, which tf32's 10-bit mantissa is not.
+
+Interpreter mode: with ``TRITON_INTERPRET=1`` in the environment (read when availability is first
+checked, and it must be set before triton_kernels is first imported, since ``triton.jit`` decides at
+decoration time), the backend runs the same kernels through Triton's CPU interpreter on CPU torch
+tensors. It then plans for the catalog's H100 (``catalog.lookup("h100")``) -- the device the
+interpreter stands in for -- and runs that plan unchanged, so the kernels are tested with the block
+sizes a real H100 would get.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+from ..tiling import catalog, probe
+from . import register
+from .base import Backend, Capabilities
+
+LOG2E = 1.4426950408889634
+MIN_COMPUTE_CAPABILITY = (8, 0)
+_DTYPES = frozenset({"float16", "bfloat16", "float32"})
+_GPU_CAPABILITIES = Capabilities(
+    device_kinds=frozenset({"cuda"}),
+    dtypes=_DTYPES,
+    min_head_dim=16,
+    max_head_dim=256,
+    backward=True,
+    notes=(
+        "float16/bfloat16: tensor-core products, float32 accumulation and softmax",
+        "float32: IEEE float32 products (input_precision='ieee'), not tf32",
+    ),
+)
+_INTERPRETER_CAPABILITIES = Capabilities(
+    device_kinds=frozenset({"cpu"}),
+    dtypes=_DTYPES,
+    min_head_dim=16,
+    max_head_dim=256,
+    backward=True,
+    notes=_GPU_CAPABILITIES.notes + ("TRITON_INTERPRET=1: the kernels run in Triton's CPU interpreter, planned for an H100",),
+)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    from . import triton_kernels  # compiled on first launch of each constexpr specialization, then cached
+
+    return triton_kernels
+
+
+def _strides(x):
+    return tuple(x.stride())
+
+
+def _in_precision(q) -> str:
+    """tl.dot's input precision: IEEE float32 for float32 inputs; for 16-bit inputs Triton ignores it.
+    "upcast" (bfloat16 under the interpreter only) widens the operands first: the Triton 3.x
+    interpreter's tl.dot returns garbage for bfloat16 operands; on a GPU they go to the tensor cores."""
+    import torch
+
+    if q.dtype == torch.float32:
+        return "ieee"
+    if q.dtype == torch.bfloat16 and interpreting():
+        return "upcast"
+    return "tf32"
+
+
+@register
+class TritonBackend(Backend):
+    name = "triton"
+    summary = "NVIDIA Ampere/Ada/Hopper: FlashAttention-2 in Triton, forward and backward, blocks from the plan"
+    extra = "triton"
+    compute_kind = "torch"
+    auto_priority = {"cuda": 30}
+
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        return _INTERPRETER_CAPABILITIES if interpreting() else _GPU_CAPABILITIES
+
+    def _check_available(self) -> list[str]:
+        missing = []
+        for module, why in (("torch", "the kernels take torch tensors"), ("triton", "the kernels are written in Triton")):
+            try:
+                __import__(module)
+            except ImportError as error:
+                missing.append(f"{module} is not installed ({why}; pip install 'portattn[triton]'): {error}")
+        if missing or interpreting():
+            return missing
+        import torch
+
+        if not torch.cuda.is_available():
+            return [f"triton needs an NVIDIA GPU of compute capability {MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]}+ "
+                    "and torch sees no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"]
+        if getattr(torch.version, "hip", None):
+            return ["triton backend targets NVIDIA GPUs; this torch is a ROCm build"]
+        found = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+        if not any(cc >= MIN_COMPUTE_CAPABILITY for cc in found):
+            shown = ", ".join(f"{a}.{b}" for a, b in found)
+            return [f"triton needs an NVIDIA GPU of compute capability {MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]}+ (found {shown})"]
+        return []
+
+    def _extra_reasons(self, spec) -> list[str]:
+        if interpreting() or spec.device_kind != "cuda":
+            return []
+        try:
+            import torch
+
+            index = int(spec.device.split(":", 1)[1]) if ":" in spec.device else torch.cuda.current_device()
+            cc = torch.cuda.get_device_capability(index)
+        except Exception as error:  # noqa: BLE001 - reported, not raised
+            return [f"cannot read the compute capability of {spec.device}: {error}"]
+        if cc < MIN_COMPUTE_CAPABILITY:
+            return [f"triton needs an NVIDIA GPU of compute capability {MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]}+ "
+                    f"({spec.device} is {cc[0]}.{cc[1]})"]
+        return []
+
+    def device(self, spec):
+        if interpreting() and spec.device_kind != "cuda":
+            return catalog.lookup("h100")  # TRITON_INTERPRET=1: the interpreter emulates an H100's plan
+        index = int(spec.device.split(":", 1)[1]) if ":" in spec.device else 0
+        return probe.probe_cuda(index)
+
+    def forward(self, q, k, v, spec, plan):
+        import torch
+
+        kernels = _kernels()
+        batch, heads, seqlen_q, head_dim = q.shape
+        seqlen_k = k.shape[2]
+        out = torch.empty((batch, heads, seqlen_q, head_dim), dtype=q.dtype, device=q.device)
+        lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+        if out.numel() == 0:
+            lse.fill_(float("-inf"))
+            return out, lse
+        grid = (-(-seqlen_q // plan.block_q), batch * heads)
+        with _on_device(q):
+            kernels.attention_forward[grid](
+                q, k, v, out, lse,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+                heads, seqlen_q, seqlen_k, spec.softmax_scale * LOG2E,
+                HEAD_DIM=head_dim, BLOCK_M=plan.block_q, BLOCK_N=plan.block_k, BLOCK_D=plan.head_dim_padded,
+                CAUSAL=spec.causal, IN_PRECISION=_in_precision(q),
+                num_warps=plan.warps, num_stages=plan.stages,
+            )
+        return out, lse
+
+    def backward(self, grad_out, q, k, v, out, lse, spec, plan):
+        import torch
+
+        kernels = _kernels()
+        batch, heads, seqlen_q, head_dim = q.shape
+        seqlen_k = k.shape[2]
+        dq = torch.zeros((batch, heads, seqlen_q, head_dim), dtype=q.dtype, device=q.device)
+        dk = torch.zeros((batch, heads, seqlen_k, head_dim), dtype=q.dtype, device=q.device)
+        dv = torch.zeros((batch, heads, seqlen_k, head_dim), dtype=q.dtype, device=q.device)
+        if batch * heads == 0 or seqlen_q == 0 or seqlen_k == 0:
+            return dq, dk, dv  # no query sees any key: every gradient is zero
+        grad_out = grad_out.to(q.dtype)
+        lse = lse.to(torch.float32).contiguous()  # (B, H, Nq) as the forward wrote it: no copy
+        delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+        block_q, block_k = plan.backward_block_q, plan.backward_block_k
+        # the planner sizes backward SRAM for its smallest stage count (2 where copies are async, else 1)
+        common = dict(HEAD_DIM=head_dim, BLOCK_D=plan.head_dim_padded, num_warps=plan.warps, num_stages=min(plan.stages, 2))
+        scale = spec.softmax_scale
+        with _on_device(q):
+            kernels.attention_backward_delta[(-(-seqlen_q // block_q), batch * heads)](
+                out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seqlen_q, BLOCK_M=block_q, **common,
+            )
+            kernels.attention_backward_dkdv[(-(-seqlen_k // block_k), batch * heads)](
+                q, k, v, grad_out, lse, delta, dk, dv,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+                heads, seqlen_q, seqlen_k, scale, scale * LOG2E,
+                BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=spec.causal, IN_PRECISION=_in_precision(q), **common,
+            )
+            kernels.attention_backward_dq[(-(-seqlen_q // block_q), batch * heads)](
+                q, k, v, grad_out, lse, delta, dq,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+                heads, seqlen_q, seqlen_k, scale, scale * LOG2E,
+                BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=spec.causal, IN_PRECISION=_in_precision(q), **common,
+            )
+        return dq, dk, dv
+
+
+def _on_device(x):
+    """Launch on the tensor's GPU (Triton launches on the current device)."""
+    import torch
+
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()

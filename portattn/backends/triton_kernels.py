@@ -1,0 +1,328 @@
+"""FlashAttention-2 kernels in Triton: forward, and the backward split in three (delta, dK/dV, dQ).
+
+Layout: every tensor is addressed through its (batch, head, seqlen, head_dim) strides, so a
+contiguous (B, H, N, D) tensor and a transposed view of a (B, N, H, D) one both work without a copy.
+The LSE and delta are contiguous float32 (B, H, Nq) tensors made by the caller.
+
+Conventions shared by all kernels:
+
+* scores are computed as ``(q @ k^T) * qk_scale`` with ``qk_scale = softmax_scale * log2(e)``, in
+  float32, so the softmax runs on ``exp2``; the LSE is stored in natural log (``* ln 2``).
+* causal masking is top-left aligned: key ``j`` is visible to query ``i`` iff ``j <= i``. Key
+  blocks the mask rules out entirely are never visited; only blocks that straddle the diagonal or
+  the end of the sequence are masked (``MASKED`` is a constexpr, so the unmasked loop carries no
+  mask arithmetic at all).
+* ``BLOCK_D`` is the head dim rounded up to a power of two (the plan's ``head_dim_padded``); the
+  padding columns are masked on load (zeros) and on store.
+* ``IN_PRECISION`` is the ``tl.dot`` input precision: "ieee" for float32 inputs (exact float32
+  products; the conformance bounds for float32 do not admit tf32's 2^-11 rounding), ignored by
+  Triton for float16/bfloat16, whose products are exact in the float32 accumulator anyway.
+
+Block sizes, warps and stages are launch parameters chosen by the planner; nothing here picks them.
+Each distinct set of constexprs compiles once and is cached by ``triton.jit``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _mma(a, b, acc, IN_PRECISION: tl.constexpr):
+    """``a @ b (+ acc)`` in float32 accumulation. ``IN_PRECISION == "upcast"`` widens both operands to
+    float32 first (the products of 16-bit inputs are exact in float32, so the result is the same);
+    the backend asks for it only for bfloat16 under TRITON_INTERPRET=1, whose ``tl.dot`` mishandles
+    bfloat16 operands (Triton 3.x interpreter)."""
+    if IN_PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=IN_PRECISION)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+               start, stop, N_K, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+               MASKED: tl.constexpr, IN_PRECISION: tl.constexpr):
+    """Key blocks [start, stop): online softmax into (acc, l_i, m_i), all float32, log2 domain."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_n in range(start, stop, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            kv_mask = (cols[:, None] < N_K) & d_ok
+        else:
+            kv_mask = d_ok
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
+        qk = _mma(q, tl.trans(k), None, IN_PRECISION) * qk_scale
+        if MASKED:
+            visible = cols[None, :] < N_K
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None])
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None]
+        acc = _mma(p.to(v.dtype), v, acc, IN_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attention_forward(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, N_Q, N_K, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, IN_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M query rows of one (batch, head). Grid (cdiv(N_Q, BLOCK_M), B * H)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    off_b = (bh // H).to(tl.int64)
+    off_h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    row_ok = offs_m[:, None] < N_Q
+
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    O += off_b * stride_ob + off_h * stride_oh
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=row_ok & d_ok, other=0.0)
+    k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # keys this block can see at all: all of them, or (causal) those up to its last row
+    if CAUSAL:
+        hi = tl.minimum(N_K, start_m + BLOCK_M)
+        full = tl.minimum((start_m // BLOCK_N) * BLOCK_N, (N_K // BLOCK_N) * BLOCK_N)  # blocks left of the diagonal
+    else:
+        hi = N_K
+        full = (N_K // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                               0, full, N_K, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, IN_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                               full, hi, N_K, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, IN_PRECISION)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that saw no key: O = 0
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty), mask=row_ok & d_ok)
+    tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward: delta = rowsum(dO * O)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def attention_backward_delta(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    H, N_Q,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    off_b = (bh // H).to(tl.int64)
+    off_h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < N_Q)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward: dK, dV -- a program owns BLOCK_N keys and streams the query blocks that see them
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
+                offs_n, offs_m, offs_d, start, stop, N_Q, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, IN_PRECISION: tl.constexpr):
+    """Query blocks [start, stop). ``MASKED``: blocks on the causal diagonal. Query rows past N_Q
+    load q = dO = 0, lse = delta = 0, so they add exactly zero to dK and dV and need no mask."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_m in range(start, stop, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < N_Q
+        q = tl.load(q_ptrs + start_m * stride_qn, mask=row_ok[:, None] & d_ok, other=0.0)
+        do = tl.load(do_ptrs + start_m * stride_don, mask=row_ok[:, None] & d_ok, other=0.0)
+        lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
+        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        qkT = _mma(k, tl.trans(q), None, IN_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        pT = tl.math.exp2(qkT - lse2[None, :])
+        if MASKED:
+            pT = tl.where(offs_n[:, None] <= rows[None, :], pT, 0.0)
+        dv = _mma(pT.to(do.dtype), do, dv, IN_PRECISION)
+        dpT = _mma(v, tl.trans(do), None, IN_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _mma(dsT.to(q.dtype), q, dk, IN_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def attention_backward_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, N_Q, N_K, sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, IN_PRECISION: tl.constexpr,
+):
+    """Grid (cdiv(N_K, BLOCK_N), B * H)."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    off_b = (bh // H).to(tl.int64)
+    off_h = (bh % H).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    key_ok = (offs_n[:, None] < N_K) & d_ok
+
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=key_ok, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=key_ok, other=0.0)
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    lse_ptr = LSE + bh.to(tl.int64) * N_Q
+    delta_ptr = DELTA + bh.to(tl.int64) * N_Q
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if CAUSAL:
+        # query i sees key j iff j <= i: blocks before this key block's first key see none of it;
+        # blocks starting at or after its last key see all of it
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        diag = tl.minimum(lo + tl.cdiv(start_n + BLOCK_N - lo, BLOCK_M) * BLOCK_M, tl.cdiv(N_Q, BLOCK_M) * BLOCK_M)
+        diag = tl.maximum(diag, lo)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
+                             offs_n, offs_m, offs_d, lo, diag, N_Q, qk_scale, HEAD_DIM, BLOCK_M, True, IN_PRECISION)
+    else:
+        diag = 0
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
+                         offs_n, offs_m, offs_d, diag, N_Q, N_Q, qk_scale, HEAD_DIM, BLOCK_M, False, IN_PRECISION)
+
+    dk *= sm_scale
+    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=key_ok)
+    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=key_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward: dQ -- a program owns BLOCK_M queries and streams the key blocks they see (no atomics)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+              start, stop, N_K, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+              MASKED: tl.constexpr, IN_PRECISION: tl.constexpr):
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_n in range(start, stop, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            kv_mask = (cols[:, None] < N_K) & d_ok
+        else:
+            kv_mask = d_ok
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
+        qk = _mma(q, tl.trans(k), None, IN_PRECISION) * qk_scale
+        p = tl.math.exp2(qk - lse2[:, None])
+        if MASKED:
+            visible = cols[None, :] < N_K
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None])
+            p = tl.where(visible, p, 0.0)
+        dp = _mma(do, tl.trans(v), None, IN_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(ds.to(k.dtype), k, dq, IN_PRECISION)
+    return dq
+
+
+@triton.jit
+def attention_backward_dq(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    H, N_Q, N_K, sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, IN_PRECISION: tl.constexpr,
+):
+    """Grid (cdiv(N_Q, BLOCK_M), B * H)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    off_b = (bh // H).to(tl.int64)
+    off_h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    row_ok = offs_m < N_Q
+    tile_ok = row_ok[:, None] & d_ok
+
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=tile_ok, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=tile_ok, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # a row that sees no key: P = 0
+    delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
+    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(N_K, start_m + BLOCK_M)
+        full = tl.minimum((start_m // BLOCK_N) * BLOCK_N, (N_K // BLOCK_N) * BLOCK_N)
+    else:
+        hi = N_K
+        full = (N_K // BLOCK_N) * BLOCK_N
+    dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                   0, full, N_K, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, IN_PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                   full, hi, N_K, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, IN_PRECISION)
+    dq *= sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=tile_ok)
