@@ -1,7 +1,7 @@
 """``triton``: FlashAttention-2 on NVIDIA Ampere/Ada/Hopper GPUs, in Triton (kernels in triton_kernels.py).
 
 Executes the planner's GPU plan as given: forward ``block_q`` x ``block_k`` with ``warps`` warps and
-``stages`` pipeline stages; backward ``backward_block_q`` x ``backward_block_k`` (dK/dV by key
+``stages`` pipeline stages, the key loop split ``key_splits`` ways (merged by LSE) when the plan says so; backward ``backward_block_q`` x ``backward_block_k`` (dK/dV by key
 blocks, then dQ in a pass of its own over query blocks -- no atomics). ``head_dim_padded`` is the
 kernels' ``BLOCK_D``; the padding is masked. Inputs are read through their strides (no copies);
 outputs are (B, H, N, D) contiguous in the input dtype, the LSE float32.
@@ -146,16 +146,24 @@ class TritonBackend(Backend):
         if out.numel() == 0:
             lse.fill_(float("-inf"))
             return out, lse
-        grid = (-(-seqlen_q // plan.block_q), batch * heads)
+        key_blocks = -(-seqlen_k // plan.block_k)
+        splits = max(1, min(plan.key_splits, key_blocks))
+        keys_per_split = -(-key_blocks // splits) * plan.block_k
+        # one split writes O and LSE directly; several write float32 partials merged below
+        part_out = out[None] if splits == 1 else torch.empty((splits, *out.shape), dtype=torch.float32, device=q.device)
+        part_lse = lse[None] if splits == 1 else torch.empty((splits, *lse.shape), dtype=torch.float32, device=q.device)
+        grid = (-(-seqlen_q // plan.block_q), batch * heads, splits)
         with _on_device(q):
             kernels.attention_forward[grid](
-                q, k, v, out, lse,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                heads, seqlen_q, seqlen_k, spec.softmax_scale * LOG2E,
+                q, k, v, part_out, part_lse,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(part_out[0]), part_out.stride(0),
+                heads, seqlen_q, seqlen_k, spec.softmax_scale * LOG2E, keys_per_split,
                 HEAD_DIM=head_dim, BLOCK_M=plan.block_q, BLOCK_N=plan.block_k, BLOCK_D=plan.head_dim_padded,
                 CAUSAL=spec.causal, IN_PRECISION=_in_precision(q),
                 num_warps=plan.warps, num_stages=plan.stages,
             )
+        if splits > 1:
+            _merge_splits(part_out, part_lse, out, lse)
         return out, lse
 
     def backward(self, grad_out, q, k, v, out, lse, spec, plan):
@@ -193,6 +201,16 @@ class TritonBackend(Backend):
                 BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=spec.causal, IN_PRECISION=_in_precision(q), **common,
             )
         return dq, dk, dv
+
+
+def _merge_splits(part_out, part_lse, out, lse) -> None:
+    """out = sum_s exp(lse_s - lse) * out_s, lse = logsumexp_s(lse_s); rows no split saw stay 0, -inf.
+    Linear in N: the partials are (splits, B, H, N, D)."""
+    import torch
+
+    torch.logsumexp(part_lse, dim=0, out=lse)
+    weights = torch.exp(part_lse - torch.where(torch.isinf(lse), 0.0, lse))  # exp(-inf) = 0 for empty splits
+    out.copy_((weights.unsqueeze(-1) * part_out).sum(dim=0))
 
 
 def _on_device(x):

@@ -87,14 +87,21 @@ def attention_forward(
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
-    H, N_Q, N_K, qk_scale,
+    stride_ob, stride_oh, stride_on, stride_od, stride_os,
+    H, N_Q, N_K, qk_scale, KEYS_PER_SPLIT,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, IN_PRECISION: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of one (batch, head). Grid (cdiv(N_Q, BLOCK_M), B * H)."""
+    """One program: BLOCK_M query rows of one (batch, head), over keys [split * KEYS_PER_SPLIT,
+    (split + 1) * KEYS_PER_SPLIT) (a multiple of BLOCK_N). Grid (cdiv(N_Q, BLOCK_M), B * H, splits).
+
+    With one split, O and LSE are the results; with several (flash-decoding, when the plan splits
+    the key loop to fill the device) they are per-split partials, ``stride_os`` apart, that the
+    caller merges by log-sum-exp.
+    """
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
+    split = tl.program_id(2)
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -106,7 +113,8 @@ def attention_forward(
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
-    O += off_b * stride_ob + off_h * stride_oh
+    O += off_b * stride_ob + off_h * stride_oh + split.to(tl.int64) * stride_os
+    LSE += split.to(tl.int64) * (tl.num_programs(1) * N_Q).to(tl.int64)
     q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=row_ok & d_ok, other=0.0)
     k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -122,8 +130,11 @@ def attention_forward(
     else:
         hi = N_K
         full = (N_K // BLOCK_N) * BLOCK_N
+    lo = split * KEYS_PER_SPLIT  # this split's keys: [lo, lo + KEYS_PER_SPLIT), cut to what is visible
+    hi = tl.minimum(hi, lo + KEYS_PER_SPLIT)
+    full = tl.maximum(lo, tl.minimum(full, hi))
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                               0, full, N_K, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, IN_PRECISION)
+                               lo, full, N_K, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, IN_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                full, hi, N_K, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, IN_PRECISION)
 
