@@ -38,8 +38,6 @@ def describe(x, name: str) -> ArrayInfo:
         return ArrayInfo("numpy", tuple(x.shape), x.dtype.name, "cpu")
     if is_torch(x):
         device = x.device.type if x.device.index is None else f"{x.device.type}:{x.device.index}"
-        if x.device.type == "cuda" and x.device.index is None:
-            device = "cuda:0"
         dtype = str(x.dtype).removeprefix("torch.")
         return ArrayInfo("torch", tuple(x.shape), dtype, device, bool(x.requires_grad))
     raise TypeError(f"{name} must be a numpy.ndarray or a torch.Tensor, got {type(x).__module__}.{type(x).__name__}")
