@@ -21,6 +21,7 @@ sizes a real H100 would get.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 
@@ -42,12 +43,9 @@ _GPU_CAPABILITIES = Capabilities(
         "float32: IEEE float32 products (input_precision='ieee'), not tf32",
     ),
 )
-_INTERPRETER_CAPABILITIES = Capabilities(
+_INTERPRETER_CAPABILITIES = dataclasses.replace(
+    _GPU_CAPABILITIES,
     device_kinds=frozenset({"cpu"}),
-    dtypes=_DTYPES,
-    min_head_dim=16,
-    max_head_dim=256,
-    backward=True,
     notes=_GPU_CAPABILITIES.notes + ("TRITON_INTERPRET=1: the kernels run in Triton's CPU interpreter, planned for an H100",),
 )
 
