@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from . import arrays, dispatch
 from .backends import Backend
-from .spec import AttentionSpec, spec_from_arrays
+from .spec import AttentionSpec, default_dtype, spec_from_arrays
 from .tiling import DeviceSpec, TilePlan, device_named
 from .tiling import plan as make_plan
 
@@ -108,7 +108,7 @@ def plan(
         seqlen_q=seqlen_q,
         seqlen_k=seqlen_q if seqlen_k is None else seqlen_k,
         head_dim=head_dim,
-        dtype=dtype or ("float32" if target.kind == "cpu" else "float16"),
+        dtype=dtype or default_dtype(target.kind),
         causal=causal,
     )
     return make_plan(spec, target)

@@ -11,14 +11,10 @@ import argparse
 import sys
 import time
 
-from .spec import DTYPES
+from .spec import DTYPES, default_dtype
 
 # The problem ``info`` shows each backend's plan for.
 INFO_PROBLEM = {"batch": 1, "heads": 8, "seqlen": 2048, "head_dim": 64}
-
-
-def _default_dtype(device_kind: str) -> str:
-    return "float32" if device_kind == "cpu" else "float16"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,7 +57,7 @@ def _print_default_plans(devices, registry) -> None:
             reverse=True,
         )
         for rank, (_, name, backend) in enumerate(ranked):
-            spec = AttentionSpec(p["batch"], p["heads"], p["seqlen"], p["seqlen"], p["head_dim"], dtype=_default_dtype(kind), device=label)
+            spec = AttentionSpec(p["batch"], p["heads"], p["seqlen"], p["seqlen"], p["head_dim"], dtype=default_dtype(device.kind), device=label)
             reasons = backend.not_supported_reasons(spec)
             pick = " (auto's pick)" if rank == 0 else ""
             print(f"  {name} on {label}, {spec.dtype}{pick}:")
@@ -155,7 +151,7 @@ def _bench_problems(args):
     seqlens = args.seqlen or (bench.QUICK_SEQLENS if args.quick else (1024, 2048, 4096))
     head_dims = args.head_dim or (bench.QUICK_HEAD_DIMS if args.quick else (64, 128))
     modes = args.mode or ("fwd",)
-    dtype = args.dtype or _default_dtype(args.device.split(":", 1)[0])
+    dtype = args.dtype or default_dtype(args.device.split(":", 1)[0])
     return bench.grid(seqlens, head_dims, causal=args.causal, modes=modes, dtype=dtype, heads=args.batch_heads)
 
 

@@ -20,6 +20,11 @@ LAYOUTS = {
 DTYPES = tuple(DTYPE_BYTES)  # "float64", "float32", "float16", "bfloat16"
 
 
+def default_dtype(device_kind: str) -> str:
+    """The dtype a problem gets when none is named: float32 on CPUs, float16 on accelerators."""
+    return "float32" if device_kind == "cpu" else "float16"
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     """One attention problem: sizes, dtype, options and where the data lives.
