@@ -8,6 +8,7 @@ plans), ``status``/``backends`` (what is usable) and ``bench`` (timings). Errors
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -226,11 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "info":
-        return cmd_info(args)
-    if args.command == "plan":
-        return cmd_plan(args)
-    return cmd_bench(args, argv)
+    commands = {"info": cmd_info, "plan": cmd_plan}
+    try:
+        return commands[args.command](args) if args.command in commands else cmd_bench(args, argv)
+    except BrokenPipeError:  # `portattn info | head`: the reader left; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
