@@ -4,7 +4,7 @@
 ``backends()`` lists every backend and why it is or is not usable here.
 """
 
-from .api import attention, explain, plan
+from .api import attention, explain, plan, tune
 from .spec import AttentionSpec
 from .status import BackendStatus, available_backends, backends
 from .tiling import DeviceSpec, TilePlan
@@ -21,4 +21,5 @@ __all__ = [
     "backends",
     "explain",
     "plan",
+    "tune",
 ]

@@ -51,7 +51,7 @@ def prepare(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd")
     return PreparedCall(spec, chosen, chosen.plan(spec))
 
 
-def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd", return_lse=False):
+def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd", return_lse=False, autotune=False):
     """Exact softmax attention, ``softmax(q k^T * scale) v``, computed tile by tile.
 
     ``q`` is (B, H, Nq, D) and ``k``, ``v`` are (B, H, Nk, D) -- or (B, N, H, D) with
@@ -60,10 +60,16 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd
     accepted and the result has the caller's type, dtype, device and layout; torch inputs that
     require grad get gradients from the backend's own backward kernel. With ``return_lse=True``
     the float32 log-sum-exp of the scaled scores, (B, H, Nq), is returned too. A query that sees no
-    key gets zeros and an LSE of -inf.
+    key gets zeros and an LSE of -inf. ``autotune=True`` runs the fastest tile configuration found
+    by :func:`tune` for this device and shape, tuning first when none is remembered (opt-in: a
+    default call runs the planner's plan and never times anything).
     """
     call = prepare(q, k, v, causal=causal, scale=scale, backend=backend, layout=layout)
     q, k, v = (arrays.bhnd_view(x, layout) for x in (q, k, v))
+    if autotune:
+        from . import tuning
+
+        call = tuning.tuned_call(call, q, k, v)
     if call.spec.requires_grad and _grad_enabled():
         from .autograd import AttentionFunction
 
@@ -72,6 +78,22 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd
         out, lse = call.forward(q, k, v)
     out = arrays.bhnd_view(out, layout)
     return (out, arrays.restore(lse, call.spec.array_kind, "float32", call.spec.device)) if return_lse else out
+
+
+def tune(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd", backward=False, save=True) -> TilePlan:
+    """Time the configurations around the plan for these arrays and return (and remember) the fastest.
+
+    Sweeps forward block sizes, warps and stages (and with ``backward=True`` the backward's blocks,
+    warps, stages and fused-or-separate dQ) on the given arrays; the winner is kept per backend,
+    device and problem -- in this process and in ``$PORTATTN_TUNE_CACHE`` (default
+    ``~/.cache/portattn/tuned.json``) unless ``save=False`` -- and used by ``attention(...,
+    autotune=True)``.
+    """
+    from . import tuning
+
+    call = prepare(q, k, v, causal=causal, scale=scale, backend=backend, layout=layout)
+    q, k, v = (arrays.bhnd_view(x, layout) for x in (q, k, v))
+    return tuning.tune_call(call, q, k, v, backward=backward, save=save).plan
 
 
 def _grad_enabled() -> bool:

@@ -170,34 +170,45 @@ class TritonBackend(Backend):
         kernels = _kernels()
         batch, heads, seqlen_q, head_dim = q.shape
         seqlen_k = k.shape[2]
-        dq = torch.zeros((batch, heads, seqlen_q, head_dim), dtype=q.dtype, device=q.device)
-        dk = torch.zeros((batch, heads, seqlen_k, head_dim), dtype=q.dtype, device=q.device)
-        dv = torch.zeros((batch, heads, seqlen_k, head_dim), dtype=q.dtype, device=q.device)
-        if batch * heads == 0 or seqlen_q == 0 or seqlen_k == 0:
-            return dq, dk, dv  # no query sees any key: every gradient is zero
+        dk = torch.empty((batch, heads, seqlen_k, head_dim), dtype=q.dtype, device=q.device)
+        dv = torch.empty((batch, heads, seqlen_k, head_dim), dtype=q.dtype, device=q.device)
+        if batch * heads == 0 or seqlen_q == 0 or seqlen_k == 0:  # no query sees any key: every gradient is zero
+            return (torch.zeros_like(q, memory_format=torch.contiguous_format), dk.zero_(), dv.zero_())
         grad_out = grad_out.to(q.dtype)
         lse = lse.to(torch.float32).contiguous()  # (B, H, Nq) as the forward wrote it: no copy
         delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+        # dK/dV programs own block_k keys and stream block_q queries; the dQ pass mirrors them
+        # (owns block_k queries, streams block_q keys), so one pair of sizes serves both passes
         block_q, block_k = plan.backward_block_q, plan.backward_block_k
-        # the planner sizes backward SRAM for its smallest stage count (2 where copies are async, else 1)
-        common = dict(HEAD_DIM=head_dim, BLOCK_D=plan.head_dim_padded, num_warps=plan.warps, num_stages=min(plan.stages, 2))
+        common = dict(HEAD_DIM=head_dim, BLOCK_D=plan.head_dim_padded, num_warps=plan.backward_warps,
+                      num_stages=plan.backward_stages)
+        atomic = not plan.backward_dq_separate
+        # fused dQ: float32 partial sums added atomically by every key block, scaled and cast once
+        dq_acc = torch.zeros((batch, heads, seqlen_q, plan.head_dim_padded) if atomic else (1,), dtype=torch.float32,
+                             device=q.device)
+        dq = None if atomic else torch.empty((batch, heads, seqlen_q, head_dim), dtype=q.dtype, device=q.device)
         scale = spec.softmax_scale
+        precision = _in_precision(q)
         with _on_device(q):
-            kernels.attention_backward_delta[(-(-seqlen_q // block_q), batch * heads)](
-                out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seqlen_q, BLOCK_M=block_q, **common,
+            kernels.attention_backward_delta[(-(-seqlen_q // block_k), batch * heads)](
+                out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seqlen_q,
+                HEAD_DIM=head_dim, BLOCK_M=block_k, BLOCK_D=plan.head_dim_padded,
             )
             kernels.attention_backward_dkdv[(-(-seqlen_k // block_k), batch * heads)](
-                q, k, v, grad_out, lse, delta, dk, dv,
+                q, k, v, grad_out, lse, delta, dk, dv, dq_acc,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
                 heads, seqlen_q, seqlen_k, scale, scale * LOG2E,
-                BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=spec.causal, IN_PRECISION=_in_precision(q), **common,
+                BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=spec.causal, DQ_ATOMIC=atomic, IN_PRECISION=precision, **common,
             )
-            kernels.attention_backward_dq[(-(-seqlen_q // block_q), batch * heads)](
-                q, k, v, grad_out, lse, delta, dq,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-                heads, seqlen_q, seqlen_k, scale, scale * LOG2E,
-                BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=spec.causal, IN_PRECISION=_in_precision(q), **common,
-            )
+            if atomic:
+                dq = (dq_acc[..., :head_dim] * scale).to(q.dtype)
+            else:
+                kernels.attention_backward_dq[(-(-seqlen_q // block_k), batch * heads)](
+                    q, k, v, grad_out, lse, delta, dq,
+                    *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+                    heads, seqlen_q, seqlen_k, scale, scale * LOG2E,
+                    BLOCK_M=block_k, BLOCK_N=block_q, CAUSAL=spec.causal, IN_PRECISION=precision, **common,
+                )
         return dq, dk, dv
 
 

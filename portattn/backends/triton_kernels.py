@@ -13,7 +13,8 @@ Conventions shared by all kernels:
   the end of the sequence are masked (``MASKED`` is a constexpr, so the unmasked loop carries no
   mask arithmetic at all).
 * ``BLOCK_D`` is the head dim rounded up to a power of two (the plan's ``head_dim_padded``); the
-  padding columns are masked on load (zeros) and on store.
+  padding columns are masked on load (zeros) and on store. ``EVEN_D`` (head dim == BLOCK_D) drops
+  those masks, so the loads of the common head dims (64, 128) are unmasked, full-width copies.
 * ``IN_PRECISION`` is the ``tl.dot`` input precision: "ieee" for float32 inputs (exact float32
   products; the conformance bounds for float32 do not admit tf32's 2^-11 rounding), ignored by
   Triton for float16/bfloat16, whose products are exact in the float32 accumulator anyway.
@@ -44,6 +45,30 @@ def _mma(a, b, acc, IN_PRECISION: tl.constexpr):
     return out
 
 
+@triton.jit
+def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A (rows, BLOCK_D) tile; rows past ``n_rows`` (when ``CHECK_ROWS``) and padding columns read 0."""
+    if CHECK_ROWS:
+        if EVEN_D:
+            tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if EVEN_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_rows(ptrs, tile, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
+    if EVEN_D:
+        tl.store(ptrs, tile, mask=rows[:, None] < n_rows)
+    else:
+        tl.store(ptrs, tile, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
@@ -53,16 +78,15 @@ def _mma(a, b, acc, IN_PRECISION: tl.constexpr):
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                start, stop, N_K, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-               MASKED: tl.constexpr, IN_PRECISION: tl.constexpr):
-    """Key blocks [start, stop): online softmax into (acc, l_i, m_i), all float32, log2 domain."""
-    d_ok = offs_d[None, :] < HEAD_DIM
+               MASKED: tl.constexpr, EVEN_D: tl.constexpr, IN_PRECISION: tl.constexpr):
+    """Key blocks [start, stop): online softmax into (acc, l_i, m_i), all float32, log2 domain.
+
+    Unmasked blocks hold only finite scores, so the running max is finite after the first of them
+    and needs no guard; masked blocks may leave a row with no visible key yet (max = -inf), which
+    is shifted by 0 instead so that exp2 sees -inf - 0 = -inf, not NaN."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
-        if MASKED:
-            kv_mask = (cols[:, None] < N_K) & d_ok
-        else:
-            kv_mask = d_ok
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
+        k = _load_rows(k_ptrs + start_n * stride_kn, cols, N_K, offs_d, HEAD_DIM, MASKED, EVEN_D)
         qk = _mma(q, tl.trans(k), None, IN_PRECISION) * qk_scale
         if MASKED:
             visible = cols[None, :] < N_K
@@ -70,11 +94,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, o
                 visible = visible & (cols[None, :] <= offs_m[:, None])
             qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(qk - m_safe[:, None])
+        if MASKED:
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
+        v = _load_rows(v_ptrs + start_n * stride_vn, cols, N_K, offs_d, HEAD_DIM, MASKED, EVEN_D)
         acc = acc * alpha[:, None]
         acc = _mma(p.to(v.dtype), v, acc, IN_PRECISION)
         m_i = m_new
@@ -99,7 +124,11 @@ def attention_forward(
     the key loop to fill the device) they are per-split partials, ``stride_os`` apart, that the
     caller merges by log-sum-exp.
     """
-    start_m = tl.program_id(0) * BLOCK_M
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    block = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: launch them first so the grid ends on short work
+        block = tl.num_programs(0) - 1 - block
+    start_m = block * BLOCK_M
     bh = tl.program_id(1)
     split = tl.program_id(2)
     off_b = (bh // H).to(tl.int64)
@@ -107,15 +136,13 @@ def attention_forward(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < HEAD_DIM
-    row_ok = offs_m[:, None] < N_Q
 
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
     O += off_b * stride_ob + off_h * stride_oh + split.to(tl.int64) * stride_os
     LSE += split.to(tl.int64) * (tl.num_programs(1) * N_Q).to(tl.int64)
-    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=row_ok & d_ok, other=0.0)
+    q = _load_rows(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, offs_m, N_Q, offs_d, HEAD_DIM, True, EVEN_D)
     k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
@@ -134,14 +161,15 @@ def attention_forward(
     hi = tl.minimum(hi, lo + KEYS_PER_SPLIT)
     full = tl.maximum(lo, tl.minimum(full, hi))
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                               lo, full, N_K, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, IN_PRECISION)
+                               lo, full, N_K, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, EVEN_D, IN_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                               full, hi, N_K, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, IN_PRECISION)
+                               full, hi, N_K, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, EVEN_D, IN_PRECISION)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that saw no key: O = 0
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
-    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty), mask=row_ok & d_ok)
+    _store_rows(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty),
+                offs_m, N_Q, offs_d, HEAD_DIM, EVEN_D)
     tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
 
@@ -158,53 +186,58 @@ def attention_backward_delta(
     H, N_Q,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                 mask=mask, other=0.0).to(tl.float32)
+    o = _load_rows(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+                   offs_m, N_Q, offs_d, HEAD_DIM, True, EVEN_D).to(tl.float32)
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                    offs_m, N_Q, offs_d, HEAD_DIM, True, EVEN_D).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < N_Q)
 
 
 # ---------------------------------------------------------------------------------------------
-# backward: dK, dV -- a program owns BLOCK_N keys and streams the query blocks that see them
+# backward: dK, dV -- a program owns BLOCK_N keys and streams the query blocks that see them;
+# with DQ_ATOMIC it also adds each block's share of dQ into a float32 buffer (FA2's fused form)
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
+def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don, stride_dqn,
                 offs_n, offs_m, offs_d, start, stop, N_Q, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, IN_PRECISION: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                DQ_ATOMIC: tl.constexpr, IN_PRECISION: tl.constexpr):
     """Query blocks [start, stop). ``MASKED``: blocks on the causal diagonal. Query rows past N_Q
     load q = dO = 0, lse = delta = 0, so they add exactly zero to dK and dV and need no mask."""
-    d_ok = offs_d[None, :] < HEAD_DIM
     for start_m in range(start, stop, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < N_Q
-        q = tl.load(q_ptrs + start_m * stride_qn, mask=row_ok[:, None] & d_ok, other=0.0)
-        do = tl.load(do_ptrs + start_m * stride_don, mask=row_ok[:, None] & d_ok, other=0.0)
-        lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
-        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        q = _load_rows(q_ptrs + start_m * stride_qn, rows, N_Q, offs_d, HEAD_DIM, True, EVEN_D)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # a row that sees no key: P = 0
         qkT = _mma(k, tl.trans(q), None, IN_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         pT = tl.math.exp2(qkT - lse2[None, :])
         if MASKED:
             pT = tl.where(offs_n[:, None] <= rows[None, :], pT, 0.0)
+        do = _load_rows(do_ptrs + start_m * stride_don, rows, N_Q, offs_d, HEAD_DIM, True, EVEN_D)
         dv = _mma(pT.to(do.dtype), do, dv, IN_PRECISION)
+        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
         dpT = _mma(v, tl.trans(do), None, IN_PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        dk = _mma(dsT.to(q.dtype), q, dk, IN_PRECISION)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = _mma(dsT, q, dk, IN_PRECISION)
+        if DQ_ATOMIC:
+            dq = _mma(tl.trans(dsT), k, None, IN_PRECISION)  # (BLOCK_M, BLOCK_D); scaled once at the end
+            tl.atomic_add(dq_ptrs + start_m * stride_dqn, dq, mask=row_ok[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def attention_backward_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -213,9 +246,11 @@ def attention_backward_dkdv(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, N_Q, N_K, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, IN_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, IN_PRECISION: tl.constexpr,
 ):
-    """Grid (cdiv(N_K, BLOCK_N), B * H)."""
+    """Grid (cdiv(N_K, BLOCK_N), B * H). ``DQ_ACC``: a contiguous float32 (B, H, N_Q, BLOCK_D)
+    buffer of zeros when ``DQ_ATOMIC`` (unscaled dQ is added into it), else unused."""
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
@@ -223,15 +258,14 @@ def attention_backward_dkdv(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < HEAD_DIM
-    key_ok = (offs_n[:, None] < N_K) & d_ok
 
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=key_ok, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=key_ok, other=0.0)
+    k = _load_rows(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                   offs_n, N_K, offs_d, HEAD_DIM, True, EVEN_D)
+    v = _load_rows(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                   offs_n, N_K, offs_d, HEAD_DIM, True, EVEN_D)
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
     do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    dq_ptrs = DQ_ACC + bh.to(tl.int64) * N_Q * BLOCK_D + offs_m[:, None] * BLOCK_D + offs_d[None, :]
     lse_ptr = LSE + bh.to(tl.int64) * N_Q
     delta_ptr = DELTA + bh.to(tl.int64) * N_Q
 
@@ -243,18 +277,20 @@ def attention_backward_dkdv(
         lo = (start_n // BLOCK_M) * BLOCK_M
         diag = tl.minimum(lo + tl.cdiv(start_n + BLOCK_N - lo, BLOCK_M) * BLOCK_M, tl.cdiv(N_Q, BLOCK_M) * BLOCK_M)
         diag = tl.maximum(diag, lo)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
-                             offs_n, offs_m, offs_d, lo, diag, N_Q, qk_scale, HEAD_DIM, BLOCK_M, True, IN_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don, BLOCK_D,
+                             offs_n, offs_m, offs_d, lo, diag, N_Q, qk_scale, HEAD_DIM, BLOCK_M, True, EVEN_D,
+                             DQ_ATOMIC, IN_PRECISION)
     else:
         diag = 0
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
-                         offs_n, offs_m, offs_d, diag, N_Q, N_Q, qk_scale, HEAD_DIM, BLOCK_M, False, IN_PRECISION)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don, BLOCK_D,
+                         offs_n, offs_m, offs_d, diag, N_Q, N_Q, qk_scale, HEAD_DIM, BLOCK_M, False, EVEN_D,
+                         DQ_ATOMIC, IN_PRECISION)
 
     dk *= sm_scale
-    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=key_ok)
-    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=key_ok)
+    _store_rows(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+                dk.to(DK.dtype.element_ty), offs_n, N_K, offs_d, HEAD_DIM, EVEN_D)
+    _store_rows(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+                dv.to(DV.dtype.element_ty), offs_n, N_K, offs_d, HEAD_DIM, EVEN_D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,16 +302,10 @@ def attention_backward_dkdv(
 def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
               start, stop, N_K, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-              MASKED: tl.constexpr, IN_PRECISION: tl.constexpr):
-    d_ok = offs_d[None, :] < HEAD_DIM
+              MASKED: tl.constexpr, EVEN_D: tl.constexpr, IN_PRECISION: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
-        if MASKED:
-            kv_mask = (cols[:, None] < N_K) & d_ok
-        else:
-            kv_mask = d_ok
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
+        k = _load_rows(k_ptrs + start_n * stride_kn, cols, N_K, offs_d, HEAD_DIM, MASKED, EVEN_D)
         qk = _mma(q, tl.trans(k), None, IN_PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse2[:, None])
         if MASKED:
@@ -283,6 +313,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None])
             p = tl.where(visible, p, 0.0)
+        v = _load_rows(v_ptrs + start_n * stride_vn, cols, N_K, offs_d, HEAD_DIM, MASKED, EVEN_D)
         dp = _mma(do, tl.trans(v), None, IN_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = _mma(ds.to(k.dtype), k, dq, IN_PRECISION)
@@ -302,21 +333,23 @@ def attention_backward_dq(
     CAUSAL: tl.constexpr, IN_PRECISION: tl.constexpr,
 ):
     """Grid (cdiv(N_Q, BLOCK_M), B * H)."""
-    start_m = tl.program_id(0) * BLOCK_M
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    block = tl.program_id(0)
+    if CAUSAL:  # longest rows first, as in the forward
+        block = tl.num_programs(0) - 1 - block
+    start_m = block * BLOCK_M
     bh = tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < HEAD_DIM
     row_ok = offs_m < N_Q
-    tile_ok = row_ok[:, None] & d_ok
 
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=tile_ok, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                 mask=tile_ok, other=0.0)
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                   offs_m, N_Q, offs_d, HEAD_DIM, True, EVEN_D)
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                    offs_m, N_Q, offs_d, HEAD_DIM, True, EVEN_D)
     lse = tl.load(LSE + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # a row that sees no key: P = 0
     delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
@@ -331,9 +364,9 @@ def attention_backward_dq(
         hi = N_K
         full = (N_K // BLOCK_N) * BLOCK_N
     dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                   0, full, N_K, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, IN_PRECISION)
+                   0, full, N_K, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, EVEN_D, IN_PRECISION)
     dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                   full, hi, N_K, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, IN_PRECISION)
+                   full, hi, N_K, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, EVEN_D, IN_PRECISION)
     dq *= sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=tile_ok)
+    _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+                dq.to(DQ.dtype.element_ty), offs_m, N_Q, offs_d, HEAD_DIM, EVEN_D)

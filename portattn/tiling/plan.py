@@ -32,6 +32,8 @@ class TilePlan:
     backward_work_units: int  # batch*heads*key blocks
     backward_sram_bytes: int
     backward_dq_separate: bool  # dQ in its own pass over query blocks (True) or summed in the dK/dV pass
+    backward_warps: int  # GPU: warps per backward block; CPU: 1
+    backward_stages: int  # GPU: pipeline stages of the backward's streamed tiles; CPU: 1
     hbm_bytes: int  # predicted forward DRAM traffic for these blocks
     hbm_bytes_lower_bound: int  # the Theta(N^2 d^2 / M) bound for this device's SRAM
     matrix_unit: str | None
@@ -44,6 +46,8 @@ class TilePlan:
         return (
             f"block {self.block_q}x{self.block_k} (q x k), head dim padded to {self.head_dim_padded}, "
             f"{launch}{split}, {self.work_units} work units; backward {self.backward_block_q}x{self.backward_block_k}"
+            + (f" with {self.backward_warps} warps, {self.backward_stages} stages" if self.target == "gpu" else "")
+            + ("" if self.backward_dq_separate else ", dQ fused (atomic adds)")
         )
 
     def describe(self) -> str:

@@ -36,6 +36,7 @@ CPU (a task owns ``block_q`` query rows of one head; GEMMs on tiles go through B
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -59,8 +60,11 @@ CPU_TASKS_PER_THREAD = 4  # C2
 MIN_KEY_BLOCKS_PER_SPLIT = 2  # G8/C3: a split with one block does more merging than work
 
 
+@functools.lru_cache(maxsize=4096)
 def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
-    """The tile plan for ``spec`` on ``device`` (GPU or CPU rules by ``device.kind``)."""
+    """The tile plan for ``spec`` on ``device`` (GPU or CPU rules by ``device.kind``).
+
+    Cached: both arguments are frozen, and a repeated call (a training step) should cost a lookup."""
     return _plan_cpu(spec, device) if device.kind == "cpu" else _plan_gpu(spec, device)
 
 
@@ -220,8 +224,8 @@ def _plan_gpu_backward(spec, device: DeviceSpec, head_dim: int, e: int, stage_op
                         f"(~{regs} registers, {sram(block_q, block_k) / 1024:.0f} KiB SRAM); dQ in a pass of its own "
                         "over query blocks (no atomics)"
                     )
-                    return block_q, block_k, sram(block_q, block_k), True, why
-    return 16, 16, sram(16, 16), True, "backward: no tile meets G4/G5; the smallest 16x16 is used and will spill"
+                    return block_q, block_k, sram(block_q, block_k), True, warps, stages, why
+    return 16, 16, sram(16, 16), True, 4, stages, "backward: no tile meets G4/G5; the smallest 16x16 is used and will spill"
 
 
 def _plan_cpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
@@ -285,7 +289,7 @@ def _plan_cpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
         work=work,
         sram_bytes=working_set(block_q, block_k),
         registers=0,
-        backward=(bwd_q, bwd_k, bwd_sram, dq_separate, why_bwd),
+        backward=(bwd_q, bwd_k, bwd_sram, dq_separate, 1, 1, why_bwd),
         matrix_unit=None,
         reasons=reasons + [why_bwd],
     )
@@ -296,7 +300,7 @@ def _finish(spec, device, *, target, block_q, block_k, head_dim, warps, threads,
     """Attach the IO model's traffic figures and build the plan."""
     batch_heads = spec.batch * spec.heads
     e = DTYPE_BYTES[spec.dtype]
-    bwd_q, bwd_k, bwd_sram, dq_separate, _ = backward
+    bwd_q, bwd_k, bwd_sram, dq_separate, bwd_warps, bwd_stages, _ = backward
     traffic = iomodel.forward_bytes(
         batch_heads=batch_heads, seqlen_q=spec.seqlen_q, seqlen_k=spec.seqlen_k, head_dim=spec.head_dim,
         element_bytes=e, block_q=block_q, causal=spec.causal, key_splits=splits,
@@ -310,6 +314,6 @@ def _finish(spec, device, *, target, block_q, block_k, head_dim, warps, threads,
         warps=warps, threads=threads, stages=stages, key_splits=splits, work_units=work * splits,
         sram_bytes=sram_bytes, registers_per_thread=registers, backward_block_q=bwd_q, backward_block_k=bwd_k,
         backward_work_units=batch_heads * _blocks(spec.seqlen_k, bwd_k), backward_sram_bytes=bwd_sram,
-        backward_dq_separate=dq_separate, hbm_bytes=traffic, hbm_bytes_lower_bound=bound,
+        backward_dq_separate=dq_separate, backward_warps=bwd_warps, backward_stages=bwd_stages, hbm_bytes=traffic, hbm_bytes_lower_bound=bound,
         matrix_unit=matrix_unit, reasons=tuple(reasons),
     )
