@@ -1,6 +1,10 @@
 """Print the markdown tables of docs/benchmarks.md from the JSON files under benchmarks/results/.
 
     python docs/gen_benchmark_tables.py benchmarks/results/cpu-epyc-*.json
+    python docs/gen_benchmark_tables.py benchmarks/results/h100-flash-grid-*.json   # benchmarks/flash_grid.py output
+
+A ``portattn bench`` record (``results``) gives one GFLOP/s table; a ``benchmarks/flash_grid.py``
+record gives a TFLOP/s table against the peers (``peers``) or the planner-sweep table (``sweep``).
 """
 
 from __future__ import annotations
@@ -26,5 +30,52 @@ def table(path: str) -> str:
     return "\n".join(lines)
 
 
+def _provenance(record: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v)
+    return f"`{record['command']}` -- {record['date']}, {record['device']}, {versions}"
+
+
+PEER_COLUMNS = ("portattn-triton", "sdpa-flash", "sdpa-cudnn", "flex", "sdpa-efficient", "sdpa-math")
+
+
+def peers_table(record: dict) -> str:
+    header = ("| D | causal | mode | N | " + " | ".join(PEER_COLUMNS) + " | triton / flash | triton / flex | triton / cuDNN |")
+    lines = [_provenance(record), "", "TFLOP/s:", "", header, "|" + "---|" * (header.count("|") - 1)]
+    for row in sorted(record["peers"], key=lambda r: (r["mode"], r["D"], r["causal"], r["N"])):
+        cells = [f"{row['tflops'][c]:.0f}" if c in row["tflops"] else "-" for c in PEER_COLUMNS]
+        ratios = [f"{row['ratios'][c]:.2f}x" if c in row["ratios"] else "-" for c in ("sdpa-flash", "flex", "sdpa-cudnn")]
+        lines.append(f"| {row['D']} | {int(row['causal'])} | {row['mode']} | {row['N']} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(lines)
+
+
+def _config(config: dict) -> str:
+    if "block_q" in config:
+        return f"{config['block_q']}x{config['block_k']} w{config['warps']} s{config['stages']}"
+    dq = "sep" if config["backward_dq_separate"] else "atomic"
+    return (f"{config['backward_block_k']}x{config['backward_block_q']} w{config['backward_warps']} "
+            f"s{config['backward_stages']} dQ {dq}")
+
+
+def sweep_table(record: dict) -> str:
+    header = "| pass | D | causal | N | plan | plan ms | best swept | best ms | plan / best speed | configs |"
+    lines = [_provenance(record), "", header, "|" + "---|" * (header.count("|") - 1)]
+    for row in sorted(record["sweep"], key=lambda r: (r["mode"], r["D"], r["causal"], r["N"])):
+        timed = sum(1 for t in row["trials"] if t["ms"])
+        lines.append(f"| {row['mode']} | {row['D']} | {int(row['causal'])} | {row['N']} | {_config(row['plan'])} | "
+                     f"{row['plan_ms']:.3f} | {_config(row['best'])} | {row['best_ms']:.3f} | "
+                     f"{row['plan_fraction_of_best']:.3f} | {timed} |")
+    return "\n".join(lines)
+
+
+def render(path: str) -> str:
+    record = json.load(open(path))
+    if "results" in record:
+        return table(path)
+    parts = [peers_table(record)] if record.get("peers") else []
+    if record.get("sweep"):
+        parts.append(sweep_table(record))
+    return "\n\n".join(parts)
+
+
 if __name__ == "__main__":
-    print("\n\n".join(table(path) for path in sys.argv[1:]))
+    print("\n\n".join(render(path) for path in sys.argv[1:]))

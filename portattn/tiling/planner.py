@@ -52,8 +52,10 @@ GPU_BLOCK_K = (128, 64, 32, 16)
 GPU_WARPS = (4, 8, 2, 1)  # G7's order of preference: 4 is Triton's default, 8 where registers need it
 GPU_MAX_STAGES = 3  # G6
 GPU_REGISTER_OVERHEAD = 24  # G5: indices, pointers, m_i and l_i
-GPU_BACKWARD_BLOCK_Q = (64, 32, 16)
-GPU_BACKWARD_BLOCK_K = (128, 64, 32, 16)
+GPU_BACKWARD_BLOCK_K = (64, 128, 32, 16)  # B1's order
+GPU_LONG_BLOCK_K = 64  # G9
+GPU_SHORT_LOOP_TRIPS = 16  # G9: fewer key blocks than this per query block (on average) is a short loop
+GPU_SHORT_KV_TILE_BYTES = 8 * 1024  # G9: one K (or V) tile per stage on a short loop
 CPU_BLOCK_Q = (256, 128, 64, 32, 16)
 CPU_BLOCK_K = (512, 256, 128, 64, 32, 16)
 CPU_TASKS_PER_THREAD = 4  # C2
@@ -119,7 +121,11 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
         return block_q * head_dim * e + stages * 2 * block_k * head_dim * e
 
     def registers(block_q: int, block_k: int, threads: int) -> int:
-        return _blocks(block_q * head_dim + block_q * block_k, threads) + GPU_REGISTER_OVERHEAD
+        # float32 O and S accumulators, plus the Q tile held as the matrix unit's A operand (32-bit registers)
+        q_operand = _blocks(block_q * head_dim * e, 4 * threads) if unit else 0
+        return _blocks(block_q * head_dim + block_q * block_k, threads) + q_operand + GPU_REGISTER_OVERHEAD
+
+    preferred_q, preferred_k, why_tile = _preferred_tile(spec, head_dim, e) if unit else (None, None, "")
 
     candidates = []
     for block_q in _fit_to_problem(GPU_BLOCK_Q, spec.seqlen_q, rows_per_warp):
@@ -140,7 +146,8 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
                 work = batch_heads * _blocks(spec.seqlen_q, block_q)
                 fills = work >= device.compute_units
                 # G7: the ranking key, largest first
-                rank = (fills, block_q, block_k, -GPU_WARPS.index(warps), max(fitting))
+                rank = (fills, block_q == preferred_q, block_k == preferred_k, block_q, block_k, -GPU_WARPS.index(warps),
+                        max(fitting))
                 candidates.append((rank, block_q, block_k, warps, max(fitting)))
     if not candidates:
         smallest = 16 if 16 % rows_per_warp == 0 else rows_per_warp
@@ -169,7 +176,7 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
         f"G4 SRAM {sram(block_q, block_k, stages) / 1024:.0f} KiB of {device.sram_per_block / 1024:.0f} KiB per block "
         f"(Q tile + {stages} x K/V tiles)",
         f"G5 ~{registers(block_q, block_k, threads)} registers per thread of {device.max_registers_per_thread} "
-        f"(O and S accumulators over {threads} threads)",
+        f"(O and S accumulators{' and the Q operand' if unit else ''} over {threads} threads)",
         f"G6 {stages} stage(s): "
         + ("asynchronous copies overlap loads with math" if device.has_async_copy else "no asynchronous copy on this device"),
         f"G7 {len(candidates)} tilings fit; chose {block_q}x{block_k} with {warps} warps: "
@@ -179,6 +186,8 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
             else f"{work} blocks cannot fill {device.compute_units} compute units even at the smallest block_q"
         ),
     ]
+    if why_tile:
+        reasons.insert(-1, why_tile)
     if splits > 1:
         reasons.append(f"G8 key loop split {splits} ways so {work * splits} units fill {device.compute_units} compute units")
 
@@ -203,29 +212,62 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
     )
 
 
-def _plan_gpu_backward(spec, device: DeviceSpec, head_dim: int, e: int, stage_options) -> tuple:
-    """Backward blocks: a block owns ``block_k`` keys (dK, dV accumulate in registers) and streams
-    query blocks; the G4/G5 checks apply with the dK, dV, S and dP accumulators. Largest key block
-    first (it is reused across the whole query loop), then the largest query block, then G7's warps."""
-    stages = min(stage_options)
+def _preferred_tile(spec, head_dim: int, e: int) -> tuple[int, int, str]:
+    """G9 (matrix-unit GPUs): the tile G7 ranks first when it fits, from the flash-grid sweep on the H100.
 
-    def sram(block_q: int, block_k: int) -> int:
+    A long key loop wants 128 query rows (K/V re-read less, two warpgroups' worth of MMA rows) and
+    64 keys: a 128-key S tile doubles the softmax's registers per thread for no MMA gain (wgmma's n
+    reaches 256 either way). A short loop -- under ``GPU_SHORT_LOOP_TRIPS`` key blocks per query
+    block on average, causal rows seeing half the keys -- is dominated by the pipeline's fill and
+    drain and, when causal, by the masked half of each diagonal tile: 64 query rows and K/V tiles of
+    ``GPU_SHORT_KV_TILE_BYTES`` per stage keep more, shorter programs in flight and waste less."""
+    visible_keys = spec.seqlen_k / 2 if spec.causal else spec.seqlen_k
+    trips = visible_keys / GPU_LONG_BLOCK_K
+    if trips >= GPU_SHORT_LOOP_TRIPS:
+        return 128, GPU_LONG_BLOCK_K, (f"G9 long key loop (~{trips:.0f} blocks of {GPU_LONG_BLOCK_K} keys per query block): "
+                                       f"128 x {GPU_LONG_BLOCK_K} tiles preferred")
+    block_k = max(16, min(GPU_LONG_BLOCK_K, GPU_SHORT_KV_TILE_BYTES // (head_dim * e)))
+    return 64, block_k, (f"G9 short key loop (~{trips:.0f} blocks of {GPU_LONG_BLOCK_K} keys{', causal' if spec.causal else ''}): "
+                         f"64 x {block_k} tiles ({GPU_SHORT_KV_TILE_BYTES // 1024} KiB of K/V per stage) preferred")
+
+
+def _plan_gpu_backward(spec, device: DeviceSpec, head_dim: int, e: int, stage_options) -> tuple:
+    """Backward blocks (B1-B3): a block owns ``block_k`` keys (dK, dV accumulate in registers) and
+    streams query blocks of ``block_q``; the dQ pass mirrors it (owns ``block_k`` queries, streams
+    ``block_q`` keys). The G4/G5 checks apply with the dK, dV, S and dP accumulators.
+
+    * B1 owned keys: 64 first -- one warpgroup's MMA rows, and dK, dV for d <= 128 stay in registers
+      over 4 warps; then 128, 32, 16.
+    * B2 streamed rows: 32 at d <= 64 (small steps, pipelined 3 deep), 64 above (half the loop trips;
+      2 stages); the H100 sweep measured both choices within 5% of the best backward configuration.
+    * B3 dQ in a pass of its own (no atomics): the fused atomic form won only at N = 16384 and by
+      under 10%, and lost up to 20% at N <= 4096 (sweep in benchmarks/results).
+    """
+    small_head = head_dim <= 64
+    preferred_stages = 3 if small_head else 2
+    stage_order = sorted(stage_options, key=lambda s: (s != preferred_stages, -s))
+
+    def sram(block_q: int, block_k: int, stages: int) -> int:
         return 2 * block_k * head_dim * e + stages * 2 * block_q * head_dim * e
 
+    block_q_order = (32, 64, 16) if small_head else (64, 32, 16)
     for block_k in _fit_to_problem(GPU_BACKWARD_BLOCK_K, spec.seqlen_k, 16):
-        for block_q in _fit_to_problem(GPU_BACKWARD_BLOCK_Q, spec.seqlen_q, 16):
+        for block_q in _fit_to_problem(block_q_order, spec.seqlen_q, 16):
             for warps in GPU_WARPS:
                 threads = warps * device.simd_width
                 regs = _blocks(2 * block_k * head_dim + 2 * block_q * block_k, threads) + GPU_REGISTER_OVERHEAD
-                if threads <= device.max_threads_per_block and regs <= device.max_registers_per_thread \
-                        and sram(block_q, block_k) <= device.sram_per_block:
-                    why = (
-                        f"backward: blocks own {block_k} keys and stream {block_q} queries with {warps} warps "
-                        f"(~{regs} registers, {sram(block_q, block_k) / 1024:.0f} KiB SRAM); dQ in a pass of its own "
-                        "over query blocks (no atomics)"
-                    )
-                    return block_q, block_k, sram(block_q, block_k), True, warps, stages, why
-    return 16, 16, sram(16, 16), True, 4, stages, "backward: no tile meets G4/G5; the smallest 16x16 is used and will spill"
+                if threads > device.max_threads_per_block or regs > device.max_registers_per_thread:
+                    continue
+                for stages in stage_order:
+                    if sram(block_q, block_k, stages) <= device.sram_per_block:
+                        why = (
+                            f"B1-B3 backward: blocks own {block_k} keys and stream {block_q} queries with {warps} warps, "
+                            f"{stages} stage(s) (~{regs} registers, {sram(block_q, block_k, stages) / 1024:.0f} KiB SRAM); "
+                            "dQ in a pass of its own over query blocks (no atomics)"
+                        )
+                        return block_q, block_k, sram(block_q, block_k, stages), True, warps, stages, why
+    stages = min(stage_options)
+    return 16, 16, sram(16, 16, stages), True, 4, stages, "backward: no tile meets G4/G5; the smallest 16x16 is used and will spill"
 
 
 def _plan_cpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:

@@ -219,10 +219,27 @@ def test_cpu_plan_fits_and_follows_rules(key, spec):
 # ---- pinned choices -------------------------------------------------------------------------------
 
 
-def test_h100_fp16_d64_matches_flexattention_default():
+def test_h100_fp16_d64_long_loop_uses_the_swept_best_tile():
+    """G9: the flash-grid sweep on the H100 put 128x64, 4 warps, 3 stages within 5% of the best at every N >= 1024."""
     p = plan(AttentionSpec(batch=8, heads=16, seqlen_q=4096, seqlen_k=4096, head_dim=64, dtype="float16"), CATALOG["h100"])
-    assert (p.block_q, p.block_k, p.warps) == (128, 128, 4)
+    assert (p.block_q, p.block_k, p.warps) == (128, 64, 4)
     assert p.stages == 3 and p.key_splits == 1
+
+
+@pytest.mark.parametrize("head_dim, block_k", [(64, 64), (128, 32)])
+def test_h100_short_causal_loop_uses_64_row_tiles(head_dim, block_k):
+    """G9: causal N = 1024 is a short loop (~8 key blocks per query block): 64-row tiles, 8 KiB K tiles."""
+    spec = AttentionSpec(batch=16, heads=2048 // head_dim, seqlen_q=1024, seqlen_k=1024, head_dim=head_dim, dtype="float16", causal=True)
+    p = plan(spec, CATALOG["h100"])
+    assert (p.block_q, p.block_k, p.warps) == (64, block_k, 4)
+
+
+@pytest.mark.parametrize("head_dim, expected", [(64, (32, 64, 4, 3)), (128, (64, 64, 4, 2))])
+def test_h100_backward_follows_b1_b2(head_dim, expected):
+    spec = AttentionSpec(batch=4, heads=2048 // head_dim, seqlen_q=4096, seqlen_k=4096, head_dim=head_dim, dtype="float16")
+    p = plan(spec, CATALOG["h100"])
+    assert (p.backward_block_q, p.backward_block_k, p.backward_warps, p.backward_stages) == expected
+    assert p.backward_dq_separate
 
 
 def test_h100_fp16_d128_uses_8_warps():
