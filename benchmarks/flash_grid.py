@@ -136,7 +136,7 @@ def warm_flex(args):
 
 
 def run_peers(args, record):
-    if not args.no_flex:
+    if not args.no_flex and not args.no_warm:
         warm_flex(args)
     make_flex = flex_callables() if not args.no_flex else None
     for d, causal, n in points(args.seqlens, args.head_dims):
@@ -264,13 +264,14 @@ def save(args, record):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=("peers", "sweep"))
+    parser.add_argument("part", choices=("peers", "sweep", "warm-flex"))
     parser.add_argument("--json")
     parser.add_argument("--seqlens", type=int, nargs="+", default=list(SEQLENS))
     parser.add_argument("--backward-seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=("fwd", "fwd+bwd"))
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--no-warm", action="store_true", help="peers: flex is already compiled (warm-flex ran before)")
     parser.add_argument("--workers", type=int, default=12)
     args = parser.parse_args(argv)
     record = {
@@ -284,6 +285,8 @@ def main(argv=None):
         "timing": "triton.testing.do_bench, median, warmup 25 ms, rep 100 ms (sweep: 10 / 40 ms), one process",
         "peers": [], "sweep": [],
     }
+    if args.part == "warm-flex":
+        return warm_flex(args)
     try:
         (run_peers if args.part == "peers" else run_sweep)(args, record)
     except Exception:

@@ -1,9 +1,10 @@
-"""Adapters between the array types users pass (numpy, torch) and the ones backends compute on.
+"""Adapters between the array types users pass (numpy, torch, cupy) and the ones backends compute on.
 
-Nothing here imports a framework at module import: torch is only looked at when the caller already
-imported it (a torch tensor cannot exist otherwise), so ``import portattn`` needs only numpy.
-Conversions never copy when they don't have to (torch CPU <-> numpy share memory); the one forced
-copy is bfloat16 into numpy, which has no bfloat16 (it is widened to float32, exactly).
+Nothing here imports a framework at module import: torch and cupy are only looked at when the
+caller already imported them (a torch tensor or cupy array cannot exist otherwise), so
+``import portattn`` needs only numpy. Conversions never copy when they don't have to (torch CPU <->
+numpy share memory; cupy <-> torch CUDA go through DLPack, strides kept); the one forced copy is
+bfloat16 into numpy, which has no bfloat16 (it is widened to float32, exactly).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ArrayInfo:
-    kind: str  # "numpy" or "torch"
+    kind: str  # "numpy", "torch" or "cupy"
     shape: tuple[int, ...]
     dtype: str  # numpy/torch dtype name without prefix: "float16", "bfloat16", "int64", ...
     device: str  # "cpu", "cuda:0", ...
@@ -33,6 +34,16 @@ def is_torch(x) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+def _cupy():
+    """The cupy module if the process has imported it, else None (never imports it)."""
+    return sys.modules.get("cupy")
+
+
+def is_cupy(x) -> bool:
+    cupy = _cupy()
+    return cupy is not None and isinstance(x, cupy.ndarray)
+
+
 def describe(x, name: str) -> ArrayInfo:
     if isinstance(x, np.ndarray):
         return ArrayInfo("numpy", tuple(x.shape), x.dtype.name, "cpu")
@@ -40,13 +51,24 @@ def describe(x, name: str) -> ArrayInfo:
         device = x.device.type if x.device.index is None else f"{x.device.type}:{x.device.index}"
         dtype = str(x.dtype).removeprefix("torch.")
         return ArrayInfo("torch", tuple(x.shape), dtype, device, bool(x.requires_grad))
-    raise TypeError(f"{name} must be a numpy.ndarray or a torch.Tensor, got {type(x).__module__}.{type(x).__name__}")
+    if is_cupy(x):
+        return ArrayInfo("cupy", tuple(x.shape), x.dtype.name, f"cuda:{x.device.id}")
+    # the message keeps its original prefix (tests/api/test_errors.py matches on it) and names cupy after it
+    raise TypeError(
+        f"{name} must be a numpy.ndarray or a torch.Tensor, got {type(x).__module__}.{type(x).__name__}; "
+        "a cupy.ndarray is accepted too"
+    )
 
 
 def to_numpy(x) -> np.ndarray:
     """A numpy view of ``x`` (CPU only); bfloat16 tensors are widened to float32."""
     if isinstance(x, np.ndarray):
         return x
+    if is_cupy(x):
+        raise TypeError(
+            f"a cupy array lives on a GPU (cuda:{x.device.id}) and a CPU backend cannot take it; "
+            "move it to the host with cupy.asnumpy, or pick a CUDA backend (backend='auto' or 'triton')"
+        )
     torch = _torch()
     x = x.detach()
     if x.dtype == torch.bfloat16:
@@ -59,6 +81,8 @@ def to_torch(x, device: str = "cpu"):
 
     if isinstance(x, torch.Tensor):
         return x
+    if is_cupy(x):
+        return torch.from_dlpack(x)  # zero copy, strides kept (transposed bnhd views stay views)
     return torch.from_numpy(np.asarray(x)).to(device)
 
 
@@ -72,10 +96,31 @@ def restore(result, kind: str, dtype: str | None, device: str = "cpu"):
     if kind == "numpy":
         result = to_numpy(result)
         return result if dtype is None or result.dtype.name == dtype else result.astype(dtype)
+    if kind == "cupy":
+        return _to_cupy(result, dtype, device)
     import torch
 
     result = to_torch(result, device)
     return result if dtype is None else result.to(getattr(torch, dtype))
+
+
+def _to_cupy(result, dtype: str | None, device: str):
+    """A backend's result as a cupy array: torch CUDA tensors through DLPack (no copy)."""
+    import cupy  # only reached for cupy inputs, so cupy is already imported
+
+    if is_cupy(result):
+        out = result
+    elif is_torch(result) and result.device.type == "cuda":
+        torch = _torch()
+        result = result.detach()  # DLPack refuses tensors that require grad
+        if result.dtype == torch.bfloat16:  # cupy has no bfloat16: cast on the torch side first
+            result = result.to(getattr(torch, dtype) if dtype is not None else torch.float32)
+        out = cupy.from_dlpack(result)
+    else:  # a host result (numpy or torch CPU): the one path that copies, onto the caller's GPU
+        index = int(device.split(":", 1)[1]) if device.startswith("cuda:") else cupy.cuda.runtime.getDevice()
+        with cupy.cuda.Device(index):
+            out = cupy.asarray(to_numpy(result))
+    return out if dtype is None or out.dtype.name == dtype else out.astype(dtype)
 
 
 def bhnd_view(x, layout: str):
@@ -86,5 +131,5 @@ def bhnd_view(x, layout: str):
     """
     if layout == "bhnd":
         return x
-    return x.transpose(0, 2, 1, 3) if isinstance(x, np.ndarray) else x.transpose(1, 2)
+    return x.transpose(0, 2, 1, 3) if isinstance(x, np.ndarray) or is_cupy(x) else x.transpose(1, 2)
 
