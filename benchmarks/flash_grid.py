@@ -47,8 +47,8 @@ SDPA = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION
 MATH_MAX_SEQLEN = 4096  # the materialized N x N scores of longer sequences take tens of GB
 
 
-def points(seqlens=SEQLENS, head_dims=HEAD_DIMS):
-    return [(d, causal, n) for d in head_dims for causal in (False, True) for n in seqlens]
+def points(seqlens=SEQLENS, head_dims=HEAD_DIMS, masks=(False, True)):
+    return [(d, causal, n) for d in head_dims for causal in masks for n in seqlens]
 
 
 def shape(d, n):
@@ -127,7 +127,7 @@ def _flex_warm_worker(jobs):
 
 
 def warm_flex(args):
-    jobs = [(d, c, n, mode) for d, c, n in points(args.seqlens, args.head_dims) for mode in args.modes]
+    jobs = [(d, c, n, mode) for d, c, n in points(args.seqlens, args.head_dims, args.causal) for mode in args.modes]
     shares = [jobs[i::args.workers] for i in range(args.workers)]
     start = time.time()
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -139,7 +139,7 @@ def run_peers(args, record):
     if not args.no_flex and not args.no_warm:
         warm_flex(args)
     make_flex = flex_callables() if not args.no_flex else None
-    for d, causal, n in points(args.seqlens, args.head_dims):
+    for d, causal, n in points(args.seqlens, args.head_dims, args.causal):
         for mode in args.modes:
             q, k, v, grad_out = inputs(d, n, requires_grad=mode == "fwd+bwd")
             contenders = {"portattn-triton": lambda q, k, v: portattn.attention(q, k, v, causal=causal, backend="triton")}
@@ -225,8 +225,8 @@ def _config(p, backward):
 
 
 def run_sweep(args, record):
-    jobs = [(d, c, n, False) for d, c, n in points(args.seqlens, args.head_dims)]
-    jobs += [(d, c, n, True) for d, c, n in points(args.backward_seqlens, args.head_dims)]
+    jobs = [(d, c, n, False) for d, c, n in points(args.seqlens, args.head_dims, args.causal) if args.forward_sweep]
+    jobs += [(d, c, n, True) for d, c, n in points(args.backward_seqlens, args.head_dims, args.causal)]
     # the configurations differ only by (D, causal, pass): compile each set once, split across workers
     shares = 4
     distinct = sorted({(d, c, bwd): n for d, c, n, bwd in jobs}.items())
@@ -270,10 +270,13 @@ def main(argv=None):
     parser.add_argument("--backward-seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=("fwd", "fwd+bwd"))
+    parser.add_argument("--causal", type=int, nargs="+", default=[0, 1], choices=(0, 1), help="masks: 0 full, 1 causal")
+    parser.add_argument("--forward-sweep", type=int, default=1, choices=(0, 1), help="sweep: 0 skips the forward configurations")
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--no-warm", action="store_true", help="peers: flex is already compiled (warm-flex ran before)")
     parser.add_argument("--workers", type=int, default=12)
     args = parser.parse_args(argv)
+    args.causal = tuple(bool(c) for c in args.causal)
     record = {
         "device": torch.cuda.get_device_name(0),
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),

@@ -64,7 +64,14 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd
     by :func:`tune` for this device and shape, tuning first when none is remembered (opt-in: a
     default call runs the planner's plan and never times anything).
     """
-    call = prepare(q, k, v, causal=causal, scale=scale, backend=backend, layout=layout)
+    key = _call_key(q, k, v, causal, scale, backend, layout)
+    call = _PREPARED.get(key) if key is not None else None
+    if call is None:
+        call = prepare(q, k, v, causal=causal, scale=scale, backend=backend, layout=layout)
+        if key is not None:
+            if len(_PREPARED) >= _PREPARED_MAX:
+                _PREPARED.clear()
+            _PREPARED[key] = call
     q, k, v = (arrays.bhnd_view(x, layout) for x in (q, k, v))
     if autotune:
         from . import tuning
@@ -94,6 +101,26 @@ def tune(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd", ba
     call = prepare(q, k, v, causal=causal, scale=scale, backend=backend, layout=layout)
     q, k, v = (arrays.bhnd_view(x, layout) for x in (q, k, v))
     return tuning.tune_call(call, q, k, v, backward=backward, save=save).plan
+
+
+# Validated calls by their arguments' metadata: a repeated call (every step of a training loop) skips
+# validation, backend choice and planning -- the checks depend on nothing else, so their verdict holds.
+_PREPARED: dict[tuple, PreparedCall] = {}
+_PREPARED_MAX = 1024
+
+
+def _call_key(q, k, v, causal, scale, backend, layout) -> tuple | None:
+    """What the checks, the backend choice and the plan depend on; None for arrays of other kinds
+    (they take the full path, which also raises the errors for them)."""
+    if not arrays.is_torch(q):
+        return None
+    try:
+        metas = tuple((x.shape, x.dtype, x.device, x.requires_grad) for x in (q, k, v))
+    except AttributeError:
+        return None
+    if not (arrays.is_torch(k) and arrays.is_torch(v)):
+        return None
+    return (metas, causal, scale, backend, layout, type(causal), type(scale))
 
 
 def _grad_enabled() -> bool:

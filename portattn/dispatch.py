@@ -7,6 +7,7 @@ error names the backends that would have worked.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .backends import Backend, registry
@@ -43,7 +44,15 @@ def check_name(requested: str) -> None:
 
 
 def select(spec: AttentionSpec, requested: str = "auto") -> Backend:
+    """The backend for ``spec``. Cached per (spec, name): a backend's availability is fixed for the
+    process and its refusals depend on the spec alone, so a repeated call (a training step) costs a
+    dictionary lookup, not a round of capability checks."""
     check_name(requested)
+    return _select(spec, requested)
+
+
+@functools.lru_cache(maxsize=4096)
+def _select(spec: AttentionSpec, requested: str) -> Backend:
     backends = registry()
     ranked = candidates(spec)
     able = [c.name for c in ranked if c.can_run]

@@ -21,10 +21,15 @@ def register(cls: type[Backend]) -> type[Backend]:
     return cls
 
 
+_FILLED: list[bool] = []
+
+
 def registry() -> dict[str, Backend]:
-    """Every known backend by name, in ``MODULES`` order."""
-    for module in MODULES:
-        importlib.import_module(f"{__name__}.{module}")
+    """Every known backend by name, in ``MODULES`` order (imported once; then a dict copy per call)."""
+    if not _FILLED:
+        for module in MODULES:
+            importlib.import_module(f"{__name__}.{module}")
+        _FILLED.append(True)
     return dict(_REGISTRY)
 
 

@@ -223,7 +223,9 @@ def _merge_splits(part_out, part_lse, out, lse) -> None:
 
 
 def _on_device(x):
-    """Launch on the tensor's GPU (Triton launches on the current device)."""
+    """Launch on the tensor's GPU (Triton launches on the current device); no switch when it is current."""
     import torch
 
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+    if x.device.type != "cuda" or x.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(x.device)
