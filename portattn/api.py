@@ -56,8 +56,8 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd
 
     ``q`` is (B, H, Nq, D) and ``k``, ``v`` are (B, H, Nk, D) -- or (B, N, H, D) with
     ``layout="bnhd"``. ``causal=True`` hides key j from query i when j > i (top-left aligned, as
-    torch's ``is_causal``). ``scale`` defaults to 1/sqrt(D). numpy arrays and torch tensors are
-    accepted and the result has the caller's type, dtype, device and layout; torch inputs that
+    torch's ``is_causal``). ``scale`` defaults to 1/sqrt(D). numpy arrays, torch tensors and cupy
+    arrays (through DLPack, without copies) are accepted and the result has the caller's type, dtype, device and layout; torch inputs that
     require grad get gradients from the backend's own backward kernel. With ``return_lse=True``
     the float32 log-sum-exp of the scaled scores, (B, H, Nq), is returned too. A query that sees no
     key gets zeros and an LSE of -inf. ``autotune=True`` runs the fastest tile configuration found
