@@ -1,9 +1,11 @@
 """``triton``: FlashAttention-2 on NVIDIA Ampere/Ada/Hopper GPUs, in Triton (kernels in triton_kernels.py).
 
 Executes the planner's GPU plan as given: forward ``block_q`` x ``block_k`` with ``warps`` warps and
-``stages`` pipeline stages, the key loop split ``key_splits`` ways (merged by LSE) when the plan says so; backward ``backward_block_q`` x ``backward_block_k`` (dK/dV by key
-blocks, then dQ in a pass of its own over query blocks -- no atomics). ``head_dim_padded`` is the
-kernels' ``BLOCK_D``; the padding is masked. Inputs are read through their strides (no copies);
+``stages`` pipeline stages, the key loop split ``key_splits`` ways (merged by LSE) when the plan says
+so; backward with ``backward_warps`` and ``backward_stages``: dK/dV programs own
+``backward_block_k`` keys and stream ``backward_block_q`` queries, then dQ in a mirrored pass of its
+own (``backward_dq_separate``) or, when the plan says so, summed in the dK/dV pass by float32 atomic
+adds. ``head_dim_padded`` is the kernels' ``BLOCK_D``; the padding is masked. Inputs are read through their strides (no copies);
 outputs are (B, H, N, D) contiguous in the input dtype, the LSE float32.
 
 float16/bfloat16: tensor-core products accumulated in float32, softmax in float32. float32: products
