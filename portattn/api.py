@@ -57,7 +57,8 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd
     ``q`` is (B, H, Nq, D) and ``k``, ``v`` are (B, H, Nk, D) -- or (B, N, H, D) with
     ``layout="bnhd"``. ``causal=True`` hides key j from query i when j > i (top-left aligned, as
     torch's ``is_causal``). ``scale`` defaults to 1/sqrt(D). numpy arrays, torch tensors and cupy
-    arrays (through DLPack, without copies) are accepted and the result has the caller's type, dtype, device and layout; torch inputs that
+    arrays (through DLPack, without copies) are accepted and the result has the caller's type,
+    dtype, device and layout; torch inputs that
     require grad get gradients from the backend's own backward kernel. With ``return_lse=True``
     the float32 log-sum-exp of the scaled scores, (B, H, Nq), is returned too. A query that sees no
     key gets zeros and an LSE of -inf. ``autotune=True`` runs the fastest tile configuration found
@@ -112,14 +113,10 @@ _PREPARED_MAX = 1024
 def _call_key(q, k, v, causal, scale, backend, layout) -> tuple | None:
     """What the checks, the backend choice and the plan depend on; None for arrays of other kinds
     (they take the full path, which also raises the errors for them)."""
-    if not arrays.is_torch(q):
+    if not all(arrays.is_torch(x) for x in (q, k, v)):
         return None
-    try:
-        metas = tuple((x.shape, x.dtype, x.device, x.requires_grad) for x in (q, k, v))
-    except AttributeError:
-        return None
-    if not (arrays.is_torch(k) and arrays.is_torch(v)):
-        return None
+    metas = tuple((x.shape, x.dtype, x.device, x.requires_grad) for x in (q, k, v))
+    # the types too: causal=1 hashes like causal=True but must be refused, not served from the cache
     return (metas, causal, scale, backend, layout, type(causal), type(scale))
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .tiling import TilePlan
+from .tiling.planner import next_power_of_two
 
 # The spaces a Triton user sweeps (the Triton tutorial's and FlexAttention's knobs).
 FORWARD_SPACE = {"block_q": (64, 128), "block_k": (32, 64, 128), "warps": (4, 8), "stages": (2, 3, 4)}
@@ -60,8 +61,9 @@ def candidates(plan: TilePlan, space: dict) -> list[TilePlan]:
 
 
 def _fits_problem(plan: TilePlan, seqlen_q: int, seqlen_k: int) -> bool:
-    """Blocks much larger than the sequence only add masked work; keep the sweep to useful ones."""
-    cap = lambda n: max(16, 1 << max(0, n - 1).bit_length())  # noqa: E731
+    """Blocks much larger than the sequence only add masked work; keep the sweep to useful ones
+    (the cap the planner's own block choice uses)."""
+    cap = lambda n: max(16, next_power_of_two(n))  # noqa: E731
     return plan.block_q <= cap(seqlen_q) and plan.block_k <= cap(seqlen_k)
 
 
