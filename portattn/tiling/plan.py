@@ -47,7 +47,7 @@ class TilePlan:
             f"block {self.block_q}x{self.block_k} (q x k), head dim padded to {self.head_dim_padded}, "
             f"{launch}{split}, {self.work_units} work units; backward {self.backward_block_q}x{self.backward_block_k}"
             + (f" with {self.backward_warps} warps, {self.backward_stages} stages" if self.target == "gpu" else "")
-            + ("" if self.backward_dq_separate else ", dQ fused (atomic adds)")
+            + ("" if self.backward_dq_separate else ", dQ fused (atomic adds)" if self.target == "gpu" else ", dQ in the key pass")
         )
 
     def describe(self) -> str:
