@@ -22,6 +22,11 @@ GPU (a thread block owns ``block_q`` query rows of one head and streams K/V bloc
         warps (Triton's default; the peers' tables use 4 or 8), 8, 2, 1, then more stages.
   * G8  when batch x heads x query blocks still cannot fill the device, split the key loop
         (flash-decoding) until it can, keeping >= 2 key blocks per split.
+  * G9  matrix-unit GPUs: a preferred tile measured on the H100 (`_preferred_tile`).
+  * G10 no matrix unit for the dtype (fp32 on NVIDIA, computed with IEEE FMAs): one tile product
+        costs block_q x block_k x d / threads FMAs per thread, which the compiler unrolls and holds
+        operand fragments for; above ``GPU_FMA_PER_THREAD`` the kernel spills and its compile time
+        explodes (H100, Triton 3.6: 2048 compiles in ~10 s, 8192 in ~60 s), so larger tiles are dropped.
 CPU (a task owns ``block_q`` query rows of one head; GEMMs on tiles go through BLAS)
   * C1  the working set -- Q tile, O accumulator, K and V tiles, the score tile -- in float32 must
         fit the core's L2, so every GEMM operand stays cache-resident (PyTorch's CPU kernel uses
@@ -59,6 +64,7 @@ GPU_SHORT_KV_TILE_BYTES = 8 * 1024  # G9: one K (or V) tile per stage on a short
 CPU_BLOCK_Q = (256, 128, 64, 32, 16)
 CPU_BLOCK_K = (512, 256, 128, 64, 32, 16)
 CPU_TASKS_PER_THREAD = 4  # C2
+GPU_FMA_PER_THREAD = 2048  # G10
 MIN_KEY_BLOCKS_PER_SPLIT = 2  # G8/C3: a split with one block does more merging than work
 
 
@@ -140,6 +146,8 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
                     continue
                 if registers(block_q, block_k, threads) > device.max_registers_per_thread:
                     continue
+                if unit is None and _fma_per_thread(block_q, block_k, head_dim, threads) > GPU_FMA_PER_THREAD:
+                    continue
                 fitting = [s for s in stage_options if sram(block_q, block_k, s) <= device.sram_per_block]
                 if not fitting:
                     continue
@@ -188,10 +196,13 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
     ]
     if why_tile:
         reasons.insert(-1, why_tile)
+    if unit is None:
+        reasons.insert(-1, f"G10 FMA tiles: {_fma_per_thread(block_q, block_k, head_dim, threads)} FMAs per thread per tile "
+                           f"product (at most {GPU_FMA_PER_THREAD})")
     if splits > 1:
         reasons.append(f"G8 key loop split {splits} ways so {work * splits} units fill {device.compute_units} compute units")
 
-    bwd = _plan_gpu_backward(spec, device, head_dim, e, stage_options)
+    bwd = _plan_gpu_backward(spec, device, head_dim, e, stage_options, fma=unit is None)
     return _finish(
         spec,
         device,
@@ -210,6 +221,11 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
         matrix_unit=f"{unit.name} {unit.m}x{unit.n}x{unit.k}" if unit else None,
         reasons=reasons + [bwd[-1]],
     )
+
+
+def _fma_per_thread(rows: int, cols: int, head_dim: int, threads: int) -> int:
+    """G10: the multiply-adds one thread unrolls for a rows x head_dim by head_dim x cols tile product."""
+    return rows * cols * head_dim // threads
 
 
 def _preferred_tile(spec, head_dim: int, e: int) -> tuple[int, int, str]:
@@ -231,10 +247,11 @@ def _preferred_tile(spec, head_dim: int, e: int) -> tuple[int, int, str]:
                          f"64 x {block_k} tiles ({GPU_SHORT_KV_TILE_BYTES // 1024} KiB of K/V per stage) preferred")
 
 
-def _plan_gpu_backward(spec, device: DeviceSpec, head_dim: int, e: int, stage_options) -> tuple:
+def _plan_gpu_backward(spec, device: DeviceSpec, head_dim: int, e: int, stage_options, fma: bool) -> tuple:
     """Backward blocks (B1-B3): a block owns ``block_k`` keys (dK, dV accumulate in registers) and
     streams query blocks of ``block_q``; the dQ pass mirrors it (owns ``block_k`` queries, streams
-    ``block_q`` keys). The G4/G5 checks apply with the dK, dV, S and dP accumulators.
+    ``block_q`` keys). The G4/G5 checks apply with the dK, dV, S and dP accumulators, and G10 when
+    ``fma`` (no matrix unit).
 
     * B1 owned keys: 64 first -- one warpgroup's MMA rows, and dK, dV for d <= 128 stay in registers
       over 4 warps; then 128, 32, 16.
@@ -257,6 +274,8 @@ def _plan_gpu_backward(spec, device: DeviceSpec, head_dim: int, e: int, stage_op
                 threads = warps * device.simd_width
                 regs = _blocks(2 * block_k * head_dim + 2 * block_q * block_k, threads) + GPU_REGISTER_OVERHEAD
                 if threads > device.max_threads_per_block or regs > device.max_registers_per_thread:
+                    continue
+                if fma and _fma_per_thread(block_q, block_k, head_dim, threads) > GPU_FMA_PER_THREAD:
                     continue
                 for stages in stage_order:
                     if sram(block_q, block_k, stages) <= device.sram_per_block:

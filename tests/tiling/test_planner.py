@@ -254,6 +254,19 @@ def test_h100_fp16_d256_fits_with_pipelining():
     assert p.sram_bytes <= device.sram_per_block and p.registers_per_thread <= device.max_registers_per_thread
 
 
+@pytest.mark.parametrize("head_dim", [16, 40, 64, 128, 256])
+@pytest.mark.parametrize("seqlen", [113, 4096])
+def test_h100_fp32_tiles_bound_the_fma_work_per_thread(head_dim, seqlen):
+    """G10: fp32 has no matrix unit on the H100; a 128x128 tile at d = 64 (8192 FMAs per thread)
+    took Triton a minute to compile, so both passes keep each tile product at <= 2048 per thread."""
+    spec = AttentionSpec(batch=1, heads=2, seqlen_q=seqlen, seqlen_k=seqlen, head_dim=head_dim, dtype="float32")
+    p = plan(spec, CATALOG["h100"])
+    d = p.head_dim_padded
+    assert p.block_q * p.block_k * d // (p.warps * 32) <= planner_mod.GPU_FMA_PER_THREAD
+    assert p.backward_block_q * p.backward_block_k * d // (p.backward_warps * 32) <= planner_mod.GPU_FMA_PER_THREAD
+    assert any(r.startswith("G10") for r in p.reasons)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_v100_has_one_stage(dtype):
     p = plan(AttentionSpec(batch=8, heads=16, seqlen_q=4096, seqlen_k=4096, head_dim=64, dtype=dtype), CATALOG["v100"])
