@@ -4,7 +4,7 @@
 ``backends()`` lists every backend and why it is or is not usable here.
 """
 
-from .api import attention, explain, plan, tune
+from .api import attention, attention_varlen, explain, plan, tune
 from .spec import AttentionSpec
 from .status import BackendStatus, available_backends, backends
 from .tiling import DeviceSpec, TilePlan
@@ -17,6 +17,7 @@ __all__ = [
     "DeviceSpec",
     "TilePlan",
     "attention",
+    "attention_varlen",
     "available_backends",
     "backends",
     "explain",

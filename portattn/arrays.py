@@ -123,6 +123,15 @@ def _to_cupy(result, dtype: str | None, device: str):
     return out if dtype is None or out.dtype.name == dtype else out.astype(dtype)
 
 
+def broadcast_view(x, shape: tuple[int, ...]):
+    """``x`` broadcast to ``shape`` as a view (strides 0 on the broadcast axes), never a copy."""
+    if isinstance(x, np.ndarray):
+        return np.broadcast_to(x, shape)
+    if is_cupy(x):
+        return _cupy().broadcast_to(x, shape)
+    return x.expand(*shape)
+
+
 def bhnd_view(x, layout: str):
     """``x`` seen as (B, H, N, D) whatever its layout: a transposed view, never a copy.
 

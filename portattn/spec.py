@@ -18,6 +18,30 @@ LAYOUTS = {
     "bnhd": "(batch, seqlen, heads, head_dim), as flash-attention",
 }
 DTYPES = tuple(DTYPE_BYTES)  # "float64", "float32", "float16", "bfloat16"
+ALIGNMENTS = {
+    "top-left": "query i sits at key position i (torch SDPA's is_causal)",
+    "bottom-right": "query i sits at key position i + Nk - Nq: the last query sees the last key (flash-attention, KV-cache decoding)",
+}
+MASK_KINDS = ("bool", "additive")
+DEFAULT_BLOCK_SIZE = (128, 128)  # block-sparse granularity when none is given (FlexAttention's default)
+DECODING_MAX_QUERIES = 16  # Nq up to this against a longer key set is a decoding call
+
+# Every feature a call may use beyond plain attention, with what it means; backends declare the
+# subset they run (``Capabilities.features``) and the capability table is generated from that.
+FEATURES = {
+    "gqa": "GQA/MQA: k, v with fewer heads than q (H_q a multiple of H_kv), never repeated in memory",
+    "bottom_right": "causal/window alignment 'bottom-right' (query i at key position i + Nk - Nq)",
+    "window": "sliding window (left, right) around each query's position; key blocks outside it are skipped",
+    "bool_mask": "attn_mask of booleans (True = attend), broadcast from (Nq, Nk) up to (B, H, Nq, Nk)",
+    "additive_mask": "attn_mask of floats added to the scores, broadcast from (Nq, Nk) up to (B, H, Nq, Nk)",
+    "alibi": "ALiBi: slopes (H,) or (B, H); -slope * |query position - key position| added in-kernel",
+    "softcap": "softcap: scores -> softcap * tanh(scores / softcap) (Gemma 2)",
+    "block_sparse": "block_mask over (block_q, block_k) blocks; empty blocks are never loaded",
+    "key_padding": "key_padding_mask (B, Nk), True = a real key, for padded batches",
+    "varlen": "packed sequences with cu_seqlens_q / cu_seqlens_k (flash-attention's varlen convention)",
+    "decoding": "Nq of 1-16 against a long key set, the key loop split across work units and merged by LSE",
+    "dropout": "dropout on the attention weights with an explicit seed, the same mask in the backward",
+}
 
 
 def default_dtype(device_kind: str) -> str:
@@ -45,9 +69,52 @@ class AttentionSpec:
     device: str = "cpu"  # where the arrays live: "cpu", "cuda:0", ...
     array_kind: str = "numpy"  # "numpy" or "torch"
     requires_grad: bool = False
+    # features (FEATURES); the arrays they need travel beside the spec in ``Extras``
+    kv_heads: int | None = None  # None: as many as ``heads``; fewer: GQA/MQA
+    align: str = "top-left"  # where queries sit among the keys, for causal, window and ALiBi (ALIGNMENTS)
+    window: tuple[int | None, int | None] | None = None  # (left, right) keys around a query's position; None: unbounded
+    mask: str | None = None  # attn_mask kind: "bool" or "additive" (MASK_KINDS)
+    alibi: bool = False
+    softcap: float | None = None
+    block_size: tuple[int, int] | None = None  # block-sparse: the (queries, keys) granularity of block_mask
+    key_padding: bool = False
+    varlen: bool = False  # batch = number of packed sequences; seqlen_q/k = the longest of them
+    dropout_p: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.kv_heads is None:
+            object.__setattr__(self, "kv_heads", self.heads)
         check_options(self)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per K/V head (1 without GQA): query head h reads K/V head h // group_size."""
+        return self.heads // self.kv_heads
+
+    def query_offset(self, seqlen_q: int | None = None, seqlen_k: int | None = None) -> int:
+        """Key position of query 0: 0 top-left, Nk - Nq bottom-right (per sequence when varlen)."""
+        nq = self.seqlen_q if seqlen_q is None else seqlen_q
+        nk = self.seqlen_k if seqlen_k is None else seqlen_k
+        return nk - nq if self.align == "bottom-right" else 0
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The FEATURES this call uses."""
+        used = {
+            "gqa": self.kv_heads != self.heads,
+            "bottom_right": self.align == "bottom-right" and (self.causal or self.window is not None or self.alibi),
+            "window": self.window is not None,
+            "bool_mask": self.mask == "bool",
+            "additive_mask": self.mask == "additive",
+            "alibi": self.alibi,
+            "softcap": self.softcap is not None,
+            "block_sparse": self.block_size is not None,
+            "key_padding": self.key_padding,
+            "varlen": self.varlen,
+            "decoding": self.seqlen_q <= DECODING_MAX_QUERIES < self.seqlen_k,
+            "dropout": self.dropout_p > 0.0,
+        }
+        return frozenset(name for name, on in used.items() if on)
 
     @property
     def softmax_scale(self) -> float:
@@ -75,7 +142,9 @@ class AttentionSpec:
         short = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[self.dtype]
         mask = "causal" if self.causal else "full"
         n = f"{self.seqlen_q}" if self.seqlen_q == self.seqlen_k else f"{self.seqlen_q}q{self.seqlen_k}k"
-        return f"{short}-{mask}-{self.batch}x{self.heads}x{n}x{self.head_dim}"
+        heads = f"{self.heads}" if self.kv_heads == self.heads else f"{self.heads}/{self.kv_heads}"
+        extra = "".join(f"+{name}" for name in sorted(self.features - {"gqa", "decoding"}))
+        return f"{short}-{mask}-{self.batch}x{heads}x{n}x{self.head_dim}{extra}"
 
 
 def check_options(spec: AttentionSpec) -> None:
@@ -96,11 +165,45 @@ def check_options(spec: AttentionSpec) -> None:
     if spec.scale is not None:
         if isinstance(spec.scale, bool) or not isinstance(spec.scale, (int, float)) or not math.isfinite(spec.scale):
             raise ValueError(f"scale must be a finite number or None (for 1/sqrt(head_dim)), got {spec.scale!r}")
+    _check_features(spec)
 
 
-def spec_from_arrays(q, k, v, *, causal: bool = False, scale: float | None = None, layout: str = "bhnd") -> AttentionSpec:
+def _check_features(spec: AttentionSpec) -> None:
+    if not isinstance(spec.kv_heads, int) or spec.kv_heads < 1 or spec.heads % spec.kv_heads:
+        raise ValueError(f"k and v have {spec.kv_heads} heads and q has {spec.heads}: the query heads must be a "
+                         "multiple of the key/value heads (GQA/MQA), e.g. 8 query heads over 8, 4, 2 or 1 K/V heads")
+    if spec.align not in ALIGNMENTS:
+        known = "; ".join(f"{name!r}: {meaning}" for name, meaning in ALIGNMENTS.items())
+        raise ValueError(f"unknown causal alignment {spec.align!r}; use {known}")
+    if spec.window is not None:
+        ok = isinstance(spec.window, tuple) and len(spec.window) == 2 and all(
+            side is None or (isinstance(side, int) and not isinstance(side, bool) and side >= 0) for side in spec.window)
+        if not ok:
+            raise ValueError(f"window must be (left, right) with non-negative ints or None (unbounded) on each side, "
+                             f"e.g. (256, 0); got {spec.window!r}")
+    if spec.mask is not None and spec.mask not in MASK_KINDS:
+        raise ValueError(f"unknown mask kind {spec.mask!r}; use one of {MASK_KINDS}")
+    if spec.softcap is not None:
+        if isinstance(spec.softcap, bool) or not isinstance(spec.softcap, (int, float)) or not spec.softcap > 0 \
+                or not math.isfinite(spec.softcap):
+            raise ValueError(f"softcap must be a positive finite number (e.g. 50.0) or None, got {spec.softcap!r}")
+    if spec.block_size is not None:
+        ok = isinstance(spec.block_size, tuple) and len(spec.block_size) == 2 and all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 16 and b & (b - 1) == 0 for b in spec.block_size)
+        if not ok:
+            raise ValueError(f"block_size must be (queries, keys), powers of two >= 16, e.g. (128, 128); got {spec.block_size!r}")
+    if isinstance(spec.dropout_p, bool) or not isinstance(spec.dropout_p, (int, float)) or not 0.0 <= spec.dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a probability in [0, 1), got {spec.dropout_p!r}")
+
+
+def spec_from_arrays(q, k, v, *, causal: bool = False, scale: float | None = None, layout: str = "bhnd",
+                     align: str = "top-left", window=None, attn_mask=None, alibi_slopes=None, softcap=None,
+                     block_mask=None, block_size=None, key_padding_mask=None, dropout_p: float = 0.0,
+                     **unused) -> AttentionSpec:
     """Validate ``q``, ``k``, ``v`` and the options together; return the spec of the call.
 
+    The feature arrays are only looked at for their kind, device and dtype here (a bool
+    ``attn_mask`` masks, a float one is added); ``extras.from_arguments`` checks their shapes.
     Raises ``TypeError`` for unsupported array types or dtypes and ``ValueError`` for everything
     else, each naming the argument and what would work.
     """
@@ -122,16 +225,35 @@ def spec_from_arrays(q, k, v, *, causal: bool = False, scale: float | None = Non
     kb, kh, seqlen_k, kd = _bhnd(infos["k"].shape, layout)
     vb, vh, vn, vd = _bhnd(infos["v"].shape, layout)
     axis = {"bhnd": "(B, H, N, D)", "bnhd": "(B, N, H, D)"}[layout]
-    for what, qs, ks, vs in (("batch size B", batch, kb, vb), ("head count H", heads, kh, vh), ("head dim D", head_dim, kd, vd)):
+    for what, qs, ks, vs in (("batch size B", batch, kb, vb), ("head dim D", head_dim, kd, vd)):
         if not qs == ks == vs:
             raise ValueError(f"q, k and v must share the {what} in layout {layout!r} {axis}: got {qs}, {ks}, {vs}")
+    if kh != vh:
+        raise ValueError(f"k and v must have the same number of heads in layout {layout!r} {axis}: got {kh} and {vh}")
     if vn != seqlen_k:
         raise ValueError(f"k and v must have the same sequence length: k has {seqlen_k} keys, v has {vn} values")
-    if batch == 0 or heads == 0 or head_dim == 0:
+    if batch == 0 or heads == 0 or head_dim == 0 or kh == 0:
         raise ValueError(f"q has an empty batch, head or head_dim axis (shape {infos['q'].shape}); B, H and D must be >= 1")
     dtype = infos["q"].dtype
     if dtype not in DTYPES:
         raise TypeError(f"q, k, v have dtype {dtype}; portattn takes {', '.join(DTYPES)}")
+    mask_kind = None
+    if attn_mask is not None:
+        info = _companion(arrays, "attn_mask", attn_mask, infos["q"])
+        if info.dtype == "bool":
+            mask_kind = "bool"
+        elif info.dtype in DTYPES:
+            mask_kind = "additive"
+        else:
+            raise TypeError(f"attn_mask has dtype {info.dtype}; give bool (True = attend) or a float dtype (added to the scores)")
+    for name, x, wanted in (("alibi_slopes", alibi_slopes, "float"), ("key_padding_mask", key_padding_mask, "bool"),
+                            ("block_mask", block_mask, "bool")):
+        if x is not None:
+            info = _companion(arrays, name, x, infos["q"])
+            if (wanted == "bool") != (info.dtype == "bool") or (wanted == "float" and info.dtype not in DTYPES):
+                raise TypeError(f"{name} must be a {wanted} array, got dtype {info.dtype}")
+    if block_size is not None and block_mask is None:
+        raise ValueError("block_size was given without block_mask; pass block_mask (True = compute the block)")
     return AttentionSpec(
         batch=batch,
         heads=heads,
@@ -145,7 +267,49 @@ def spec_from_arrays(q, k, v, *, causal: bool = False, scale: float | None = Non
         device=infos["q"].device,
         array_kind=infos["q"].kind,
         requires_grad=any(info.requires_grad for info in infos.values()),
+        kv_heads=kh,
+        align=align,
+        window=_as_window(window),
+        mask=mask_kind,
+        alibi=alibi_slopes is not None,
+        softcap=None if softcap is None else _as_number("softcap", softcap),
+        block_size=None if block_mask is None else _as_block_size(block_size),
+        key_padding=key_padding_mask is not None,
+        dropout_p=_as_number("dropout_p", dropout_p),
     )
+
+
+def _companion(arrays, name: str, x, q_info):
+    """A feature array must be the same kind of array as q, on q's device."""
+    info = arrays.describe(x, name)
+    if info.kind != q_info.kind or info.device != q_info.device:
+        raise ValueError(f"{name} is a {info.kind} array on {info.device} but q is a {q_info.kind} array on "
+                         f"{q_info.device}; pass it as the same kind of array on the same device")
+    return info
+
+
+def _as_window(window):
+    """(left, right) with None or -1 (flash-attention's convention) for an unbounded side."""
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be (left, right), e.g. (256, 0); got {window!r}")
+    return tuple(None if side is None or (isinstance(side, int) and not isinstance(side, bool) and side == -1) else side
+                 for side in window)
+
+
+def _as_block_size(block_size):
+    if block_size is None:
+        return DEFAULT_BLOCK_SIZE
+    if isinstance(block_size, int) and not isinstance(block_size, bool):
+        return (block_size, block_size)
+    return tuple(block_size) if isinstance(block_size, (tuple, list)) else block_size
+
+
+def _as_number(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 def _as_scale(scale) -> float:

@@ -22,6 +22,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from .extras import NONE, Extras
 from .tiling import TilePlan
 from .tiling.planner import next_power_of_two
 
@@ -87,20 +88,20 @@ def _try(fn, plan: TilePlan, device: str) -> Trial:
         return Trial(plan, None, text[0] if text else type(error).__name__)
 
 
-def sweep_forward(call, q, k, v, space: dict = FORWARD_SPACE) -> list[Trial]:
+def sweep_forward(call, q, k, v, space: dict = FORWARD_SPACE, extras: Extras = NONE) -> list[Trial]:
     """Forward time of the plan and of every configuration in ``space``, on these arrays."""
     spec = call.spec
     plans = [p for p in candidates(call.plan, space) if p is call.plan or _fits_problem(p, spec.seqlen_q, spec.seqlen_k)]
-    return [_try(lambda p=p: dataclasses.replace(call, plan=p).forward(q, k, v), p, spec.device) for p in plans]
+    return [_try(lambda p=p: dataclasses.replace(call, plan=p).forward(q, k, v, extras), p, spec.device) for p in plans]
 
 
-def sweep_backward(call, q, k, v, grad_out, space: dict = BACKWARD_SPACE) -> list[Trial]:
+def sweep_backward(call, q, k, v, grad_out, space: dict = BACKWARD_SPACE, extras: Extras = NONE) -> list[Trial]:
     """Backward-kernel time (forward done once, outside the timing) of the plan and of ``space``."""
-    out, lse = call.forward(q, k, v)
+    out, lse = call.forward(q, k, v, extras)
     trials = []
     for p in candidates(call.plan, space):
         step = dataclasses.replace(call, plan=p)
-        trials.append(_try(lambda step=step: step.backward(grad_out, q, k, v, out, lse), p, call.spec.device))
+        trials.append(_try(lambda step=step: step.backward(grad_out, q, k, v, out, lse, extras), p, call.spec.device))
     return trials
 
 
@@ -162,25 +163,25 @@ def _remember(call, plan: TilePlan, save: bool) -> None:
             pass  # a read-only home: the winner is still kept for this process
 
 
-def tune_call(call, q, k, v, *, backward: bool = False, save: bool = True):
+def tune_call(call, q, k, v, extras: Extras = NONE, *, backward: bool = False, save: bool = True):
     """``call`` with its plan replaced by the fastest forward (and, with ``backward``, backward) configuration."""
     import numpy as np
 
-    winner = best(sweep_forward(call, q, k, v)).plan
+    winner = best(sweep_forward(call, q, k, v, extras=extras)).plan
     if backward:
         grad_out = _like(q, np.random.default_rng(0))
         call = dataclasses.replace(call, plan=winner)
-        winner = best(sweep_backward(call, q, k, v, grad_out)).plan
+        winner = best(sweep_backward(call, q, k, v, grad_out, extras=extras)).plan
     _remember(call, winner, save)
     return dataclasses.replace(call, plan=winner)
 
 
-def tuned_call(call, q, k, v):
+def tuned_call(call, q, k, v, extras: Extras = NONE):
     """``call`` with a remembered tuned plan, tuning now (and remembering) when there is none."""
     plan = remembered(call)
     if plan is not None:
         return dataclasses.replace(call, plan=plan)
-    return tune_call(call, q, k, v, backward=call.spec.requires_grad)
+    return tune_call(call, q, k, v, extras, backward=call.spec.requires_grad)
 
 
 def _like(x, rng):

@@ -8,11 +8,13 @@ not decided here but by each backend's ``auto_priority`` and the dispatcher.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
+from ..spec import FEATURES
 from ..tiling import DeviceSpec, TilePlan
 from ..tiling import plan as make_plan
 
@@ -24,6 +26,8 @@ class Capabilities:
     min_head_dim: int = 1
     max_head_dim: int = 256
     backward: bool = True
+    features: frozenset[str] = frozenset()  # the spec.FEATURES it runs (forward and, if ``backward``, backward)
+    feature_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)  # feature -> how, or why not
     notes: tuple[str, ...] = ()  # e.g. "fp16/bf16 inputs are computed in fp32"
 
 
@@ -65,6 +69,9 @@ class Backend(ABC):
             reasons.append(f"head dim {spec.head_dim} is outside {self.name}'s range {caps.min_head_dim}..{caps.max_head_dim}")
         if spec.requires_grad and not caps.backward:
             reasons.append(f"inputs require grad but {self.name} has no backward pass")
+        for feature in sorted(spec.features - caps.features):
+            why = caps.feature_notes.get(feature, "not implemented")
+            reasons.append(f"{self.name} does not support {feature} ({FEATURES[feature].split(':')[0]}): {why}")
         return reasons + self._extra_reasons(spec)
 
     def _extra_reasons(self, spec) -> list[str]:
@@ -79,10 +86,18 @@ class Backend(ABC):
         return make_plan(spec, device or self.device(spec))
 
     @abstractmethod
-    def forward(self, q, k, v, spec, plan: TilePlan):
-        """``(out, lse)`` for (B, H, N, D) arrays of ``compute_kind``; lse is (B, H, Nq), natural log,
-        at least float32 (float64 where the backend computes in float64)."""
+    def forward(self, q, k, v, spec, plan: TilePlan, extras):
+        """``(out, lse)`` for (B, H, N, D) arrays of ``compute_kind`` (k, v with ``spec.kv_heads``
+        heads) and the call's ``Extras`` in that kind (``portattn/extras.py`` has the semantics);
+        lse is (B, H, Nq), natural log, at least float32 (float64 where the backend computes in
+        float64). Varlen: q, k, v are (1, H, total, D) and so are out and lse's (1, H, total_q)."""
 
     @abstractmethod
-    def backward(self, grad_out, q, k, v, out, lse, spec, plan: TilePlan):
-        """``(dq, dk, dv)`` for (B, H, N, D) arrays of ``compute_kind``."""
+    def backward(self, grad_out, q, k, v, out, lse, spec, plan: TilePlan, extras):
+        """``(dq, dk, dv)`` shaped as q, k, v, for arrays of ``compute_kind``."""
+
+    def dropout_keep(self, spec, extras):
+        """The (B, H, Nq, Nk) bool numpy mask of the weights this backend keeps for ``spec.dropout_p``
+        and ``extras.dropout_seed`` (varlen: indexed by each sequence's own rows and keys) --
+        materialized from the same counter-based generator its kernels use, for tests and debugging."""
+        raise NotImplementedError(f"{self.name} has no dropout")

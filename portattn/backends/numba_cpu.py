@@ -89,7 +89,7 @@ class NumbaBackend(Backend):
     def device(self, spec):
         return probe.probe_cpu()
 
-    def forward(self, q, k, v, spec, plan):
+    def forward(self, q, k, v, spec, plan, extras):
         dtype = _compute_dtype(spec)
         q, k, v = (np.ascontiguousarray(x, dtype=dtype) for x in (q, k, v))
         out = np.empty_like(q)
@@ -98,7 +98,7 @@ class NumbaBackend(Backend):
             _kernels().forward(_scaled(q, spec), k, v, out, lse, spec.causal, plan.block_q, plan.block_k, plan.key_splits)
         return out, lse
 
-    def backward(self, grad_out, q, k, v, out, lse, spec, plan):
+    def backward(self, grad_out, q, k, v, out, lse, spec, plan, extras):
         dtype = _compute_dtype(spec)
         grad_out, q, k, v, out = (np.ascontiguousarray(x, dtype=dtype) for x in (grad_out, q, k, v, out))
         lse = np.ascontiguousarray(lse, dtype=dtype)

@@ -135,7 +135,7 @@ class TritonBackend(Backend):
         index = int(spec.device.split(":", 1)[1]) if ":" in spec.device else 0
         return probe.probe_cuda(index)
 
-    def forward(self, q, k, v, spec, plan):
+    def forward(self, q, k, v, spec, plan, extras):
         import torch
 
         kernels = _kernels()
@@ -166,7 +166,7 @@ class TritonBackend(Backend):
             _merge_splits(part_out, part_lse, out, lse)
         return out, lse
 
-    def backward(self, grad_out, q, k, v, out, lse, spec, plan):
+    def backward(self, grad_out, q, k, v, out, lse, spec, plan, extras):
         import torch
 
         kernels = _kernels()

@@ -37,7 +37,8 @@ QKV = ((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16))
         (((2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), r"q must be 4-D .*got shape \(2, 8, 16\) \(3-D\)"),
         (((1, 2, 8, 16), (1, 2, 8, 16, 1), (1, 2, 8, 16)), r"k must be 4-D"),
         (((1, 2, 8, 16), (2, 2, 8, 16), (2, 2, 8, 16)), r"batch size B .*got 1, 2, 2"),
-        (((1, 2, 8, 16), (1, 3, 8, 16), (1, 3, 8, 16)), r"head count H .*got 2, 3, 3"),
+        (((1, 2, 8, 16), (1, 3, 8, 16), (1, 3, 8, 16)), r"k and v have 3 heads and q has 2: the query heads must be a multiple"),
+        (((1, 4, 8, 16), (1, 2, 8, 16), (1, 1, 8, 16)), r"k and v must have the same number of heads .*got 2 and 1"),
         (((1, 2, 8, 16), (1, 2, 8, 32), (1, 2, 8, 16)), r"head dim D .*got 16, 32, 16"),
         (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 9, 16)), r"k has 8 keys, v has 9 values"),
         (((0, 2, 8, 16), (0, 2, 8, 16), (0, 2, 8, 16)), r"B, H and D must be >= 1"),
@@ -49,8 +50,8 @@ def test_shape_errors_name_the_argument(shapes, message):
 
 
 def test_layout_is_part_of_the_shape_message():
-    q, k, v = arrays((1, 8, 2, 16), (1, 9, 3, 16), (1, 9, 3, 16))
-    with pytest.raises(ValueError, match=r"head count H in layout 'bnhd' \(B, N, H, D\): got 2, 3, 3"):
+    q, k, v = arrays((1, 8, 2, 16), (1, 9, 2, 32), (1, 9, 2, 32))
+    with pytest.raises(ValueError, match=r"head dim D in layout 'bnhd' \(B, N, H, D\): got 16, 32, 32"):
         portattn.attention(q, k, v, layout="bnhd")
 
 

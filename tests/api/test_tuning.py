@@ -35,8 +35,8 @@ def triton_backend():
 def small_spaces(monkeypatch, tmp_path):
     monkeypatch.setattr(tuning, "FORWARD_SPACE", SMALL_FORWARD)
     monkeypatch.setattr(tuning, "BACKWARD_SPACE", SMALL_BACKWARD)
-    monkeypatch.setattr(tuning.sweep_forward, "__defaults__", (SMALL_FORWARD,))
-    monkeypatch.setattr(tuning.sweep_backward, "__defaults__", (SMALL_BACKWARD,))
+    monkeypatch.setattr(tuning.sweep_forward, "__defaults__", (SMALL_FORWARD, tuning.NONE))
+    monkeypatch.setattr(tuning.sweep_backward, "__defaults__", (SMALL_BACKWARD, tuning.NONE))
     monkeypatch.setenv("PORTATTN_TUNE_CACHE", str(tmp_path / "tuned.json"))
     monkeypatch.setattr(tuning, "_MEMORY", {})
     return tmp_path / "tuned.json"
@@ -92,8 +92,8 @@ def test_failed_configurations_are_recorded_not_raised(triton_backend, small_spa
 def test_repeated_calls_reuse_the_validated_call_but_not_across_shapes(monkeypatch):
     api._PREPARED.clear()
     seen = []
-    real = api.prepare
-    monkeypatch.setattr(api, "prepare", lambda *a, **kw: seen.append(a[0].shape) or real(*a, **kw))
+    real = api._prepare
+    monkeypatch.setattr(api, "_prepare", lambda *a, **kw: seen.append(a[0].shape) or real(*a, **kw))
     q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
     first = portattn.attention(q, k, v, backend="numba")
     again = portattn.attention(q, k, v, backend="numba")
