@@ -27,6 +27,9 @@ GPU (a thread block owns ``block_q`` query rows of one head and streams K/V bloc
         costs block_q x block_k x d / threads FMAs per thread, which the compiler unrolls and holds
         operand fragments for; above ``GPU_FMA_PER_THREAD`` the kernel spills and its compile time
         explodes (H100, Triton 3.6: 2048 compiles in ~10 s, 8192 in ~60 s), so larger tiles are dropped.
+  * S1  block-sparse calls (``spec.block_size`` = (bq, bk)): tiles never straddle two sparse blocks,
+        so block_q <= bq and block_k <= bk (powers of two, so they divide); the backward's tiles,
+        whose dQ pass swaps the roles of queries and keys, stay <= min(bq, bk).
 CPU (a task owns ``block_q`` query rows of one head; GEMMs on tiles go through BLAS)
   * C1  the working set -- Q tile, O accumulator, K and V tiles, the score tile -- in float32 must
         fit the core's L2, so every GEMM operand stays cache-resident (PyTorch's CPU kernel uses
@@ -95,6 +98,11 @@ def _fit_to_problem(sizes: tuple[int, ...], length: int, smallest: int) -> tuple
     return kept or (min(sizes),)
 
 
+def _sparse_caps(spec) -> tuple[int, int]:
+    """S1: the largest block_q and block_k a block-sparse call allows (no limit otherwise)."""
+    return spec.block_size if spec.block_size is not None else (1 << 30, 1 << 30)
+
+
 def _key_splits(work_units: int, target: int, key_blocks: int) -> int:
     """G8/C3: split the key loop when the parallel work is fewer than ``target`` units."""
     if work_units == 0 or work_units >= target:  # no queries: nothing to split
@@ -133,12 +141,13 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
 
     preferred_q, preferred_k, why_tile = _preferred_tile(spec, head_dim, e) if unit else (None, None, "")
 
+    cap_q, cap_k = _sparse_caps(spec)
     candidates = []
     for block_q in _fit_to_problem(GPU_BLOCK_Q, spec.seqlen_q, rows_per_warp):
-        if block_q % rows_per_warp:
+        if block_q % rows_per_warp or block_q > cap_q:
             continue
         for block_k in _fit_to_problem(GPU_BLOCK_K, spec.seqlen_k, 16):
-            if block_k % k_multiple:
+            if block_k % k_multiple or block_k > cap_k:
                 continue
             for warps in GPU_WARPS:
                 threads = warps * device.simd_width
@@ -268,8 +277,11 @@ def _plan_gpu_backward(spec, device: DeviceSpec, head_dim: int, e: int, stage_op
         return 2 * block_k * head_dim * e + stages * 2 * block_q * head_dim * e
 
     block_q_order = (32, 64, 16) if small_head else (64, 32, 16)
+    cap = min(_sparse_caps(spec))
     for block_k in _fit_to_problem(GPU_BACKWARD_BLOCK_K, spec.seqlen_k, 16):
         for block_q in _fit_to_problem(block_q_order, spec.seqlen_q, 16):
+            if max(block_q, block_k) > cap:
+                continue
             for warps in GPU_WARPS:
                 threads = warps * device.simd_width
                 regs = _blocks(2 * block_k * head_dim + 2 * block_q * block_k, threads) + GPU_REGISTER_OVERHEAD
@@ -300,10 +312,11 @@ def _plan_cpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
     def working_set(block_q: int, block_k: int) -> int:  # C1
         return f32 * (2 * block_q * head_dim + 2 * block_k * head_dim + block_q * block_k)
 
+    cap_q, cap_k = _sparse_caps(spec)
     candidates = []
     for block_q in _fit_to_problem(CPU_BLOCK_Q, spec.seqlen_q, 16):
         for block_k in _fit_to_problem(CPU_BLOCK_K, spec.seqlen_k, 16):
-            if working_set(block_q, block_k) > cache:
+            if working_set(block_q, block_k) > cache or block_q > cap_q or block_k > cap_k:
                 continue
             work = batch_heads * _blocks(spec.seqlen_q, block_q)
             rank = (work >= CPU_TASKS_PER_THREAD * threads, block_q, block_k)  # C2
