@@ -71,33 +71,6 @@ def _print_default_plans(devices, registry) -> None:
         print("  none: no usable backend is ranked for a device found here")
 
 
-def _feature_rows(registry) -> list[tuple[str, ...]]:
-    rows = [("backend", "devices", "dtypes", "head dims", "backward", "auto on", "notes")]
-    for name, backend in registry.items():
-        caps = backend.capabilities
-        auto = ", ".join(f"{kind} ({rank})" for kind, rank in sorted(backend.auto_priority.items())) or "never"
-        rows.append(
-            (
-                name,
-                ", ".join(sorted(caps.device_kinds)),
-                ", ".join(d for d in DTYPES if d in caps.dtypes),
-                f"{caps.min_head_dim}..{caps.max_head_dim}",
-                "yes" if caps.backward else "no",
-                auto,
-                "; ".join(caps.notes),
-            )
-        )
-    return rows
-
-
-def _print_features(registry) -> None:
-    rows = _feature_rows(registry)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    print("capabilities:")
-    for row in rows:
-        print("  " + "  ".join([c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]).rstrip())
-
-
 def cmd_info(args) -> int:
     from . import __version__
     from .backends import registry
@@ -110,7 +83,9 @@ def cmd_info(args) -> int:
     _print_backends(backends())
     _print_default_plans(devices, registry())
     if args.features:
-        _print_features(registry())
+        from .capabilities import text
+
+        print(text())
     return 0
 
 

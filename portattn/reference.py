@@ -47,19 +47,19 @@ def visible_keys(spec, extras: Extras, seqlen_q: int, seqlen_k: int) -> np.ndarr
     return visible
 
 
-def _scores(q, k, spec, extras: Extras, scale: float):
+def scores(q, k, spec, extras: Extras, scale: float):
     """(raw, scores): raw = scale * q k^T; scores after softcap, ALiBi, the additive mask and -inf
     for every key that is not visible."""
     seqlen_q, seqlen_k = q.shape[2], k.shape[2]
     raw = np.einsum("bhqd,bhkd->bhqk", q, k) * scale
-    scores = spec.softcap * np.tanh(raw / spec.softcap) if spec.softcap is not None else raw
+    s = spec.softcap * np.tanh(raw / spec.softcap) if spec.softcap is not None else raw
     if spec.alibi:
         position = np.arange(seqlen_q)[:, None] + spec.query_offset(seqlen_q, seqlen_k)
         distance = np.abs(position - np.arange(seqlen_k)[None, :])
-        scores = scores - np.asarray(extras.alibi_slopes, np.float64)[:, :, None, None] * distance
+        s = s - np.asarray(extras.alibi_slopes, np.float64)[:, :, None, None] * distance
     if spec.mask == "additive":
-        scores = scores + np.asarray(extras.attn_mask, np.float64)
-    return raw, np.where(visible_keys(spec, extras, seqlen_q, seqlen_k), scores, -np.inf)
+        s = s + np.asarray(extras.attn_mask, np.float64)
+    return raw, np.where(visible_keys(spec, extras, seqlen_q, seqlen_k), s, -np.inf)
 
 
 def _softmax(scores):
@@ -106,8 +106,8 @@ def attention_forward(q, k, v, *, scale: float, causal: bool = False, spec=None,
                                lambda s, e, kp, *xs: attention_forward(*xs, scale=scale, spec=s, extras=e, keep=kp))
         return np.concatenate([o for o, _ in pieces], axis=2), np.concatenate([lse for _, lse in pieces], axis=2)
     k, v = (np.repeat(x, spec.group_size, axis=1) for x in (k, v))
-    _, scores = _scores(q, k, spec, extras, scale)
-    probs, lse = _softmax(scores)
+    _, s = scores(q, k, spec, extras, scale)
+    probs, lse = _softmax(s)
     if spec.dropout_p > 0:
         probs = probs * np.asarray(keep, bool) / (1.0 - spec.dropout_p)
     return np.einsum("bhqk,bhkd->bhqd", probs, v), lse
@@ -124,8 +124,8 @@ def attention_backward(do, q, k, v, *, scale: float, causal: bool = False, spec=
         return tuple(np.concatenate([p[i] for p in pieces], axis=2) for i in range(3))
     group = spec.group_size
     k, v = (np.repeat(x, group, axis=1) for x in (k, v))
-    raw, scores = _scores(q, k, spec, extras, scale)
-    probs, _ = _softmax(scores)
+    raw, s = scores(q, k, spec, extras, scale)
+    probs, _ = _softmax(s)
     dropped = probs * np.asarray(keep, bool) / (1.0 - spec.dropout_p) if spec.dropout_p > 0 else probs
     out = np.einsum("bhqk,bhkd->bhqd", dropped, v)
     dv = np.einsum("bhqk,bhqd->bhkd", dropped, do)

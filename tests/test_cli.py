@@ -21,8 +21,8 @@ def test_info_names_the_cpu_and_numba(capsys):
 def test_info_features_prints_a_capability_table(capsys):
     assert main(["info", "--features"]) == 0
     out = capsys.readouterr().out
-    assert "capabilities:" in out
-    assert "head dims" in out
+    assert "capabilities:" in out and "head dims" in out
+    assert "features:" in out and "block_sparse" in out and "dropout" in out
 
 
 def test_plan_for_a_catalog_device_shows_block_sizes(capsys):

@@ -57,6 +57,11 @@ class Backend(ABC):
         """Subclasses: import what they need and report what is missing. Called once."""
         return []
 
+    def declared_capabilities(self) -> Capabilities:
+        """What the backend does on its target hardware, for the capability table (a backend that can
+        also run under an emulator, as Triton's interpreter, reports its real target here)."""
+        return self.capabilities
+
     def not_supported_reasons(self, spec) -> list[str]:
         """Every reason this backend cannot run ``spec`` (``AttentionSpec``); empty when it can."""
         caps = self.capabilities

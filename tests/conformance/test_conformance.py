@@ -14,25 +14,15 @@ import pytest
 
 import portattn
 from portattn import reference
-from portattn.backends import registry
 from portattn.spec import spec_from_arrays
 
 from .cases import CASES, Case
+from .checks import amax as _amax
+from .checks import as64 as _as64
+from .checks import check_close, check_lse, device_for
 from .tolerances import BOUNDS, conditioning
 
 torch = pytest.importorskip("torch", reason="the conformance suite builds its inputs and checks autograd with torch")
-
-
-@pytest.fixture(params=list(registry()))
-def backend(request):
-    candidate = registry()[request.param]
-    if not candidate.usable:
-        pytest.skip(f"{candidate.name} is not usable here: " + "; ".join(candidate.unavailable_reasons()))
-    return candidate
-
-
-def _device_for(backend) -> str:
-    return "cuda" if "cuda" in backend.capabilities.device_kinds else "cpu"
 
 
 def make_inputs(case: Case, device: str, requires_grad: bool):
@@ -52,42 +42,10 @@ def make_inputs(case: Case, device: str, requires_grad: bool):
     return q, k, v, grad_out
 
 
-def _as64(x) -> np.ndarray:
-    return x.detach().to("cpu", torch.float64).numpy()
-
-
 def _max_abs_score(q, k, scale: float) -> float:
     if q.shape[2] == 0 or k.shape[2] == 0:
         return 0.0
     return float(np.abs(np.einsum("bhqd,bhkd->bhqk", _as64(q), _as64(k))).max() * scale)
-
-
-def _amax(x) -> float:
-    x = x if isinstance(x, np.ndarray) else _as64(x)
-    return float(np.abs(x).max()) if x.size else 0.0
-
-
-def check_close(name: str, got, want: np.ndarray, bound: float, magnitude: float = 0.0) -> None:
-    """Normwise relative error against max(|want|, ``magnitude``): a gradient that is truly zero
-    (one visible key; a one-hot softmax) is judged against the size of the terms it sums."""
-    got = _as64(got)
-    assert got.shape == want.shape, f"{name}: shape {got.shape}, expected {want.shape}"
-    assert not np.isnan(got).any(), f"{name}: NaN in the result"
-    if want.size == 0:
-        return
-    scale = max(_amax(want), magnitude, 1e-30)
-    error = float(np.abs(got - want).max()) / scale
-    assert error <= bound, f"{name}: normwise relative error {error:.3g} exceeds the bound {bound:.3g}"
-
-
-def check_lse(got, want: np.ndarray, bound: float) -> None:
-    got = _as64(got)
-    assert got.dtype == np.float64 and got.shape == want.shape
-    empty = np.isneginf(want)
-    assert np.array_equal(np.isneginf(got), empty), "LSE must be -inf exactly for rows that see no key"
-    if (~empty).any():
-        error = float((np.abs(got - want)[~empty] / np.maximum(1.0, np.abs(want[~empty]))).max())
-        assert error <= bound, f"lse: relative error {error:.3g} exceeds the bound {bound:.3g}"
 
 
 def _refused(backend, case, q, k, v) -> bool:
@@ -104,7 +62,7 @@ def _refused(backend, case, q, k, v) -> bool:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_forward(backend, case: Case):
-    q, k, v, _ = make_inputs(case, _device_for(backend), requires_grad=False)
+    q, k, v, _ = make_inputs(case, device_for(backend), requires_grad=False)
     if _refused(backend, case, q, k, v):
         return
     out, lse = portattn.attention(q, k, v, causal=case.causal, backend=backend.name, return_lse=True)
@@ -119,7 +77,7 @@ def test_forward(backend, case: Case):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_backward(backend, case: Case):
-    q, k, v, grad_out = make_inputs(case, _device_for(backend), requires_grad=True)
+    q, k, v, grad_out = make_inputs(case, device_for(backend), requires_grad=True)
     if _refused(backend, case, q, k, v):
         return
     out = portattn.attention(q, k, v, causal=case.causal, backend=backend.name)
