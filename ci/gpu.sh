@@ -21,4 +21,6 @@ python3 -m pytest -q -p no:cacheprovider $workers --junitxml="$out/conformance-$
 # the flash-attention grid: the plan against the swept configurations, then triton against the peers
 python3 benchmarks/flash_grid.py sweep --json "$out/flash-grid-sweep-$device.json"
 python3 benchmarks/flash_grid.py peers --json "$out/flash-grid-peers-$device.json"
+# block-sparse (25% of blocks kept) and sliding-window runs against the dense one, N = 8192
+python3 benchmarks/sparsity.py --json "$out/sparsity-$device.json"
 python3 -m portattn bench --json "$out/bench-$device.json"
