@@ -72,7 +72,10 @@ def to_numpy(x) -> np.ndarray:
     torch = _torch()
     x = x.detach()
     if x.dtype == torch.bfloat16:
-        x = x.float()
+        # widen only the stored elements: a broadcast view (stride 0, e.g. a (Nq, Nk) mask seen as
+        # (B, H, Nq, Nk)) stays a view instead of growing into a full-size float32 copy
+        stored = x[tuple(slice(0, 1) if step == 0 else slice(None) for step in x.stride())]
+        return np.broadcast_to(stored.float().numpy(), x.shape)
     return x.numpy()
 
 

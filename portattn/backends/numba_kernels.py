@@ -1,4 +1,6 @@
-"""Numba CPU kernels: FlashAttention-2 forward and backward over (B, H, N, D) float arrays.
+"""Numba CPU kernels: FlashAttention-2 forward and backward over (B, H, N, D) float arrays, with
+every feature of ``portattn.extras`` (GQA, alignment, windows, masks, ALiBi, softcap, block
+sparsity, key padding, packed sequences, key splits, dropout).
 
 Each parallel task owns one tile of rows (``prange`` over batch x heads x blocks), streams the other
 operand through in blocks, and keeps only tile-sized scratch: memory is linear in N. The GEMMs on
@@ -7,11 +9,22 @@ softmax runs in log2 space with the scale folded in, as the GPU kernels do, so o
 score. State names follow the other backends: ``m_i`` (running max), ``l_i`` (running sum),
 ``acc`` (unnormalized output).
 
+Features cost nothing where they do not act. Causality and windows become key ranges: a tile visits
+only the key blocks its rows can see (``_key_range``; the backward's key pass only the query tiles
+that see its keys, ``_query_range``) and a row works on a column range, never on masked copies.
+Block-sparse tiles that the block mask empties are skipped before any load. Only features that
+change single scores (softcap, ALiBi, attn_mask, key padding) take a per-row pass,
+``_feature_row``; a plain call skips it with one flag. Dropout draws from a counter
+(``_dropout_row_key``/``_dropout_uniform``), so the backward and ``dropout_keep`` redraw the very
+same mask without storing it. Masked scores inside a visited row are -inf; float32's fast ``exp2``
+turns them into 2**-125 (~1e-38) rather than 0, far below float32's resolution.
+
 Callers must run these with BLAS limited to one thread (see numba_cpu.py): numba's worker threads
 already use every core, and a multi-threaded BLAS inside each of them oversubscribes the machine.
 """
-
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange, types
@@ -65,55 +78,294 @@ def _exp2_shifted_impl(row, shift, exponent_bits):
     return exp2_generic
 
 
+# --- what a call adds to plain attention ---------------------------------------------------------
+
+MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+BLOCKS_NONE, BLOCKS_ALL, BLOCKS_MIXED = 0, 1, 2  # how much of a tile the block mask keeps
+
+# splitmix64's increment and finalizer constants (Steele, Lea & Flood, 2014), for the dropout counter
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+class Features(NamedTuple):
+    """Everything beyond q, k and v that the kernels need, as one numba-typed argument.
+
+    numba_cpu.py builds it: arrays are read-only, C-contiguous and of fixed dtypes, with 1-element
+    dummies for absent features, so every call of one compute dtype runs the same compiled kernels
+    (numba specializes on types, not values). Axes the API broadcast are cut back to length 1 and
+    indexed through ``_bc``, so a broadcast mask is never materialized.
+    """
+
+    group_size: int  # query heads per K/V head (GQA): query head h reads K/V head h // group_size
+    causal: bool
+    bottom_right: bool  # query i sits at key position i + Nk - Nq (else i)
+    window_left: int  # keys before the query's position that it sees; -1: unbounded
+    window_right: int  # keys after it; -1: unbounded
+    softcap: float  # 0.0: none
+    alibi: bool
+    slopes: np.ndarray  # (B or 1, H or 1) of the compute dtype
+    mask_kind: int  # MASK_NONE, MASK_BOOL or MASK_ADDITIVE
+    bool_mask: np.ndarray  # (B or 1, H or 1, Nq or 1, Nk or 1) bool: True = attend
+    additive_mask: np.ndarray  # the same axes, the compute dtype: added to the scores
+    key_padding: bool
+    padding: np.ndarray  # (B, Nk) bool: True = a real key
+    sparse_q: int  # block_mask granularity (queries, keys); 0: no block mask
+    sparse_k: int
+    block_mask: np.ndarray  # (B or 1, H or 1, query blocks, key blocks) bool
+    dropout_p: float  # 0.0: no dropout
+    dropout_seed: int
+    varlen: bool  # packed sequences: arrays are (1, H, total, D), sequence b at rows cu[b]:cu[b + 1]
+    cu_q: np.ndarray  # int64 (B + 1,) row offsets (varlen)
+    cu_k: np.ndarray
+    row_pass: bool  # some score needs per-element work: softcap, ALiBi, attn_mask or key padding
+
+
 @njit(inline="always")
 def _ceil_div(a, b):
     return -(-a // b)
 
 
 @njit(inline="always")
-def _visible(row, causal, cols, j0):
-    """Keys of a block (starting at key j0, ``cols`` wide) that query ``row`` may see."""
-    if not causal:
-        return cols
-    return max(0, min(cols, row - j0 + 1))
+def _bc(index, size):
+    """``index`` along an axis that may have been broadcast (and is then kept at length 1)."""
+    return index if size > 1 else 0
 
 
 @njit(inline="always")
-def _causal_key_blocks(i1, seqlen_k, block_k, causal, key_blocks):
-    """Key blocks a query tile ending before row ``i1`` must visit (whole blocks past it skipped)."""
-    if not causal:
-        return key_blocks
-    return min(key_blocks, _ceil_div(min(i1, seqlen_k), block_k))
+def _sequences(feat, batch):
+    """How many sequences the batch holds: the batch axis, or the packed ones (varlen)."""
+    return feat.cu_q.size - 1 if feat.varlen else batch
+
+
+@njit(inline="always")
+def _longest(cu, total, varlen):
+    """Nq (or Nk): the array's length, or the longest packed sequence's."""
+    if not varlen:
+        return total
+    longest = 0
+    for b in range(cu.size - 1):
+        longest = max(longest, cu[b + 1] - cu[b])
+    return longest
+
+
+@njit(inline="always")
+def _sequence(feat, b, total_q, total_k):
+    """(first row, Nq, first key row, Nk) of sequence b in the arrays (whole arrays unless varlen)."""
+    if feat.varlen:
+        return feat.cu_q[b], feat.cu_q[b + 1] - feat.cu_q[b], feat.cu_k[b], feat.cu_k[b + 1] - feat.cu_k[b]
+    return 0, total_q, 0, total_k
+
+
+@njit(inline="always")
+def _query_offset(feat, seqlen_q, seqlen_k):
+    """Key position of query 0: 0 top-left, Nk - Nq bottom-right."""
+    return seqlen_k - seqlen_q if feat.bottom_right else 0
+
+
+@njit(inline="always")
+def _key_range(feat, first_position, last_position, seqlen_k):
+    """Keys [lo, hi) that causality and the window let queries at positions first..last see
+    (hi <= lo: none). Everything outside is skipped, never computed and masked."""
+    lo, hi = 0, seqlen_k
+    if feat.causal:
+        hi = min(hi, last_position + 1)
+    if feat.window_right >= 0:
+        hi = min(hi, last_position + feat.window_right + 1)
+    if feat.window_left >= 0:
+        lo = max(lo, first_position - feat.window_left)
+    return lo, hi
+
+
+@njit(inline="always")
+def _query_range(feat, first_key, last_key, seqlen_q, offset):
+    """Queries [lo, hi) that may see some key of first..last: ``_key_range`` solved for the query
+    (the backward's key pass streams only these)."""
+    lo, hi = 0, seqlen_q
+    if feat.causal:  # position >= first_key
+        lo = max(lo, first_key - offset)
+    if feat.window_right >= 0:  # position + right >= first_key
+        lo = max(lo, first_key - feat.window_right - offset)
+    if feat.window_left >= 0:  # position - left <= last_key
+        hi = min(hi, last_key + feat.window_left - offset + 1)
+    return lo, hi
+
+
+@njit(inline="always")
+def _row_columns(feat, position, seqlen_k, j0, cols):
+    """Columns [lo, hi) of the key block starting at j0 that the query at ``position`` may see."""
+    lo, hi = _key_range(feat, position, position, seqlen_k)
+    return max(0, lo - j0), min(cols, hi - j0)
+
+
+@njit(inline="always")
+def _block_range(lo, hi, block_k, split, splits):
+    """Key blocks [first, last) of split ``split`` of the blocks that cover keys [lo, hi)."""
+    if hi <= lo:
+        return 0, 0
+    block_lo, block_hi = lo // block_k, _ceil_div(hi, block_k)
+    per_split = _ceil_div(block_hi - block_lo, splits)
+    first = block_lo + split * per_split
+    return first, min(first + per_split, block_hi)
+
+
+@njit(inline="always")
+def _block_state(feat, b, h, i0, i1, j0, j1):
+    """Whether the block mask keeps none, all or part of tile rows i0:i1 x keys j0:j1. Tiles are
+    planned inside one sparse block (planner rule S1); a tile that straddles several (a tuned
+    plan) is masked key by key (BLOCKS_MIXED)."""
+    if feat.sparse_q == 0:
+        return BLOCKS_ALL
+    blocks = feat.block_mask[_bc(b, feat.block_mask.shape[0]), _bc(h, feat.block_mask.shape[1])]
+    kept = 0
+    for x in range(i0 // feat.sparse_q, (i1 - 1) // feat.sparse_q + 1):
+        for y in range(j0 // feat.sparse_k, (j1 - 1) // feat.sparse_k + 1):
+            kept += blocks[x, y]
+    seen = ((i1 - 1) // feat.sparse_q - i0 // feat.sparse_q + 1) * ((j1 - 1) // feat.sparse_k - j0 // feat.sparse_k + 1)
+    return BLOCKS_NONE if kept == 0 else BLOCKS_ALL if kept == seen else BLOCKS_MIXED
+
+
+@njit(inline="always")
+def _slope_log2(feat, b, h):
+    """ALiBi slope of (b, h) in the kernels' log2 units."""
+    return feat.slopes[_bc(b, feat.slopes.shape[0]), _bc(h, feat.slopes.shape[1])] * LOG2E
+
+
+@njit(fastmath=False)
+def _feature_row(row, c_lo, c_hi, feat, b, h, i, position, j0, slope_log2, check_blocks, cap_grad):
+    """Turn the raw scores ``row[c_lo:c_hi]`` of query i (log2 units: scale * log2(e) * q.k) against
+    keys j0 + c into final ones: softcap, then ALiBi, then the additive mask; keys hidden by the
+    bool mask, the key padding or (``check_blocks``) the block mask become -inf. With softcap,
+    ``cap_grad[c]`` gets its derivative 1 - tanh^2 (used by the backward).
+
+    Returns (row max, whether any score is finite). Compiled without fastmath, which would let
+    LLVM assume that no value is infinite.
+    """
+    s0, s1 = feat.bool_mask.shape[0], feat.bool_mask.shape[1]
+    bool_row = feat.bool_mask[_bc(b, s0), _bc(h, s1), _bc(i, feat.bool_mask.shape[2])]
+    add_row = feat.additive_mask[_bc(b, feat.additive_mask.shape[0]), _bc(h, feat.additive_mask.shape[1]),
+                                 _bc(i, feat.additive_mask.shape[2])]
+    padding_row = feat.padding[_bc(b, feat.padding.shape[0])]
+    block_row = feat.block_mask[_bc(b, feat.block_mask.shape[0]), _bc(h, feat.block_mask.shape[1]),
+                                i // max(1, feat.sparse_q)]
+    top = row[c_lo]
+    found = False
+    for c in range(c_lo, c_hi):
+        j = j0 + c
+        s = row[c] * 1.0  # float64 while modified
+        if feat.softcap > 0.0:
+            t = np.tanh(s * LN2 / feat.softcap)
+            cap_grad[c] = 1.0 - t * t
+            s = feat.softcap * t * LOG2E
+        if feat.alibi:
+            s -= slope_log2 * abs(position - j)
+        if feat.mask_kind == MASK_ADDITIVE:
+            s += add_row[_bc(j, add_row.size)] * LOG2E
+        hidden = (feat.mask_kind == MASK_BOOL and not bool_row[_bc(j, bool_row.size)]) \
+            or (feat.key_padding and not padding_row[j]) \
+            or (check_blocks and not block_row[j // feat.sparse_k])
+        row[c] = -np.inf if hidden else s
+        if row[c] > -np.inf and (not found or row[c] > top):
+            top = row[c]
+            found = True
+    return top, found
+
+
+# --- dropout: a counter-based generator ------------------------------------------------------------
+
+
+@njit(inline="always")
+def _mix64(z):
+    """splitmix64's finalizer: a bijection of uint64 whose output bits all depend on every input bit."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(inline="always")
+def _dropout_row_key(seed, b, h, i):
+    """The counter of row (b, h, i): mix(mix(mix(seed + G(b+1)) + G(h+1)) + G(i+1)), G the golden
+    gamma 0x9E3779B97F4A7C15, in uint64 arithmetic (wrapping). One per row, outside the key loop."""
+    z = _mix64(np.uint64(seed) + _GAMMA * np.uint64(b + 1))
+    z = _mix64(z + _GAMMA * np.uint64(h + 1))
+    return _mix64(z + _GAMMA * np.uint64(i + 1))
+
+
+@njit(inline="always")
+def _dropout_uniform(row_key, j):
+    """Uniform in [0, 1) for key j of a row: the top 53 bits of mix(row_key + G(j+1)) / 2**53."""
+    return np.float64(_mix64(row_key + _GAMMA * np.uint64(j + 1)) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@njit(inline="always")
+def _dropout_row(row, c_lo, c_hi, feat, b, h, i, j0):
+    """Keep each weight of ``row[c_lo:c_hi]`` with probability 1 - p, scaled by 1 / (1 - p)."""
+    row_key = _dropout_row_key(feat.dropout_seed, b, h, i)
+    inverse = 1.0 / (1.0 - feat.dropout_p)
+    for c in range(c_lo, c_hi):
+        row[c] = row[c] * inverse if _dropout_uniform(row_key, j0 + c) >= feat.dropout_p else 0.0
+
+
+@njit(parallel=True, cache=True)
+def dropout_keep(feat, keep):
+    """The (B, H, Nq, Nk) bool mask of kept weights, from the kernels' own counter (for tests):
+    keep[b, h, i, j] = uniform(b, h, i, j) >= p, with b the sequence and i, j its own rows and
+    keys when varlen."""
+    batch, heads, seqlen_q, seqlen_k = keep.shape
+    for task in prange(batch * heads * seqlen_q):
+        b, h, i = task // (heads * seqlen_q), (task // seqlen_q) % heads, task % seqlen_q
+        row_key = _dropout_row_key(feat.dropout_seed, b, h, i)
+        for j in range(seqlen_k):
+            keep[b, h, i, j] = _dropout_uniform(row_key, j) >= feat.dropout_p
+
+
+@njit(fastmath=False)
+def _has_keys(lse):
+    """False for a row that saw no key (LSE -inf); outside fastmath, which may fold inf tests away."""
+    return lse > -np.inf
+
+
+# --- forward ----------------------------------------------------------------------------------------
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def forward(q_scaled, k, v, out, lse, causal, block_q, block_k, key_splits):
+def forward(q_scaled, k, v, out, lse, feat, block_q, block_k, key_splits):
     """O and LSE (natural log) for (B, H, N, D) arrays into ``out``/``lse`` (both of q's dtype).
 
     ``q_scaled`` is q times the softmax scale times log2(e): the scores come out of the GEMM
-    ready for ``exp2``, with no pass over the tile to scale them.
+    ready for ``exp2``, with no pass over the tile to scale them. K/V head h // group_size serves
+    query head h (GQA). A query tile visits only the key blocks its rows can see (causal, window)
+    and that the block mask keeps; a row's score work beyond the GEMM is a column range, plus
+    ``_feature_row`` when a feature touches single scores.
 
-    With ``key_splits > 1`` each query tile's key loop is cut in that many independent tasks whose
-    partial results are merged by log-sum-exp afterwards (flash-decoding).
+    With ``key_splits > 1`` each query tile's key blocks are cut in that many independent tasks
+    whose partial results are merged by log-sum-exp afterwards (flash-decoding).
     """
-    batch, heads, seqlen_q, head_dim = q_scaled.shape
-    seqlen_k = k.shape[2]
-    query_blocks = _ceil_div(seqlen_q, block_q)
-    key_blocks = _ceil_div(seqlen_k, block_k)
-    blocks_per_split = _ceil_div(key_blocks, key_splits)
-    part_out = np.empty((key_splits, batch, heads, seqlen_q, head_dim), out.dtype) if key_splits > 1 else out[None]
-    part_lse = np.empty((key_splits, batch, heads, seqlen_q), lse.dtype) if key_splits > 1 else lse[None]
-    tasks = batch * heads * query_blocks * key_splits
+    batch, heads, total_q, head_dim = q_scaled.shape
+    total_k = k.shape[2]
+    sequences = _sequences(feat, batch)
+    query_blocks = _ceil_div(_longest(feat.cu_q, total_q, feat.varlen), block_q)
+    part_out = np.empty((key_splits, batch, heads, total_q, head_dim), out.dtype) if key_splits > 1 else out[None]
+    part_lse = np.empty((key_splits, batch, heads, total_q), lse.dtype) if key_splits > 1 else lse[None]
+    tasks = sequences * heads * query_blocks * key_splits
     for task in prange(tasks):
         split = task % key_splits
         query_block = (task // key_splits) % query_blocks
         bh = task // (key_splits * query_blocks)
         b, h = bh // heads, bh % heads
+        q0, seqlen_q, k0, seqlen_k = _sequence(feat, b, total_q, total_k)
         i0 = query_block * block_q
+        if i0 >= seqlen_q:  # a shorter packed sequence: no such tile
+            continue
         i1 = min(i0 + block_q, seqlen_q)
         rows = i1 - i0
-        first = split * blocks_per_split
-        last = min(first + blocks_per_split, _causal_key_blocks(i1, seqlen_k, block_k, causal, key_blocks))
+        ab = 0 if feat.varlen else b  # the arrays' batch index
+        hk = h // feat.group_size
+        offset = _query_offset(feat, seqlen_q, seqlen_k)
+        lo, hi = _key_range(feat, i0 + offset, i1 - 1 + offset, seqlen_k)
+        first, last = _block_range(lo, hi, block_k, split, key_splits)
+        slope_log2 = _slope_log2(feat, b, h)
 
         acc = np.zeros((rows, head_dim), out.dtype)
         pv = np.empty((rows, head_dim), out.dtype)
@@ -121,40 +373,58 @@ def forward(q_scaled, k, v, out, lse, causal, block_q, block_k, key_splits):
         l_i = np.zeros(rows, out.dtype)
         scores = np.empty(rows * block_k, out.dtype)
         exponent_bits = np.empty(block_k, np.int32)
-        q_tile = q_scaled[b, h, i0:i1]
+        cap_grad = np.empty(block_k, out.dtype)  # unused by the forward
+        q_tile = q_scaled[ab, h, q0 + i0:q0 + i1]
         for key_block in range(first, last):
             j0 = key_block * block_k
             j1 = min(j0 + block_k, seqlen_k)
             cols = j1 - j0
+            blocks = _block_state(feat, b, h, i0, i1, j0, j1)
+            if blocks == BLOCKS_NONE:  # an empty sparse block: never loaded, never multiplied
+                continue
+            row_pass = feat.row_pass or blocks == BLOCKS_MIXED
             s = scores[: rows * cols].reshape(rows, cols)
-            np.dot(q_tile, k[b, h, j0:j1].T, s)
+            np.dot(q_tile, k[ab, hk, k0 + j0:k0 + j1].T, s)
             for r in range(rows):
-                visible = _visible(i0 + r, causal, cols, j0)
+                i = i0 + r
+                c_lo, c_hi = _row_columns(feat, i + offset, seqlen_k, j0, cols)
                 row = s[r]
-                if visible == 0:
+                if c_hi <= c_lo:
                     row[:] = 0.0
                     continue
-                m_new = max(m_i[r], row[:visible].max())
+                if row_pass:
+                    top, found = _feature_row(row, c_lo, c_hi, feat, b, h, i, i + offset, j0, slope_log2,
+                                              blocks == BLOCKS_MIXED, cap_grad)
+                    if not found:  # every key of this block is masked for the row
+                        row[:] = 0.0
+                        continue
+                else:
+                    top = row[c_lo:c_hi].max()
+                m_new = max(m_i[r], top)
                 alpha = np.exp2(m_i[r] - m_new)  # 0 on the first visible block (m_i = -inf)
-                l_i[r] = l_i[r] * alpha + exp2_shifted(row[:visible], m_new, exponent_bits)
-                row[visible:] = 0.0
+                l_i[r] = l_i[r] * alpha + exp2_shifted(row[c_lo:c_hi], m_new, exponent_bits)
+                row[:c_lo] = 0.0
+                row[c_hi:] = 0.0
                 m_i[r] = m_new
                 if alpha != 1.0:  # the max moved: rescale what was summed under the old one
                     acc[r] *= alpha
-            np.dot(s, v[b, h, j0:j1], pv)
+                if feat.dropout_p > 0.0:  # after l_i: the LSE is that of the undropped weights
+                    _dropout_row(row, c_lo, c_hi, feat, b, h, i, j0)
+            np.dot(s, v[ab, hk, k0 + j0:k0 + j1], pv)
             acc += pv
         for r in range(rows):
+            at = q0 + i0 + r
             if l_i[r] > 0.0:
-                part_out[split, b, h, i0 + r] = acc[r] / l_i[r]
-                part_lse[split, b, h, i0 + r] = (m_i[r] + np.log2(l_i[r])) * LN2
+                part_out[split, ab, h, at] = acc[r] / l_i[r]
+                part_lse[split, ab, h, at] = (m_i[r] + np.log2(l_i[r])) * LN2
             else:  # no visible key: zeros and -inf, never NaN
-                part_out[split, b, h, i0 + r] = 0.0
-                part_lse[split, b, h, i0 + r] = -np.inf
+                part_out[split, ab, h, at] = 0.0
+                part_lse[split, ab, h, at] = -np.inf
     if key_splits > 1:
         _merge_splits(part_out, part_lse, out, lse)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, cache=True)  # no fastmath: splits that saw no key carry LSE -inf
 def _merge_splits(part_out, part_lse, out, lse):
     """out = sum_s exp(lse_s - lse) * out_s with lse = logsumexp_s(lse_s); empty rows stay zero."""
     splits, batch, heads, seqlen_q, _ = part_out.shape
@@ -178,109 +448,181 @@ def _merge_splits(part_out, part_lse, out, lse):
         lse[b, h, i] = top + np.log(total)
 
 
+# --- backward ---------------------------------------------------------------------------------------
+
+
 @njit(inline="always")
-def _probabilities_and_ds(q_scaled_tile, k_tile, v_tile, do_tile, lse_log2, delta, i0, j0, causal, p, dp, exponent_bits):
-    """Recompute P = exp2(q_scaled k^T - LSE * log2e) for one tile, then dS = P * (dP - delta)
-    into ``dp`` (entries past the causal edge are zero in both)."""
+def _probabilities_and_ds(q_scaled_tile, k_tile, v_tile, do_tile, lse_log2, has_keys, delta, feat, b, h, i0, j0,
+                          offset, seqlen_k, slope_log2, blocks, p, dp, exponent_bits, cap_grad):
+    """Recompute P = exp2(scores - LSE * log2e) for one tile (the forward's scores: same column
+    ranges, same ``_feature_row``), then dS = P * (dP - delta) into ``dp``, times softcap's
+    derivative. With dropout, dP is masked and scaled as the forward's weights were and ``p`` ends
+    up holding the dropped weights (what dV takes), while dS uses the undropped ones."""
     rows, cols = p.shape
     np.dot(q_scaled_tile, k_tile.T, p)
     np.dot(do_tile, v_tile.T, dp)
+    row_pass = feat.row_pass or blocks == BLOCKS_MIXED
     for r in range(rows):
-        visible = _visible(i0 + r, causal, cols, j0)
+        # dS is written as dp[r, c], not through a row view: numba's 2-D indexing keeps this loop
+        # vectorized (a view of dp's row beside p's cost the backward ~25%)
+        i = i0 + r
+        c_lo, c_hi = _row_columns(feat, i + offset, seqlen_k, j0, cols)
         row = p[r]
-        if visible == 0 or lse_log2[r] == -np.inf:
+        if c_hi <= c_lo or not has_keys[r]:
             row[:] = 0.0
             dp[r] = 0.0
             continue
-        exp2_shifted(row[:visible], lse_log2[r], exponent_bits)
-        row[visible:] = 0.0
-        for j in range(cols):
-            dp[r, j] = row[j] * (dp[r, j] - delta[r])
+        if row_pass:
+            _, found = _feature_row(row, c_lo, c_hi, feat, b, h, i, i + offset, j0, slope_log2,
+                                    blocks == BLOCKS_MIXED, cap_grad)
+            if not found:
+                row[:] = 0.0
+                dp[r] = 0.0
+                continue
+        exp2_shifted(row[c_lo:c_hi], lse_log2[r], exponent_bits)
+        row[:c_lo] = 0.0
+        row[c_hi:] = 0.0
+        if feat.dropout_p > 0.0:
+            row_key = _dropout_row_key(feat.dropout_seed, b, h, i)
+            inverse = 1.0 / (1.0 - feat.dropout_p)
+            for c in range(c_lo, c_hi):
+                kept = inverse if _dropout_uniform(row_key, j0 + c) >= feat.dropout_p else 0.0
+                dp[r, c] = row[c] * (dp[r, c] * kept - delta[r])
+                row[c] *= kept
+        else:  # over every column: zeros where P is zero
+            for c in range(cols):
+                dp[r, c] = row[c] * (dp[r, c] - delta[r])
+        if feat.softcap > 0.0:
+            for c in range(c_lo, c_hi):
+                dp[r, c] *= cap_grad[c]
+        if c_lo > 0 or c_hi < cols:  # outside the columns P is zero, so dS is too
+            dp[r, :c_lo] = 0.0
+            dp[r, c_hi:] = 0.0
+
+
+@njit(inline="always")
+def _load_lse(lse, ab, h, at, rows, lse_log2, has_keys):
+    """A tile's LSE rows in log2 units, and which rows saw any key."""
+    for r in range(rows):
+        has_keys[r] = _has_keys(lse[ab, h, at + r])
+        lse_log2[r] = lse[ab, h, at + r] * LOG2E if has_keys[r] else 0.0
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def backward_key_pass(q, q_scaled, k, v, do, lse, delta, dq, dk, dv, scale, causal, block_q, block_k, key_blocks_per_task, accumulate_dq):
+def backward_key_pass(q, q_scaled, k, v, do, lse, delta, dq, dk, dv, scale, feat, block_q, block_k,
+                      key_blocks_per_task, accumulate_dq):
     """dK, dV (and dQ when ``accumulate_dq``) for (B, H, N, D) arrays; ``delta`` = rowsum(dO * O).
 
-    A task owns ``key_blocks_per_task`` consecutive key blocks of one head and streams every query
-    tile that sees them. dQ may only be accumulated here when a task owns all of a head's key
-    blocks, so no two tasks add into the same dQ rows. ``q_scaled`` is q times scale times
-    log2(e) (see ``forward``); ``scale`` is a scalar of the arrays' dtype.
+    A task owns ``key_blocks_per_task`` consecutive key blocks of one K/V head and streams, for
+    each query head of its group (GQA: summed, K/V never repeated), the query tiles that can see
+    them (causal and window bound the range; block-sparse skips empty tiles). dQ may only be
+    accumulated here when a task owns all of a head's key blocks, so no two tasks add into the
+    same dQ rows. ``q_scaled`` is q times scale times log2(e) (see ``forward``); ``scale`` is a
+    scalar of the arrays' dtype.
     """
-    batch, heads, seqlen_q, head_dim = q.shape
-    seqlen_k = k.shape[2]
-    key_blocks = _ceil_div(seqlen_k, block_k)
-    query_blocks = _ceil_div(seqlen_q, block_q)
+    batch, kv_heads, total_k, head_dim = k.shape
+    total_q = q.shape[2]
+    group = feat.group_size
+    sequences = _sequences(feat, batch)
+    key_blocks = _ceil_div(_longest(feat.cu_k, total_k, feat.varlen), block_k)
     tasks_per_head = _ceil_div(key_blocks, key_blocks_per_task)
-    for task in prange(batch * heads * tasks_per_head):
+    for task in prange(sequences * kv_heads * tasks_per_head):
         bh = task // tasks_per_head
-        b, h = bh // heads, bh % heads
+        b, hk = bh // kv_heads, bh % kv_heads
+        q0, seqlen_q, k0, seqlen_k = _sequence(feat, b, total_q, total_k)
+        ab = 0 if feat.varlen else b
+        offset = _query_offset(feat, seqlen_q, seqlen_k)
         first = (task % tasks_per_head) * key_blocks_per_task
         p = np.empty(block_q * block_k, dq.dtype)
         dp = np.empty(block_q * block_k, dq.dtype)
         grad_tile = np.empty((block_k, head_dim), dq.dtype)
         dq_tile = np.empty((block_q, head_dim), dq.dtype)
         lse_log2 = np.empty(block_q, dq.dtype)
+        has_keys = np.empty(block_q, np.bool_)
         exponent_bits = np.empty(block_k, np.int32)
+        cap_grad = np.empty(block_k, dq.dtype)
         for key_block in range(first, min(first + key_blocks_per_task, key_blocks)):
             j0 = key_block * block_k
+            if j0 >= seqlen_k:  # a shorter packed sequence
+                break
             j1 = min(j0 + block_k, seqlen_k)
             cols = j1 - j0
             dk_acc = np.zeros((cols, head_dim), dq.dtype)
             dv_acc = np.zeros((cols, head_dim), dq.dtype)
-            first_query_block = j0 // block_q if causal else 0  # earlier queries see none of these keys
-            for query_block in range(first_query_block, query_blocks):
-                i0 = query_block * block_q
-                i1 = min(i0 + block_q, seqlen_q)
-                rows = i1 - i0
-                pt = p[: rows * cols].reshape(rows, cols)
-                ds = dp[: rows * cols].reshape(rows, cols)
-                for r in range(rows):
-                    lse_log2[r] = lse[b, h, i0 + r] * LOG2E
-                _probabilities_and_ds(q_scaled[b, h, i0:i1], k[b, h, j0:j1], v[b, h, j0:j1], do[b, h, i0:i1],
-                                      lse_log2, delta[b, h, i0:i1], i0, j0, causal, pt, ds, exponent_bits)
-                g = grad_tile[:cols]
-                np.dot(pt.T, do[b, h, i0:i1], g)
-                dv_acc += g
-                np.dot(ds.T, q[b, h, i0:i1], g)
-                dk_acc += g
-                if accumulate_dq:
-                    gq = dq_tile[:rows]
-                    np.dot(ds, k[b, h, j0:j1], gq)
-                    dq[b, h, i0:i1] += gq * scale
-            dk[b, h, j0:j1] = dk_acc * scale
-            dv[b, h, j0:j1] = dv_acc
+            q_lo, q_hi = _query_range(feat, j0, j1 - 1, seqlen_q, offset)  # only these queries see the keys
+            for h in range(hk * group, (hk + 1) * group):
+                slope_log2 = _slope_log2(feat, b, h)
+                for query_block in range(q_lo // block_q, _ceil_div(q_hi, block_q) if q_hi > q_lo else 0):
+                    i0 = query_block * block_q
+                    i1 = min(i0 + block_q, seqlen_q)
+                    rows = i1 - i0
+                    blocks = _block_state(feat, b, h, i0, i1, j0, j1)
+                    if blocks == BLOCKS_NONE:
+                        continue
+                    pt = p[: rows * cols].reshape(rows, cols)
+                    ds = dp[: rows * cols].reshape(rows, cols)
+                    _load_lse(lse, ab, h, q0 + i0, rows, lse_log2, has_keys)
+                    _probabilities_and_ds(q_scaled[ab, h, q0 + i0:q0 + i1], k[ab, hk, k0 + j0:k0 + j1],
+                                          v[ab, hk, k0 + j0:k0 + j1], do[ab, h, q0 + i0:q0 + i1], lse_log2, has_keys,
+                                          delta[ab, h, q0 + i0:q0 + i1], feat, b, h, i0, j0, offset, seqlen_k,
+                                          slope_log2, blocks, pt, ds, exponent_bits, cap_grad)
+                    g = grad_tile[:cols]
+                    np.dot(pt.T, do[ab, h, q0 + i0:q0 + i1], g)
+                    dv_acc += g
+                    np.dot(ds.T, q[ab, h, q0 + i0:q0 + i1], g)
+                    dk_acc += g
+                    if accumulate_dq:
+                        gq = dq_tile[:rows]
+                        np.dot(ds, k[ab, hk, k0 + j0:k0 + j1], gq)
+                        dq[ab, h, q0 + i0:q0 + i1] += gq * scale
+            dk[ab, hk, k0 + j0:k0 + j1] = dk_acc * scale
+            dv[ab, hk, k0 + j0:k0 + j1] = dv_acc
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def backward_query_pass(q_scaled, k, v, do, lse, delta, dq, scale, causal, block_q, block_k):
-    """dQ alone, a task per query tile: used when tasks of the key pass share heads."""
-    batch, heads, seqlen_q, head_dim = q_scaled.shape
-    seqlen_k = k.shape[2]
-    key_blocks = _ceil_div(seqlen_k, block_k)
-    query_blocks = _ceil_div(seqlen_q, block_q)
-    for task in prange(batch * heads * query_blocks):
+def backward_query_pass(q_scaled, k, v, do, lse, delta, dq, scale, feat, block_q, block_k):
+    """dQ alone, a task per query tile over the key blocks it can see: used when tasks of the key
+    pass share heads."""
+    batch, heads, total_q, head_dim = q_scaled.shape
+    total_k = k.shape[2]
+    sequences = _sequences(feat, batch)
+    query_blocks = _ceil_div(_longest(feat.cu_q, total_q, feat.varlen), block_q)
+    for task in prange(sequences * heads * query_blocks):
         bh = task // query_blocks
         b, h = bh // heads, bh % heads
+        q0, seqlen_q, k0, seqlen_k = _sequence(feat, b, total_q, total_k)
         i0 = (task % query_blocks) * block_q
+        if i0 >= seqlen_q:
+            continue
         i1 = min(i0 + block_q, seqlen_q)
         rows = i1 - i0
+        ab = 0 if feat.varlen else b
+        hk = h // feat.group_size
+        offset = _query_offset(feat, seqlen_q, seqlen_k)
+        slope_log2 = _slope_log2(feat, b, h)
         p = np.empty(rows * block_k, dq.dtype)
         dp = np.empty(rows * block_k, dq.dtype)
         dq_acc = np.zeros((rows, head_dim), dq.dtype)
         gq = np.empty((rows, head_dim), dq.dtype)
         lse_log2 = np.empty(rows, dq.dtype)
+        has_keys = np.empty(rows, np.bool_)
         exponent_bits = np.empty(block_k, np.int32)
-        for r in range(rows):
-            lse_log2[r] = lse[b, h, i0 + r] * LOG2E
-        for key_block in range(_causal_key_blocks(i1, seqlen_k, block_k, causal, key_blocks)):
+        cap_grad = np.empty(block_k, dq.dtype)
+        _load_lse(lse, ab, h, q0 + i0, rows, lse_log2, has_keys)
+        lo, hi = _key_range(feat, i0 + offset, i1 - 1 + offset, seqlen_k)
+        first, last = _block_range(lo, hi, block_k, 0, 1)
+        for key_block in range(first, last):
             j0 = key_block * block_k
             j1 = min(j0 + block_k, seqlen_k)
             cols = j1 - j0
+            blocks = _block_state(feat, b, h, i0, i1, j0, j1)
+            if blocks == BLOCKS_NONE:
+                continue
             pt = p[: rows * cols].reshape(rows, cols)
             ds = dp[: rows * cols].reshape(rows, cols)
-            _probabilities_and_ds(q_scaled[b, h, i0:i1], k[b, h, j0:j1], v[b, h, j0:j1], do[b, h, i0:i1],
-                                  lse_log2, delta[b, h, i0:i1], i0, j0, causal, pt, ds, exponent_bits)
-            np.dot(ds, k[b, h, j0:j1], gq)
+            _probabilities_and_ds(q_scaled[ab, h, q0 + i0:q0 + i1], k[ab, hk, k0 + j0:k0 + j1], v[ab, hk, k0 + j0:k0 + j1],
+                                  do[ab, h, q0 + i0:q0 + i1], lse_log2, has_keys, delta[ab, h, q0 + i0:q0 + i1], feat,
+                                  b, h, i0, j0, offset, seqlen_k, slope_log2, blocks, pt, ds, exponent_bits, cap_grad)
+            np.dot(ds, k[ab, hk, k0 + j0:k0 + j1], gq)
             dq_acc += gq
-        dq[b, h, i0:i1] = dq_acc * scale
+        dq[ab, h, q0 + i0:q0 + i1] = dq_acc * scale

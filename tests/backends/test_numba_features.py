@@ -1,0 +1,263 @@
+"""The numba backend's features against the float64 reference: forward (O, LSE) and backward, each
+feature alone and combined, through key splits (decoding) and packed sequences (varlen); the
+dropout counter; and tile skipping (keys in skipped blocks are NaN, which any load would spread).
+
+Small shapes with odd lengths so every test is quick once numba's on-disk cache is warm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import portattn
+from portattn import api, reference
+from portattn.backends import registry
+from portattn.extras import Extras
+from portattn.spec import FEATURES, AttentionSpec
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("numba")
+
+NUMBA = registry()["numba"]
+B, H, HKV, NQ, NK, D = 2, 4, 2, 37, 53, 16
+TOLERANCE = {torch.float32: 2e-4, torch.float64: 1e-9, torch.bfloat16: 5e-2, torch.float16: 5e-3}
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def _tensor(x, dtype=torch.float32, grad=False):
+    return torch.tensor(np.asarray(x), dtype=dtype, requires_grad=grad)
+
+
+def _max_error(got, want):
+    got, want = (np.asarray(torch.as_tensor(x).detach().double()) for x in (got, want))
+    finite = np.isfinite(want)
+    assert np.array_equal(np.isfinite(got), finite), "-inf / finite pattern differs from the reference"
+    return float(np.abs(got[finite] - want[finite]).max()) if finite.any() else 0.0
+
+
+def _run(backend, q, k, v, grad, varlen=None, **kw):
+    """(out, lse, dq, dk, dv) of one backend through the public API and torch autograd."""
+    for x in (q, k, v):
+        x.grad = None
+    if varlen is None:
+        out, lse = portattn.attention(q, k, v, backend=backend, return_lse=True, **kw)
+    else:
+        out, lse = portattn.attention_varlen(q, k, v, *varlen, backend=backend, return_lse=True, **kw)
+    (out * grad).sum().backward()
+    return out.detach(), lse, q.grad, k.grad, v.grad
+
+
+def _check_against_reference(shape_q=(B, H, NQ, D), shape_kv=(B, HKV, NK, D), dtype=torch.float32, **kw):
+    rng = _rng(1)
+    q, k, v = (_tensor(rng.standard_normal(s), dtype, grad=True) for s in (shape_q, shape_kv, shape_kv))
+    grad = _tensor(rng.standard_normal(shape_q), dtype)
+    got = _run("numba", q, k, v, grad, **kw)
+    want = _run("reference", q, k, v, grad, **kw)
+    errors = [_max_error(g, w) for g, w in zip(got, want)]
+    assert max(errors) < TOLERANCE[dtype], f"out, lse, dq, dk, dv errors {errors}"
+
+
+def _masks():
+    rng = _rng(2)
+    additive = rng.standard_normal((B, 1, NQ, NK)).astype(np.float32)
+    additive[..., 5] = -np.inf  # a key no query sees
+    padding = rng.random((B, NK)) > 0.2
+    padding[1] = False  # a sequence with no real key: O = 0, LSE = -inf
+    return dict(
+        bool_mask=_tensor(rng.random((NQ, NK)) > 0.3, torch.bool),  # broadcast from (Nq, Nk)
+        additive=_tensor(additive),
+        slopes=_tensor(rng.random(H)),
+        padding=_tensor(padding, torch.bool),
+        blocks=_tensor(rng.random((B, H, 3, 4)) > 0.5, torch.bool),
+    )
+
+
+M = _masks()
+CASES = {
+    "plain": {},
+    "causal": dict(causal=True),
+    "causal-bottom-right": dict(causal=True, align="bottom-right"),
+    "window": dict(window=(5, 3)),
+    "window-left-only-causal-br": dict(window=(7, None), causal=True, align="bottom-right"),
+    "window-right-only": dict(window=(None, 2)),
+    "bool-mask": dict(attn_mask=M["bool_mask"]),
+    "additive-mask-causal": dict(attn_mask=M["additive"], causal=True),
+    "alibi-br": dict(alibi_slopes=M["slopes"], causal=True, align="bottom-right"),
+    "softcap": dict(softcap=0.5),
+    "softcap-alibi-window": dict(softcap=2.0, alibi_slopes=M["slopes"], window=(10, 10)),
+    "key-padding": dict(key_padding_mask=M["padding"]),
+    "block-sparse": dict(block_mask=M["blocks"], block_size=16),
+    "block-sparse-causal-padding": dict(block_mask=M["blocks"], block_size=(16, 16), causal=True,
+                                        key_padding_mask=M["padding"]),
+    "everything": dict(attn_mask=M["additive"], alibi_slopes=M["slopes"], softcap=3.0, key_padding_mask=M["padding"],
+                       window=(20, 4), causal=True),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_feature_matches_reference(name):
+    _check_against_reference(**CASES[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_other_dtypes(dtype):
+    _check_against_reference(dtype=dtype, window=(6, 2), softcap=1.5, causal=True, align="bottom-right")
+
+
+@pytest.mark.parametrize("name", ["causal", "window", "bool_mask", "alibi", "softcap", "padding", "block"])
+def test_decoding_key_splits(name):
+    nq, nk = 3, 2000
+    rng = _rng(3)
+    kw = {
+        "causal": dict(causal=True, align="bottom-right"),
+        "window": dict(window=(300, 0), causal=True, align="bottom-right"),
+        "bool_mask": dict(attn_mask=_tensor(rng.random((nq, nk)) > 0.5, torch.bool)),
+        "alibi": dict(alibi_slopes=_tensor([0.01]), align="bottom-right"),
+        "softcap": dict(softcap=1.0),
+        "padding": dict(key_padding_mask=_tensor(rng.random((1, nk)) > 0.5, torch.bool)),
+        "block": dict(block_mask=_tensor(rng.random((1, 16)) > 0.5, torch.bool), block_size=(16, 128)),
+    }[name]
+    x = np.zeros((1, 1, nq, D), np.float32), np.zeros((1, 1, nk, D), np.float32)
+    assert portattn.explain(x[0], x[1], x[1], backend="numba").plan.key_splits > 1
+    _check_against_reference((1, 1, nq, D), (1, 1, nk, D), **kw)
+
+
+def _packed(lengths_q, lengths_k, heads=H, kv_heads=HKV, dtype=torch.float32):
+    rng = _rng(4)
+    cu = [torch.tensor(np.concatenate([[0], np.cumsum(n)]), dtype=torch.int32) for n in (lengths_q, lengths_k)]
+    q = _tensor(rng.standard_normal((sum(lengths_q), heads, D)), dtype, grad=True)
+    k, v = (_tensor(rng.standard_normal((sum(lengths_k), kv_heads, D)), dtype, grad=True) for _ in range(2))
+    grad = _tensor(rng.standard_normal(q.shape), dtype)
+    return q, k, v, grad, (cu[0], cu[1], max(lengths_q), max(lengths_k))
+
+
+LENGTHS_Q, LENGTHS_K = [5, 0, 130, 17, 64], [9, 4, 100, 300, 64]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(causal=True, align="bottom-right"),
+                                dict(window=(12, 3), softcap=2.0, causal=True, align="bottom-right",
+                                     alibi_slopes=torch.rand(H))], ids=["plain", "causal", "causal-br", "features"])
+def test_varlen(kw):
+    q, k, v, grad, varlen = _packed(LENGTHS_Q, LENGTHS_K)
+    got = _run("numba", q, k, v, grad, varlen, **kw)
+    want = _run("reference", q, k, v, grad, varlen, **kw)
+    errors = [_max_error(g, w) for g, w in zip(got, want)]
+    assert max(errors) < 2e-4, errors
+
+
+def test_varlen_decoding_key_splits():
+    q, k, v, grad, varlen = _packed([1, 2, 3], [1000, 2000, 10], heads=2, kv_heads=1)
+    got = _run("numba", q, k, v, grad, varlen, causal=True, align="bottom-right")
+    want = _run("reference", q, k, v, grad, varlen, causal=True, align="bottom-right")
+    assert max(_max_error(g, w) for g, w in zip(got, want)) < 2e-4
+
+
+def _reference_with_numba_keep(q, k, v, grad, call, extras, to_bhnd=lambda x: x):
+    keep = NUMBA.dropout_keep(call.spec, extras)
+    args = [to_bhnd(x.detach().numpy()) for x in (q, k, v)]
+    scale = call.spec.softmax_scale
+    out, lse = reference.attention_forward(*args, scale=scale, spec=call.spec, extras=extras, keep=keep)
+    grads = reference.attention_backward(to_bhnd(grad.numpy()), *args, scale=scale, spec=call.spec, extras=extras, keep=keep)
+    return keep, [out, lse, *grads]
+
+
+@pytest.mark.parametrize("kw", [dict(dropout_p=0.3, dropout_seed=7),
+                                dict(dropout_p=0.5, dropout_seed=8, causal=True, window=(9, None), softcap=1.0)],
+                         ids=["dropout", "dropout-causal-window-softcap"])
+def test_dropout_matches_reference_given_the_same_mask(kw):
+    rng = _rng(5)
+    q, k, v = (_tensor(rng.standard_normal(s), grad=True) for s in ((B, H, NQ, D), (B, HKV, NK, D), (B, HKV, NK, D)))
+    grad = _tensor(rng.standard_normal((B, H, NQ, D)))
+    got = _run("numba", q, k, v, grad, **kw)
+    call, extras = api._prepare(*(x.detach().numpy() for x in (q, k, v)), backend="numba", **kw)
+    keep, want = _reference_with_numba_keep(q, k, v, grad, call, extras)
+    assert abs(keep.mean() - (1 - kw["dropout_p"])) < 0.05
+    assert max(_max_error(g, w) for g, w in zip(got, want)) < 2e-4
+
+
+def test_dropout_varlen_uses_each_sequences_own_indices():
+    q, k, v, grad, varlen = _packed(LENGTHS_Q, LENGTHS_K)
+    kw = dict(dropout_p=0.3, dropout_seed=11, causal=True)
+    got = _run("numba", q, k, v, grad, varlen, **kw)
+    packed = [x.detach().numpy()[None] for x in (q, k, v)]
+    call, extras = api._prepare(*packed, backend="numba", layout="bnhd", varlen=tuple(
+        x.numpy() if torch.is_tensor(x) else x for x in varlen), **kw)
+    keep, want = _reference_with_numba_keep(q, k, v, grad, call, extras, lambda x: x[None].transpose(0, 2, 1, 3))
+    want = [want[0][0].transpose(1, 0, 2), want[1][0]] + [x[0].transpose(1, 0, 2) for x in want[2:]]
+    assert max(_max_error(g, w) for g, w in zip(got, want)) < 2e-4
+    # sequence b's mask is the dense counter's (b, h, i, j) for its own rows and keys
+    dense = NUMBA.dropout_keep(AttentionSpec(len(LENGTHS_Q), H, 130, 300, D, dropout_p=0.3), Extras(dropout_seed=11))
+    assert np.array_equal(keep, dense)
+
+
+def test_dropout_counter_is_fixed_by_the_seed():
+    spec = AttentionSpec(1, 2, 8, 999, D, dropout_p=0.25)
+    first, again, other = (NUMBA.dropout_keep(spec, Extras(dropout_seed=s)) for s in (1, 1, 2))
+    assert np.array_equal(first, again)
+    assert 0.2 < (first != other).mean() < 0.5
+    assert abs(first.mean() - 0.75) < 0.01
+
+
+def _poisoned(nq, nk, poison, seed=6):
+    """q, k, v with NaN in the keys and values listed in ``poison``: a kernel that loads or
+    multiplies them at all returns NaN."""
+    rng = _rng(seed)
+    q = rng.standard_normal((1, 2, nq, D)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 2, nk, D)).astype(np.float32) for _ in range(2))
+    k[:, :, poison] = np.nan
+    v[:, :, poison] = np.nan
+    return _tensor(q, grad=True), _tensor(k, grad=True), _tensor(v, grad=True)
+
+
+def _finite_run(q, k, v, **kw):
+    out = portattn.attention(q, k, v, backend="numba", **kw)
+    out.sum().backward()
+    for name, x in (("out", out), ("dq", q.grad), ("dk", k.grad[:, :, :1]), ("dv", v.grad[:, :, :1])):
+        assert torch.isfinite(x).all(), f"{name} is not finite: a skipped block was read"
+
+
+def test_window_skips_key_blocks_it_cannot_see():
+    q, k, v = _poisoned(64, 2048, slice(1024, None))  # queries 0..63 see keys <= 79
+    _finite_run(q, k, v, window=(16, 16))
+    assert (k.grad[:, :, 1024:] == 0).all() and (v.grad[:, :, 1024:] == 0).all()
+
+
+def test_causal_bottom_right_skips_key_blocks_after_the_queries():
+    q, k, v = _poisoned(64, 2048, slice(1024, None))  # top-left causal: query i sees keys <= i
+    _finite_run(q, k, v, causal=True)
+
+
+def test_block_sparse_skips_empty_blocks():
+    blocks = np.zeros((2, 16), bool)  # (Nq / 32, Nk / 32): only the first two key blocks are kept
+    blocks[:, :2] = True
+    q, k, v = _poisoned(64, 512, slice(64, None))
+    _finite_run(q, k, v, block_mask=_tensor(blocks, torch.bool), block_size=32)
+
+
+def test_tiles_larger_than_sparse_blocks_mask_key_by_key():
+    """A tuned plan may cover several sparse blocks per tile; those are masked per score."""
+    rng = _rng(7)
+    blocks = rng.random((2, 4, 4, 4)) > 0.5
+    q, k, v = (rng.standard_normal((2, 4, 64, D)).astype(np.float32) for _ in range(3))
+    call, extras = api._prepare(q, k, v, backend="numba", block_mask=blocks, block_size=16, causal=True)
+    big = dataclasses.replace(call, plan=dataclasses.replace(call.plan, block_q=64, block_k=64, backward_block_q=32,
+                                                             backward_block_k=64))
+    out, lse = big.forward(q, k, v, extras)
+    want_out, want_lse = reference.attention_forward(q, k, v, scale=call.spec.softmax_scale, spec=call.spec, extras=extras)
+    assert _max_error(out, want_out) < 2e-4 and _max_error(lse, want_lse) < 2e-4
+    grad = rng.standard_normal(q.shape).astype(np.float32)
+    got = big.backward(grad, q, k, v, out, lse, extras)
+    want = reference.attention_backward(grad, q, k, v, scale=call.spec.softmax_scale, spec=call.spec, extras=extras)
+    assert max(_max_error(g, w) for g, w in zip(got, want)) < 2e-4
+
+
+def test_every_feature_is_declared_with_a_note():
+    caps = NUMBA.capabilities
+    assert caps.features == frozenset(FEATURES)
+    assert set(caps.feature_notes) == set(FEATURES)
