@@ -1,0 +1,270 @@
+"""Quick checks of the triton backend's features (small shapes, TRITON_INTERPRET=1 on CPUs):
+forward (O, LSE) and backward against the float64 reference, dropout through the backend's own
+mask, varlen, the fused atomic dQ, and that skipped tiles are never read (NaN planted in them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import numpy as np
+import pytest
+
+import portattn
+from portattn import api, reference
+from portattn import extras as extras_mod
+from portattn.backends import registry
+from portattn.spec import spec_from_arrays
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def triton_backend():
+    backend = registry()["triton"]
+    if not backend.usable:
+        pytest.skip("triton is not usable here: " + "; ".join(backend.unavailable_reasons()))
+    return backend
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(b, h, kvh, nq, nk, d, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, nq, d, generator=gen, dtype=torch.float64) * scale
+    k = torch.randn(b, kvh, nk, d, generator=gen, dtype=torch.float64) * scale
+    v = torch.randn(b, kvh, nk, d, generator=gen, dtype=torch.float64)
+    do = torch.randn(b, h, nq, d, generator=gen, dtype=torch.float64)
+    return q, k, v, do
+
+
+def _to(x, dtype, grad=True):
+    return x.to(dtype).to(_device()).requires_grad_(grad)
+
+
+def _numpy_extras(extras):
+    return extras.map_arrays(lambda x: x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
+
+
+def _expected(q, k, v, do, causal, kwargs, keep_from=None, varlen=None):
+    """The reference's out, lse, dq, dk, dv (float64) for the same call."""
+    layout = "bnhd" if varlen else "bhnd"
+    spec = spec_from_arrays(q, k, v, causal=causal, layout=layout, **kwargs)
+    cu = {}
+    if varlen is not None:
+        spec, cu = api._varlen_spec(spec, *varlen)
+    extras = _numpy_extras(extras_mod.from_arguments(spec, **{n: kwargs.get(n) for n in api._EXTRA_ARRAYS}, **cu))
+    keep = keep_from.dropout_keep(spec, extras) if spec.dropout_p > 0 else None
+    arrays = [x.detach().cpu().double().numpy() for x in (q, k, v, do)]
+    if varlen:  # (1, total, H, D) -> (1, H, total, D)
+        arrays = [np.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in arrays]
+    qs, ks, vs, dos = arrays
+    out, lse = reference.attention_forward(qs, ks, vs, scale=spec.softmax_scale, spec=spec, extras=extras, keep=keep)
+    grads = reference.attention_backward(dos, qs, ks, vs, scale=spec.softmax_scale, spec=spec, extras=extras, keep=keep)
+    return out, lse, grads
+
+
+def _close(name, got, want, tol):
+    got = got.detach().cpu().double().numpy()
+    want = np.asarray(want, np.float64)
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    assert not np.isnan(got).any(), f"{name} has NaN"
+    finite = np.isfinite(want)
+    assert (np.isfinite(got) == finite).all(), f"{name}: infinities differ"
+    if finite.any():
+        err = np.abs(got[finite] - want[finite]).max() / max(1.0, np.abs(want[finite]).max())
+        assert err <= tol, f"{name}: error {err:.2e} > {tol:.0e}"
+
+
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _check(backend, shape, causal, kwargs, dtype=torch.float32, scale=1.0):
+    b, h, kvh, nq, nk, d = shape
+    q64, k64, v64, do64 = _inputs(b, h, kvh, nq, nk, d, scale=scale)
+    q, k, v = (_to(x, dtype) for x in (q64, k64, v64))
+    dev = {name: x.to(_device()) if isinstance(x, torch.Tensor) else x for name, x in kwargs.items()}
+    out, lse = portattn.attention(q, k, v, causal=causal, backend="triton", return_lse=True, **dev)
+    out.backward(do64.to(dtype).to(_device()))
+    want_out, want_lse, grads = _expected(q, k, v, do64.to(dtype), causal, kwargs, keep_from=backend)
+    tol = TOL[dtype]
+    _close("out", out, want_out, tol)
+    _close("lse", lse, want_lse, 2e-5 if dtype == torch.float32 else 1e-3)
+    for name, x, want in zip(("dq", "dk", "dv"), (q, k, v), grads):
+        _close(name, x.grad, want, 4 * tol)
+
+
+def _masks(b=2, h=4, nq=37, nk=53):
+    gen = torch.Generator().manual_seed(7)
+    additive = torch.randn(1, h, nq, nk, generator=gen)
+    additive[0, 1, 3, :] = float("-inf")  # a row that sees nothing
+    additive[0, 2, :, 5] = float("-inf")
+    padding = torch.rand(b, nk, generator=gen) > 0.3
+    padding[1] = False  # a batch with no real key
+    return dict(
+        bool=torch.rand(b, 1, nq, nk, generator=gen) > 0.3,
+        additive=additive,
+        padding=padding,
+        blocks=torch.rand(b, 1, 3, 4, generator=gen) > 0.5,
+    )
+
+
+M = _masks()
+SLOPES = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+SHAPE = (2, 4, 4, 37, 53, 32)  # b, h, h_kv, nq, nk, d
+CASES = {
+    "gqa": (dict(), (2, 4, 2, 37, 53, 32)),
+    "mqa-causal": (dict(), (2, 4, 1, 37, 53, 32)),
+    "bottom-right": (dict(align="bottom-right"), (2, 4, 4, 60, 40, 32)),
+    "window": (dict(window=(7, 3)), SHAPE),
+    "window-left": (dict(window=(5, None), align="bottom-right"), SHAPE),
+    "window-right": (dict(window=(None, 4)), SHAPE),
+    "bool-mask": (dict(attn_mask=M["bool"]), SHAPE),
+    "additive-mask": (dict(attn_mask=M["additive"]), SHAPE),
+    "alibi": (dict(alibi_slopes=SLOPES, align="bottom-right"), SHAPE),
+    "softcap": (dict(softcap=2.0), SHAPE),
+    "block-sparse": (dict(block_mask=M["blocks"], block_size=16), SHAPE),
+    "key-padding": (dict(key_padding_mask=M["padding"]), SHAPE),
+    "everything": (dict(align="bottom-right", window=(20, 6), attn_mask=M["additive"], alibi_slopes=SLOPES, softcap=3.0,
+                        block_mask=M["blocks"], block_size=16, key_padding_mask=M["padding"]), (2, 4, 2, 37, 53, 40)),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_feature(triton_backend, name, causal):
+    kwargs, shape = CASES[name]
+    _check(triton_backend, shape, causal, kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_combination(triton_backend, dtype):
+    kwargs = dict(window=(30, None), alibi_slopes=SLOPES, softcap=5.0, attn_mask=M["bool"][:, :, :, :53])
+    _check(triton_backend, (2, 4, 2, 37, 53, 64), True, kwargs, dtype=dtype)
+
+
+def test_decoding_splits_with_features(triton_backend):
+    """Nq = 3 against 2000 keys: the plan splits the key loop; every feature narrows each split."""
+    q = torch.empty(1, 4, 3, 32)
+    k = torch.empty(1, 2, 2000, 32)
+    assert api.prepare(q, k, k, backend="triton").plan.key_splits > 1
+    blocks = torch.rand(1, 4, 1, 16, generator=torch.Generator().manual_seed(1)) > 0.5
+    kwargs = dict(align="bottom-right", window=(700, None), alibi_slopes=SLOPES, block_mask=blocks, block_size=(16, 128))
+    _check(triton_backend, (1, 4, 2, 3, 2000, 32), True, kwargs)
+
+
+def test_softcap_saturates(triton_backend):
+    """|scores| ~ 1e4 through softcap 20: tanh saturates to +-1 (no overflow, no NaN)."""
+    _check(triton_backend, (1, 2, 2, 17, 29, 16), False, dict(softcap=20.0), scale=30.0)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dropout(triton_backend, causal):
+    kwargs = dict(dropout_p=0.3, dropout_seed=1234, window=(25, None), softcap=4.0)
+    _check(triton_backend, (2, 4, 2, 37, 53, 32), causal, kwargs)
+
+
+def test_dropout_is_reproducible_and_keyed_by_seed(triton_backend):
+    q, k, v, _ = _inputs(2, 2, 2, 33, 70, 16)
+    q, k, v = (_to(x, torch.float32, grad=False) for x in (q, k, v))
+    run = lambda seed: portattn.attention(q, k, v, backend="triton", dropout_p=0.4, dropout_seed=seed)  # noqa: E731
+    assert torch.equal(run(5), run(5))
+    assert not torch.equal(run(5), run(6))
+    spec = spec_from_arrays(q, k, v, dropout_p=0.4)
+    keep = triton_backend.dropout_keep(spec, extras_mod.from_arguments(spec, dropout_seed=5))
+    assert keep.shape == (2, 2, 33, 70) and keep.dtype == bool
+    assert abs(keep.mean() - 0.6) < 0.03
+    # the counter is (key j, query i, head h, batch b): a larger problem extends the same mask
+    bigger = triton_backend.dropout_keep(spec.with_(batch=3, seqlen_q=40, seqlen_k=90), extras_mod.Extras(dropout_seed=5))
+    assert np.array_equal(bigger[:2, :, :33, :70], keep)
+
+
+def _varlen_inputs(lengths, h, kvh, d, dtype):
+    gen = torch.Generator().manual_seed(3)
+    total_q, total_k = sum(a for a, _ in lengths), sum(b for _, b in lengths)
+    q, k, v = (torch.randn(n, heads, d, generator=gen, dtype=torch.float64).to(dtype).to(_device()).requires_grad_(True)
+               for n, heads in ((total_q, h), (total_k, kvh), (total_k, kvh)))
+    do = torch.randn(total_q, h, d, generator=gen, dtype=torch.float64).to(dtype).to(_device())
+
+    def offsets(xs):
+        return torch.tensor(np.concatenate([[0], np.cumsum(xs)]), dtype=torch.int32, device=_device())
+
+    cu = (offsets([a for a, _ in lengths]), offsets([b for _, b in lengths]),
+          max(a for a, _ in lengths), max(b for _, b in lengths))
+    return q, k, v, do, cu
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(causal=True, align="bottom-right", alibi_slopes=SLOPES),
+    dict(window=(6, 2), softcap=3.0),
+    dict(causal=True, dropout_p=0.25, dropout_seed=9),
+], ids=["causal-br-alibi", "window-softcap", "dropout"])
+def test_varlen(triton_backend, kwargs):
+    lengths = ((5, 9), (0, 4), (1, 1), (40, 33), (17, 0), (64, 70))
+    q, k, v, do, cu = _varlen_inputs(lengths, 4, 2, 40, torch.float32)
+    out, lse = portattn.attention_varlen(q, k, v, *cu, backend="triton", return_lse=True, **kwargs)
+    out.backward(do)
+    causal = kwargs.pop("causal", False)
+    want_out, want_lse, grads = _expected(q[None], k[None], v[None], do[None], causal, kwargs, keep_from=triton_backend,
+                                          varlen=tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in cu))
+    _close("out", out, want_out[0].transpose(1, 0, 2), 2e-5)
+    _close("lse", lse, want_lse[0], 2e-5)
+    for name, x, want in zip(("dq", "dk", "dv"), (q, k, v), grads):
+        _close(name, x.grad, want[0].transpose(1, 0, 2), 1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [dict(causal=True, window=(9, 2)), dict(block_mask=M["blocks"], block_size=16),
+                                    dict(attn_mask=M["additive"], causal=True)], ids=["causal-window", "sparse", "mask"])
+def test_fused_atomic_dq(triton_backend, kwargs):
+    """The plan's other backward form (dQ summed by atomic adds in the dK/dV pass) with features."""
+    q64, k64, v64, do64 = _inputs(2, 4, 2, 37, 53, 32)
+    q, k, v = (_to(x, torch.float32, grad=False) for x in (q64, k64, v64))
+    kwargs = dict(kwargs)
+    causal = kwargs.pop("causal", False)
+    call, extras = api._prepare(q, k, v, causal=causal, backend="triton", **kwargs)
+    plan = dataclasses.replace(call.plan, backward_dq_separate=False)
+    out, lse = triton_backend.forward(q, k, v, call.spec, plan, extras)
+    grads = triton_backend.backward(do64.float(), q, k, v, out, lse, call.spec, plan, extras)
+    _, _, want = _expected(q, k, v, do64.float(), causal, kwargs)
+    for name, got, w in zip(("dq", "dk", "dv"), grads, want):
+        _close(name, got, w, 1e-4)
+
+
+def test_skipped_tiles_are_never_read(triton_backend):
+    """NaN in keys/values no query may see: outside every query's window, and in sparse blocks that
+    are empty for every query block. A kernel that loaded them (even masked) would return NaN."""
+    q64, k64, v64, do64 = _inputs(1, 2, 2, 3, 1200, 32)
+    k64[:, :, :1000] = float("nan")  # bottom-right window (50, 0): the 3 queries see keys >= 1147
+    v64[:, :, :1000] = float("nan")
+    q, k, v = (_to(x, torch.float32) for x in (q64, k64, v64))
+    out = portattn.attention(q, k, v, backend="triton", causal=True, align="bottom-right", window=(50, 0))
+    out.backward(do64.float())
+    assert not any(torch.isnan(x).any() for x in (out, q.grad, k.grad[:, :, 1000:], v.grad[:, :, 1000:]))
+
+    q64, k64, v64, do64 = _inputs(1, 2, 2, 64, 64, 32)
+    blocks = torch.ones(4, 4, dtype=torch.bool)
+    blocks[:, 2] = False  # key block 2 (keys 32..47) is empty for every query block
+    k64[:, :, 32:48] = float("nan")
+    v64[:, :, 32:48] = float("nan")
+    q, k, v = (_to(x, torch.float32) for x in (q64, k64, v64))
+    out = portattn.attention(q, k, v, backend="triton", block_mask=blocks, block_size=16)
+    out.backward(do64.float())
+    assert not any(torch.isnan(x).any() for x in (out, q.grad))
+    clean = [x.clone() for x in (q64, k64, v64)]
+    for x in clean[1:]:
+        x[:, :, 32:48] = 0.0
+    want_out, _, grads = _expected(*(x.float() for x in clean), do64.float(), False, dict(block_mask=blocks, block_size=16))
+    _close("out", out, want_out, 2e-5)
+    _close("dq", q.grad, grads[0], 1e-4)
+
+
+def test_capabilities_declare_every_feature(triton_backend):
+    from portattn.spec import FEATURES
+
+    caps = triton_backend.capabilities
+    assert caps.features == frozenset(FEATURES)
+    assert set(caps.feature_notes) == set(FEATURES)
+    module = importlib.import_module("portattn.backends.triton_gpu")
+    assert module._features.__doc__
