@@ -44,6 +44,11 @@ def _to(x, dtype, grad=True):
     return x.to(dtype).to(_device()).requires_grad_(grad)
 
 
+def _on_device(kwargs):
+    """The feature tensors of a call on the device the inputs live on."""
+    return {name: x.to(_device()) if isinstance(x, torch.Tensor) else x for name, x in kwargs.items()}
+
+
 def _numpy_extras(extras):
     return extras.map_arrays(lambda x: x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
 
@@ -51,6 +56,7 @@ def _numpy_extras(extras):
 def _expected(q, k, v, do, causal, kwargs, keep_from=None, varlen=None):
     """The reference's out, lse, dq, dk, dv (float64) for the same call."""
     layout = "bnhd" if varlen else "bhnd"
+    kwargs = {name: x.to(q.device) if isinstance(x, torch.Tensor) else x for name, x in kwargs.items()}
     spec = spec_from_arrays(q, k, v, causal=causal, layout=layout, **kwargs)
     cu = {}
     if varlen is not None:
@@ -85,8 +91,7 @@ def _check(backend, shape, causal, kwargs, dtype=torch.float32, scale=1.0):
     b, h, kvh, nq, nk, d = shape
     q64, k64, v64, do64 = _inputs(b, h, kvh, nq, nk, d, scale=scale)
     q, k, v = (_to(x, dtype) for x in (q64, k64, v64))
-    dev = {name: x.to(_device()) if isinstance(x, torch.Tensor) else x for name, x in kwargs.items()}
-    out, lse = portattn.attention(q, k, v, causal=causal, backend="triton", return_lse=True, **dev)
+    out, lse = portattn.attention(q, k, v, causal=causal, backend="triton", return_lse=True, **_on_device(kwargs))
     out.backward(do64.to(dtype).to(_device()))
     want_out, want_lse, grads = _expected(q, k, v, do64.to(dtype), causal, kwargs, keep_from=backend)
     tol = TOL[dtype]
@@ -147,8 +152,8 @@ def test_low_precision_combination(triton_backend, dtype):
 
 def test_decoding_splits_with_features(triton_backend):
     """Nq = 3 against 2000 keys: the plan splits the key loop; every feature narrows each split."""
-    q = torch.empty(1, 4, 3, 32)
-    k = torch.empty(1, 2, 2000, 32)
+    q = torch.empty(1, 4, 3, 32, device=_device())
+    k = torch.empty(1, 2, 2000, 32, device=_device())
     assert api.prepare(q, k, k, backend="triton").plan.key_splits > 1
     blocks = torch.rand(1, 4, 1, 16, generator=torch.Generator().manual_seed(1)) > 0.5
     kwargs = dict(align="bottom-right", window=(700, None), alibi_slopes=SLOPES, block_mask=blocks, block_size=(16, 128))
@@ -204,11 +209,11 @@ def _varlen_inputs(lengths, h, kvh, d, dtype):
 def test_varlen(triton_backend, kwargs):
     lengths = ((5, 9), (0, 4), (1, 1), (40, 33), (17, 0), (64, 70))
     q, k, v, do, cu = _varlen_inputs(lengths, 4, 2, 40, torch.float32)
-    out, lse = portattn.attention_varlen(q, k, v, *cu, backend="triton", return_lse=True, **kwargs)
+    out, lse = portattn.attention_varlen(q, k, v, *cu, backend="triton", return_lse=True, **_on_device(kwargs))
     out.backward(do)
     causal = kwargs.pop("causal", False)
     want_out, want_lse, grads = _expected(q[None], k[None], v[None], do[None], causal, kwargs, keep_from=triton_backend,
-                                          varlen=tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in cu))
+                                          varlen=cu)
     _close("out", out, want_out[0].transpose(1, 0, 2), 2e-5)
     _close("lse", lse, want_lse[0], 2e-5)
     for name, x, want in zip(("dq", "dk", "dv"), (q, k, v), grads):
@@ -223,7 +228,7 @@ def test_fused_atomic_dq(triton_backend, kwargs):
     q, k, v = (_to(x, torch.float32, grad=False) for x in (q64, k64, v64))
     kwargs = dict(kwargs)
     causal = kwargs.pop("causal", False)
-    call, extras = api._prepare(q, k, v, causal=causal, backend="triton", **kwargs)
+    call, extras = api._prepare(q, k, v, causal=causal, backend="triton", **_on_device(kwargs))
     plan = dataclasses.replace(call.plan, backward_dq_separate=False)
     out, lse = triton_backend.forward(q, k, v, call.spec, plan, extras)
     grads = triton_backend.backward(do64.float(), q, k, v, out, lse, call.spec, plan, extras)
@@ -249,7 +254,7 @@ def test_skipped_tiles_are_never_read(triton_backend):
     k64[:, :, 32:48] = float("nan")
     v64[:, :, 32:48] = float("nan")
     q, k, v = (_to(x, torch.float32) for x in (q64, k64, v64))
-    out = portattn.attention(q, k, v, backend="triton", block_mask=blocks, block_size=16)
+    out = portattn.attention(q, k, v, backend="triton", block_mask=blocks.to(_device()), block_size=16)
     out.backward(do64.float())
     assert not any(torch.isnan(x).any() for x in (out, q.grad))
     clean = [x.clone() for x in (q64, k64, v64)]
