@@ -33,6 +33,8 @@ class PreparedCall:
         return arrays.restore(x, self.spec.array_kind, dtype, self.spec.device)
 
     def _extras_to_backend(self, extras: Extras) -> Extras:
+        if extras is NONE:
+            return extras
         return extras.map_arrays(lambda x: arrays.convert(x, self.backend.compute_kind, self.spec.device))
 
     def forward(self, q, k, v, extras: Extras = NONE):

@@ -87,7 +87,7 @@ def from_arguments(spec, *, attn_mask=None, alibi_slopes=None, key_padding_mask=
             raise ValueError(f"dropout_p = {spec.dropout_p} needs dropout_seed, an int in [0, 2**31) that fixes the mask "
                              f"(the backward applies the same one); got {dropout_seed!r}")
         found["dropout_seed"] = dropout_seed
-    return Extras(**found)
+    return Extras(**found) if found else NONE  # NONE by identity: backends take their fast path
 
 
 def _broadcast_shape(name: str, x, target: tuple[int, ...], accepted: str) -> tuple[int, ...]:

@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import os
 
+from ..extras import NONE
 from ..spec import FEATURES
 from ..tiling import catalog, probe
 from . import register
@@ -88,10 +89,6 @@ def _kernels():
     from . import triton_kernels  # compiled on first launch of each constexpr specialization, then cached
 
     return triton_kernels
-
-
-def _strides(x):
-    return tuple(x.stride())
 
 
 def _in_precision(q) -> str:
@@ -184,16 +181,19 @@ class TritonBackend(Backend):
         args, flags = _features(spec, extras, by_keys=False)
         varlen = spec.varlen
         grid = (-(-spec.seqlen_q // plan.block_q), spec.batch * heads, splits)
+        common = (
+            q, k, v, part_out, part_lse,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(part_out[0], varlen),
+            part_out.stride(0), *_lse_strides(lse, varlen), part_lse.stride(0),
+            heads, spec.seqlen_q, spec.seqlen_k, spec.softmax_scale * LOG2E, keys_per_split,
+        )
+        launch = dict(HEAD_DIM=head_dim, BLOCK_M=plan.block_q, BLOCK_N=plan.block_k, BLOCK_D=plan.head_dim_padded,
+                      CAUSAL=spec.causal, IN_PRECISION=_in_precision(q), num_warps=plan.warps, num_stages=plan.stages)
         with _on_device(q):
-            kernels.attention_forward[grid](
-                q, k, v, part_out, part_lse,
-                *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(part_out[0], varlen),
-                part_out.stride(0), *_lse_strides(lse, varlen), part_lse.stride(0),
-                heads, spec.seqlen_q, spec.seqlen_k, spec.softmax_scale * LOG2E, keys_per_split, *args,
-                HEAD_DIM=head_dim, BLOCK_M=plan.block_q, BLOCK_N=plan.block_k, BLOCK_D=plan.head_dim_padded,
-                CAUSAL=spec.causal, IN_PRECISION=_in_precision(q), **flags,
-                num_warps=plan.warps, num_stages=plan.stages,
-            )
+            if any(flags.values()):
+                kernels.attention_forward_features[grid](*common, *args, **flags, **launch)
+            else:  # the same program with every feature off, launched with half the arguments
+                kernels.attention_forward[grid](*common, **launch)
         if splits > 1:
             _merge_splits(part_out, part_lse, out, lse)
         return out, lse
@@ -282,6 +282,20 @@ def _lse_strides(lse, varlen: bool):
 
 
 def _features(spec, extras, *, by_keys: bool, atomic_dq: bool = False):
+    """``_feature_arguments``, cached when the call has no feature arrays (``extras is NONE``): then
+    they follow from the spec alone, and a repeated plain call must not rebuild ~30 arguments."""
+    if extras is NONE:
+        return _spec_features(spec, by_keys, atomic_dq)
+    return _feature_arguments(spec, extras, by_keys=by_keys, atomic_dq=atomic_dq)
+
+
+@functools.lru_cache(maxsize=1024)
+def _spec_features(spec, by_keys: bool, atomic_dq: bool):
+    args, flags = _feature_arguments(spec, NONE, by_keys=by_keys, atomic_dq=atomic_dq)
+    return tuple(args), flags
+
+
+def _feature_arguments(spec, extras, *, by_keys: bool, atomic_dq: bool = False):
     """The kernels' feature arguments (the list their docstring names, in order) and constexpr flags
     for a call; every flag off (and placeholders) for a plain call, so it compiles as before.
     ``by_keys``: block-sparse lists per sparse key block (the dK/dV pass) instead of per query block;

@@ -231,7 +231,7 @@ def test_fused_atomic_dq(triton_backend, kwargs):
     call, extras = api._prepare(q, k, v, causal=causal, backend="triton", **_on_device(kwargs))
     plan = dataclasses.replace(call.plan, backward_dq_separate=False)
     out, lse = triton_backend.forward(q, k, v, call.spec, plan, extras)
-    grads = triton_backend.backward(do64.float(), q, k, v, out, lse, call.spec, plan, extras)
+    grads = triton_backend.backward(do64.float().to(_device()), q, k, v, out, lse, call.spec, plan, extras)
     _, _, want = _expected(q, k, v, do64.float(), causal, kwargs)
     for name, got, w in zip(("dq", "dk", "dv"), grads, want):
         _close(name, got, w, 1e-4)
@@ -245,7 +245,7 @@ def test_skipped_tiles_are_never_read(triton_backend):
     v64[:, :, :1000] = float("nan")
     q, k, v = (_to(x, torch.float32) for x in (q64, k64, v64))
     out = portattn.attention(q, k, v, backend="triton", causal=True, align="bottom-right", window=(50, 0))
-    out.backward(do64.float())
+    out.backward(do64.float().to(_device()))
     assert not any(torch.isnan(x).any() for x in (out, q.grad, k.grad[:, :, 1000:], v.grad[:, :, 1000:]))
 
     q64, k64, v64, do64 = _inputs(1, 2, 2, 64, 64, 32)
@@ -255,7 +255,7 @@ def test_skipped_tiles_are_never_read(triton_backend):
     v64[:, :, 32:48] = float("nan")
     q, k, v = (_to(x, torch.float32) for x in (q64, k64, v64))
     out = portattn.attention(q, k, v, backend="triton", block_mask=blocks.to(_device()), block_size=16)
-    out.backward(do64.float())
+    out.backward(do64.float().to(_device()))
     assert not any(torch.isnan(x).any() for x in (out, q.grad))
     clean = [x.clone() for x in (q64, k64, v64)]
     for x in clean[1:]:
