@@ -67,8 +67,22 @@ def sweep_table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def sparsity_table(record: dict) -> str:
+    """A ``benchmarks/sparsity.py`` record: block-sparse and window runs against the dense one."""
+    shape = record["shape"]
+    lines = [f"`{record['command']}` -- {record['date']}, {record['device']}, backend {record['backend']}, "
+             f"{record['dtype']}, (B, H, N, D) = ({shape['batch']}, {shape['heads']}, {shape['seqlen']}, {shape['head_dim']}), "
+             + ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v), "",
+             "| mode | run | ms | speed-up over dense |", "|---|---|---|---|"]
+    for row in record["results"]:
+        lines.append(f"| {row['mode']} | {row['variant']} | {row['seconds'] * 1e3:.2f} | {row['speedup_vs_dense']:.2f}x |")
+    return "\n".join(lines)
+
+
 def render(path: str) -> str:
     record = json.load(open(path))
+    if "results" in record and record["results"] and "variant" in record["results"][0]:
+        return sparsity_table(record)
     if "results" in record:
         return table(path)
     parts = [peers_table(record)] if record.get("peers") else []
