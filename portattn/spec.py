@@ -199,11 +199,12 @@ def _check_features(spec: AttentionSpec) -> None:
 def spec_from_arrays(q, k, v, *, causal: bool = False, scale: float | None = None, layout: str = "bhnd",
                      align: str = "top-left", window=None, attn_mask=None, alibi_slopes=None, softcap=None,
                      block_mask=None, block_size=None, key_padding_mask=None, dropout_p: float = 0.0,
-                     **unused) -> AttentionSpec:
+                     dropout_seed=None) -> AttentionSpec:
     """Validate ``q``, ``k``, ``v`` and the options together; return the spec of the call.
 
     The feature arrays are only looked at for their kind, device and dtype here (a bool
-    ``attn_mask`` masks, a float one is added); ``extras.from_arguments`` checks their shapes.
+    ``attn_mask`` masks, a float one is added); ``extras.from_arguments`` checks their shapes and
+    ``dropout_seed``, which is accepted here only so that one set of keywords serves both.
     Raises ``TypeError`` for unsupported array types or dtypes and ``ValueError`` for everything
     else, each naming the argument and what would work.
     """
