@@ -68,6 +68,17 @@ def _fits_problem(plan: TilePlan, seqlen_q: int, seqlen_k: int) -> bool:
     return plan.block_q <= cap(seqlen_q) and plan.block_k <= cap(seqlen_k)
 
 
+def _respects_sparsity(plan: TilePlan, spec) -> bool:
+    """Planner rule S1 holds for every swept configuration: with a block mask, no tile may straddle two
+    sparse blocks (the kernels index one sparse block per tile)."""
+    if spec.block_size is None:
+        return True
+    block_q, block_k = spec.block_size
+    smallest = min(block_q, block_k)  # the backward's dQ pass swaps the roles of queries and keys
+    return (plan.block_q <= block_q and plan.block_k <= block_k
+            and max(plan.backward_block_q, plan.backward_block_k) <= smallest)
+
+
 def measure(fn, device: str, *, warmup_ms: float = 10, rep_ms: float = 40) -> float:
     """Median seconds per call of ``fn``: CUDA events via do_bench on GPUs, the host clock elsewhere."""
     if device.startswith("cuda"):
@@ -91,7 +102,8 @@ def _try(fn, plan: TilePlan, device: str) -> Trial:
 def sweep_forward(call, q, k, v, space: dict = FORWARD_SPACE, extras: Extras = NONE) -> list[Trial]:
     """Forward time of the plan and of every configuration in ``space``, on these arrays."""
     spec = call.spec
-    plans = [p for p in candidates(call.plan, space) if p is call.plan or _fits_problem(p, spec.seqlen_q, spec.seqlen_k)]
+    plans = [p for p in candidates(call.plan, space)
+             if p is call.plan or (_fits_problem(p, spec.seqlen_q, spec.seqlen_k) and _respects_sparsity(p, spec))]
     return [_try(lambda p=p: dataclasses.replace(call, plan=p).forward(q, k, v, extras), p, spec.device) for p in plans]
 
 
@@ -100,6 +112,8 @@ def sweep_backward(call, q, k, v, grad_out, space: dict = BACKWARD_SPACE, extras
     out, lse = call.forward(q, k, v, extras)
     trials = []
     for p in candidates(call.plan, space):
+        if p is not call.plan and not _respects_sparsity(p, call.spec):
+            continue
         step = dataclasses.replace(call, plan=p)
         trials.append(_try(lambda step=step: step.backward(grad_out, q, k, v, out, lse, extras), p, call.spec.device))
     return trials

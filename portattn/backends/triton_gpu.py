@@ -10,7 +10,8 @@ outputs are (B, H, N, D) contiguous in the input dtype, the LSE float32.
 
 Features (``spec.FEATURES``, all of them, forward and backward; ``_features`` turns a call's spec and
 extras into the kernels' feature arguments and constexpr flags, so a plain call compiles to the same
-code as before): GQA without repeating K/V (the dK/dV program of a K/V head loops over its query
+code as before, and a plain forward launches ``attention_forward``, the featureless entry with half
+the arguments, since Triton's launcher costs Python time per argument): GQA without repeating K/V (the dK/dV program of a K/V head loops over its query
 heads), bottom-right alignment, sliding windows (whole key blocks outside the range are never
 visited), bool/additive masks and key padding read through their (broadcast) strides, ALiBi,
 softcap, block-sparse masks (turned here into compacted per-block lists of kept blocks, cut by the

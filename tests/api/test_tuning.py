@@ -102,3 +102,16 @@ def test_repeated_calls_reuse_the_validated_call_but_not_across_shapes(monkeypat
         portattn.attention(q, k[..., :8], v, backend="numba")  # a new shape is validated afresh
     portattn.attention(q, k, v, causal=True, backend="numba")
     assert len(seen) == 3
+
+
+def test_block_sparse_sweeps_keep_tiles_inside_the_sparse_blocks():
+    """Rule S1 binds the tuner too: a 128-key tile over 64-key sparse blocks would read two blocks' keys."""
+    from portattn.spec import AttentionSpec
+    from portattn.tiling import CATALOG, plan
+
+    spec = AttentionSpec(1, 2, 512, 512, 64, "float16", block_size=(64, 64))
+    planned = plan(spec, CATALOG["h100"])
+    kept = [p for p in tuning.candidates(planned, {**tuning.FORWARD_SPACE, **tuning.BACKWARD_SPACE})
+            if tuning._respects_sparsity(p, spec)]
+    assert planned in kept and len(kept) > 1
+    assert all(p.block_q <= 64 and p.block_k <= 64 and p.backward_block_k <= 64 for p in kept)
