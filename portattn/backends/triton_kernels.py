@@ -357,7 +357,7 @@ def _fwd_span(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, of
 
 
 @triton.jit
-def _forward_program(
+def attention_forward_features(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -490,10 +490,11 @@ def attention_forward(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, IN_PRECISION: tl.constexpr,
 ):
-    """The forward of a call with no features: ``_forward_program`` with every feature off. A kernel
-    of its own so that a plain launch passes 29 arguments, not 60 -- Triton's launcher handles each
-    argument in Python on every call, which costs short sequences ~20% (H100, N = 512)."""
-    _forward_program(
+    """The forward of a call with no features: ``attention_forward_features`` called (inlined) with
+    every feature off. A kernel of its own so that a plain launch passes 29 arguments, not 60 --
+    Triton's launcher handles each argument in Python on every call, which costs short sequences
+    ~20% (H100, N = 512)."""
+    attention_forward_features(
         Q, K, V, O, LSE,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
@@ -508,29 +509,6 @@ def attention_forward(
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, IN_PRECISION,
         False, False, False, False, False, False, False, 0, False, False, False, False,
     )
-
-
-@triton.jit
-def attention_forward_features(
-    Q, K, V, O, LSE,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od, stride_os,
-    stride_lb, stride_lh, stride_ls,
-    H, N_Q, N_K, qk_scale, KEYS_PER_SPLIT,
-    GROUP, CU_Q, CU_K, WIN_LEFT, WIN_RIGHT, SOFTCAP2, SLOPES, stride_ab, stride_ah,
-    MASK, stride_mb, stride_mh, stride_mi, stride_mj, KPAD, stride_pb, stride_pj,
-    SP_IDX, SP_NUM, stride_sib, stride_sih, stride_sir, stride_snb, stride_snh, SPARSE_Q: tl.constexpr, SPARSE_K: tl.constexpr,
-    SEED, DROP_P, DROP_SCALE,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, IN_PRECISION: tl.constexpr,
-    GQA: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
-    KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, SPARSE_MASKED: tl.constexpr, DROPOUT: tl.constexpr,
-):
-    """The forward with features: ``_forward_program`` with the call's feature arguments and flags."""
-    _forward_program(Q, K, V, O, LSE, stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od, stride_os, stride_lb, stride_lh, stride_ls, H, N_Q, N_K, qk_scale, KEYS_PER_SPLIT, GROUP, CU_Q, CU_K, WIN_LEFT, WIN_RIGHT, SOFTCAP2, SLOPES, stride_ab, stride_ah, MASK, stride_mb, stride_mh, stride_mi, stride_mj, KPAD, stride_pb, stride_pj, SP_IDX, SP_NUM, stride_sib, stride_sih, stride_sir, stride_snb, stride_snh, SPARSE_Q, SPARSE_K, SEED, DROP_P, DROP_SCALE, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, IN_PRECISION, GQA, VARLEN, BOTTOM_RIGHT, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, SPARSE, SPARSE_MASKED, DROPOUT)
 
 
 # ---------------------------------------------------------------------------------------------
