@@ -142,15 +142,16 @@ def run_peers(args, record):
     for d, causal, n in points(args.seqlens, args.head_dims, args.causal):
         for mode in args.modes:
             q, k, v, grad_out = inputs(d, n, requires_grad=mode == "fwd+bwd")
-            contenders = {"portattn-triton": lambda q, k, v: portattn.attention(q, k, v, causal=causal, backend="triton")}
+            ours_name = f"portattn-{args.backend}"
+            contenders = {ours_name: lambda q, k, v: portattn.attention(q, k, v, causal=causal, backend=args.backend)}
             for name, kernel in SDPA.items():
-                if name == "math" and n > MATH_MAX_SEQLEN:
+                if name not in args.sdpa or (name == "math" and n > MATH_MAX_SEQLEN):
                     continue
                 contenders[f"sdpa-{name}"] = (lambda kernel: lambda q, k, v: _sdpa(q, k, v, causal, kernel))(kernel)
             if make_flex is not None:
                 contenders["flex"] = make_flex(causal, n)
             row = {"D": d, "causal": causal, "N": n, "mode": mode, "B": shape(d, n)[0], "H": shape(d, n)[1],
-                   "plan": prepare(q, k, v, causal=causal, backend="triton").plan.summary(), "tflops": {}, "ms": {}, "errors": {}}
+                   "backend": args.backend, "plan": prepare(q, k, v, causal=causal, backend=args.backend).plan.summary(), "tflops": {}, "ms": {}, "errors": {}}
             for name, forward in contenders.items():
                 try:
                     if mode == "fwd":
@@ -163,8 +164,8 @@ def run_peers(args, record):
                 except Exception as error:  # noqa: BLE001 - a peer that cannot run this shape is a result
                     row["errors"][name] = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
                 torch.cuda.empty_cache()
-            ours = row["tflops"].get("portattn-triton")
-            row["ratios"] = {name: ours / t for name, t in row["tflops"].items() if ours and name != "portattn-triton"}
+            ours = row["tflops"].get(ours_name)
+            row["ratios"] = {name: ours / t for name, t in row["tflops"].items() if ours and name != ours_name}
             record["peers"].append(row)
             print(_peer_line(row), flush=True)
             save(args, record)
@@ -177,7 +178,8 @@ def _sdpa(q, k, v, causal, kernel):
 
 def _peer_line(row):
     cells = " ".join(f"{name}={t:.0f}" for name, t in row["tflops"].items())
-    return f"D={row['D']} causal={int(row['causal'])} N={row['N']} {row['mode']}: {cells} | vs flash {row['ratios'].get('sdpa-flash', 0):.2f}x"
+    versus = " ".join(f"{name.removeprefix('sdpa-')} {ratio:.2f}x" for name, ratio in row["ratios"].items())
+    return f"D={row['D']} causal={int(row['causal'])} N={row['N']} {row['mode']}: {cells} | ours vs {versus}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +273,8 @@ def main(argv=None):
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=("fwd", "fwd+bwd"))
     parser.add_argument("--causal", type=int, nargs="+", default=[0, 1], choices=(0, 1), help="masks: 0 full, 1 causal")
     parser.add_argument("--forward-sweep", type=int, default=1, choices=(0, 1), help="sweep: 0 skips the forward configurations")
+    parser.add_argument("--backend", default="triton", help="peers: the portattn backend timed against the peers")
+    parser.add_argument("--sdpa", nargs="+", default=list(SDPA), choices=list(SDPA), help="peers: the SDPA backends timed")
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--no-warm", action="store_true", help="peers: flex is already compiled (warm-flex ran before)")
     parser.add_argument("--workers", type=int, default=12)

@@ -1,0 +1,653 @@
+// FlashAttention-2 forward and backward on NVIDIA tensor cores through WMMA 16x16x16 fragments,
+// laid out for Volta (sm_70) and running unchanged on Turing, Ampere and Hopper.
+//
+// Compiled at run time by cupy.RawModule (portattn/backends/cupy_gpu.py) with the tile plan as
+// compile-time constants (-D...):
+//   HEAD_DIM      the true head dim; HEAD_DIM_PAD: it rounded up to 16 (padding columns are zero)
+//   FWD_WARPS, FWD_BLOCK_K, FWD_STAGES          forward: a block owns 16*FWD_WARPS query rows
+//   BWD_WARPS, BWD_BLOCK_N, BWD_STAGES          backward: a block owns 16*BWD_WARPS rows (keys for
+//                                               dK/dV, queries for dQ) and streams BWD_BLOCK_N of the other
+//   Q_IN_REGISTERS  keep the forward's Q operand fragments in registers (head dims <= 128)
+//   CAUSAL, BF16, VECTOR_LOADS (16-byte global loads: head dim, row strides and pointers are multiples
+//   of 8 elements), FWD_SMEM_BYTES / BWD_SMEM_BYTES (the planner's figures: static_asserts below
+//   check that this file lays shared memory out exactly as portattn/tiling/wmma.py predicts).
+//
+// Why WMMA and not inline mma.sync.m8n8k4: see portattn/backends/cupy_gpu.py (MMA_CHOICE) and
+// benchmarks/mma_shapes.py, which times both. In short: on sm_70 WMMA 16x16x16 compiles to the same
+// HMMA.884 instructions (four quad-pairs, each an m8n8k4), and from sm_80 on it compiles to the
+// native m16n8k16 instruction, while m8n8k4 is emulated there and runs several times slower.
+//
+// The one thing WMMA hides is which accumulator element a thread holds. Online softmax needs to
+// scale rows of O, so every warp *probes* the layout once: it loads a 16x16 tile whose every entry
+// is its row index into an accumulator fragment and keeps, per element, the row that came back
+// (`row_of`). That is portable across architectures, where the layout differs.
+//
+// Shared-memory layout of an operand tile (fp16/bf16, row-major, row stride LD = HEAD_DIM_PAD + 8):
+//
+//        16 B  16 B  16 B  16 B ...          16 B (pad)
+//   row0 [c0 ][c1 ][c2 ][c3 ] ... [cD/8-1]  [pad]      bank slot of c0 (8 slots of 16 B):  0
+//   row1  [pad'][c0 ][c1 ][c2 ] ...                                                         1 (+16 B)
+//   row2        [c0 ][c1 ] ...                                                              2 ...
+//   ...                                                                                     7, then 0
+//
+// A fragment load reads 8 rows x 16 B in one shared-memory phase (ldmatrix on sm_75+; on Volta
+// HMMA.884 operands are read as 8-byte pieces of 4 consecutive rows per quad-pair). An unpadded
+// row stride of 2*HEAD_DIM_PAD bytes is a multiple of 128 B, so all 8 rows would start in the same
+// bank slot: an 8-way conflict. Padding by 8 elements makes the stride an odd multiple of 16 B, so
+// the 8 rows of a phase start in 8 different slots and the load is conflict-free, with no swizzle
+// arithmetic on the addresses (WMMA takes only a pointer and a stride). Score tiles in float32 use
+// stride COLUMNS + 4 for the same reason.
+
+#include <cuda_fp16.h>
+#if BF16
+#include <cuda_bf16.h>
+#endif
+#include <mma.h>
+
+using namespace nvcuda;
+
+#if BF16
+typedef __nv_bfloat16 elem_t;
+__device__ __forceinline__ float to_float(elem_t x) { return __bfloat162float(x); }
+__device__ __forceinline__ elem_t from_float(float x) { return __float2bfloat16(x); }
+#else
+typedef __half elem_t;
+__device__ __forceinline__ float to_float(elem_t x) { return __half2float(x); }
+__device__ __forceinline__ elem_t from_float(float x) { return __float2half(x); }
+#endif
+
+#define ASYNC_COPY (__CUDA_ARCH__ >= 800)
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+#ifndef INFINITY  // NVRTC has no <math.h>
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+// ---- tile geometry shared by all kernels ----------------------------------------------------------
+constexpr int LD = HEAD_DIM_PAD + 8;             // operand tile row stride, elements
+constexpr int CHUNKS = HEAD_DIM_PAD / 8;          // 16-byte pieces per padded row
+constexpr int FRAGS_D = HEAD_DIM_PAD / 16;        // 16-wide column fragments across the head dim
+constexpr int OUT_LD = HEAD_DIM_PAD + 4;          // float32 epilogue staging row stride
+
+__host__ __device__ constexpr int align_up(int bytes) { return (bytes + 127) / 128 * 128; }
+__host__ __device__ constexpr int max_of(int a, int b) { return a > b ? a : b; }
+__host__ __device__ constexpr int tile_bytes(int rows) { return align_up(rows * LD * 2); }
+// per warp: a float32 score tile, its 16-bit probabilities, and one float per row
+__host__ __device__ constexpr int scratch_bytes(int columns) {
+    return align_up(16 * (columns + 4) * 4) + align_up(16 * (columns + 8) * 2) + align_up(16 * 4);
+}
+__host__ __device__ constexpr int staging_bytes(int warps) { return align_up(warps * 16 * OUT_LD * 4); }
+
+typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, elem_t, wmma::row_major> frag_a;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, elem_t, wmma::row_major> frag_b_row;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, elem_t, wmma::col_major> frag_b_col;
+typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag_acc;
+
+// Per-warp scratch: scores (float32, 16 x columns), probabilities (16-bit), one float per row.
+template <int COLUMNS>
+struct WarpScratch {
+    static constexpr int SLD = COLUMNS + 4;
+    static constexpr int PLD = COLUMNS + 8;
+    float *scores;
+    elem_t *probs;
+    float *row;
+    __device__ WarpScratch(char *base, int warp) {
+        char *mine = base + warp * scratch_bytes(COLUMNS);
+        scores = reinterpret_cast<float *>(mine);
+        probs = reinterpret_cast<elem_t *>(mine + align_up(16 * SLD * 4));
+        row = reinterpret_cast<float *>(mine + align_up(16 * SLD * 4) + align_up(16 * PLD * 2));
+    }
+};
+
+// The row (0..15) of each accumulator element this thread holds: load a tile of row indices.
+__device__ __forceinline__ void probe_rows(float *scratch, int ld, int lane, int row_of[8]) {
+    for (int i = lane; i < 256; i += 32) scratch[(i / 16) * ld + i % 16] = float(i / 16);
+    __syncwarp();
+    frag_acc probe;
+    wmma::load_matrix_sync(probe, scratch, ld, wmma::mem_row_major);
+    static_assert(frag_acc::num_elements == 8, "a 16x16 float accumulator is 8 elements per thread");
+#pragma unroll
+    for (int i = 0; i < 8; ++i) row_of[i] = int(probe.x[i]);
+    __syncwarp();
+}
+
+// ---- global <-> shared copies ---------------------------------------------------------------------
+// Copy `rows` rows of a (rows x HEAD_DIM) tile, row stride `stride` elements, into a padded shared
+// tile of `tile_rows` rows; rows past `rows` and columns past HEAD_DIM are zero-filled.
+__device__ __forceinline__ void copy_chunk(elem_t *dst, const elem_t *src, bool valid) {
+#if ASYNC_COPY
+    unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    int bytes = valid ? 16 : 0;  // the zero-fill form: bytes past src-size are written as zeros
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(src), "r"(bytes));
+#else
+    *reinterpret_cast<uint4 *>(dst) = valid ? *reinterpret_cast<const uint4 *>(src) : make_uint4(0, 0, 0, 0);
+#endif
+}
+
+__device__ __forceinline__ void commit_copies() {
+#if ASYNC_COPY
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int PENDING>
+__device__ __forceinline__ void wait_copies() {
+#if ASYNC_COPY
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+#endif
+}
+
+static_assert(!VECTOR_LOADS || HEAD_DIM % 8 == 0, "16-byte loads need whole 8-element pieces per row");
+
+template <int TILE_ROWS, int THREADS>
+__device__ __forceinline__ void load_tile(elem_t *tile, const elem_t *src, long stride, int rows, int tid) {
+#if VECTOR_LOADS
+    for (int i = tid; i < TILE_ROWS * CHUNKS; i += THREADS) {
+        int r = i / CHUNKS, c = i % CHUNKS;
+        bool valid = r < rows && c * 8 < HEAD_DIM;
+        copy_chunk(tile + r * LD + c * 8, valid ? src + r * stride + c * 8 : src, valid);
+    }
+#else  // element by element: any head dim, stride and alignment
+    for (int i = tid; i < TILE_ROWS * HEAD_DIM_PAD; i += THREADS) {
+        int r = i / HEAD_DIM_PAD, c = i % HEAD_DIM_PAD;
+        tile[r * LD + c] = (r < rows && c < HEAD_DIM) ? src[r * stride + c] : from_float(0.f);
+    }
+#endif
+}
+
+// Write a warp's 16 x HEAD_DIM float32 rows (staged in shared memory) to global memory, `rows` valid.
+__device__ __forceinline__ void store_rows(elem_t *dst, long stride, const float *staged, int rows, int lane) {
+    for (int i = lane; i < 16 * HEAD_DIM; i += 32) {
+        int r = i / HEAD_DIM, c = i % HEAD_DIM;
+        if (r < rows) dst[r * stride + c] = from_float(staged[r * OUT_LD + c]);
+    }
+}
+
+// Stage accumulators (16 x HEAD_DIM_PAD per warp) as float32, scaled per row by `row_scale`.
+__device__ __forceinline__ void stage_rows(float *staged, frag_acc *acc, const int row_of[8], const float *row_scale) {
+#pragma unroll
+    for (int j = 0; j < FRAGS_D; ++j) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[j].x[i] *= row_scale[row_of[i]];
+        wmma::store_matrix_sync(staged + j * 16, acc[j], OUT_LD, wmma::mem_row_major);
+    }
+    __syncwarp();
+}
+
+// ==== forward ======================================================================================
+constexpr int FWD_ROWS = 16 * FWD_WARPS;
+constexpr int FWD_THREADS = 32 * FWD_WARPS;
+constexpr int FWD_Q_BYTES = tile_bytes(FWD_ROWS);
+constexpr int FWD_KV_BYTES = max_of(FWD_STAGES * 2 * tile_bytes(FWD_BLOCK_K), staging_bytes(FWD_WARPS));
+constexpr int FWD_SCRATCH_BYTES = FWD_WARPS * scratch_bytes(FWD_BLOCK_K);
+static_assert(FWD_Q_BYTES + FWD_KV_BYTES + FWD_SCRATCH_BYTES == FWD_SMEM_BYTES,
+              "forward shared memory differs from the plan (portattn/tiling/wmma.py)");
+static_assert(FWD_BLOCK_K % 16 == 0 && (FWD_BLOCK_K / 2) % 4 == 0, "block_k: whole fragments, 4-float row pieces");
+
+// One block: 16*FWD_WARPS query rows of one (batch, head); warp w owns rows 16w..16w+15.
+// grid = (query blocks, batch * heads). Strides are in elements: (batch, head, row).
+extern "C" __global__ void __launch_bounds__(FWD_THREADS)
+attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
+                  elem_t *__restrict__ out, float *__restrict__ lse,
+                  long q_sb, long q_sh, long q_sn, long k_sb, long k_sh, long k_sn, long v_sb, long v_sh, long v_sn,
+                  long o_sb, long o_sh, long o_sn, long lse_sb, long lse_sh,
+                  int heads, int group, int seqlen_q, int seqlen_k, int query_offset, float scale_log2) {
+    extern __shared__ __align__(128) char smem[];
+    elem_t *q_tile = reinterpret_cast<elem_t *>(smem);
+    elem_t *kv_tiles = reinterpret_cast<elem_t *>(smem + FWD_Q_BYTES);
+    float *staged_out = reinterpret_cast<float *>(smem + FWD_Q_BYTES);  // after the key loop
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    WarpScratch<FWD_BLOCK_K> scratch(smem + FWD_Q_BYTES + FWD_KV_BYTES, warp);
+
+    const int batch = blockIdx.y / heads, head = blockIdx.y % heads, kv_head = head / group;
+    const int q_start = blockIdx.x * FWD_ROWS;
+    q += batch * q_sb + head * q_sh + q_start * q_sn;
+    k += batch * k_sb + kv_head * k_sh;
+    v += batch * v_sb + kv_head * v_sh;
+
+    // causal: the last key any row of this block sees, and the keys a row sees without a mask
+    int key_end = seqlen_k;
+    if (CAUSAL) key_end = min(seqlen_k, max(0, q_start + FWD_ROWS + query_offset));
+    const int tiles = (key_end + FWD_BLOCK_K - 1) / FWD_BLOCK_K;
+    const int unmasked_end = CAUSAL ? q_start + query_offset + 1 : seqlen_k;  // keys < this are seen by every row
+
+    load_tile<FWD_ROWS, FWD_THREADS>(q_tile, q, q_sn, min(FWD_ROWS, seqlen_q - q_start), tid);
+    commit_copies();
+    auto load_kv = [&](int t) {
+        elem_t *stage = kv_tiles + (t % FWD_STAGES) * 2 * (tile_bytes(FWD_BLOCK_K) / 2);
+        int rows = min(FWD_BLOCK_K, seqlen_k - t * FWD_BLOCK_K);
+        load_tile<FWD_BLOCK_K, FWD_THREADS>(stage, k + t * FWD_BLOCK_K * k_sn, k_sn, rows, tid);
+        load_tile<FWD_BLOCK_K, FWD_THREADS>(stage + tile_bytes(FWD_BLOCK_K) / 2, v + t * FWD_BLOCK_K * v_sn, v_sn, rows, tid);
+    };
+#pragma unroll
+    for (int t = 0; t < FWD_STAGES - 1; ++t) {  // prologue: the first STAGES-1 tiles in flight
+        if (t < tiles) load_kv(t);
+        commit_copies();
+    }
+
+    int row_of[8];
+    probe_rows(scratch.scores, WarpScratch<FWD_BLOCK_K>::SLD, lane, row_of);
+    // softmax ownership: lane -> row lane % 16, columns half (lane / 16) of the tile, 4 at a time
+    const int my_row = lane % 16, my_half = lane / 16;
+    const int my_query = q_start + warp * 16 + my_row;
+    float row_max = -INFINITY, row_sum = 0.f;
+
+    frag_acc o_acc[FRAGS_D];
+#pragma unroll
+    for (int j = 0; j < FRAGS_D; ++j) wmma::fill_fragment(o_acc[j], 0.f);
+    const elem_t *q_rows = q_tile + warp * 16 * LD;
+#if Q_IN_REGISTERS
+    frag_a q_frag[FRAGS_D];
+    wait_copies<FWD_STAGES - 1>();  // the Q tile's group (committed first) is complete
+    __syncthreads();
+#pragma unroll
+    for (int d = 0; d < FRAGS_D; ++d) wmma::load_matrix_sync(q_frag[d], q_rows + d * 16, LD);
+#endif
+
+    for (int t = 0; t < tiles; ++t) {
+        if (t + FWD_STAGES - 1 < tiles) load_kv(t + FWD_STAGES - 1);
+        commit_copies();
+        wait_copies<FWD_STAGES - 1>();
+        __syncthreads();
+        const elem_t *k_tile = kv_tiles + (t % FWD_STAGES) * 2 * (tile_bytes(FWD_BLOCK_K) / 2);
+        const elem_t *v_tile = k_tile + tile_bytes(FWD_BLOCK_K) / 2;
+        // S = Q K^T for this warp's 16 rows, one 16-column fragment at a time, staged as float32
+#pragma unroll
+        for (int c = 0; c < FWD_BLOCK_K / 16; ++c) {
+            frag_acc s_acc;
+            wmma::fill_fragment(s_acc, 0.f);
+#pragma unroll
+            for (int d = 0; d < FRAGS_D; ++d) {
+                frag_b_col k_frag;  // K row-major is K^T column-major
+                wmma::load_matrix_sync(k_frag, k_tile + c * 16 * LD + d * 16, LD);
+#if Q_IN_REGISTERS
+                wmma::mma_sync(s_acc, q_frag[d], k_frag, s_acc);
+#else
+                frag_a q_frag;
+                wmma::load_matrix_sync(q_frag, q_rows + d * 16, LD);
+                wmma::mma_sync(s_acc, q_frag, k_frag, s_acc);
+#endif
+            }
+            wmma::store_matrix_sync(scratch.scores + c * 16, s_acc, WarpScratch<FWD_BLOCK_K>::SLD, wmma::mem_row_major);
+        }
+        __syncwarp();
+
+        // online softmax on the staged scores: this lane's row, half the columns, float4 at a time
+        const int key_base = t * FWD_BLOCK_K;
+        const bool masked = key_base + FWD_BLOCK_K > min(unmasked_end + warp * 16, seqlen_k);
+        const float *s_row = scratch.scores + my_row * WarpScratch<FWD_BLOCK_K>::SLD + my_half * (FWD_BLOCK_K / 2);
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int c = 0; c < FWD_BLOCK_K / 2; c += 4) {
+            float4 s4 = *reinterpret_cast<const float4 *>(s_row + c);
+            float s[4] = {s4.x, s4.y, s4.z, s4.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int key = key_base + my_half * (FWD_BLOCK_K / 2) + c + e;
+                bool hidden = masked && (key >= seqlen_k || (CAUSAL && key > my_query + query_offset));
+                tile_max = fmaxf(tile_max, hidden ? -INFINITY : s[e] * scale_log2);
+            }
+        }
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 16));
+        const float new_max = fmaxf(row_max, tile_max);
+        const float base = new_max == -INFINITY ? 0.f : new_max;  // a row that has seen no key yet
+        float tile_sum = 0.f;
+        elem_t *p_row = scratch.probs + my_row * WarpScratch<FWD_BLOCK_K>::PLD + my_half * (FWD_BLOCK_K / 2);
+#pragma unroll
+        for (int c = 0; c < FWD_BLOCK_K / 2; c += 4) {
+            float4 s4 = *reinterpret_cast<const float4 *>(s_row + c);
+            float s[4] = {s4.x, s4.y, s4.z, s4.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int key = key_base + my_half * (FWD_BLOCK_K / 2) + c + e;
+                bool hidden = masked && (key >= seqlen_k || (CAUSAL && key > my_query + query_offset));
+                float p = hidden ? 0.f : exp2f(s[e] * scale_log2 - base);
+                elem_t p16 = from_float(p);
+                tile_sum += to_float(p16);  // the sum of what P @ V will actually multiply
+                p_row[c + e] = p16;
+            }
+        }
+        tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, 16);
+        const float alpha = exp2f(row_max - base);  // 0 when the row had no key before; 1 when the max held
+        row_sum = row_sum * alpha + tile_sum;
+        row_max = new_max;
+        if (my_half == 0) scratch.row[my_row] = alpha;
+        __syncwarp();
+
+        // O = alpha * O + P V
+        frag_a p_frag[FWD_BLOCK_K / 16];
+#pragma unroll
+        for (int c = 0; c < FWD_BLOCK_K / 16; ++c)
+            wmma::load_matrix_sync(p_frag[c], scratch.probs + c * 16, WarpScratch<FWD_BLOCK_K>::PLD);
+        float row_alpha[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) row_alpha[i] = scratch.row[row_of[i]];
+#pragma unroll
+        for (int j = 0; j < FRAGS_D; ++j) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) o_acc[j].x[i] *= row_alpha[i];
+#pragma unroll
+            for (int c = 0; c < FWD_BLOCK_K / 16; ++c) {
+                frag_b_row v_frag;
+                wmma::load_matrix_sync(v_frag, v_tile + c * 16 * LD + j * 16, LD);
+                wmma::mma_sync(o_acc[j], p_frag[c], v_frag, o_acc[j]);
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before it is refilled
+    }
+    wait_copies<0>();
+
+    // epilogue: O / l, LSE = (max + log2 l) * ln 2; a row that saw no key: O = 0, LSE = -inf
+    const float inv_sum = row_sum > 0.f ? 1.f / row_sum : 0.f;
+    if (my_half == 0) scratch.row[my_row] = inv_sum;
+    __syncthreads();  // the K/V stages become the staging area
+    const int rows = min(16, seqlen_q - q_start - warp * 16);
+    float *staged = staged_out + warp * 16 * OUT_LD;
+    stage_rows(staged, o_acc, row_of, scratch.row);
+    if (rows > 0) {
+        store_rows(out + batch * o_sb + head * o_sh + (q_start + warp * 16) * o_sn, o_sn, staged, rows, lane);
+        if (my_half == 0 && my_row < rows)
+            lse[batch * lse_sb + head * lse_sh + my_query] = row_sum > 0.f ? (row_max + log2f(row_sum)) * LN2 : -INFINITY;
+    }
+}
+
+// ==== backward =====================================================================================
+// delta_i = sum_d dO_id * O_id in float32 (one warp per row): the softmax Jacobian's row term.
+extern "C" __global__ void attention_backward_delta(const elem_t *__restrict__ out, const elem_t *__restrict__ grad_out,
+                                                    float *__restrict__ delta, long o_sb, long o_sh, long o_sn,
+                                                    long g_sb, long g_sh, long g_sn, int heads, int seqlen_q) {
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (warp >= seqlen_q) return;
+    const int batch = blockIdx.y / heads, head = blockIdx.y % heads;
+    const elem_t *o = out + batch * o_sb + head * o_sh + warp * o_sn;
+    const elem_t *g = grad_out + batch * g_sb + head * g_sh + warp * g_sn;
+    float sum = 0.f;
+    for (int c = lane; c < HEAD_DIM; c += 32) sum += to_float(o[c]) * to_float(g[c]);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) delta[blockIdx.y * (long)seqlen_q + warp] = sum;
+}
+
+constexpr int BWD_ROWS = 16 * BWD_WARPS;  // owned rows: keys (dK/dV pass) or queries (dQ pass)
+constexpr int BWD_THREADS = 32 * BWD_WARPS;
+constexpr int BWD_OWN_BYTES = 2 * tile_bytes(BWD_ROWS);  // K and V, or Q and dO
+constexpr int BWD_STREAM_BYTES = max_of(BWD_STAGES * (2 * tile_bytes(BWD_BLOCK_N) + 2 * align_up(BWD_BLOCK_N * 4)),
+                                        staging_bytes(BWD_WARPS));
+constexpr int BWD_SCRATCH_BYTES = BWD_WARPS * scratch_bytes(BWD_BLOCK_N);
+static_assert(BWD_OWN_BYTES + BWD_STREAM_BYTES + BWD_SCRATCH_BYTES == BWD_SMEM_BYTES,
+              "backward shared memory differs from the plan (portattn/tiling/wmma.py)");
+static_assert(BWD_BLOCK_N % 16 == 0 && (BWD_BLOCK_N / 2) % 4 == 0, "streamed block: whole fragments");
+
+// One stage of the streamed side: two operand tiles and, for query tiles, their LSE and delta.
+struct Stage {
+    elem_t *first, *second;
+    float *lse, *delta;
+    __device__ Stage(char *base, int index) {
+        char *mine = base + index * (2 * tile_bytes(BWD_BLOCK_N) + 2 * align_up(BWD_BLOCK_N * 4));
+        first = reinterpret_cast<elem_t *>(mine);
+        second = reinterpret_cast<elem_t *>(mine + tile_bytes(BWD_BLOCK_N));
+        lse = reinterpret_cast<float *>(mine + 2 * tile_bytes(BWD_BLOCK_N));
+        delta = reinterpret_cast<float *>(mine + 2 * tile_bytes(BWD_BLOCK_N) + align_up(BWD_BLOCK_N * 4));
+    }
+};
+
+// P = exp2(S * scale_log2 - LSE_log2) for a warp's staged 16 x BWD_BLOCK_N scores, masked, written as
+// 16-bit into scratch.probs; then, after dP is staged in scratch.scores, dS = P * (dP - delta) in place.
+// `transposed`: rows are keys and columns queries (the dK/dV pass); otherwise rows are queries.
+template <bool TRANSPOSED>
+__device__ __forceinline__ bool hidden_pair(int row_pos, int col_pos, int seqlen_q, int seqlen_k, int query_offset) {
+    int query = TRANSPOSED ? col_pos : row_pos, key = TRANSPOSED ? row_pos : col_pos;
+    return query >= seqlen_q || key >= seqlen_k || (CAUSAL && key > query + query_offset);
+}
+
+template <bool TRANSPOSED>
+__device__ __forceinline__ void probabilities(WarpScratch<BWD_BLOCK_N> &scratch, const float *col_lse, float row_lse,
+                                              int row_pos, int col_base, bool masked, float scale_log2, int lane,
+                                              int seqlen_q, int seqlen_k, int query_offset) {
+    const int my_row = lane % 16, my_half = lane / 16;
+    const float *s_row = scratch.scores + my_row * WarpScratch<BWD_BLOCK_N>::SLD + my_half * (BWD_BLOCK_N / 2);
+    elem_t *p_row = scratch.probs + my_row * WarpScratch<BWD_BLOCK_N>::PLD + my_half * (BWD_BLOCK_N / 2);
+#pragma unroll
+    for (int c = 0; c < BWD_BLOCK_N / 2; c += 4) {
+        float4 s4 = *reinterpret_cast<const float4 *>(s_row + c);
+        float s[4] = {s4.x, s4.y, s4.z, s4.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            int col = my_half * (BWD_BLOCK_N / 2) + c + e;
+            float lse_log2 = TRANSPOSED ? col_lse[col] : row_lse;
+            bool hidden = masked && hidden_pair<TRANSPOSED>(row_pos, col_base + col, seqlen_q, seqlen_k, query_offset);
+            p_row[c + e] = from_float(hidden ? 0.f : exp2f(s[e] * scale_log2 - lse_log2));
+        }
+    }
+    __syncwarp();
+}
+
+template <bool TRANSPOSED>
+__device__ __forceinline__ void score_gradients(WarpScratch<BWD_BLOCK_N> &scratch, const float *col_delta, float row_delta,
+                                                int lane) {
+    const int my_row = lane % 16, my_half = lane / 16;
+    const float *dp_row = scratch.scores + my_row * WarpScratch<BWD_BLOCK_N>::SLD + my_half * (BWD_BLOCK_N / 2);
+    elem_t *p_row = scratch.probs + my_row * WarpScratch<BWD_BLOCK_N>::PLD + my_half * (BWD_BLOCK_N / 2);
+#pragma unroll
+    for (int c = 0; c < BWD_BLOCK_N / 2; c += 4) {
+        float4 d4 = *reinterpret_cast<const float4 *>(dp_row + c);
+        float dp[4] = {d4.x, d4.y, d4.z, d4.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            int col = my_half * (BWD_BLOCK_N / 2) + c + e;
+            float d = TRANSPOSED ? col_delta[col] : row_delta;
+            p_row[c + e] = from_float(to_float(p_row[c + e]) * (dp[e] - d));
+        }
+    }
+    __syncwarp();
+}
+
+// acc(16 x BWD_BLOCK_N) = rows(16 x D) @ tile(BWD_BLOCK_N x D)^T, staged as float32 in scratch.scores
+__device__ __forceinline__ void rows_times_tile_t(WarpScratch<BWD_BLOCK_N> &scratch, const elem_t *rows, const elem_t *tile) {
+#pragma unroll
+    for (int c = 0; c < BWD_BLOCK_N / 16; ++c) {
+        frag_acc acc;
+        wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+        for (int d = 0; d < FRAGS_D; ++d) {
+            frag_a a;
+            frag_b_col b;
+            wmma::load_matrix_sync(a, rows + d * 16, LD);
+            wmma::load_matrix_sync(b, tile + c * 16 * LD + d * 16, LD);
+            wmma::mma_sync(acc, a, b, acc);
+        }
+        wmma::store_matrix_sync(scratch.scores + c * 16, acc, WarpScratch<BWD_BLOCK_N>::SLD, wmma::mem_row_major);
+    }
+    __syncwarp();
+}
+
+// acc(16 x D) += probs(16 x BWD_BLOCK_N) @ tile(BWD_BLOCK_N x D)
+__device__ __forceinline__ void accumulate_probs_times_tile(frag_acc *acc, const WarpScratch<BWD_BLOCK_N> &scratch,
+                                                            const elem_t *tile) {
+#pragma unroll
+    for (int c = 0; c < BWD_BLOCK_N / 16; ++c) {
+        frag_a a;
+        wmma::load_matrix_sync(a, scratch.probs + c * 16, WarpScratch<BWD_BLOCK_N>::PLD);
+#pragma unroll
+        for (int j = 0; j < FRAGS_D; ++j) {
+            frag_b_row b;
+            wmma::load_matrix_sync(b, tile + c * 16 * LD + j * 16, LD);
+            wmma::mma_sync(acc[j], a, b, acc[j]);
+        }
+    }
+}
+
+// dK, dV for 16*BWD_WARPS keys of one (batch, kv head); streams the query blocks that can see them,
+// for every query head of the group (GQA sums in registers, no atomics). grid = (key blocks, batch * kv heads).
+extern "C" __global__ void __launch_bounds__(BWD_THREADS)
+attention_backward_dkdv(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
+                        const elem_t *__restrict__ grad_out, const float *__restrict__ lse, const float *__restrict__ delta,
+                        elem_t *__restrict__ dk, elem_t *__restrict__ dv,
+                        long q_sb, long q_sh, long q_sn, long k_sb, long k_sh, long k_sn, long v_sb, long v_sh, long v_sn,
+                        long g_sb, long g_sh, long g_sn, long dk_sb, long dk_sh, long dk_sn, long dv_sb, long dv_sh, long dv_sn,
+                        int heads, int group, int seqlen_q, int seqlen_k, int query_offset, float scale, float scale_log2) {
+    extern __shared__ __align__(128) char smem[];
+    elem_t *k_tile = reinterpret_cast<elem_t *>(smem);
+    elem_t *v_tile = reinterpret_cast<elem_t *>(smem + tile_bytes(BWD_ROWS));
+    char *stages = smem + BWD_OWN_BYTES;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    WarpScratch<BWD_BLOCK_N> scratch(smem + BWD_OWN_BYTES + BWD_STREAM_BYTES, warp);
+    const int kv_heads = heads / group;
+    const int batch = blockIdx.y / kv_heads, kv_head = blockIdx.y % kv_heads;
+    const int k_start = blockIdx.x * BWD_ROWS;
+
+    load_tile<BWD_ROWS, BWD_THREADS>(k_tile, k + batch * k_sb + kv_head * k_sh + k_start * k_sn, k_sn,
+                                     min(BWD_ROWS, seqlen_k - k_start), tid);
+    load_tile<BWD_ROWS, BWD_THREADS>(v_tile, v + batch * v_sb + kv_head * v_sh + k_start * v_sn, v_sn,
+                                     min(BWD_ROWS, seqlen_k - k_start), tid);
+    commit_copies();
+
+    // causal: queries before first_query see none of these keys
+    const int first_query = CAUSAL ? max(0, k_start - query_offset) / BWD_BLOCK_N * BWD_BLOCK_N : 0;
+    const int blocks_per_head = first_query < seqlen_q ? (seqlen_q - first_query + BWD_BLOCK_N - 1) / BWD_BLOCK_N : 0;
+    const int steps = group * blocks_per_head;
+    auto load_step = [&](int s) {
+        const int head = kv_head * group + s / blocks_per_head;
+        const int q_start = first_query + (s % blocks_per_head) * BWD_BLOCK_N;
+        const int rows = min(BWD_BLOCK_N, seqlen_q - q_start);
+        Stage stage(stages, s % BWD_STAGES);
+        load_tile<BWD_BLOCK_N, BWD_THREADS>(stage.first, q + batch * q_sb + head * q_sh + q_start * q_sn, q_sn, rows, tid);
+        load_tile<BWD_BLOCK_N, BWD_THREADS>(stage.second, grad_out + batch * g_sb + head * g_sh + q_start * g_sn, g_sn, rows, tid);
+        const long row_base = (long(batch) * heads + head) * seqlen_q + q_start;
+        for (int i = tid; i < BWD_BLOCK_N; i += BWD_THREADS) {
+            float l = i < rows ? lse[row_base + i] : INFINITY;  // padding rows: P = 0
+            stage.lse[i] = l == -INFINITY ? INFINITY : l * LOG2E;  // a row that saw no key has no gradient
+            stage.delta[i] = i < rows ? delta[row_base + i] : 0.f;
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < BWD_STAGES - 1; ++s) {
+        if (s < steps) load_step(s);
+        commit_copies();
+    }
+
+    frag_acc dk_acc[FRAGS_D], dv_acc[FRAGS_D];
+#pragma unroll
+    for (int j = 0; j < FRAGS_D; ++j) {
+        wmma::fill_fragment(dk_acc[j], 0.f);
+        wmma::fill_fragment(dv_acc[j], 0.f);
+    }
+    const int my_key = k_start + warp * 16 + lane % 16;
+    const elem_t *k_rows = k_tile + warp * 16 * LD, *v_rows = v_tile + warp * 16 * LD;
+
+    for (int s = 0; s < steps; ++s) {
+        if (s + BWD_STAGES - 1 < steps) load_step(s + BWD_STAGES - 1);
+        commit_copies();
+        wait_copies<BWD_STAGES - 1>();
+        __syncthreads();
+        Stage stage(stages, s % BWD_STAGES);
+        const int q_start = first_query + (s % blocks_per_head) * BWD_BLOCK_N;
+        // mask where a causal edge, or the end of the queries or keys, cuts this warp's 16 x BLOCK_N tile
+        const bool masked = q_start + BWD_BLOCK_N > seqlen_q || k_start + warp * 16 + 16 > seqlen_k ||
+                            (CAUSAL && k_start + warp * 16 + 15 > q_start + query_offset);
+        rows_times_tile_t(scratch, k_rows, stage.first);  // S^T = K Q^T
+        probabilities<true>(scratch, stage.lse, 0.f, my_key, q_start, masked, scale_log2, lane, seqlen_q, seqlen_k,
+                            query_offset);
+        accumulate_probs_times_tile(dv_acc, scratch, stage.second);  // dV += P^T dO
+        rows_times_tile_t(scratch, v_rows, stage.second);  // dP^T = V dO^T
+        score_gradients<true>(scratch, stage.delta, 0.f, lane);
+        accumulate_probs_times_tile(dk_acc, scratch, stage.first);  // dK += dS^T Q
+        __syncthreads();
+    }
+    wait_copies<0>();
+    __syncthreads();  // the stages become the staging area
+
+    const int rows = min(16, seqlen_k - k_start - warp * 16);
+    float *staged = reinterpret_cast<float *>(stages) + warp * 16 * OUT_LD;
+    int row_of[8];
+    probe_rows(scratch.scores, WarpScratch<BWD_BLOCK_N>::SLD, lane, row_of);
+    if (lane < 16) scratch.row[lane] = 1.f;
+    __syncwarp();
+    stage_rows(staged, dv_acc, row_of, scratch.row);
+    if (rows > 0) store_rows(dv + batch * dv_sb + kv_head * dv_sh + (k_start + warp * 16) * dv_sn, dv_sn, staged, rows, lane);
+    __syncwarp();
+    if (lane < 16) scratch.row[lane] = scale;
+    __syncwarp();
+    stage_rows(staged, dk_acc, row_of, scratch.row);
+    if (rows > 0) store_rows(dk + batch * dk_sb + kv_head * dk_sh + (k_start + warp * 16) * dk_sn, dk_sn, staged, rows, lane);
+}
+
+// dQ for 16*BWD_WARPS queries of one (batch, head); streams the key blocks they can see.
+// grid = (query blocks, batch * heads).
+extern "C" __global__ void __launch_bounds__(BWD_THREADS)
+attention_backward_dq(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
+                      const elem_t *__restrict__ grad_out, const float *__restrict__ lse, const float *__restrict__ delta,
+                      elem_t *__restrict__ dq,
+                      long q_sb, long q_sh, long q_sn, long k_sb, long k_sh, long k_sn, long v_sb, long v_sh, long v_sn,
+                      long g_sb, long g_sh, long g_sn, long dq_sb, long dq_sh, long dq_sn,
+                      int heads, int group, int seqlen_q, int seqlen_k, int query_offset, float scale, float scale_log2) {
+    extern __shared__ __align__(128) char smem[];
+    elem_t *q_tile = reinterpret_cast<elem_t *>(smem);
+    elem_t *g_tile = reinterpret_cast<elem_t *>(smem + tile_bytes(BWD_ROWS));
+    char *stages = smem + BWD_OWN_BYTES;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    WarpScratch<BWD_BLOCK_N> scratch(smem + BWD_OWN_BYTES + BWD_STREAM_BYTES, warp);
+    const int batch = blockIdx.y / heads, head = blockIdx.y % heads, kv_head = head / group;
+    const int q_start = blockIdx.x * BWD_ROWS;
+    const int rows_here = min(BWD_ROWS, seqlen_q - q_start);
+
+    load_tile<BWD_ROWS, BWD_THREADS>(q_tile, q + batch * q_sb + head * q_sh + q_start * q_sn, q_sn, rows_here, tid);
+    load_tile<BWD_ROWS, BWD_THREADS>(g_tile, grad_out + batch * g_sb + head * g_sh + q_start * g_sn, g_sn, rows_here, tid);
+    commit_copies();
+    k += batch * k_sb + kv_head * k_sh;
+    v += batch * v_sb + kv_head * v_sh;
+
+    int key_end = seqlen_k;
+    if (CAUSAL) key_end = min(seqlen_k, max(0, q_start + BWD_ROWS + query_offset));
+    const int steps = (key_end + BWD_BLOCK_N - 1) / BWD_BLOCK_N;
+    auto load_step = [&](int s) {
+        const int rows = min(BWD_BLOCK_N, seqlen_k - s * BWD_BLOCK_N);
+        Stage stage(stages, s % BWD_STAGES);
+        load_tile<BWD_BLOCK_N, BWD_THREADS>(stage.first, k + s * BWD_BLOCK_N * k_sn, k_sn, rows, tid);
+        load_tile<BWD_BLOCK_N, BWD_THREADS>(stage.second, v + s * BWD_BLOCK_N * v_sn, v_sn, rows, tid);
+    };
+#pragma unroll
+    for (int s = 0; s < BWD_STAGES - 1; ++s) {
+        if (s < steps) load_step(s);
+        commit_copies();
+    }
+
+    const int my_query = q_start + warp * 16 + lane % 16;
+    const long row_index = (long(batch) * heads + head) * seqlen_q + my_query;
+    float my_lse = my_query < seqlen_q ? lse[row_index] : INFINITY;
+    my_lse = my_lse == -INFINITY ? INFINITY : my_lse * LOG2E;
+    const float my_delta = my_query < seqlen_q ? delta[row_index] : 0.f;
+    frag_acc dq_acc[FRAGS_D];
+#pragma unroll
+    for (int j = 0; j < FRAGS_D; ++j) wmma::fill_fragment(dq_acc[j], 0.f);
+    const elem_t *q_rows = q_tile + warp * 16 * LD, *g_rows = g_tile + warp * 16 * LD;
+
+    for (int s = 0; s < steps; ++s) {
+        if (s + BWD_STAGES - 1 < steps) load_step(s + BWD_STAGES - 1);
+        commit_copies();
+        wait_copies<BWD_STAGES - 1>();
+        __syncthreads();
+        Stage stage(stages, s % BWD_STAGES);
+        const int key_base = s * BWD_BLOCK_N;
+        const bool masked = key_base + BWD_BLOCK_N > seqlen_k || q_start + warp * 16 + 16 > seqlen_q ||
+                            (CAUSAL && key_base + BWD_BLOCK_N - 1 > q_start + warp * 16 + query_offset);
+        rows_times_tile_t(scratch, q_rows, stage.first);  // S = Q K^T
+        probabilities<false>(scratch, nullptr, my_lse, my_query, key_base, masked, scale_log2, lane, seqlen_q, seqlen_k,
+                             query_offset);
+        rows_times_tile_t(scratch, g_rows, stage.second);  // dP = dO V^T
+        score_gradients<false>(scratch, nullptr, my_delta, lane);
+        accumulate_probs_times_tile(dq_acc, scratch, stage.first);  // dQ += dS K
+        __syncthreads();
+    }
+    wait_copies<0>();
+    __syncthreads();
+
+    const int rows = min(16, seqlen_q - q_start - warp * 16);
+    float *staged = reinterpret_cast<float *>(stages) + warp * 16 * OUT_LD;
+    int row_of[8];
+    probe_rows(scratch.scores, WarpScratch<BWD_BLOCK_N>::SLD, lane, row_of);
+    if (lane < 16) scratch.row[lane] = scale;
+    __syncwarp();
+    stage_rows(staged, dq_acc, row_of, scratch.row);
+    if (rows > 0) store_rows(dq + batch * dq_sb + head * dq_sh + (q_start + warp * 16) * dq_sn, dq_sn, staged, rows, lane);
+}
