@@ -14,12 +14,65 @@ from ..tiling import TilePlan
 from ..tiling.wmma import backward_smem_bytes, q_in_registers
 
 SOURCE_PATH = Path(__file__).with_name("cupy_kernels") / "attention.cu"
+LAYOUT_SOURCE_PATH = SOURCE_PATH.with_name("fragment_layout.cu")
 KERNELS = ("attention_forward", "attention_backward_delta", "attention_backward_dkdv", "attention_backward_dq")
 
 
 @functools.lru_cache(maxsize=1)
 def source() -> str:
     return SOURCE_PATH.read_text()
+
+
+@dataclass(frozen=True)
+class AccumulatorLayout:
+    """The structure of a 16x16 float32 WMMA accumulator that the register softmax relies on: every
+    lane holds ``rows`` rows, element i in row slot ``slots[i]`` (the same for every lane), and the
+    lanes sharing a row are the XOR group spanned by ``shuffles``."""
+
+    rows: int
+    slots: tuple[int, ...]
+    shuffles: tuple[int, ...]
+
+    def defines(self) -> dict[str, object]:
+        return {"REGISTER_SOFTMAX": 1, "ACC_ROWS": self.rows, "ACC_SLOTS": ",".join(map(str, self.slots)),
+                "ACC_SHUFFLES": ",".join(map(str, self.shuffles)), "ACC_SHUFFLE_COUNT": len(self.shuffles)}
+
+
+# What fragment_layout.cu reads on sm_80+ (the H100 here): the PTX m16n8k16 C layout, twice along n.
+SM80_ACCUMULATOR = AccumulatorLayout(rows=2, slots=(0, 0, 1, 1, 0, 0, 1, 1), shuffles=(1, 2))
+
+
+def accumulator_layout(rows, cols) -> AccumulatorLayout | None:
+    """The ``AccumulatorLayout`` of probed (32 lanes x 8 elements) row and column indices, or None when
+    the layout lacks that structure (then the kernels keep the shared-memory softmax)."""
+    rows = [list(map(int, lane)) for lane in rows]
+    cols = [list(map(int, lane)) for lane in cols]
+    if len(rows) != 32 or any(len(lane) != 8 for lane in rows):
+        return None
+    held = sorted({(r, c) for lane in range(32) for r, c in zip(rows[lane], cols[lane])})
+    if held != [(r, c) for r in range(16) for c in range(16)] or len({(l, e) for l in range(32) for e in range(8)}) != 256:
+        return None  # not a one-to-one cover of the tile
+    slots_of = []
+    for lane in rows:
+        order = list(dict.fromkeys(lane))  # distinct rows in order of first appearance
+        slots_of.append(tuple(order.index(r) for r in lane))
+    if len(set(slots_of)) != 1:
+        return None
+    group = frozenset(other for other in range(32) if rows[0][0] in rows[other])  # lanes sharing lane 0's first row
+    masks = frozenset(other ^ 0 for other in group)
+    for lane in range(32):
+        for r in set(rows[lane]):
+            if frozenset(other ^ lane for other in range(32) if r in rows[other]) != masks:
+                return None
+    basis: list[int] = []
+    span = {0}
+    for m in sorted(masks):
+        if m not in span:
+            basis.append(m)
+            span |= {x ^ m for x in span}
+    if span != set(masks):
+        return None  # not an XOR group: shuffles cannot reduce it
+    return AccumulatorLayout(rows=max(slots_of[0]) + 1, slots=slots_of[0], shuffles=tuple(basis))
 
 
 @dataclass(frozen=True)
@@ -31,8 +84,9 @@ class Variant:
     causal: bool
     bf16: bool
     vector_loads: bool  # 16-byte global loads: head dim, row strides and base pointers in 8-element units
+    accumulator: AccumulatorLayout | None = None  # probed on the device; None: shared-memory softmax
 
-    def defines(self) -> dict[str, int]:
+    def defines(self) -> dict[str, object]:
         p = self.plan
         # a plan with no backward (backward_warps == 0) still compiles the backward kernels at the
         # smallest legal size; they are never launched
@@ -52,6 +106,7 @@ class Variant:
             "CAUSAL": int(self.causal),
             "BF16": int(self.bf16),
             "VECTOR_LOADS": int(self.vector_loads),
+            **(self.accumulator.defines() if self.accumulator else {"REGISTER_SOFTMAX": 0}),
         }
 
     def options(self) -> tuple[str, ...]:

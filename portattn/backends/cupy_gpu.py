@@ -28,7 +28,7 @@ from ..spec import FEATURES
 from ..tiling import probe, wmma
 from . import register
 from .base import Backend, Capabilities
-from .cupy_build import KERNELS, Variant, source
+from .cupy_build import KERNELS, LAYOUT_SOURCE_PATH, Variant, accumulator_layout, source
 
 LOG2E = 1.4426950408889634
 MIN_COMPUTE_CAPABILITY = (7, 0)
@@ -173,7 +173,7 @@ class _Launcher:
 
         self.index = q.device.index if q.device.index is not None else torch.cuda.current_device()
         vector = spec.head_dim % 8 == 0 and all(_vector_friendly(x) for x in tensors)
-        self.variant = Variant(spec.head_dim, plan, spec.causal, q.dtype == torch.bfloat16, vector)
+        self.variant = Variant(spec.head_dim, plan, spec.causal, q.dtype == torch.bfloat16, vector, _accumulator(self.index))
         self.stream = torch.cuda.current_stream(q.device).cuda_stream
 
     def __call__(self, name, grid, threads, smem, *args):
@@ -193,6 +193,20 @@ def _module(index: int, variant: Variant):
 
     with cupy.cuda.Device(index):
         return cupy.RawModule(code=source(), options=(*variant.options(), *_include_options()), name_expressions=None)
+
+
+@functools.lru_cache(maxsize=None)
+def _accumulator(index: int):
+    """The device's WMMA accumulator layout, read once by fragment_layout.cu: the register softmax
+    where it has the structure that needs (``cupy_build.accumulator_layout``), else None."""
+    import cupy
+
+    with cupy.cuda.Device(index):
+        module = cupy.RawModule(code=LAYOUT_SOURCE_PATH.read_text(), options=("-std=c++17", *_include_options()))
+        rows = cupy.zeros((32, 8), dtype=cupy.int32)
+        cols = cupy.zeros((32, 8), dtype=cupy.int32)
+        module.get_function("accumulator_layout")((1,), (32,), (rows, cols))
+        return accumulator_layout(rows.get(), cols.get())
 
 
 @functools.lru_cache(maxsize=None)

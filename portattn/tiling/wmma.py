@@ -22,8 +22,9 @@ Rules (W for WMMA), stated where they act:
        fragments held across the loop, plus a fixed overhead; must stay at or under 255 (the
        per-thread limit), or the kernel is not planned (the backend refuses with this reason).
   * W6 stages: 2 where cp.async exists (sm_80+), else 1 (Volta/Turing copy through registers).
-  * W7 ranking: fill the device, then at least ``MIN_BLOCKS_PER_SM`` blocks per SM (a warp waiting
-       on its softmax step is hidden only by another block's warps), then 4 warps, then block_k 64,
+  * W7 ranking: fill the device, then tiles of at least ``MIN_TILE_SIDE`` on both sides, then ``MIN_RESIDENT_WARPS`` warps resident per SM (counted over the
+       blocks that fit its shared memory and registers: a warp waiting on its softmax step is hidden
+       only by other warps; more than 8 gained nothing measurable), then 4 warps, then block_k 64,
        then more stages.
 """
 
@@ -45,7 +46,8 @@ SCORE_PAD = 4  # float32 score rows: likewise
 ALIGN = 128  # bytes: every shared-memory region starts on a 128-B line
 MAX_REGISTERS = 255  # per thread, every architecture since Kepler
 REGISTER_OVERHEAD = 48  # indices, pointers, strides, softmax state, the row map (W5; calibrated by ptxas)
-MIN_BLOCKS_PER_SM = 2  # W7
+MIN_RESIDENT_WARPS = 8  # W7: two 4-warp blocks per SM
+MIN_TILE_SIDE = 32  # W7: smaller tiles re-read K/V (or Q/dO) per 16 rows and issue one-fragment products
 FORWARD_WARPS = (4, 8, 2, 1)
 FORWARD_BLOCK_K = (64, 32, 128, 16)
 BACKWARD_WARPS = (4, 2, 8, 1)
@@ -101,10 +103,10 @@ def forward_registers(head_dim_pad: int, block_k: int) -> int:
     return fragments * 8 + q_held + (block_k // 16) * 8 + 8 + REGISTER_OVERHEAD
 
 
-def backward_registers(head_dim_pad: int) -> int:
+def backward_registers(head_dim_pad: int, block_n: int = 64) -> int:
     """W5 for the dK/dV kernel (the dQ kernel holds one accumulator set instead of two): dK and dV
-    accumulators, one operand pair and one S accumulator in flight."""
-    return 2 * (head_dim_pad // 16) * 8 + 3 * 8 + REGISTER_OVERHEAD
+    accumulators, the S (then dP) accumulators of a 16 x block_n tile, one operand pair in flight."""
+    return 2 * (head_dim_pad // 16) * 8 + (block_n // 16) * 8 + 2 * 8 + REGISTER_OVERHEAD
 
 
 def _blocks(n: int, block: int) -> int:
@@ -134,7 +136,8 @@ def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
                 if smem > limit:
                     continue
                 resident = min(device.sram_per_unit // smem, device.registers_per_unit // (registers * 32 * warps))
-                rank = (query_blocks[warps] >= device.compute_units, resident >= MIN_BLOCKS_PER_SM, warps == 4,
+                rank = (query_blocks[warps] >= device.compute_units, min(warps * 16, block_k) >= MIN_TILE_SIDE,
+                        min(resident * warps, MIN_RESIDENT_WARPS), warps == 4,
                         block_k == 64, stages, -FORWARD_WARPS.index(warps), -FORWARD_BLOCK_K.index(block_k))
                 candidates.append((rank, warps, block_k, stages, smem, registers, resident))
     if not candidates:
@@ -161,20 +164,36 @@ def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
 
 
 def _plan_backward(pad: int, device: DeviceSpec, stages_options) -> tuple:
-    """(streamed rows, owned rows, shared memory, dQ separate, warps, stages, why) as ``planner._finish`` takes it."""
-    registers = backward_registers(pad)
-    if registers > MAX_REGISTERS:
-        why = (f"W5 backward: no tiling; dK and dV accumulators for head dim {pad} need ~{registers} registers "
-               f"per thread, over the {MAX_REGISTERS} limit")
-        return 16, 16, 0, True, 0, 0, why  # backward_warps == 0 marks "none"
+    """(streamed rows, owned rows, shared memory, dQ separate, warps, stages, why) as ``planner._finish`` takes it.
+
+    W7 for the backward: tiles of at least ``MIN_TILE_SIDE`` a side, then ``MIN_RESIDENT_WARPS`` resident warps (on the H100 at head dim 128 a
+    64-row streamed tile in 2 stages took 130 KiB, leaving one 4-warp block per SM, and ran at 0.7x
+    SDPA's memory-efficient kernel), then streamed tiles of 64 rows up to head dim 64 and 32 above (half the
+    S/dP accumulators where dK and dV already hold 128 registers), then 4 warps, then more stages."""
+    candidates = []
     for warps in BACKWARD_WARPS:
+        if 32 * warps > device.max_threads_per_block:
+            continue
         for block_n in BACKWARD_BLOCK_N:
+            registers = backward_registers(pad, block_n)
+            if registers > MAX_REGISTERS:
+                continue
             for stages in stages_options:
                 smem = backward_smem_bytes(pad, warps, block_n, stages)
-                if smem <= device.sram_per_block and 32 * warps <= device.max_threads_per_block:
-                    why = (f"W3-W6 backward: {warps} warps own {ROWS_PER_WARP * warps} keys (dK/dV) or queries (dQ) and "
-                           f"stream {block_n}, {stages} stage(s), {smem} B shared memory, ~{registers} registers; "
-                           "dQ in a kernel of its own (no atomics)")
-                    return block_n, ROWS_PER_WARP * warps, smem, True, warps, stages, why
-    why = f"W4 backward: no tiling; head dim {pad} fits no backward tile in {device.sram_per_block} B of shared memory per block"
-    return 0, 0, 0, True, 0, 0, why
+                if smem > device.sram_per_block:
+                    continue
+                resident = min(device.sram_per_unit // smem, device.registers_per_unit // (registers * 32 * warps))
+                preferred = 64 if pad <= 64 else 32
+                rank = (min(warps * 16, block_n) >= MIN_TILE_SIDE, min(resident * warps, MIN_RESIDENT_WARPS),
+                        block_n == preferred, warps == 4, stages, block_n)
+                candidates.append((rank, warps, block_n, stages, smem, registers, resident))
+    if not candidates:
+        registers = backward_registers(pad, min(BACKWARD_BLOCK_N))
+        why = (f"W4/W5 backward: no tiling; dK and dV accumulators for head dim {pad} need ~{registers} registers "
+               f"per thread (limit {MAX_REGISTERS}), or no tile fits {device.sram_per_block} B of shared memory per block")
+        return 16, 16, 0, True, 0, 0, why  # backward_warps == 0 marks "none"
+    _, warps, block_n, stages, smem, registers, resident = max(candidates)
+    why = (f"W3-W7 backward: {warps} warps own {ROWS_PER_WARP * warps} keys (dK/dV) or queries (dQ) and stream {block_n}, "
+           f"{stages} stage(s), {smem} B shared memory ({resident} block(s) per SM), ~{registers} registers; "
+           "dQ in a kernel of its own (no atomics)")
+    return block_n, ROWS_PER_WARP * warps, smem, True, warps, stages, why

@@ -99,15 +99,77 @@ struct WarpScratch {
     }
 };
 
-// The row (0..15) of each accumulator element this thread holds: load a tile of row indices.
-__device__ __forceinline__ void probe_rows(float *scratch, int ld, int lane, int row_of[8]) {
+// The row and column (0..15) of each accumulator element this thread holds: load tiles of indices.
+__device__ __forceinline__ void probe_layout(float *scratch, int ld, int lane, int row_of[8], int col_of[8]) {
+    static_assert(frag_acc::num_elements == 8, "a 16x16 float accumulator is 8 elements per thread");
+    frag_acc probe;
     for (int i = lane; i < 256; i += 32) scratch[(i / 16) * ld + i % 16] = float(i / 16);
     __syncwarp();
-    frag_acc probe;
     wmma::load_matrix_sync(probe, scratch, ld, wmma::mem_row_major);
-    static_assert(frag_acc::num_elements == 8, "a 16x16 float accumulator is 8 elements per thread");
 #pragma unroll
     for (int i = 0; i < 8; ++i) row_of[i] = int(probe.x[i]);
+    __syncwarp();
+    for (int i = lane; i < 256; i += 32) scratch[(i / 16) * ld + i % 16] = float(i % 16);
+    __syncwarp();
+    wmma::load_matrix_sync(probe, scratch, ld, wmma::mem_row_major);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) col_of[i] = int(probe.x[i]);
+    __syncwarp();
+}
+
+#if REGISTER_SOFTMAX
+// Register softmax: where the host's probe of this device (fragment_layout.cu) found that each lane
+// holds whole elements of ACC_ROWS rows -- element i in row slot ACC_SLOT[i], the same for every
+// lane -- and that the lanes sharing a row are an XOR group spanned by ACC_SHUFFLE (on sm_80+: two
+// rows per lane, shared by the 4 lanes of a quad, masks 1 and 2), row maxima and sums are reduced
+// with shuffles in registers: the scores never pass through shared memory, only the 16-bit P that
+// the next product reads as an operand fragment.
+constexpr int ACC_SLOT[8] = {ACC_SLOTS};
+constexpr int ACC_SHUFFLE[ACC_SHUFFLE_COUNT] = {ACC_SHUFFLES};
+
+__host__ __device__ constexpr int first_element_of_slot(int slot) {
+    for (int i = 0; i < 8; ++i)
+        if (ACC_SLOT[i] == slot) return i;
+    return 0;
+}
+
+__device__ __forceinline__ float row_max_across_lanes(float x) {
+#pragma unroll
+    for (int s = 0; s < ACC_SHUFFLE_COUNT; ++s) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, ACC_SHUFFLE[s]));
+    return x;
+}
+
+__device__ __forceinline__ float row_sum_across_lanes(float x) {
+#pragma unroll
+    for (int s = 0; s < ACC_SHUFFLE_COUNT; ++s) x += __shfl_xor_sync(0xffffffffu, x, ACC_SHUFFLE[s]);
+    return x;
+}
+#endif
+
+// acc[c] (16 x 16 each, COLUMNS/16 of them) = rows(16 x D) @ tile(COLUMNS x D)^T. The head-dim loop
+// is outside, so each A fragment is loaded once and only one is live.
+template <int COLUMNS>
+__device__ __forceinline__ void rows_times_tile_t(frag_acc (&acc)[COLUMNS / 16], const elem_t *rows, const elem_t *tile) {
+#pragma unroll
+    for (int c = 0; c < COLUMNS / 16; ++c) wmma::fill_fragment(acc[c], 0.f);
+#pragma unroll
+    for (int d = 0; d < FRAGS_D; ++d) {
+        frag_a a;
+        wmma::load_matrix_sync(a, rows + d * 16, LD);
+#pragma unroll
+        for (int c = 0; c < COLUMNS / 16; ++c) {
+            frag_b_col b;  // a row-major tile is its transpose column-major
+            wmma::load_matrix_sync(b, tile + c * 16 * LD + d * 16, LD);
+            wmma::mma_sync(acc[c], a, b, acc[c]);
+        }
+    }
+}
+
+// Stage scores as float32 rows in the warp's scratch (the shared-memory softmax path).
+template <int COLUMNS>
+__device__ __forceinline__ void stage_scores(float *scores, frag_acc (&acc)[COLUMNS / 16]) {
+#pragma unroll
+    for (int c = 0; c < COLUMNS / 16; ++c) wmma::store_matrix_sync(scores + c * 16, acc[c], COLUMNS + 4, wmma::mem_row_major);
     __syncwarp();
 }
 
@@ -163,15 +225,18 @@ __device__ __forceinline__ void store_rows(elem_t *dst, long stride, const float
     }
 }
 
-// Stage accumulators (16 x HEAD_DIM_PAD per warp) as float32, scaled per row by `row_scale`.
-__device__ __forceinline__ void stage_rows(float *staged, frag_acc *acc, const int row_of[8], const float *row_scale) {
+// Stage a warp's accumulators (16 x HEAD_DIM_PAD) as float32 rows for store_rows.
+__device__ __forceinline__ void stage_rows(float *staged, frag_acc *acc) {
 #pragma unroll
-    for (int j = 0; j < FRAGS_D; ++j) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[j].x[i] *= row_scale[row_of[i]];
-        wmma::store_matrix_sync(staged + j * 16, acc[j], OUT_LD, wmma::mem_row_major);
-    }
+    for (int j = 0; j < FRAGS_D; ++j) wmma::store_matrix_sync(staged + j * 16, acc[j], OUT_LD, wmma::mem_row_major);
     __syncwarp();
+}
+
+__device__ __forceinline__ void scale_all(frag_acc *acc, float factor) {
+#pragma unroll
+    for (int j = 0; j < FRAGS_D; ++j)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[j].x[i] *= factor;
 }
 
 // ==== forward ======================================================================================
@@ -225,12 +290,20 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
         commit_copies();
     }
 
-    int row_of[8];
-    probe_rows(scratch.scores, WarpScratch<FWD_BLOCK_K>::SLD, lane, row_of);
+    int row_of[8], col_of[8];
+    probe_layout(scratch.scores, WarpScratch<FWD_BLOCK_K>::SLD, lane, row_of, col_of);
+    constexpr int SLD = WarpScratch<FWD_BLOCK_K>::SLD, PLD = WarpScratch<FWD_BLOCK_K>::PLD;
+    const int warp_query = q_start + warp * 16;
+#if REGISTER_SOFTMAX
+    float row_max[ACC_ROWS], row_sum[ACC_ROWS];  // row_sum: this lane's columns only, reduced at the end
+#pragma unroll
+    for (int r = 0; r < ACC_ROWS; ++r) row_max[r] = -INFINITY, row_sum[r] = 0.f;
+#else
     // softmax ownership: lane -> row lane % 16, columns half (lane / 16) of the tile, 4 at a time
     const int my_row = lane % 16, my_half = lane / 16;
-    const int my_query = q_start + warp * 16 + my_row;
+    const int my_query = warp_query + my_row;
     float row_max = -INFINITY, row_sum = 0.f;
+#endif
 
     frag_acc o_acc[FRAGS_D];
 #pragma unroll
@@ -251,31 +324,68 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
         __syncthreads();
         const elem_t *k_tile = kv_tiles + (t % FWD_STAGES) * 2 * (tile_bytes(FWD_BLOCK_K) / 2);
         const elem_t *v_tile = k_tile + tile_bytes(FWD_BLOCK_K) / 2;
-        // S = Q K^T for this warp's 16 rows, one 16-column fragment at a time, staged as float32
+        // S = Q K^T for this warp's 16 rows
+        frag_acc s_acc[FWD_BLOCK_K / 16];
+#if Q_IN_REGISTERS
 #pragma unroll
-        for (int c = 0; c < FWD_BLOCK_K / 16; ++c) {
-            frag_acc s_acc;
-            wmma::fill_fragment(s_acc, 0.f);
+        for (int c = 0; c < FWD_BLOCK_K / 16; ++c) wmma::fill_fragment(s_acc[c], 0.f);
 #pragma unroll
-            for (int d = 0; d < FRAGS_D; ++d) {
+        for (int d = 0; d < FRAGS_D; ++d)
+#pragma unroll
+            for (int c = 0; c < FWD_BLOCK_K / 16; ++c) {
                 frag_b_col k_frag;  // K row-major is K^T column-major
                 wmma::load_matrix_sync(k_frag, k_tile + c * 16 * LD + d * 16, LD);
-#if Q_IN_REGISTERS
-                wmma::mma_sync(s_acc, q_frag[d], k_frag, s_acc);
-#else
-                frag_a q_frag;
-                wmma::load_matrix_sync(q_frag, q_rows + d * 16, LD);
-                wmma::mma_sync(s_acc, q_frag, k_frag, s_acc);
-#endif
+                wmma::mma_sync(s_acc[c], q_frag[d], k_frag, s_acc[c]);
             }
-            wmma::store_matrix_sync(scratch.scores + c * 16, s_acc, WarpScratch<FWD_BLOCK_K>::SLD, wmma::mem_row_major);
-        }
-        __syncwarp();
-
-        // online softmax on the staged scores: this lane's row, half the columns, float4 at a time
+#else
+        rows_times_tile_t<FWD_BLOCK_K>(s_acc, q_rows, k_tile);
+#endif
         const int key_base = t * FWD_BLOCK_K;
+        // a causal edge or the end of the keys cuts this warp's tile: mask per element
         const bool masked = key_base + FWD_BLOCK_K > min(unmasked_end + warp * 16, seqlen_k);
-        const float *s_row = scratch.scores + my_row * WarpScratch<FWD_BLOCK_K>::SLD + my_half * (FWD_BLOCK_K / 2);
+
+#if REGISTER_SOFTMAX
+        float tile_max[ACC_ROWS];
+#pragma unroll
+        for (int r = 0; r < ACC_ROWS; ++r) tile_max[r] = -INFINITY;
+#pragma unroll
+        for (int c = 0; c < FWD_BLOCK_K / 16; ++c)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                float x = s_acc[c].x[i] * scale_log2;
+                if (masked) {
+                    int key = key_base + c * 16 + col_of[i];
+                    if (key >= seqlen_k || (CAUSAL && key > warp_query + row_of[i] + query_offset)) x = -INFINITY;
+                }
+                s_acc[c].x[i] = x;
+                tile_max[ACC_SLOT[i]] = fmaxf(tile_max[ACC_SLOT[i]], x);
+            }
+        float alpha[ACC_ROWS], base[ACC_ROWS];
+#pragma unroll
+        for (int r = 0; r < ACC_ROWS; ++r) {
+            const float new_max = fmaxf(row_max[r], row_max_across_lanes(tile_max[r]));
+            base[r] = new_max == -INFINITY ? 0.f : new_max;  // a row that has seen no key yet
+            alpha[r] = exp2f(row_max[r] - base[r]);  // 0 when the row had no key before; 1 when the max held
+            row_max[r] = new_max;
+            row_sum[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int c = 0; c < FWD_BLOCK_K / 16; ++c)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                elem_t p16 = from_float(exp2f(s_acc[c].x[i] - base[ACC_SLOT[i]]));
+                row_sum[ACC_SLOT[i]] += to_float(p16);  // the sum of what P @ V will actually multiply
+                scratch.probs[row_of[i] * PLD + c * 16 + col_of[i]] = p16;
+            }
+        __syncwarp();
+#pragma unroll
+        for (int j = 0; j < FRAGS_D; ++j)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) o_acc[j].x[i] *= alpha[ACC_SLOT[i]];
+#else
+        // shared-memory softmax: the scores are staged, and each lane owns half a row, float4 at a time
+        stage_scores<FWD_BLOCK_K>(scratch.scores, s_acc);
+        const float *s_row = scratch.scores + my_row * SLD + my_half * (FWD_BLOCK_K / 2);
         float tile_max = -INFINITY;
 #pragma unroll
         for (int c = 0; c < FWD_BLOCK_K / 2; c += 4) {
@@ -290,9 +400,9 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
         }
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 16));
         const float new_max = fmaxf(row_max, tile_max);
-        const float base = new_max == -INFINITY ? 0.f : new_max;  // a row that has seen no key yet
+        const float base = new_max == -INFINITY ? 0.f : new_max;
         float tile_sum = 0.f;
-        elem_t *p_row = scratch.probs + my_row * WarpScratch<FWD_BLOCK_K>::PLD + my_half * (FWD_BLOCK_K / 2);
+        elem_t *p_row = scratch.probs + my_row * PLD + my_half * (FWD_BLOCK_K / 2);
 #pragma unroll
         for (int c = 0; c < FWD_BLOCK_K / 2; c += 4) {
             float4 s4 = *reinterpret_cast<const float4 *>(s_row + c);
@@ -301,54 +411,77 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
             for (int e = 0; e < 4; ++e) {
                 int key = key_base + my_half * (FWD_BLOCK_K / 2) + c + e;
                 bool hidden = masked && (key >= seqlen_k || (CAUSAL && key > my_query + query_offset));
-                float p = hidden ? 0.f : exp2f(s[e] * scale_log2 - base);
-                elem_t p16 = from_float(p);
-                tile_sum += to_float(p16);  // the sum of what P @ V will actually multiply
+                elem_t p16 = from_float(hidden ? 0.f : exp2f(s[e] * scale_log2 - base));
+                tile_sum += to_float(p16);
                 p_row[c + e] = p16;
             }
         }
         tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, 16);
-        const float alpha = exp2f(row_max - base);  // 0 when the row had no key before; 1 when the max held
+        const float alpha = exp2f(row_max - base);
         row_sum = row_sum * alpha + tile_sum;
         row_max = new_max;
         if (my_half == 0) scratch.row[my_row] = alpha;
         __syncwarp();
-
-        // O = alpha * O + P V
-        frag_a p_frag[FWD_BLOCK_K / 16];
-#pragma unroll
-        for (int c = 0; c < FWD_BLOCK_K / 16; ++c)
-            wmma::load_matrix_sync(p_frag[c], scratch.probs + c * 16, WarpScratch<FWD_BLOCK_K>::PLD);
         float row_alpha[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) row_alpha[i] = scratch.row[row_of[i]];
 #pragma unroll
-        for (int j = 0; j < FRAGS_D; ++j) {
+        for (int j = 0; j < FRAGS_D; ++j)
 #pragma unroll
             for (int i = 0; i < 8; ++i) o_acc[j].x[i] *= row_alpha[i];
+#endif
+
+        // O += P V
+        frag_a p_frag[FWD_BLOCK_K / 16];
+#pragma unroll
+        for (int c = 0; c < FWD_BLOCK_K / 16; ++c) wmma::load_matrix_sync(p_frag[c], scratch.probs + c * 16, PLD);
+#pragma unroll
+        for (int j = 0; j < FRAGS_D; ++j)
 #pragma unroll
             for (int c = 0; c < FWD_BLOCK_K / 16; ++c) {
                 frag_b_row v_frag;
                 wmma::load_matrix_sync(v_frag, v_tile + c * 16 * LD + j * 16, LD);
                 wmma::mma_sync(o_acc[j], p_frag[c], v_frag, o_acc[j]);
             }
-        }
         __syncthreads();  // every warp is done with this stage before it is refilled
     }
     wait_copies<0>();
 
     // epilogue: O / l, LSE = (max + log2 l) * ln 2; a row that saw no key: O = 0, LSE = -inf
-    const float inv_sum = row_sum > 0.f ? 1.f / row_sum : 0.f;
-    if (my_half == 0) scratch.row[my_row] = inv_sum;
-    __syncthreads();  // the K/V stages become the staging area
-    const int rows = min(16, seqlen_q - q_start - warp * 16);
-    float *staged = staged_out + warp * 16 * OUT_LD;
-    stage_rows(staged, o_acc, row_of, scratch.row);
-    if (rows > 0) {
-        store_rows(out + batch * o_sb + head * o_sh + (q_start + warp * 16) * o_sn, o_sn, staged, rows, lane);
-        if (my_half == 0 && my_row < rows)
-            lse[batch * lse_sb + head * lse_sh + my_query] = row_sum > 0.f ? (row_max + log2f(row_sum)) * LN2 : -INFINITY;
+    float *lse_rows = lse + batch * lse_sb + head * lse_sh;
+    const int rows = min(16, seqlen_q - warp_query);
+#if REGISTER_SOFTMAX
+    float inv_sum[ACC_ROWS];
+#pragma unroll
+    for (int r = 0; r < ACC_ROWS; ++r) {
+        const float total = row_sum_across_lanes(row_sum[r]);
+        inv_sum[r] = total > 0.f ? 1.f / total : 0.f;
+        const int row = row_of[first_element_of_slot(r)];
+        if (row < rows) lse_rows[warp_query + row] = total > 0.f ? (row_max[r] + log2f(total)) * LN2 : -INFINITY;
     }
+#pragma unroll
+    for (int j = 0; j < FRAGS_D; ++j)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) o_acc[j].x[i] *= inv_sum[ACC_SLOT[i]];
+#else
+    const float inv_sum = row_sum > 0.f ? 1.f / row_sum : 0.f;
+    if (my_half == 0) {
+        scratch.row[my_row] = inv_sum;
+        if (my_row < rows) lse_rows[my_query] = row_sum > 0.f ? (row_max + log2f(row_sum)) * LN2 : -INFINITY;
+    }
+    __syncwarp();
+    float row_inv[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) row_inv[i] = scratch.row[row_of[i]];
+#pragma unroll
+    for (int j = 0; j < FRAGS_D; ++j)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) o_acc[j].x[i] *= row_inv[i];
+#endif
+    __syncthreads();  // the K/V stages become the staging area
+    float *staged = staged_out + warp * 16 * OUT_LD;
+    stage_rows(staged, o_acc);
+    if (rows > 0) store_rows(out + batch * o_sb + head * o_sh + warp_query * o_sn, o_sn, staged, rows, lane);
 }
 
 // ==== backward =====================================================================================
@@ -391,73 +524,97 @@ struct Stage {
     }
 };
 
-// P = exp2(S * scale_log2 - LSE_log2) for a warp's staged 16 x BWD_BLOCK_N scores, masked, written as
-// 16-bit into scratch.probs; then, after dP is staged in scratch.scores, dS = P * (dP - delta) in place.
-// `transposed`: rows are keys and columns queries (the dK/dV pass); otherwise rows are queries.
+// Whether the (query, key) pair of a tile element is hidden: past the ends, or above the causal line.
+// TRANSPOSED: the tile's rows are keys and its columns queries (the dK/dV pass); otherwise the reverse.
 template <bool TRANSPOSED>
 __device__ __forceinline__ bool hidden_pair(int row_pos, int col_pos, int seqlen_q, int seqlen_k, int query_offset) {
     int query = TRANSPOSED ? col_pos : row_pos, key = TRANSPOSED ? row_pos : col_pos;
     return query >= seqlen_q || key >= seqlen_k || (CAUSAL && key > query + query_offset);
 }
 
+// The probabilities and score gradients of a warp's 16 x BWD_BLOCK_N tile, in two steps around the
+// dP product: `probabilities` turns S (in `acc`) into P = exp2(S * scale_log2 - LSE_log2), masked,
+// and writes it as 16-bit into scratch.probs; `score_gradients` turns dP (in `acc`) into
+// dS = P * (dP - delta) in scratch.probs, in place. LSE/delta are per column (`col_lse`,
+// `col_delta`, in shared memory) when TRANSPOSED, else per row (`row_lse`, `row_delta`: for the
+// register path one per row slot, for the shared-memory path this lane's row lane % 16).
+struct TileContext {
+    int row_base, col_base;  // positions of the warp tile's first row and first column
+    bool masked;
+    int seqlen_q, seqlen_k, query_offset;
+};
+
 template <bool TRANSPOSED>
-__device__ __forceinline__ void probabilities(WarpScratch<BWD_BLOCK_N> &scratch, const float *col_lse, float row_lse,
-                                              int row_pos, int col_base, bool masked, float scale_log2, int lane,
-                                              int seqlen_q, int seqlen_k, int query_offset) {
+__device__ __forceinline__ void probabilities(frag_acc (&acc)[BWD_BLOCK_N / 16], WarpScratch<BWD_BLOCK_N> &scratch,
+                                              const float *col_lse, const float *row_lse, const TileContext &tile,
+                                              float scale_log2, const int row_of[8], const int col_of[8], int lane) {
+    constexpr int PLD = WarpScratch<BWD_BLOCK_N>::PLD;
+#if REGISTER_SOFTMAX
+#pragma unroll
+    for (int c = 0; c < BWD_BLOCK_N / 16; ++c)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int col = c * 16 + col_of[i];
+            const float lse_log2 = TRANSPOSED ? col_lse[col] : row_lse[ACC_SLOT[i]];
+            const bool hidden = tile.masked && hidden_pair<TRANSPOSED>(tile.row_base + row_of[i], tile.col_base + col,
+                                                                        tile.seqlen_q, tile.seqlen_k, tile.query_offset);
+            scratch.probs[row_of[i] * PLD + col] = from_float(hidden ? 0.f : exp2f(acc[c].x[i] * scale_log2 - lse_log2));
+        }
+#else
+    stage_scores<BWD_BLOCK_N>(scratch.scores, acc);
     const int my_row = lane % 16, my_half = lane / 16;
-    const float *s_row = scratch.scores + my_row * WarpScratch<BWD_BLOCK_N>::SLD + my_half * (BWD_BLOCK_N / 2);
-    elem_t *p_row = scratch.probs + my_row * WarpScratch<BWD_BLOCK_N>::PLD + my_half * (BWD_BLOCK_N / 2);
+    const float *s_row = scratch.scores + my_row * (BWD_BLOCK_N + 4) + my_half * (BWD_BLOCK_N / 2);
+    elem_t *p_row = scratch.probs + my_row * PLD + my_half * (BWD_BLOCK_N / 2);
 #pragma unroll
     for (int c = 0; c < BWD_BLOCK_N / 2; c += 4) {
         float4 s4 = *reinterpret_cast<const float4 *>(s_row + c);
         float s[4] = {s4.x, s4.y, s4.z, s4.w};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            int col = my_half * (BWD_BLOCK_N / 2) + c + e;
-            float lse_log2 = TRANSPOSED ? col_lse[col] : row_lse;
-            bool hidden = masked && hidden_pair<TRANSPOSED>(row_pos, col_base + col, seqlen_q, seqlen_k, query_offset);
+            const int col = my_half * (BWD_BLOCK_N / 2) + c + e;
+            const float lse_log2 = TRANSPOSED ? col_lse[col] : row_lse[0];
+            const bool hidden = tile.masked && hidden_pair<TRANSPOSED>(tile.row_base + my_row, tile.col_base + col,
+                                                                        tile.seqlen_q, tile.seqlen_k, tile.query_offset);
             p_row[c + e] = from_float(hidden ? 0.f : exp2f(s[e] * scale_log2 - lse_log2));
         }
     }
+#endif
     __syncwarp();
 }
 
 template <bool TRANSPOSED>
-__device__ __forceinline__ void score_gradients(WarpScratch<BWD_BLOCK_N> &scratch, const float *col_delta, float row_delta,
-                                                int lane) {
+__device__ __forceinline__ void score_gradients(frag_acc (&acc)[BWD_BLOCK_N / 16], WarpScratch<BWD_BLOCK_N> &scratch,
+                                                const float *col_delta, const float *row_delta, const int row_of[8],
+                                                const int col_of[8], int lane) {
+    constexpr int PLD = WarpScratch<BWD_BLOCK_N>::PLD;
+    __syncwarp();  // every lane has read P as an operand before it is overwritten
+#if REGISTER_SOFTMAX
+#pragma unroll
+    for (int c = 0; c < BWD_BLOCK_N / 16; ++c)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int col = c * 16 + col_of[i];
+            const float d = TRANSPOSED ? col_delta[col] : row_delta[ACC_SLOT[i]];
+            elem_t &p = scratch.probs[row_of[i] * PLD + col];
+            p = from_float(to_float(p) * (acc[c].x[i] - d));
+        }
+#else
+    stage_scores<BWD_BLOCK_N>(scratch.scores, acc);
     const int my_row = lane % 16, my_half = lane / 16;
-    const float *dp_row = scratch.scores + my_row * WarpScratch<BWD_BLOCK_N>::SLD + my_half * (BWD_BLOCK_N / 2);
-    elem_t *p_row = scratch.probs + my_row * WarpScratch<BWD_BLOCK_N>::PLD + my_half * (BWD_BLOCK_N / 2);
+    const float *dp_row = scratch.scores + my_row * (BWD_BLOCK_N + 4) + my_half * (BWD_BLOCK_N / 2);
+    elem_t *p_row = scratch.probs + my_row * PLD + my_half * (BWD_BLOCK_N / 2);
 #pragma unroll
     for (int c = 0; c < BWD_BLOCK_N / 2; c += 4) {
         float4 d4 = *reinterpret_cast<const float4 *>(dp_row + c);
         float dp[4] = {d4.x, d4.y, d4.z, d4.w};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            int col = my_half * (BWD_BLOCK_N / 2) + c + e;
-            float d = TRANSPOSED ? col_delta[col] : row_delta;
+            const int col = my_half * (BWD_BLOCK_N / 2) + c + e;
+            const float d = TRANSPOSED ? col_delta[col] : row_delta[0];
             p_row[c + e] = from_float(to_float(p_row[c + e]) * (dp[e] - d));
         }
     }
-    __syncwarp();
-}
-
-// acc(16 x BWD_BLOCK_N) = rows(16 x D) @ tile(BWD_BLOCK_N x D)^T, staged as float32 in scratch.scores
-__device__ __forceinline__ void rows_times_tile_t(WarpScratch<BWD_BLOCK_N> &scratch, const elem_t *rows, const elem_t *tile) {
-#pragma unroll
-    for (int c = 0; c < BWD_BLOCK_N / 16; ++c) {
-        frag_acc acc;
-        wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-        for (int d = 0; d < FRAGS_D; ++d) {
-            frag_a a;
-            frag_b_col b;
-            wmma::load_matrix_sync(a, rows + d * 16, LD);
-            wmma::load_matrix_sync(b, tile + c * 16 * LD + d * 16, LD);
-            wmma::mma_sync(acc, a, b, acc);
-        }
-        wmma::store_matrix_sync(scratch.scores + c * 16, acc, WarpScratch<BWD_BLOCK_N>::SLD, wmma::mem_row_major);
-    }
+#endif
     __syncwarp();
 }
 
@@ -526,13 +683,15 @@ attention_backward_dkdv(const elem_t *__restrict__ q, const elem_t *__restrict__
         commit_copies();
     }
 
+    int row_of[8], col_of[8];
+    probe_layout(scratch.scores, WarpScratch<BWD_BLOCK_N>::SLD, lane, row_of, col_of);
     frag_acc dk_acc[FRAGS_D], dv_acc[FRAGS_D];
 #pragma unroll
     for (int j = 0; j < FRAGS_D; ++j) {
         wmma::fill_fragment(dk_acc[j], 0.f);
         wmma::fill_fragment(dv_acc[j], 0.f);
     }
-    const int my_key = k_start + warp * 16 + lane % 16;
+    const int warp_key = k_start + warp * 16;
     const elem_t *k_rows = k_tile + warp * 16 * LD, *v_rows = v_tile + warp * 16 * LD;
 
     for (int s = 0; s < steps; ++s) {
@@ -543,33 +702,30 @@ attention_backward_dkdv(const elem_t *__restrict__ q, const elem_t *__restrict__
         Stage stage(stages, s % BWD_STAGES);
         const int q_start = first_query + (s % blocks_per_head) * BWD_BLOCK_N;
         // mask where a causal edge, or the end of the queries or keys, cuts this warp's 16 x BLOCK_N tile
-        const bool masked = q_start + BWD_BLOCK_N > seqlen_q || k_start + warp * 16 + 16 > seqlen_k ||
-                            (CAUSAL && k_start + warp * 16 + 15 > q_start + query_offset);
-        rows_times_tile_t(scratch, k_rows, stage.first);  // S^T = K Q^T
-        probabilities<true>(scratch, stage.lse, 0.f, my_key, q_start, masked, scale_log2, lane, seqlen_q, seqlen_k,
-                            query_offset);
+        const TileContext tile{warp_key, q_start,
+                               q_start + BWD_BLOCK_N > seqlen_q || warp_key + 16 > seqlen_k ||
+                                   (CAUSAL && warp_key + 15 > q_start + query_offset),
+                               seqlen_q, seqlen_k, query_offset};
+        frag_acc acc[BWD_BLOCK_N / 16];
+        rows_times_tile_t<BWD_BLOCK_N>(acc, k_rows, stage.first);  // S^T = K Q^T
+        probabilities<true>(acc, scratch, stage.lse, nullptr, tile, scale_log2, row_of, col_of, lane);
         accumulate_probs_times_tile(dv_acc, scratch, stage.second);  // dV += P^T dO
-        rows_times_tile_t(scratch, v_rows, stage.second);  // dP^T = V dO^T
-        score_gradients<true>(scratch, stage.delta, 0.f, lane);
+        rows_times_tile_t<BWD_BLOCK_N>(acc, v_rows, stage.second);  // dP^T = V dO^T
+        score_gradients<true>(acc, scratch, stage.delta, nullptr, row_of, col_of, lane);
         accumulate_probs_times_tile(dk_acc, scratch, stage.first);  // dK += dS^T Q
         __syncthreads();
     }
     wait_copies<0>();
     __syncthreads();  // the stages become the staging area
 
-    const int rows = min(16, seqlen_k - k_start - warp * 16);
+    const int rows = min(16, seqlen_k - warp_key);
     float *staged = reinterpret_cast<float *>(stages) + warp * 16 * OUT_LD;
-    int row_of[8];
-    probe_rows(scratch.scores, WarpScratch<BWD_BLOCK_N>::SLD, lane, row_of);
-    if (lane < 16) scratch.row[lane] = 1.f;
+    stage_rows(staged, dv_acc);
+    if (rows > 0) store_rows(dv + batch * dv_sb + kv_head * dv_sh + warp_key * dv_sn, dv_sn, staged, rows, lane);
     __syncwarp();
-    stage_rows(staged, dv_acc, row_of, scratch.row);
-    if (rows > 0) store_rows(dv + batch * dv_sb + kv_head * dv_sh + (k_start + warp * 16) * dv_sn, dv_sn, staged, rows, lane);
-    __syncwarp();
-    if (lane < 16) scratch.row[lane] = scale;
-    __syncwarp();
-    stage_rows(staged, dk_acc, row_of, scratch.row);
-    if (rows > 0) store_rows(dk + batch * dk_sb + kv_head * dk_sh + (k_start + warp * 16) * dk_sn, dk_sn, staged, rows, lane);
+    scale_all(dk_acc, scale);
+    stage_rows(staged, dk_acc);
+    if (rows > 0) store_rows(dk + batch * dk_sb + kv_head * dk_sh + warp_key * dk_sn, dk_sn, staged, rows, lane);
 }
 
 // dQ for 16*BWD_WARPS queries of one (batch, head); streams the key blocks they can see.
@@ -612,11 +768,29 @@ attention_backward_dq(const elem_t *__restrict__ q, const elem_t *__restrict__ k
         commit_copies();
     }
 
-    const int my_query = q_start + warp * 16 + lane % 16;
-    const long row_index = (long(batch) * heads + head) * seqlen_q + my_query;
-    float my_lse = my_query < seqlen_q ? lse[row_index] : INFINITY;
-    my_lse = my_lse == -INFINITY ? INFINITY : my_lse * LOG2E;
-    const float my_delta = my_query < seqlen_q ? delta[row_index] : 0.f;
+    int row_of[8], col_of[8];
+    probe_layout(scratch.scores, WarpScratch<BWD_BLOCK_N>::SLD, lane, row_of, col_of);
+    const int warp_query = q_start + warp * 16;
+    const long row_base = (long(batch) * heads + head) * seqlen_q + warp_query;
+    // LSE (log2) and delta of this lane's rows: one per row slot (register path) or row lane % 16
+#if REGISTER_SOFTMAX
+    constexpr int ROWS_HELD = ACC_ROWS;
+#else
+    constexpr int ROWS_HELD = 1;
+#endif
+    float row_lse[ROWS_HELD], row_delta[ROWS_HELD];
+#pragma unroll
+    for (int r = 0; r < ROWS_HELD; ++r) {
+#if REGISTER_SOFTMAX
+        const int row = row_of[first_element_of_slot(r)];
+#else
+        const int row = lane % 16;
+#endif
+        const bool valid = warp_query + row < seqlen_q;
+        const float l = valid ? lse[row_base + row] : INFINITY;  // padding rows: P = 0
+        row_lse[r] = l == -INFINITY ? INFINITY : l * LOG2E;  // a row that saw no key has no gradient
+        row_delta[r] = valid ? delta[row_base + row] : 0.f;
+    }
     frag_acc dq_acc[FRAGS_D];
 #pragma unroll
     for (int j = 0; j < FRAGS_D; ++j) wmma::fill_fragment(dq_acc[j], 0.f);
@@ -629,25 +803,24 @@ attention_backward_dq(const elem_t *__restrict__ q, const elem_t *__restrict__ k
         __syncthreads();
         Stage stage(stages, s % BWD_STAGES);
         const int key_base = s * BWD_BLOCK_N;
-        const bool masked = key_base + BWD_BLOCK_N > seqlen_k || q_start + warp * 16 + 16 > seqlen_q ||
-                            (CAUSAL && key_base + BWD_BLOCK_N - 1 > q_start + warp * 16 + query_offset);
-        rows_times_tile_t(scratch, q_rows, stage.first);  // S = Q K^T
-        probabilities<false>(scratch, nullptr, my_lse, my_query, key_base, masked, scale_log2, lane, seqlen_q, seqlen_k,
-                             query_offset);
-        rows_times_tile_t(scratch, g_rows, stage.second);  // dP = dO V^T
-        score_gradients<false>(scratch, nullptr, my_delta, lane);
+        const TileContext tile{warp_query, key_base,
+                               key_base + BWD_BLOCK_N > seqlen_k || warp_query + 16 > seqlen_q ||
+                                   (CAUSAL && key_base + BWD_BLOCK_N - 1 > warp_query + query_offset),
+                               seqlen_q, seqlen_k, query_offset};
+        frag_acc acc[BWD_BLOCK_N / 16];
+        rows_times_tile_t<BWD_BLOCK_N>(acc, q_rows, stage.first);  // S = Q K^T
+        probabilities<false>(acc, scratch, nullptr, row_lse, tile, scale_log2, row_of, col_of, lane);
+        rows_times_tile_t<BWD_BLOCK_N>(acc, g_rows, stage.second);  // dP = dO V^T
+        score_gradients<false>(acc, scratch, nullptr, row_delta, row_of, col_of, lane);
         accumulate_probs_times_tile(dq_acc, scratch, stage.first);  // dQ += dS K
         __syncthreads();
     }
     wait_copies<0>();
     __syncthreads();
 
-    const int rows = min(16, seqlen_q - q_start - warp * 16);
+    const int rows = min(16, seqlen_q - warp_query);
     float *staged = reinterpret_cast<float *>(stages) + warp * 16 * OUT_LD;
-    int row_of[8];
-    probe_rows(scratch.scores, WarpScratch<BWD_BLOCK_N>::SLD, lane, row_of);
-    if (lane < 16) scratch.row[lane] = scale;
-    __syncwarp();
-    stage_rows(staged, dq_acc, row_of, scratch.row);
-    if (rows > 0) store_rows(dq + batch * dq_sb + head * dq_sh + (q_start + warp * 16) * dq_sn, dq_sn, staged, rows, lane);
+    scale_all(dq_acc, scale);
+    stage_rows(staged, dq_acc);
+    if (rows > 0) store_rows(dq + batch * dq_sb + head * dq_sh + warp_query * dq_sn, dq_sn, staged, rows, lane);
 }
