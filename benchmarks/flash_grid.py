@@ -257,6 +257,13 @@ def run_sweep(args, record):
 # ----------------------------------------------------------------------------------------------
 
 
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
 def save(args, record):
     if args.json:
         with open(args.json, "w") as f:
@@ -283,7 +290,7 @@ def main(argv=None):
     record = {
         "device": torch.cuda.get_device_name(0),
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-                     "portattn": portattn.__version__, "cuda": torch.version.cuda},
+                     "portattn": portattn.__version__, "cuda": torch.version.cuda, "cupy": _version("cupy")},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),
         "grid": f"B*N = {TOKENS}, H = {HIDDEN}/D, fp16, (B, H, N, D)",

@@ -21,6 +21,13 @@ python3 -m pytest -q -p no:cacheprovider $workers --junitxml="$out/conformance-$
 # the flash-attention grid: the plan against the swept configurations, then triton against the peers
 python3 benchmarks/flash_grid.py sweep --json "$out/flash-grid-sweep-$device.json"
 python3 benchmarks/flash_grid.py peers --json "$out/flash-grid-peers-$device.json"
+# the cupy backend (WMMA) against SDPA's memory-efficient kernel (its issue's peer) and FlashAttention-2,
+# and the tensor-core forms it chose between
+python3 benchmarks/flash_grid.py peers --backend cupy --sdpa efficient flash --no-flex --modes fwd \
+  --json "$out/flash-grid-cupy-fwd-$device.json"
+python3 benchmarks/flash_grid.py peers --backend cupy --sdpa efficient flash --no-flex --modes fwd+bwd \
+  --json "$out/flash-grid-cupy-fwdbwd-$device.json"
+python3 benchmarks/mma_shapes.py --out "$out/mma-shapes-$device.json"
 # block-sparse (25% of blocks kept) and sliding-window runs against the dense one, N = 8192
 python3 benchmarks/sparsity.py --json "$out/sparsity-$device.json"
 python3 -m portattn bench --json "$out/bench-$device.json"

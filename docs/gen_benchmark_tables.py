@@ -35,15 +35,24 @@ def _provenance(record: dict) -> str:
     return f"`{record['command']}` -- {record['date']}, {record['device']}, {versions}"
 
 
-PEER_COLUMNS = ("portattn-triton", "sdpa-flash", "sdpa-cudnn", "flex", "sdpa-efficient", "sdpa-math")
+PEERS = ("sdpa-flash", "sdpa-cudnn", "flex", "sdpa-efficient", "sdpa-math")
+PEER_LABELS = {"sdpa-flash": "flash", "sdpa-cudnn": "cuDNN", "flex": "flex", "sdpa-efficient": "efficient", "sdpa-math": "math"}
+# the peers each backend is held against (its issue's comparison), in the order of the ratio columns
+RATIO_PEERS = {"triton": ("sdpa-flash", "flex", "sdpa-cudnn"), "cupy": ("sdpa-efficient", "sdpa-flash")}
 
 
 def peers_table(record: dict) -> str:
-    header = ("| D | causal | mode | N | " + " | ".join(PEER_COLUMNS) + " | triton / flash | triton / flex | triton / cuDNN |")
+    backend = record["peers"][0].get("backend", "triton")  # records before --backend timed triton
+    ours = f"portattn-{backend}"
+    present = {name for row in record["peers"] for name in row["tflops"]}
+    columns = (ours, *(p for p in PEERS if p in present))
+    ratio_peers = [p for p in RATIO_PEERS.get(backend, PEERS) if p in present]
+    header = ("| D | causal | mode | N | " + " | ".join(columns) + " | "
+              + " | ".join(f"{backend} / {PEER_LABELS[p]}" for p in ratio_peers) + " |")
     lines = [_provenance(record), "", "TFLOP/s:", "", header, "|" + "---|" * (header.count("|") - 1)]
     for row in sorted(record["peers"], key=lambda r: (r["mode"], r["D"], r["causal"], r["N"])):
-        cells = [f"{row['tflops'][c]:.0f}" if c in row["tflops"] else "-" for c in PEER_COLUMNS]
-        ratios = [f"{row['ratios'][c]:.2f}x" if c in row["ratios"] else "-" for c in ("sdpa-flash", "flex", "sdpa-cudnn")]
+        cells = [f"{row['tflops'][c]:.0f}" if c in row["tflops"] else "-" for c in columns]
+        ratios = [f"{row['ratios'][c]:.2f}x" if c in row["ratios"] else "-" for c in ratio_peers]
         lines.append(f"| {row['D']} | {int(row['causal'])} | {row['mode']} | {row['N']} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
 

@@ -248,10 +248,24 @@ def _include_options() -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=64)
 def _external_stream(index: int, pointer: int):
+    """CuPy's view of torch's current stream, so kernels order with the caller's torch work (cached
+    per stream: creating one costs more than a launch)."""
     import cupy
 
     with cupy.cuda.Device(index):
+        if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy 14 deprecates ExternalStream for this
+            return cupy.cuda.Stream.from_external(_StreamHandle(pointer))
         return cupy.cuda.ExternalStream(pointer)
+
+
+class _StreamHandle:
+    """A raw CUDA stream pointer through the CUDA stream protocol that ``Stream.from_external`` reads."""
+
+    def __init__(self, pointer: int):
+        self.pointer = pointer
+
+    def __cuda_stream__(self):
+        return (0, self.pointer)
 
 
 @functools.lru_cache(maxsize=16)

@@ -373,9 +373,9 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
         for (int c = 0; c < FWD_BLOCK_K / 16; ++c)
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
-                elem_t p16 = from_float(exp2f(s_acc[c].x[i] - base[ACC_SLOT[i]]));
-                row_sum[ACC_SLOT[i]] += to_float(p16);  // the sum of what P @ V will actually multiply
-                scratch.probs[row_of[i] * PLD + c * 16 + col_of[i]] = p16;
+                const float p = exp2f(s_acc[c].x[i] - base[ACC_SLOT[i]]);
+                row_sum[ACC_SLOT[i]] += p;  // unrounded: the LSE is held to float32 accuracy
+                scratch.probs[row_of[i] * PLD + c * 16 + col_of[i]] = from_float(p);
             }
         __syncwarp();
 #pragma unroll
@@ -411,9 +411,9 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
             for (int e = 0; e < 4; ++e) {
                 int key = key_base + my_half * (FWD_BLOCK_K / 2) + c + e;
                 bool hidden = masked && (key >= seqlen_k || (CAUSAL && key > my_query + query_offset));
-                elem_t p16 = from_float(hidden ? 0.f : exp2f(s[e] * scale_log2 - base));
-                tile_sum += to_float(p16);
-                p_row[c + e] = p16;
+                const float p = hidden ? 0.f : exp2f(s[e] * scale_log2 - base);
+                tile_sum += p;
+                p_row[c + e] = from_float(p);
             }
         }
         tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, 16);
