@@ -195,12 +195,22 @@ def _module(index: int, variant: Variant):
         return cupy.RawModule(code=source(), options=(*variant.options(), *_include_options()), name_expressions=None)
 
 
+REGISTER_SOFTMAX_COMPUTE_CAPABILITY = (8, 0)
+
+
 @functools.lru_cache(maxsize=None)
 def _accumulator(index: int):
     """The device's WMMA accumulator layout, read once by fragment_layout.cu: the register softmax
-    where it has the structure that needs (``cupy_build.accumulator_layout``), else None."""
+    where it has the structure that needs (``cupy_build.accumulator_layout``), else None.
+
+    Only from sm_80 on, where it was measured (H100, fp16, N = 4096: the forward at 1.31x (D = 128)
+    and 1.43x (D = 64) the shared-memory softmax's speed). Before that the shared-memory softmax stays: Volta's quad-pair layout is
+    not known to have the structure, and on Turing the register path's dK/dV kernel spills 36-76 B
+    at head dims >= 112 (ptxas 12.9 for sm_75), which no T4 run has weighed yet."""
     import cupy
 
+    if _compute_capability(index) < REGISTER_SOFTMAX_COMPUTE_CAPABILITY:
+        return None
     with cupy.cuda.Device(index):
         module = cupy.RawModule(code=LAYOUT_SOURCE_PATH.read_text(), options=("-std=c++17", *_include_options()))
         rows = cupy.zeros((32, 8), dtype=cupy.int32)

@@ -20,7 +20,7 @@
 // The one thing WMMA hides is which accumulator element a thread holds. Online softmax needs to
 // scale rows of O, so every warp *probes* the layout once: it loads a 16x16 tile whose every entry
 // is its row index into an accumulator fragment and keeps, per element, the row that came back
-// (`row_of`). That is portable across architectures, where the layout differs.
+// (`row_of`, `col_of`). That is portable across architectures, where the layout differs.
 //
 // Shared-memory layout of an operand tile (fp16/bf16, row-major, row stride LD = HEAD_DIM_PAD + 8):
 //
