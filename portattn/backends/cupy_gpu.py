@@ -9,7 +9,7 @@ dK/dV kernel that owns keys and streams query tiles (GQA: over every query head 
 in registers), and a dQ kernel that owns queries and streams key tiles -- no atomics, deterministic.
 
 MMA_CHOICE -- WMMA 16x16x16 rather than inline ``mma.sync.m8n8k4``, measured: on the H100
-``benchmarks/mma_shapes.py`` runs WMMA at 428 TFLOP/s and m8n8k4 at 15.6 (27x slower: from sm_80 on
+``benchmarks/mma_shapes.py`` runs WMMA at 431 TFLOP/s and m8n8k4 at 15.6 (28x slower: from sm_80 on
 WMMA becomes the native m16n8k16 instruction while m8n8k4 is emulated;
 ``benchmarks/results/h100-mma-shapes.json``). On Volta a WMMA 16x16x16 product is itself executed as
 m8n8k4 steps of the four quad-pairs (HMMA.884; the Volta whitepaper and the "Dissecting Volta"

@@ -23,6 +23,11 @@ SMALL_BACKWARD = {"backward_block_k": (16,), "backward_block_q": (16,), "backwar
                   "backward_dq_separate": (True, False)}
 
 
+def _triton_device() -> str:
+    """Where the triton backend's inputs live: the GPU when there is one, else the CPU (interpreter)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.fixture
 def triton_backend():
     backend = registry()["triton"]
@@ -53,7 +58,7 @@ def test_candidates_start_with_the_plan_and_cover_the_space():
 
 def test_tune_remembers_the_winner_and_autotune_uses_it(triton_backend, small_spaces):
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 40, 32, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 40, 32, generator=gen).to(_triton_device()) for _ in range(3))
     planned = api.prepare(q, k, v, causal=True, backend="triton").plan
     tuned = portattn.tune(q, k, v, causal=True, backend="triton", backward=True)
     # the winner is the plan or a point of the (patched) spaces
@@ -73,7 +78,7 @@ def test_tune_remembers_the_winner_and_autotune_uses_it(triton_backend, small_sp
 
 
 def test_failed_configurations_are_recorded_not_raised(triton_backend, small_spaces, monkeypatch):
-    q, k, v = (torch.randn(1, 1, 20, 16) for _ in range(3))
+    q, k, v = (torch.randn(1, 1, 20, 16, device=_triton_device()) for _ in range(3))
     call = api.prepare(q, k, v, backend="triton")
     real = api.PreparedCall.forward
 

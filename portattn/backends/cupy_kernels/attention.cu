@@ -13,7 +13,7 @@
 //   check that this file lays shared memory out exactly as portattn/tiling/wmma.py predicts).
 //
 // Why WMMA and not inline mma.sync.m8n8k4: portattn/backends/cupy_gpu.py (MMA_CHOICE) and
-// benchmarks/mma_shapes.py, which times both. In short: on the H100 WMMA runs 27x faster (it compiles
+// benchmarks/mma_shapes.py, which times both. In short: on the H100 WMMA runs 28x faster (it compiles
 // to the native m16n8k16 instruction; m8n8k4 is emulated from sm_80 on), and on Volta a WMMA product
 // is executed as the same m8n8k4 quad-pair steps (HMMA.884) that inline PTX would issue.
 //
