@@ -218,7 +218,7 @@ def default_backends(device: str, named=()) -> list[str]:
     from .backends import registry
 
     kind = device.split(":", 1)[0]
-    chosen = [name for name, b in registry().items() if b.usable and kind in b.auto_priority]
+    chosen = [name for name, b in registry().items() if kind in b.auto_priority and b.usable]  # no GPU probe for a CPU run
     return chosen + [name for name in named if name not in chosen]
 
 

@@ -65,9 +65,11 @@ class Backend(ABC):
     def not_supported_reasons(self, spec) -> list[str]:
         """Every reason this backend cannot run ``spec`` (``AttentionSpec``); empty when it can."""
         caps = self.capabilities
-        reasons = self.unavailable_reasons()
         if spec.device_kind not in caps.device_kinds:
-            reasons.append(f"data is on {spec.device}; {self.name} runs on {', '.join(sorted(caps.device_kinds))}")
+            # that alone refuses it; probing availability would import a GPU framework (and start its
+            # driver, ~0.5 GB of memory) for a call whose data it could never take
+            return [f"data is on {spec.device}; {self.name} runs on {', '.join(sorted(caps.device_kinds))}"]
+        reasons = self.unavailable_reasons()
         if spec.dtype not in caps.dtypes:
             reasons.append(f"dtype {spec.dtype} is not supported; {self.name} takes {', '.join(sorted(caps.dtypes))}")
         if not caps.min_head_dim <= spec.head_dim <= caps.max_head_dim:

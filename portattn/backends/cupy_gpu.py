@@ -202,19 +202,20 @@ class _Launcher:
         import cupy
         import torch
 
-        kernel = _kernel(self.index, self.variant, name, smem)
+        kernel = _kernel(self.index, self.variant.options(), name, smem)
         packed = tuple(cupy.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)
         with cupy.cuda.Device(self.index), _external_stream(self.index, self.stream):
             kernel((grid[0], grid[1], 1), (threads, 1, 1), packed, shared_mem=smem)
 
 
 @functools.lru_cache(maxsize=None)
-def _module(index: int, variant: Variant):
-    """The compiled module of one variant on one device (NVRTC at first use; CuPy also caches on disk)."""
+def _module(index: int, options: tuple[str, ...]):
+    """The compiled module of one variant (its compile options: problem sizes other than the tiles do
+    not enter) on one device; NVRTC at first use, and CuPy also caches the binary on disk."""
     import cupy
 
     with cupy.cuda.Device(index):
-        return cupy.RawModule(code=source(), options=(*variant.options(), *_include_options()), name_expressions=None)
+        return cupy.RawModule(code=source(), options=(*options, *_include_options()), name_expressions=None)
 
 
 REGISTER_SOFTMAX_COMPUTE_CAPABILITY = (8, 0)
@@ -242,9 +243,9 @@ def _accumulator(index: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(index: int, variant: Variant, name: str, smem: int):
+def _kernel(index: int, options: tuple[str, ...], name: str, smem: int):
     assert name in KERNELS, name
-    kernel = _module(index, variant).get_function(name)
+    kernel = _module(index, options).get_function(name)
     if smem > 48 * 1024:  # above 48 KiB a kernel must opt in to dynamic shared memory
         kernel.max_dynamic_shared_size_bytes = smem
     return kernel
