@@ -85,6 +85,7 @@ class Variant:
     bf16: bool
     vector_loads: bool  # 16-byte global loads: head dim, row strides and base pointers in 8-element units
     accumulator: AccumulatorLayout | None = None  # probed on the device; None: shared-memory softmax
+    window: bool = False  # sliding-window bounds (their values are run-time arguments)
 
     def defines(self) -> dict[str, object]:
         p = self.plan
@@ -104,6 +105,7 @@ class Variant:
             "BWD_SMEM_BYTES": backward_smem_bytes(p.head_dim_padded, *backward),
             "Q_IN_REGISTERS": int(q_in_registers(p.head_dim_padded)),
             "CAUSAL": int(self.causal),
+            "WINDOW": int(self.window),
             "BF16": int(self.bf16),
             "VECTOR_LOADS": int(self.vector_loads),
             **(self.accumulator.defines() if self.accumulator else {"REGISTER_SOFTMAX": 0}),

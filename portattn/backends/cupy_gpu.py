@@ -36,12 +36,13 @@ LOG2E = 1.4426950408889634
 MIN_COMPUTE_CAPABILITY = (7, 0)
 BF16_COMPUTE_CAPABILITY = (8, 0)
 DELTA_ROWS_PER_BLOCK = 4  # the delta kernel: one warp per row
-_SUPPORTED = frozenset({"gqa", "bottom_right"})
+_SUPPORTED = frozenset({"gqa", "bottom_right", "window"})
+UNBOUNDED = 1 << 29  # a window side with no bound: farther than any key (and no int overflow in the bounds arithmetic)
 _FEATURE_NOTES = {
     "gqa": "query head h reads K/V head h // group in place; the dK/dV kernel loops over the group's query heads "
            "(sums in registers, no repeat, no atomics)",
     "bottom_right": "query positions shifted by Nk - Nq in the causal mask and the causal tile range",
-    "window": "not implemented in the WMMA kernels yet; use triton (sm_80+) or numba",
+    "window": "each block's visible key range (queries for dK/dV) is computed and only it is loaded; edge tiles are masked",
     "bool_mask": "not implemented in the WMMA kernels yet; use triton (sm_80+) or numba",
     "additive_mask": "not implemented in the WMMA kernels yet; use triton (sm_80+) or numba",
     "alibi": "not implemented in the WMMA kernels yet; use triton (sm_80+) or numba",
@@ -195,7 +196,8 @@ class _Launcher:
 
         self.index = q.device.index if q.device.index is not None else torch.cuda.current_device()
         vector = spec.head_dim % 8 == 0 and all(_vector_friendly(x) for x in tensors)
-        self.variant = Variant(spec.head_dim, plan, spec.causal, q.dtype == torch.bfloat16, vector, _accumulator(self.index))
+        self.variant = Variant(spec.head_dim, plan, spec.causal, q.dtype == torch.bfloat16, vector, _accumulator(self.index),
+                               window=spec.window is not None)
         self.stream = torch.cuda.current_stream(q.device).cuda_stream
 
     def __call__(self, name, grid, threads, smem, *args):
@@ -330,10 +332,12 @@ def _strides(x):
 
 
 def _sizes(spec):
+    """heads, group, Nq, Nk, the query offset and the window's (left, right) bounds, as the kernels take them."""
     import cupy
 
-    return (cupy.int32(spec.heads), cupy.int32(spec.group_size), cupy.int32(spec.seqlen_q), cupy.int32(spec.seqlen_k),
-            cupy.int32(spec.query_offset()))
+    left, right = spec.window if spec.window is not None else (None, None)
+    bounds = (UNBOUNDED if left is None else left, UNBOUNDED if right is None else right)
+    return tuple(cupy.int32(x) for x in (spec.heads, spec.group_size, spec.seqlen_q, spec.seqlen_k, spec.query_offset(), *bounds))
 
 
 def _i64(value):

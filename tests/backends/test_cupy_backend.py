@@ -144,8 +144,8 @@ def test_backward_above_head_dim_128_is_refused_by_the_plan(cupy_backend):
 
 def test_unsupported_feature_is_refused_with_its_note(cupy_backend):
     q, k, v = _inputs(1, 2, 64, 64, 64)
-    with pytest.raises(ValueError, match="cupy does not support window"):
-        portattn.attention(q, k, v, backend="cupy", window=(8, 0))
+    with pytest.raises(ValueError, match="cupy does not support softcap"):
+        portattn.attention(q, k, v, backend="cupy", softcap=30.0)
 
 
 def test_probed_accumulator_layout_on_this_gpu(cupy_backend):

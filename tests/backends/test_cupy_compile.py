@@ -8,7 +8,7 @@ equals the plan's ``FWD_SMEM_BYTES``/``BWD_SMEM_BYTES``. On top of that each var
     ``wmma.forward_registers``), and the dK/dV kernel's within one of ``wmma.backward_registers``;
   * spills: none, except the two kinds explained at ``SPILL_TRADE_BYTES`` (each one reported as a warning).
 
-Variants: fp16, causal and ``vector_loads = head_dim % 8 == 0`` (the most registers), over the
+Variants: fp16, causal with a sliding window and ``vector_loads = head_dim % 8 == 0`` (the most registers), over the
 conformance suite's head dims and a grid of problem sizes that puts the planner in each of its
 regimes (see ``PROBLEMS``), de-duplicated by compile options. Each (device, variant) is compiled once
 per session in a thread pool (NVRTC releases the GIL; ptxas is a subprocess), about 1-2 s each.
@@ -127,7 +127,7 @@ def _enumerate() -> tuple[list[Case], list[str]]:
                     continue
                 layouts = (None, SM80_ACCUMULATOR) if device in REGISTER_SOFTMAX_DEVICES else (None,)
                 for layout in layouts:
-                    variant = Variant(head_dim=head_dim, plan=plan, causal=True, bf16=False,
+                    variant = Variant(head_dim=head_dim, plan=plan, causal=True, bf16=False, window=True,
                                       vector_loads=head_dim % 8 == 0, accumulator=layout)
                     # the plan also carries work units and traffic figures that differ per problem; what
                     # is compiled is decided by the options alone

@@ -8,7 +8,7 @@
 //   BWD_WARPS, BWD_BLOCK_N, BWD_STAGES          backward: a block owns 16*BWD_WARPS rows (keys for
 //                                               dK/dV, queries for dQ) and streams BWD_BLOCK_N of the other
 //   Q_IN_REGISTERS  keep the forward's Q operand fragments in registers (head dims <= 128)
-//   CAUSAL, BF16, VECTOR_LOADS (16-byte global loads: head dim, row strides and pointers are multiples
+//   CAUSAL, WINDOW (sliding-window bounds, passed at run time), BF16, VECTOR_LOADS (16-byte global loads: head dim, row strides and pointers are multiples
 //   of 8 elements), FWD_SMEM_BYTES / BWD_SMEM_BYTES (the planner's figures: static_asserts below
 //   check that this file lays shared memory out exactly as portattn/tiling/wmma.py predicts).
 //
@@ -77,6 +77,42 @@ __host__ __device__ constexpr int scratch_bytes(int columns) {
     return align_up(16 * (columns + 4) * 4) + align_up(16 * (columns + 8) * 2) + align_up(16 * 4);
 }
 __host__ __device__ constexpr int staging_bytes(int warps) { return align_up(warps * 16 * OUT_LD * 4); }
+
+// Which keys a query sees: the keys that exist, those at or before its position when CAUSAL, and
+// those in [position - left, position + right] when WINDOW (an unbounded side is a huge number).
+// A query's position is its index plus `offset` (Nk - Nq when aligned bottom-right).
+struct Visibility {
+    int seqlen_q, seqlen_k, offset, left, right;
+
+    // the forward's test: rows past the queries are never stored, so only the keys are checked
+    __device__ __forceinline__ bool key_hidden(int query, int key) const {
+        const int pos = query + offset;
+        return key >= seqlen_k || (CAUSAL && key > pos) || (WINDOW && (key < pos - left || key > pos + right));
+    }
+    __device__ __forceinline__ bool hidden(int query, int key) const { return query >= seqlen_q || key_hidden(query, key); }
+    // keys [x, y) that any of the queries first..last sees: the rest are never loaded
+    __device__ __forceinline__ int2 key_range(int first, int last) const {
+        int lo = 0, hi = seqlen_k;
+        if (CAUSAL) hi = min(hi, last + offset + 1);
+        if (WINDOW) lo = max(lo, first + offset - left), hi = min(hi, last + offset + right + 1);
+        return make_int2(lo, max(lo, hi));
+    }
+    // queries [x, y) that see any of the keys first..last
+    __device__ __forceinline__ int2 query_range(int first, int last) const {
+        int lo = 0, hi = seqlen_q;
+        if (CAUSAL) lo = max(lo, first - offset);
+        if (WINDOW) lo = max(lo, first - offset - right), hi = min(hi, last - offset + left + 1);
+        return make_int2(lo, max(lo, hi));
+    }
+    // whether some key of k0..k1 is hidden from some query of q0..q1: the tile needs the elementwise mask
+    __device__ __forceinline__ bool cuts_keys(int q0, int q1, int k0, int k1) const {
+        return k1 >= seqlen_k || (CAUSAL && k1 > q0 + offset) || (WINDOW && (k0 < q1 + offset - left || k1 > q0 + offset + right));
+    }
+    // the same, counting the queries' end too (the backward reads LSE and dO of every row)
+    __device__ __forceinline__ bool cuts(int q0, int q1, int k0, int k1) const {
+        return q1 >= seqlen_q || cuts_keys(q0, q1, k0, k1);
+    }
+};
 
 typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, elem_t, wmma::row_major> frag_a;
 typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, elem_t, wmma::row_major> frag_b_row;
@@ -256,7 +292,8 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
                   elem_t *__restrict__ out, float *__restrict__ lse,
                   long q_sb, long q_sh, long q_sn, long k_sb, long k_sh, long k_sn, long v_sb, long v_sh, long v_sn,
                   long o_sb, long o_sh, long o_sn, long lse_sb, long lse_sh,
-                  int heads, int group, int seqlen_q, int seqlen_k, int query_offset, float scale_log2) {
+                  int heads, int group, int seqlen_q, int seqlen_k, int query_offset, int window_left, int window_right,
+                  float scale_log2) {
     extern __shared__ __align__(128) char smem[];
     elem_t *q_tile = reinterpret_cast<elem_t *>(smem);
     elem_t *kv_tiles = reinterpret_cast<elem_t *>(smem + FWD_Q_BYTES);
@@ -270,19 +307,19 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
     k += batch * k_sb + kv_head * k_sh;
     v += batch * v_sb + kv_head * v_sh;
 
-    // causal: the last key any row of this block sees, and the keys a row sees without a mask
-    int key_end = seqlen_k;
-    if (CAUSAL) key_end = min(seqlen_k, max(0, q_start + FWD_ROWS + query_offset));
-    const int tiles = (key_end + FWD_BLOCK_K - 1) / FWD_BLOCK_K;
-    const int unmasked_end = CAUSAL ? q_start + query_offset + 1 : seqlen_k;  // keys < this are seen by every row
+    // the key tiles any row of this block sees (causal, window): the others are never loaded
+    const Visibility vis{seqlen_q, seqlen_k, query_offset, window_left, window_right};
+    const int2 keys = vis.key_range(q_start, q_start + FWD_ROWS - 1);
+    const int first_tile = keys.x / FWD_BLOCK_K;
+    const int tiles = keys.y > keys.x ? (keys.y + FWD_BLOCK_K - 1) / FWD_BLOCK_K - first_tile : 0;
 
     load_tile<FWD_ROWS, FWD_THREADS>(q_tile, q, q_sn, min(FWD_ROWS, seqlen_q - q_start), tid);
     commit_copies();
-    auto load_kv = [&](int t) {
+    auto load_kv = [&](int t) {  // the block's t-th visible key tile
         elem_t *stage = kv_tiles + (t % FWD_STAGES) * 2 * (tile_bytes(FWD_BLOCK_K) / 2);
-        int rows = min(FWD_BLOCK_K, seqlen_k - t * FWD_BLOCK_K);
-        load_tile<FWD_BLOCK_K, FWD_THREADS>(stage, k + t * FWD_BLOCK_K * k_sn, k_sn, rows, tid);
-        load_tile<FWD_BLOCK_K, FWD_THREADS>(stage + tile_bytes(FWD_BLOCK_K) / 2, v + t * FWD_BLOCK_K * v_sn, v_sn, rows, tid);
+        const int key_base = (first_tile + t) * FWD_BLOCK_K, rows = min(FWD_BLOCK_K, seqlen_k - key_base);
+        load_tile<FWD_BLOCK_K, FWD_THREADS>(stage, k + key_base * k_sn, k_sn, rows, tid);
+        load_tile<FWD_BLOCK_K, FWD_THREADS>(stage + tile_bytes(FWD_BLOCK_K) / 2, v + key_base * v_sn, v_sn, rows, tid);
     };
 #pragma unroll
     for (int t = 0; t < FWD_STAGES - 1; ++t) {  // prologue: the first STAGES-1 tiles in flight
@@ -340,9 +377,9 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
 #else
         rows_times_tile_t<FWD_BLOCK_K>(s_acc, q_rows, k_tile);
 #endif
-        const int key_base = t * FWD_BLOCK_K;
-        // a causal edge or the end of the keys cuts this warp's tile: mask per element
-        const bool masked = key_base + FWD_BLOCK_K > min(unmasked_end + warp * 16, seqlen_k);
+        const int key_base = (first_tile + t) * FWD_BLOCK_K;
+        // a causal or window edge, or the end of the keys, cuts this warp's tile: mask per element
+        const bool masked = vis.cuts_keys(warp_query, warp_query + 15, key_base, key_base + FWD_BLOCK_K - 1);
 
 #if REGISTER_SOFTMAX
         float tile_max[ACC_ROWS];
@@ -354,8 +391,7 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
             for (int i = 0; i < 8; ++i) {
                 float x = s_acc[c].x[i] * scale_log2;
                 if (masked) {
-                    int key = key_base + c * 16 + col_of[i];
-                    if (key >= seqlen_k || (CAUSAL && key > warp_query + row_of[i] + query_offset)) x = -INFINITY;
+                    if (vis.key_hidden(warp_query + row_of[i], key_base + c * 16 + col_of[i])) x = -INFINITY;
                 }
                 s_acc[c].x[i] = x;
                 tile_max[ACC_SLOT[i]] = fmaxf(tile_max[ACC_SLOT[i]], x);
@@ -394,7 +430,7 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 int key = key_base + my_half * (FWD_BLOCK_K / 2) + c + e;
-                bool hidden = masked && (key >= seqlen_k || (CAUSAL && key > my_query + query_offset));
+                bool hidden = masked && vis.key_hidden(my_query, key);
                 tile_max = fmaxf(tile_max, hidden ? -INFINITY : s[e] * scale_log2);
             }
         }
@@ -410,7 +446,7 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 int key = key_base + my_half * (FWD_BLOCK_K / 2) + c + e;
-                bool hidden = masked && (key >= seqlen_k || (CAUSAL && key > my_query + query_offset));
+                bool hidden = masked && vis.key_hidden(my_query, key);
                 const float p = hidden ? 0.f : exp2f(s[e] * scale_log2 - base);
                 tile_sum += p;
                 p_row[c + e] = from_float(p);
@@ -524,24 +560,22 @@ struct Stage {
     }
 };
 
-// Whether the (query, key) pair of a tile element is hidden: past the ends, or above the causal line.
-// TRANSPOSED: the tile's rows are keys and its columns queries (the dK/dV pass); otherwise the reverse.
-template <bool TRANSPOSED>
-__device__ __forceinline__ bool hidden_pair(int row_pos, int col_pos, int seqlen_q, int seqlen_k, int query_offset) {
-    int query = TRANSPOSED ? col_pos : row_pos, key = TRANSPOSED ? row_pos : col_pos;
-    return query >= seqlen_q || key >= seqlen_k || (CAUSAL && key > query + query_offset);
-}
-
 // The probabilities and score gradients of a warp's 16 x BWD_BLOCK_N tile, in two steps around the
 // dP product: `probabilities` turns S (in `acc`) into P = exp2(S * scale_log2 - LSE_log2), masked,
 // and writes it as 16-bit into scratch.probs; `score_gradients` turns dP (in `acc`) into
-// dS = P * (dP - delta) in scratch.probs, in place. LSE/delta are per column (`col_lse`,
+// dS = P * (dP - delta) in scratch.probs, in place. TRANSPOSED: the tile's rows are keys and its
+// columns queries (the dK/dV pass); otherwise the reverse. LSE/delta are per column (`col_lse`,
 // `col_delta`, in shared memory) when TRANSPOSED, else per row (`row_lse`, `row_delta`: for the
 // register path one per row slot, for the shared-memory path this lane's row lane % 16).
 struct TileContext {
     int row_base, col_base;  // positions of the warp tile's first row and first column
     bool masked;
-    int seqlen_q, seqlen_k, query_offset;
+    Visibility vis;
+
+    template <bool TRANSPOSED>
+    __device__ __forceinline__ bool hidden(int row, int col) const {
+        return masked && (TRANSPOSED ? vis.hidden(col_base + col, row_base + row) : vis.hidden(row_base + row, col_base + col));
+    }
 };
 
 template <bool TRANSPOSED>
@@ -556,8 +590,7 @@ __device__ __forceinline__ void probabilities(frag_acc (&acc)[BWD_BLOCK_N / 16],
         for (int i = 0; i < 8; ++i) {
             const int col = c * 16 + col_of[i];
             const float lse_log2 = TRANSPOSED ? col_lse[col] : row_lse[ACC_SLOT[i]];
-            const bool hidden = tile.masked && hidden_pair<TRANSPOSED>(tile.row_base + row_of[i], tile.col_base + col,
-                                                                        tile.seqlen_q, tile.seqlen_k, tile.query_offset);
+            const bool hidden = tile.template hidden<TRANSPOSED>(row_of[i], col);
             scratch.probs[row_of[i] * PLD + col] = from_float(hidden ? 0.f : exp2f(acc[c].x[i] * scale_log2 - lse_log2));
         }
 #else
@@ -573,8 +606,7 @@ __device__ __forceinline__ void probabilities(frag_acc (&acc)[BWD_BLOCK_N / 16],
         for (int e = 0; e < 4; ++e) {
             const int col = my_half * (BWD_BLOCK_N / 2) + c + e;
             const float lse_log2 = TRANSPOSED ? col_lse[col] : row_lse[0];
-            const bool hidden = tile.masked && hidden_pair<TRANSPOSED>(tile.row_base + my_row, tile.col_base + col,
-                                                                        tile.seqlen_q, tile.seqlen_k, tile.query_offset);
+            const bool hidden = tile.template hidden<TRANSPOSED>(my_row, col);
             p_row[c + e] = from_float(hidden ? 0.f : exp2f(s[e] * scale_log2 - lse_log2));
         }
     }
@@ -642,7 +674,8 @@ attention_backward_dkdv(const elem_t *__restrict__ q, const elem_t *__restrict__
                         elem_t *__restrict__ dk, elem_t *__restrict__ dv,
                         long q_sb, long q_sh, long q_sn, long k_sb, long k_sh, long k_sn, long v_sb, long v_sh, long v_sn,
                         long g_sb, long g_sh, long g_sn, long dk_sb, long dk_sh, long dk_sn, long dv_sb, long dv_sh, long dv_sn,
-                        int heads, int group, int seqlen_q, int seqlen_k, int query_offset, float scale, float scale_log2) {
+                        int heads, int group, int seqlen_q, int seqlen_k, int query_offset, int window_left,
+                        int window_right, float scale, float scale_log2) {
     extern __shared__ __align__(128) char smem[];
     elem_t *k_tile = reinterpret_cast<elem_t *>(smem);
     elem_t *v_tile = reinterpret_cast<elem_t *>(smem + tile_bytes(BWD_ROWS));
@@ -659,9 +692,11 @@ attention_backward_dkdv(const elem_t *__restrict__ q, const elem_t *__restrict__
                                      min(BWD_ROWS, seqlen_k - k_start), tid);
     commit_copies();
 
-    // causal: queries before first_query see none of these keys
-    const int first_query = CAUSAL ? max(0, k_start - query_offset) / BWD_BLOCK_N * BWD_BLOCK_N : 0;
-    const int blocks_per_head = first_query < seqlen_q ? (seqlen_q - first_query + BWD_BLOCK_N - 1) / BWD_BLOCK_N : 0;
+    // the query blocks that see any of these keys (causal, window): the others are never loaded
+    const Visibility vis{seqlen_q, seqlen_k, query_offset, window_left, window_right};
+    const int2 queries = vis.query_range(k_start, k_start + BWD_ROWS - 1);
+    const int first_query = queries.x / BWD_BLOCK_N * BWD_BLOCK_N;
+    const int blocks_per_head = queries.y > queries.x ? (queries.y - first_query + BWD_BLOCK_N - 1) / BWD_BLOCK_N : 0;
     const int steps = group * blocks_per_head;
     auto load_step = [&](int s) {
         const int head = kv_head * group + s / blocks_per_head;
@@ -701,11 +736,8 @@ attention_backward_dkdv(const elem_t *__restrict__ q, const elem_t *__restrict__
         __syncthreads();
         Stage stage(stages, s % BWD_STAGES);
         const int q_start = first_query + (s % blocks_per_head) * BWD_BLOCK_N;
-        // mask where a causal edge, or the end of the queries or keys, cuts this warp's 16 x BLOCK_N tile
-        const TileContext tile{warp_key, q_start,
-                               q_start + BWD_BLOCK_N > seqlen_q || warp_key + 16 > seqlen_k ||
-                                   (CAUSAL && warp_key + 15 > q_start + query_offset),
-                               seqlen_q, seqlen_k, query_offset};
+        // mask where a causal or window edge, or the end of the queries or keys, cuts this warp's tile
+        const TileContext tile{warp_key, q_start, vis.cuts(q_start, q_start + BWD_BLOCK_N - 1, warp_key, warp_key + 15), vis};
         frag_acc acc[BWD_BLOCK_N / 16];
         rows_times_tile_t<BWD_BLOCK_N>(acc, k_rows, stage.first);  // S^T = K Q^T
         probabilities<true>(acc, scratch, stage.lse, nullptr, tile, scale_log2, row_of, col_of, lane);
@@ -736,7 +768,8 @@ attention_backward_dq(const elem_t *__restrict__ q, const elem_t *__restrict__ k
                       elem_t *__restrict__ dq,
                       long q_sb, long q_sh, long q_sn, long k_sb, long k_sh, long k_sn, long v_sb, long v_sh, long v_sn,
                       long g_sb, long g_sh, long g_sn, long dq_sb, long dq_sh, long dq_sn,
-                      int heads, int group, int seqlen_q, int seqlen_k, int query_offset, float scale, float scale_log2) {
+                      int heads, int group, int seqlen_q, int seqlen_k, int query_offset, int window_left,
+                      int window_right, float scale, float scale_log2) {
     extern __shared__ __align__(128) char smem[];
     elem_t *q_tile = reinterpret_cast<elem_t *>(smem);
     elem_t *g_tile = reinterpret_cast<elem_t *>(smem + tile_bytes(BWD_ROWS));
@@ -753,14 +786,16 @@ attention_backward_dq(const elem_t *__restrict__ q, const elem_t *__restrict__ k
     k += batch * k_sb + kv_head * k_sh;
     v += batch * v_sb + kv_head * v_sh;
 
-    int key_end = seqlen_k;
-    if (CAUSAL) key_end = min(seqlen_k, max(0, q_start + BWD_ROWS + query_offset));
-    const int steps = (key_end + BWD_BLOCK_N - 1) / BWD_BLOCK_N;
+    // the key blocks any of these queries sees (causal, window): the others are never loaded
+    const Visibility vis{seqlen_q, seqlen_k, query_offset, window_left, window_right};
+    const int2 keys = vis.key_range(q_start, q_start + BWD_ROWS - 1);
+    const int first_block = keys.x / BWD_BLOCK_N;
+    const int steps = keys.y > keys.x ? (keys.y + BWD_BLOCK_N - 1) / BWD_BLOCK_N - first_block : 0;
     auto load_step = [&](int s) {
-        const int rows = min(BWD_BLOCK_N, seqlen_k - s * BWD_BLOCK_N);
+        const int key_base = (first_block + s) * BWD_BLOCK_N, rows = min(BWD_BLOCK_N, seqlen_k - key_base);
         Stage stage(stages, s % BWD_STAGES);
-        load_tile<BWD_BLOCK_N, BWD_THREADS>(stage.first, k + s * BWD_BLOCK_N * k_sn, k_sn, rows, tid);
-        load_tile<BWD_BLOCK_N, BWD_THREADS>(stage.second, v + s * BWD_BLOCK_N * v_sn, v_sn, rows, tid);
+        load_tile<BWD_BLOCK_N, BWD_THREADS>(stage.first, k + key_base * k_sn, k_sn, rows, tid);
+        load_tile<BWD_BLOCK_N, BWD_THREADS>(stage.second, v + key_base * v_sn, v_sn, rows, tid);
     };
 #pragma unroll
     for (int s = 0; s < BWD_STAGES - 1; ++s) {
@@ -802,11 +837,9 @@ attention_backward_dq(const elem_t *__restrict__ q, const elem_t *__restrict__ k
         wait_copies<BWD_STAGES - 1>();
         __syncthreads();
         Stage stage(stages, s % BWD_STAGES);
-        const int key_base = s * BWD_BLOCK_N;
-        const TileContext tile{warp_query, key_base,
-                               key_base + BWD_BLOCK_N > seqlen_k || warp_query + 16 > seqlen_q ||
-                                   (CAUSAL && key_base + BWD_BLOCK_N - 1 > warp_query + query_offset),
-                               seqlen_q, seqlen_k, query_offset};
+        const int key_base = (first_block + s) * BWD_BLOCK_N;
+        const TileContext tile{warp_query, key_base, vis.cuts(warp_query, warp_query + 15, key_base, key_base + BWD_BLOCK_N - 1),
+                               vis};
         frag_acc acc[BWD_BLOCK_N / 16];
         rows_times_tile_t<BWD_BLOCK_N>(acc, q_rows, stage.first);  // S = Q K^T
         probabilities<false>(acc, scratch, nullptr, row_lse, tile, scale_log2, row_of, col_of, lane);
