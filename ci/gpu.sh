@@ -28,6 +28,7 @@ python3 benchmarks/flash_grid.py peers --backend cupy --sdpa efficient flash --n
 python3 benchmarks/flash_grid.py peers --backend cupy --sdpa efficient flash --no-flex --modes fwd+bwd \
   --json "$out/flash-grid-cupy-fwdbwd-$device.json"
 python3 benchmarks/mma_shapes.py --out "$out/mma-shapes-$device.json"
+python3 benchmarks/sparsity.py --backend cupy --json "$out/sparsity-cupy-$device.json"
 # block-sparse (25% of blocks kept) and sliding-window runs against the dense one, N = 8192
 python3 benchmarks/sparsity.py --json "$out/sparsity-$device.json"
 python3 -m portattn bench --json "$out/bench-$device.json"

@@ -85,7 +85,8 @@ def sparsity_table(record: dict) -> str:
              "| mode | run | ms | speed-up over dense |", "|---|---|---|---|"]
     for row in record["results"]:
         lines.append(f"| {row['mode']} | {row['variant']} | {row['seconds'] * 1e3:.2f} | {row['speedup_vs_dense']:.2f}x |")
-    return "\n".join(lines)
+    lines += ["", *(f"{variant}: refused -- {why}" for variant, why in record.get("refused", {}).items())]
+    return "\n".join(lines).rstrip()
 
 
 def render(path: str) -> str:
