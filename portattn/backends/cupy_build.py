@@ -49,17 +49,17 @@ def accumulator_layout(rows, cols) -> AccumulatorLayout | None:
     cols = [list(map(int, lane)) for lane in cols]
     if len(rows) != 32 or any(len(lane) != 8 for lane in rows):
         return None
-    held = sorted({(r, c) for lane in range(32) for r, c in zip(rows[lane], cols[lane])})
-    if held != [(r, c) for r in range(16) for c in range(16)] or len({(l, e) for l in range(32) for e in range(8)}) != 256:
-        return None  # not a one-to-one cover of the tile
+    held = {(r, c) for lane in range(32) for r, c in zip(rows[lane], cols[lane])}
+    if held != {(r, c) for r in range(16) for c in range(16)}:
+        return None  # 256 elements that do not cover the tile: some cell is held twice
     slots_of = []
     for lane in rows:
         order = list(dict.fromkeys(lane))  # distinct rows in order of first appearance
         slots_of.append(tuple(order.index(r) for r in lane))
     if len(set(slots_of)) != 1:
         return None
-    group = frozenset(other for other in range(32) if rows[0][0] in rows[other])  # lanes sharing lane 0's first row
-    masks = frozenset(other ^ 0 for other in group)
+    # the lanes sharing lane 0's first row, as XOR distances from lane 0; every row must be shared the same way
+    masks = frozenset(other for other in range(32) if rows[0][0] in rows[other])
     for lane in range(32):
         for r in set(rows[lane]):
             if frozenset(other ^ lane for other in range(32) if r in rows[other]) != masks:

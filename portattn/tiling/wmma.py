@@ -22,10 +22,10 @@ Rules (W for WMMA), stated where they act:
        fragments held across the loop, plus a fixed overhead; must stay at or under 255 (the
        per-thread limit), or the kernel is not planned (the backend refuses with this reason).
   * W6 stages: 2 where cp.async exists (sm_80+), else 1 (Volta/Turing copy through registers).
-  * W7 ranking: fill the device, then tiles of at least ``MIN_TILE_SIDE`` on both sides, then ``MIN_RESIDENT_WARPS`` warps resident per SM (counted over the
-       blocks that fit its shared memory and registers: a warp waiting on its softmax step is hidden
-       only by other warps; more than 8 gained nothing measurable), then 4 warps, then block_k 64,
-       then more stages.
+  * W7 ranking: fill the device, then tiles of at least ``MIN_TILE_SIDE`` on both sides, then up to
+       ``MIN_RESIDENT_WARPS`` warps resident per SM (counted over the blocks that fit its shared
+       memory and registers: a warp waiting on its softmax step is hidden only by other warps), then
+       4 warps, then block_k 64, then more stages.
 """
 
 from __future__ import annotations
