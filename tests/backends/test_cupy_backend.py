@@ -189,3 +189,33 @@ def test_gqa_gradients_against_the_reference(cupy_backend):
     want = torch.autograd.grad(torch.softmax(s, -1) @ v64.repeat_interleave(4, 1), (q64, k64, v64), grad.double())
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, atol=5e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("causal, window, d, kvh", [(False, None, 64, 4), (True, None, 111, 2), (True, (20, 0), 128, 4),
+                                                    (False, (7, 30), 40, 1)])
+def test_shared_memory_softmax_path_on_this_gpu(cupy_backend, monkeypatch, causal, window, d, kvh):
+    """The path Volta and Turing take (scores staged in shared memory), forced here by hiding the
+    probed accumulator layout: forward and gradients against the float64 reference."""
+    from portattn.backends import cupy_gpu
+
+    monkeypatch.setattr(cupy_gpu, "_accumulator", lambda index: None)
+    q, k, v = (x.requires_grad_() for x in _inputs(2, 4, 150, 97, d, kvh=kvh, seed=3))
+    kwargs = {"window": window} if window else {}
+    out = portattn.attention(q, k, v, causal=causal, backend="cupy", **kwargs)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    group = 4 // kvh
+    s = (q64 @ k64.repeat_interleave(group, 1).transpose(-1, -2)) * d**-0.5
+    rows, keys = torch.arange(150, device="cuda")[:, None], torch.arange(97, device="cuda")[None]
+    hidden = torch.zeros(150, 97, dtype=torch.bool, device="cuda")
+    if causal:
+        hidden |= keys > rows
+    if window:
+        hidden |= (keys < rows - window[0]) | (keys > rows + window[1])
+    p = torch.softmax(s.masked_fill(hidden, float("-inf")), -1).nan_to_num(0.0)
+    want_out = p @ v64.repeat_interleave(group, 1)
+    torch.testing.assert_close(out.double(), want_out, atol=2e-3, rtol=1e-2)
+    want = torch.autograd.grad(want_out, (q64, k64, v64), grad.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=5e-3, rtol=2e-2)
