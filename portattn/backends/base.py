@@ -57,6 +57,17 @@ class Backend(ABC):
         """Subclasses: import what they need and report what is missing. Called once."""
         return []
 
+    def _missing_modules(self, needed) -> list[str]:
+        """For ``_check_available``: each (module, why it is needed) that does not import, with the pip
+        extra that installs it."""
+        missing = []
+        for module, why in needed:
+            try:
+                __import__(module)
+            except ImportError as error:
+                missing.append(f"{module} is not installed ({why}; pip install 'portattn[{self.extra}]'): {error}")
+        return missing
+
     def declared_capabilities(self) -> Capabilities:
         """What the backend does on its target hardware, for the capability table (a backend that can
         also run under an emulator, as Triton's interpreter, reports its real target here)."""

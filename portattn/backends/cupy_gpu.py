@@ -79,12 +79,8 @@ class CupyBackend(Backend):
     )
 
     def _check_available(self) -> list[str]:
-        missing = []
-        for module, why in (("cupy", "it compiles and launches the kernels"), ("torch", "inputs are computed on as torch tensors")):
-            try:
-                __import__(module)
-            except ImportError as error:
-                missing.append(f"{module} is not installed ({why}; pip install 'portattn[cupy]'): {error}")
+        missing = self._missing_modules((("cupy", "it compiles and launches the kernels"),
+                                         ("torch", "inputs are computed on as torch tensors")))
         if missing:
             return missing
         import cupy

@@ -158,17 +158,11 @@ class NumbaBackend(Backend):
     auto_priority = {"cpu": 10}
 
     def _check_available(self) -> list[str]:
-        missing = []
-        for module, why in (
+        return self._missing_modules((
             ("numba", "the kernels are compiled by numba"),
             ("scipy", "numba's np.dot calls SciPy's BLAS"),
             ("threadpoolctl", "BLAS must be kept to one thread inside numba's threads"),
-        ):
-            try:
-                __import__(module)
-            except ImportError as error:
-                missing.append(f"{module} is not installed ({why}; pip install 'portattn[numba]'): {error}")
-        return missing
+        ))
 
     def device(self, spec):
         return probe.probe_cpu()

@@ -121,12 +121,8 @@ class TritonBackend(Backend):
         return _GPU_CAPABILITIES  # the table describes the GPU target; notes mention the interpreter
 
     def _check_available(self) -> list[str]:
-        missing = []
-        for module, why in (("torch", "the kernels take torch tensors"), ("triton", "the kernels are written in Triton")):
-            try:
-                __import__(module)
-            except ImportError as error:
-                missing.append(f"{module} is not installed ({why}; pip install 'portattn[triton]'): {error}")
+        missing = self._missing_modules((("torch", "the kernels take torch tensors"),
+                                         ("triton", "the kernels are written in Triton")))
         if missing or interpreting():
             return missing
         import torch
