@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 
 def _has_cuda() -> bool:
     try:
@@ -20,3 +22,18 @@ def _has_cuda() -> bool:
 
 if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def usable_backend():
+    """``usable_backend(name)``: the registered backend, or a skip that gives its own reasons for not
+    being usable on this machine."""
+    from portattn.backends import registry
+
+    def get(name: str):
+        backend = registry()[name]
+        if not backend.usable:
+            pytest.skip(f"{name} is not usable here: " + "; ".join(backend.unavailable_reasons()))
+        return backend
+
+    return get

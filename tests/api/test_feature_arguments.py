@@ -11,7 +11,6 @@ import pytest
 
 import portattn
 from portattn import dispatch
-from portattn.backends import registry
 
 torch = pytest.importorskip("torch")
 
@@ -93,11 +92,9 @@ def test_varlen_is_the_per_sequence_attention():
 
 
 @pytest.fixture
-def numba_without_alibi(monkeypatch):
+def numba_without_alibi(monkeypatch, usable_backend):
     """The numba backend as if it did not run ALiBi (caches of earlier choices cleared)."""
-    numba = registry()["numba"]
-    if not numba.usable:
-        pytest.skip("numba is not usable here: " + "; ".join(numba.unavailable_reasons()))
+    numba = usable_backend("numba")
     caps = numba.capabilities
     reduced = dataclasses.replace(caps, features=caps.features - {"alibi"},
                                   feature_notes={**caps.feature_notes, "alibi": "switched off by this test"})

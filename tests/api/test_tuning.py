@@ -14,7 +14,6 @@ import pytest
 
 import portattn
 from portattn import api, tuning
-from portattn.backends import registry
 
 torch = pytest.importorskip("torch", reason="tuning runs on torch tensors")
 
@@ -29,11 +28,8 @@ def _triton_device() -> str:
 
 
 @pytest.fixture
-def triton_backend():
-    backend = registry()["triton"]
-    if not backend.usable:
-        pytest.skip("triton is not usable here: " + "; ".join(backend.unavailable_reasons()))
-    return backend
+def triton_backend(usable_backend):
+    return usable_backend("triton")
 
 
 @pytest.fixture

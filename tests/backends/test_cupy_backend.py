@@ -109,11 +109,8 @@ torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
-def cupy_backend():
-    backend = registry()["cupy"]
-    if not backend.usable:
-        pytest.skip("cupy is not usable here: " + "; ".join(backend.unavailable_reasons()))
-    return backend
+def cupy_backend(usable_backend):
+    return usable_backend("cupy")
 
 
 def _inputs(b, h, nq, nk, d, dtype=torch.float16, kvh=None, seed=0):

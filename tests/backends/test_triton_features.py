@@ -13,18 +13,14 @@ import pytest
 import portattn
 from portattn import api, reference
 from portattn import extras as extras_mod
-from portattn.backends import registry
 from portattn.spec import spec_from_arrays
 
 torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
-def triton_backend():
-    backend = registry()["triton"]
-    if not backend.usable:
-        pytest.skip("triton is not usable here: " + "; ".join(backend.unavailable_reasons()))
-    return backend
+def triton_backend(usable_backend):
+    return usable_backend("triton")
 
 
 def _device():

@@ -8,8 +8,5 @@ from portattn.backends import registry
 
 
 @pytest.fixture(params=list(registry()))
-def backend(request):
-    candidate = registry()[request.param]
-    if not candidate.usable:
-        pytest.skip(f"{candidate.name} is not usable here: " + "; ".join(candidate.unavailable_reasons()))
-    return candidate
+def backend(request, usable_backend):
+    return usable_backend(request.param)
