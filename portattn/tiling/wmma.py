@@ -109,6 +109,11 @@ def backward_registers(head_dim_pad: int, block_n: int = 64) -> int:
     return 2 * (head_dim_pad // 16) * 8 + (block_n // 16) * 8 + 2 * 8 + REGISTER_OVERHEAD
 
 
+def _resident_blocks(device: DeviceSpec, smem: int, registers: int, warps: int) -> int:
+    """W7: blocks of this kernel one SM holds at once, by its shared memory and its registers."""
+    return min(device.sram_per_unit // smem, device.registers_per_unit // (registers * 32 * warps))
+
+
 def _blocks(n: int, block: int) -> int:
     return -(-n // block)
 
@@ -135,7 +140,7 @@ def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
                 smem = forward_smem_bytes(pad, warps, block_k, stages)
                 if smem > limit:
                     continue
-                resident = min(device.sram_per_unit // smem, device.registers_per_unit // (registers * 32 * warps))
+                resident = _resident_blocks(device, smem, registers, warps)
                 rank = (query_blocks[warps] >= device.compute_units, min(warps * 16, block_k) >= MIN_TILE_SIDE,
                         min(resident * warps, MIN_RESIDENT_WARPS), warps == 4,
                         block_k == 64, stages, -FORWARD_WARPS.index(warps), -FORWARD_BLOCK_K.index(block_k))
@@ -182,7 +187,7 @@ def _plan_backward(pad: int, device: DeviceSpec, stages_options) -> tuple:
                 smem = backward_smem_bytes(pad, warps, block_n, stages)
                 if smem > device.sram_per_block:
                     continue
-                resident = min(device.sram_per_unit // smem, device.registers_per_unit // (registers * 32 * warps))
+                resident = _resident_blocks(device, smem, registers, warps)
                 preferred = 64 if pad <= 64 else 32
                 rank = (min(warps * 16, block_n) >= MIN_TILE_SIDE, min(resident * warps, MIN_RESIDENT_WARPS),
                         block_n == preferred, warps == 4, stages, block_n)

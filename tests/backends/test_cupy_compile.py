@@ -253,15 +253,18 @@ def test_compiles(builds, case):
         assert build.reports[name].registers <= MAX_REGISTERS, f"{name} of {_where(case)}: {build.reports[name]}"
 
 
+def _assert_in_band(report, predicted: int, band: tuple[float, float], case: Case) -> None:
+    low, high = band
+    assert low * predicted <= report.registers <= high * predicted, (
+        f"{report.kernel} uses {report.registers} registers, the plan estimates {predicted} "
+        f"(band {low}x..{high}x): {_where(case)}")
+
+
 @parametrize
 def test_forward_registers(builds, case):
     forward = _reports(builds, case)["attention_forward"]
-    predicted = case.plan.registers_per_thread
-    low, high = FORWARD_BAND
     assert forward.registers <= MAX_REGISTERS
-    assert low * predicted <= forward.registers <= high * predicted, (
-        f"attention_forward uses {forward.registers} registers, the plan estimates {predicted} "
-        f"(band {low}x..{high}x): {_where(case)}")
+    _assert_in_band(forward, case.plan.registers_per_thread, FORWARD_BAND, case)
 
 
 @parametrize
@@ -272,12 +275,7 @@ def test_backward_registers(builds, case):
                                for name in ("attention_backward_dkdv", "attention_backward_dq"))
         pytest.skip(f"no backward planned (head dim {case.plan.head_dim_padded}): the backward kernels are compiled at "
                     f"the smallest size and never launched ({unlaunched})")
-    dkdv = reports["attention_backward_dkdv"]
-    predicted = _backward_estimate(case.plan)
-    low, high = BACKWARD_BAND
-    assert low * predicted <= dkdv.registers <= high * predicted, (
-        f"attention_backward_dkdv uses {dkdv.registers} registers, the plan estimates {predicted} "
-        f"(band {low}x..{high}x): {_where(case)}")
+    _assert_in_band(reports["attention_backward_dkdv"], _backward_estimate(case.plan), BACKWARD_BAND, case)
 
 
 @parametrize
