@@ -192,15 +192,16 @@ class _Launcher:
 
         self.index = q.device.index if q.device.index is not None else torch.cuda.current_device()
         vector = spec.head_dim % 8 == 0 and all(_vector_friendly(x) for x in tensors)
-        self.variant = Variant(spec.head_dim, plan, spec.causal, q.dtype == torch.bfloat16, vector, _accumulator(self.index),
-                               window=spec.window is not None)
+        variant = Variant(spec.head_dim, plan, spec.causal, q.dtype == torch.bfloat16, vector, _accumulator(self.index),
+                          window=spec.window is not None)
+        self.options = variant.options()  # the module's cache key, built once for the call's launches
         self.stream = torch.cuda.current_stream(q.device).cuda_stream
 
     def __call__(self, name, grid, threads, smem, *args):
         import cupy
         import torch
 
-        kernel = _kernel(self.index, self.variant.options(), name, smem)
+        kernel = _kernel(self.index, self.options, name, smem)
         packed = tuple(cupy.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)
         with cupy.cuda.Device(self.index), _external_stream(self.index, self.stream):
             kernel((grid[0], grid[1], 1), (threads, 1, 1), packed, shared_mem=smem)

@@ -578,76 +578,55 @@ struct TileContext {
     }
 };
 
-template <bool TRANSPOSED>
-__device__ __forceinline__ void probabilities(frag_acc (&acc)[BWD_BLOCK_N / 16], WarpScratch<BWD_BLOCK_N> &scratch,
-                                              const float *col_lse, const float *row_lse, const TileContext &tile,
-                                              float scale_log2, const int row_of[8], const int col_of[8], int lane) {
-    constexpr int PLD = WarpScratch<BWD_BLOCK_N>::PLD;
+// Visit each element of a warp's 16 x COLUMNS tile: fn(row, col, slot, value, prob), with `value`
+// the element's float32 and `prob` its 16-bit cell in scratch.probs. Register path: straight from the
+// accumulators; `slot` is the row's place among the lane's rows (ACC_SLOT). Shared-memory path: the
+// tile is staged as float32 and each lane takes half a row (row lane % 16, half lane / 16), 4 floats
+// at a time; a lane holds one row, so `slot` is 0.
+template <int COLUMNS, class Fn>
+__device__ __forceinline__ void for_each_element(frag_acc (&acc)[COLUMNS / 16], WarpScratch<COLUMNS> &scratch,
+                                                 const int row_of[8], const int col_of[8], int lane, Fn fn) {
+    constexpr int PLD = WarpScratch<COLUMNS>::PLD;
 #if REGISTER_SOFTMAX
 #pragma unroll
-    for (int c = 0; c < BWD_BLOCK_N / 16; ++c)
+    for (int c = 0; c < COLUMNS / 16; ++c)
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int col = c * 16 + col_of[i];
-            const float lse_log2 = TRANSPOSED ? col_lse[col] : row_lse[ACC_SLOT[i]];
-            const bool hidden = tile.template hidden<TRANSPOSED>(row_of[i], col);
-            scratch.probs[row_of[i] * PLD + col] = from_float(hidden ? 0.f : exp2f(acc[c].x[i] * scale_log2 - lse_log2));
-        }
+        for (int i = 0; i < 8; ++i)
+            fn(row_of[i], c * 16 + col_of[i], ACC_SLOT[i], acc[c].x[i], scratch.probs[row_of[i] * PLD + c * 16 + col_of[i]]);
 #else
-    stage_scores<BWD_BLOCK_N>(scratch.scores, acc);
+    stage_scores<COLUMNS>(scratch.scores, acc);
     const int my_row = lane % 16, my_half = lane / 16;
-    const float *s_row = scratch.scores + my_row * (BWD_BLOCK_N + 4) + my_half * (BWD_BLOCK_N / 2);
-    elem_t *p_row = scratch.probs + my_row * PLD + my_half * (BWD_BLOCK_N / 2);
+    const float *s_row = scratch.scores + my_row * WarpScratch<COLUMNS>::SLD + my_half * (COLUMNS / 2);
+    elem_t *p_row = scratch.probs + my_row * PLD + my_half * (COLUMNS / 2);
 #pragma unroll
-    for (int c = 0; c < BWD_BLOCK_N / 2; c += 4) {
-        float4 s4 = *reinterpret_cast<const float4 *>(s_row + c);
-        float s[4] = {s4.x, s4.y, s4.z, s4.w};
+    for (int c = 0; c < COLUMNS / 2; c += 4) {
+        const float4 s4 = *reinterpret_cast<const float4 *>(s_row + c);
+        const float s[4] = {s4.x, s4.y, s4.z, s4.w};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int col = my_half * (BWD_BLOCK_N / 2) + c + e;
-            const float lse_log2 = TRANSPOSED ? col_lse[col] : row_lse[0];
-            const bool hidden = tile.template hidden<TRANSPOSED>(my_row, col);
-            p_row[c + e] = from_float(hidden ? 0.f : exp2f(s[e] * scale_log2 - lse_log2));
-        }
+        for (int e = 0; e < 4; ++e) fn(my_row, my_half * (COLUMNS / 2) + c + e, 0, s[e], p_row[c + e]);
     }
 #endif
     __syncwarp();
 }
 
 template <bool TRANSPOSED>
+__device__ __forceinline__ void probabilities(frag_acc (&acc)[BWD_BLOCK_N / 16], WarpScratch<BWD_BLOCK_N> &scratch,
+                                              const float *col_lse, const float *row_lse, const TileContext &tile,
+                                              float scale_log2, const int row_of[8], const int col_of[8], int lane) {
+    for_each_element<BWD_BLOCK_N>(acc, scratch, row_of, col_of, lane, [&](int row, int col, int slot, float s, elem_t &p) {
+        const float lse_log2 = TRANSPOSED ? col_lse[col] : row_lse[slot];
+        p = from_float(tile.template hidden<TRANSPOSED>(row, col) ? 0.f : exp2f(s * scale_log2 - lse_log2));
+    });
+}
+
+template <bool TRANSPOSED>
 __device__ __forceinline__ void score_gradients(frag_acc (&acc)[BWD_BLOCK_N / 16], WarpScratch<BWD_BLOCK_N> &scratch,
                                                 const float *col_delta, const float *row_delta, const int row_of[8],
                                                 const int col_of[8], int lane) {
-    constexpr int PLD = WarpScratch<BWD_BLOCK_N>::PLD;
     __syncwarp();  // every lane has read P as an operand before it is overwritten
-#if REGISTER_SOFTMAX
-#pragma unroll
-    for (int c = 0; c < BWD_BLOCK_N / 16; ++c)
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int col = c * 16 + col_of[i];
-            const float d = TRANSPOSED ? col_delta[col] : row_delta[ACC_SLOT[i]];
-            elem_t &p = scratch.probs[row_of[i] * PLD + col];
-            p = from_float(to_float(p) * (acc[c].x[i] - d));
-        }
-#else
-    stage_scores<BWD_BLOCK_N>(scratch.scores, acc);
-    const int my_row = lane % 16, my_half = lane / 16;
-    const float *dp_row = scratch.scores + my_row * (BWD_BLOCK_N + 4) + my_half * (BWD_BLOCK_N / 2);
-    elem_t *p_row = scratch.probs + my_row * PLD + my_half * (BWD_BLOCK_N / 2);
-#pragma unroll
-    for (int c = 0; c < BWD_BLOCK_N / 2; c += 4) {
-        float4 d4 = *reinterpret_cast<const float4 *>(dp_row + c);
-        float dp[4] = {d4.x, d4.y, d4.z, d4.w};
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int col = my_half * (BWD_BLOCK_N / 2) + c + e;
-            const float d = TRANSPOSED ? col_delta[col] : row_delta[0];
-            p_row[c + e] = from_float(to_float(p_row[c + e]) * (dp[e] - d));
-        }
-    }
-#endif
-    __syncwarp();
+    for_each_element<BWD_BLOCK_N>(acc, scratch, row_of, col_of, lane, [&](int row, int col, int slot, float dp, elem_t &p) {
+        p = from_float(to_float(p) * (dp - (TRANSPOSED ? col_delta[col] : row_delta[slot])));
+    });
 }
 
 // acc(16 x D) += probs(16 x BWD_BLOCK_N) @ tile(BWD_BLOCK_N x D)
