@@ -75,7 +75,7 @@ def _prepare(q, k, v, *, backend="auto", varlen=None, **options) -> tuple[Prepar
 
 def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd", return_lse=False, autotune=False,
               align="top-left", window=None, attn_mask=None, alibi_slopes=None, softcap=None, block_mask=None,
-              block_size=None, key_padding_mask=None, dropout_p=0.0, dropout_seed=None):
+              block_size=None, key_padding_mask=None, dropout_p=0.0, dropout_seed=None, device=None):
     """Exact softmax attention, ``softmax(q k^T * scale) v``, computed tile by tile.
 
     ``q`` is (B, H, Nq, D) and ``k``, ``v`` are (B, H_kv, Nk, D) -- or (B, N, H, D) with
@@ -102,6 +102,11 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd
     * ``dropout_p`` with ``dropout_seed``: the attention weights are dropped with the backend's
       counter-based generator; one seed gives one mask, and the backward applies the same one.
 
+    ``device`` picks where host arrays (numpy, torch CPU) are computed by a backend that can move
+    them, today ``backend="opencl"``: ``"opencl:P:D"`` as ``portattn info`` lists devices (default:
+    ``$PORTATTN_OPENCL_DEVICE``, else the first OpenCL GPU, else the first OpenCL device).
+    pyopencl arrays are computed on their own device and the result stays there.
+
     With ``return_lse=True`` the float32 log-sum-exp of the scores, (B, H, Nq), is returned too.
     A query that sees no key gets zeros and an LSE of -inf. ``autotune=True`` runs the fastest tile
     configuration found by :func:`tune` for this device and shape, tuning first when none is
@@ -109,7 +114,7 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd
     """
     features = dict(align=align, window=window, attn_mask=attn_mask, alibi_slopes=alibi_slopes, softcap=softcap,
                     block_mask=block_mask, block_size=block_size, key_padding_mask=key_padding_mask,
-                    dropout_p=dropout_p, dropout_seed=dropout_seed)
+                    dropout_p=dropout_p, dropout_seed=dropout_seed, device=device)
     plain = all(value is None for name, value in features.items() if name not in ("align", "dropout_p")) \
         and align == "top-left" and dropout_p == 0.0
     key = _call_key(q, k, v, causal, scale, backend, layout) if plain else None

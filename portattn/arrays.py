@@ -1,7 +1,7 @@
-"""Adapters between the array types users pass (numpy, torch, cupy) and the ones backends compute on.
+"""Adapters between the array types users pass (numpy, torch, cupy, pyopencl) and the ones backends compute on.
 
-Nothing here imports a framework at module import: torch and cupy are only looked at when the
-caller already imported them (a torch tensor or cupy array cannot exist otherwise), so
+Nothing here imports a framework at module import: torch, cupy and pyopencl are only looked at when
+the caller already imported them (a torch tensor or cupy array cannot exist otherwise), so
 ``import portattn`` needs only numpy. Conversions never copy when they don't have to (torch CPU <->
 numpy share memory; cupy <-> torch CUDA go through DLPack, strides kept); the one forced copy is
 bfloat16 into numpy, which has no bfloat16 (it is widened to float32, exactly).
@@ -9,6 +9,7 @@ bfloat16 into numpy, which has no bfloat16 (it is widened to float32, exactly).
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -17,10 +18,10 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ArrayInfo:
-    kind: str  # "numpy", "torch" or "cupy"
+    kind: str  # "numpy", "torch", "cupy" or "pyopencl"
     shape: tuple[int, ...]
     dtype: str  # numpy/torch dtype name without prefix: "float16", "bfloat16", "int64", ...
-    device: str  # "cpu", "cuda:0", ...
+    device: str  # "cpu", "cuda:0", "opencl:0:0" (platform:device), ...
     requires_grad: bool = False
 
 
@@ -44,6 +45,37 @@ def is_cupy(x) -> bool:
     return cupy is not None and isinstance(x, cupy.ndarray)
 
 
+def _pyopencl_array():
+    """pyopencl.array if the process has imported it, else None (never imports it)."""
+    return sys.modules.get("pyopencl.array")
+
+
+def is_pyopencl(x) -> bool:
+    module = _pyopencl_array()
+    return module is not None and isinstance(x, module.Array)
+
+
+@functools.lru_cache(maxsize=None)
+def opencl_label(device) -> str:
+    """'opencl:P:D' for a pyopencl Device: its platform's index and its index there (the numbering
+    ``portattn info`` and ``tiling.probe`` use)."""
+    import pyopencl as cl
+
+    for platform_index, platform in enumerate(cl.get_platforms()):
+        try:
+            devices = platform.get_devices()
+        except cl.Error:  # a platform with no devices
+            continue
+        for device_index, found in enumerate(devices):
+            if found == device:
+                return f"opencl:{platform_index}:{device_index}"
+    raise ValueError(f"OpenCL device {device.name!r} is on no platform this process sees")
+
+
+def _pyopencl_device(x):
+    return x.queue.device if x.queue is not None else x.context.devices[0]
+
+
 def describe(x, name: str) -> ArrayInfo:
     if isinstance(x, np.ndarray):
         return ArrayInfo("numpy", tuple(x.shape), x.dtype.name, "cpu")
@@ -53,10 +85,12 @@ def describe(x, name: str) -> ArrayInfo:
         return ArrayInfo("torch", tuple(x.shape), dtype, device, bool(x.requires_grad))
     if is_cupy(x):
         return ArrayInfo("cupy", tuple(x.shape), x.dtype.name, f"cuda:{x.device.id}")
-    # the message keeps its original prefix (tests/api/test_errors.py matches on it) and names cupy after it
+    if is_pyopencl(x):
+        return ArrayInfo("pyopencl", tuple(x.shape), x.dtype.name, opencl_label(_pyopencl_device(x)))
+    # the message keeps its original prefix (tests/api/test_errors.py matches on it) and names the others after it
     raise TypeError(
         f"{name} must be a numpy.ndarray or a torch.Tensor, got {type(x).__module__}.{type(x).__name__}; "
-        "a cupy.ndarray is accepted too"
+        "a cupy.ndarray or a pyopencl.array.Array is accepted too"
     )
 
 
@@ -69,6 +103,8 @@ def to_numpy(x) -> np.ndarray:
             f"a cupy array lives on a GPU (cuda:{x.device.id}) and a CPU backend cannot take it; "
             "move it to the host with cupy.asnumpy, or pick a CUDA backend (backend='auto' or 'triton')"
         )
+    if is_pyopencl(x):
+        return x.get()  # a device -> host copy: only host-side feature arrays (masks, slopes) take this path
     torch = _torch()
     x = x.detach()
     if x.dtype == torch.bfloat16:
@@ -89,8 +125,22 @@ def to_torch(x, device: str = "cpu"):
     return torch.from_numpy(np.asarray(x)).to(device)
 
 
+def to_opencl_host(x):
+    """What the OpenCL backend takes: a pyopencl array as it is (it stays on its device), a bfloat16
+    tensor as a uint16 numpy view of its bits (the kernels widen them; nothing is copied here),
+    anything else as numpy."""
+    if is_pyopencl(x):
+        return x
+    torch = _torch()
+    if torch is not None and isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16:
+        return x.detach().view(torch.int16).numpy().view(np.uint16)
+    return to_numpy(x)
+
+
 def convert(x, kind: str, device: str = "cpu"):
-    """``x`` as the array kind a backend computes on."""
+    """``x`` as the array kind a backend computes on ("numpy", "torch" or "opencl")."""
+    if kind == "opencl":
+        return to_opencl_host(x)
     return to_numpy(x) if kind == "numpy" else to_torch(x, device)
 
 
@@ -101,6 +151,8 @@ def restore(result, kind: str, dtype: str | None, device: str = "cpu"):
         return result if dtype is None or result.dtype.name == dtype else result.astype(dtype)
     if kind == "cupy":
         return _to_cupy(result, dtype, device)
+    if kind == "pyopencl":  # the OpenCL backend leaves a pyopencl caller's results on its device
+        return result if dtype is None or result.dtype.name == dtype else result.astype(dtype)
     import torch
 
     result = to_torch(result, device)
@@ -132,6 +184,8 @@ def broadcast_view(x, shape: tuple[int, ...]):
         return np.broadcast_to(x, shape)
     if is_cupy(x):
         return _cupy().broadcast_to(x, shape)
+    if is_pyopencl(x):  # pyopencl has no broadcasting views: a feature array is read on the host
+        return np.broadcast_to(x.get(), shape)
     return x.expand(*shape)
 
 
@@ -143,5 +197,7 @@ def bhnd_view(x, layout: str):
     """
     if layout == "bhnd":
         return x
+    if is_pyopencl(x):
+        return x.transpose((0, 2, 1, 3))
     return x.transpose(0, 2, 1, 3) if isinstance(x, np.ndarray) or is_cupy(x) else x.transpose(1, 2)
 

@@ -9,6 +9,7 @@ CLI can build one without arrays (``AttentionSpec(batch=1, heads=16, ...)``).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 
 from .tiling.device import DTYPE_BYTES
@@ -80,6 +81,7 @@ class AttentionSpec:
     key_padding: bool = False
     varlen: bool = False  # batch = number of packed sequences; seqlen_q/k = the longest of them
     dropout_p: float = 0.0
+    compute_device: str | None = None  # ``device=``: where host arrays are computed on ("opencl:P:D"); None: the backend's default
 
     def __post_init__(self) -> None:
         if self.kv_heads is None:
@@ -166,6 +168,10 @@ def check_options(spec: AttentionSpec) -> None:
         if isinstance(spec.scale, bool) or not isinstance(spec.scale, (int, float)) or not math.isfinite(spec.scale):
             raise ValueError(f"scale must be a finite number or None (for 1/sqrt(head_dim)), got {spec.scale!r}")
     _check_features(spec)
+    if spec.compute_device is not None and not (
+            isinstance(spec.compute_device, str) and re.fullmatch(r"opencl(:\d+:\d+)?", spec.compute_device)):
+        raise ValueError(f"device must be None or an OpenCL device 'opencl' or 'opencl:P:D' (platform P, device D, "
+                         f"as `portattn info` lists them), got {spec.compute_device!r}")
 
 
 def _check_features(spec: AttentionSpec) -> None:
@@ -199,7 +205,7 @@ def _check_features(spec: AttentionSpec) -> None:
 def spec_from_arrays(q, k, v, *, causal: bool = False, scale: float | None = None, layout: str = "bhnd",
                      align: str = "top-left", window=None, attn_mask=None, alibi_slopes=None, softcap=None,
                      block_mask=None, block_size=None, key_padding_mask=None, dropout_p: float = 0.0,
-                     dropout_seed=None) -> AttentionSpec:
+                     dropout_seed=None, device: str | None = None) -> AttentionSpec:
     """Validate ``q``, ``k``, ``v`` and the options together; return the spec of the call.
 
     The feature arrays are only looked at for their kind, device and dtype here (a bool
@@ -255,6 +261,9 @@ def spec_from_arrays(q, k, v, *, causal: bool = False, scale: float | None = Non
                 raise TypeError(f"{name} must be a {wanted} array, got dtype {info.dtype}")
     if block_size is not None and block_mask is None:
         raise ValueError("block_size was given without block_mask; pass block_mask (True = compute the block)")
+    if device is not None and infos["q"].kind == "pyopencl" and device not in ("opencl", infos["q"].device):
+        raise ValueError(f"device={device!r} but q, k, v are pyopencl arrays on {infos['q'].device}: they are computed "
+                         "where they live; drop device= or move them there")
     return AttentionSpec(
         batch=batch,
         heads=heads,
@@ -277,6 +286,7 @@ def spec_from_arrays(q, k, v, *, causal: bool = False, scale: float | None = Non
         block_size=None if block_mask is None else _as_block_size(block_size),
         key_padding=key_padding_mask is not None,
         dropout_p=_as_number("dropout_p", dropout_p),
+        compute_device=device,
     )
 
 

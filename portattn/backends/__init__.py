@@ -11,7 +11,7 @@ import importlib
 
 from .base import Backend, Capabilities
 
-MODULES = ("reference", "numba_cpu", "triton_gpu", "cupy_gpu")
+MODULES = ("reference", "numba_cpu", "triton_gpu", "cupy_gpu", "opencl")
 
 _REGISTRY: dict[str, Backend] = {}
 

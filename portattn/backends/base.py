@@ -29,6 +29,7 @@ class Capabilities:
     features: frozenset[str] = frozenset()  # the spec.FEATURES it runs (forward and, if ``backward``, backward)
     feature_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)  # feature -> how, or why not
     notes: tuple[str, ...] = ()  # e.g. "fp16/bf16 inputs are computed in fp32"
+    device_choice: bool = False  # honours ``device=`` (a compute device for host arrays)
 
 
 class Backend(ABC):
@@ -81,6 +82,9 @@ class Backend(ABC):
             # driver, ~0.5 GB of memory) for a call whose data it could never take
             return [f"data is on {spec.device}; {self.name} runs on {', '.join(sorted(caps.device_kinds))}"]
         reasons = self.unavailable_reasons()
+        if spec.compute_device is not None and not caps.device_choice:
+            reasons.append(f"device={spec.compute_device!r} names a compute device, but {self.name} computes where "
+                           "the data lives; drop device= or use backend='opencl'")
         if spec.dtype not in caps.dtypes:
             reasons.append(f"dtype {spec.dtype} is not supported; {self.name} takes {', '.join(sorted(caps.dtypes))}")
         if not caps.min_head_dim <= spec.head_dim <= caps.max_head_dim:

@@ -1,0 +1,550 @@
+/* portattn: FlashAttention-2 in OpenCL C 1.2 (core only), float32 arithmetic.
+ *
+ * Compile-time constants (-D build options from the plan, portattn/tiling/opencl.py):
+ *   TM, TN     the work-group is a TM x TN grid of work-items (TM * TN of them); a score tile is
+ *              ROWS x COLS = (4 TM) x (4 TN). Work-item (tm, tn) owns the 4 x 4 scores of rows
+ *              tm + TM i and columns tn + TN j (i, j < 4): interleaved, so that neighbouring
+ *              work-items read neighbouring local-memory rows (no bank conflicts) and every
+ *              operand read is one float4.
+ *   HEAD_DIM   D; D_PAD is D rounded up to 4 TN: work-item tn owns accumulator columns
+ *              4 (c TN + tn) .. + 3 for c < CHUNKS (again interleaved float4 pieces).
+ *   DTYPE      storage of q, k, v, out, grads: 0 float32, 1 float16 (vload_half/vstore_half, core
+ *              OpenCL: no cl_khr_fp16 needed), 2 bfloat16 (ushort bits, widened by a shift).
+ *   CAUSAL_OR_WINDOW  1 when some keys of a row are hidden by position (the host folds causal into
+ *              the window's right bound); 0 compiles the position checks out.
+ *   SOFTCAP, ALIBI, MASK (0 none, 1 bool, 2 additive), KEY_PADDING: the score features.
+ *
+ * Local memory, all float32, rows padded by 4 floats (LD, LDS) so that row r starts 4 r banks on:
+ *   forward: Q tile ROWS x LD, K-then-V tile COLS x LD, P tile ROWS x LDS, TN x ROWS row partials.
+ *   dK/dV:   K, V tiles ROWS x LD, Q, dO tiles COLS x LD, P-then-dS tile ROWS x LDS, 2 x COLS row stats.
+ *   dQ:      Q, dO tiles ROWS x LD, K, V tiles COLS x LD, dS tile ROWS x LDS.
+ * The planner computes the same sums (forward_local_bytes, ...) and the host checks them against
+ * the device's CL_DEVICE_LOCAL_MEM_SIZE before building.
+ *
+ * Scores are kept in log2 units (scale * log2(e) folded in) so the softmax uses exp2.
+ */
+
+#define ROWS (4 * TM)
+#define COLS (4 * TN)
+#define THREADS (TM * TN)
+#define LD (D_PAD + 4)
+#define LDS (COLS + 4)
+#define CHUNKS (D_PAD / (4 * TN))
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+/* ---------------------------------------------------------------------------------------------
+ * storage types
+ */
+#if DTYPE == 0
+typedef float elem_t;
+#define LOAD1(p, i) ((p)[i])
+#define LOAD4(p, i) vload4(0, (p) + (i))
+#define STORE1(p, i, x) ((p)[i] = (x))
+#elif DTYPE == 1
+typedef half elem_t; /* core OpenCL allows half pointers for vload_half / vstore_half */
+#define LOAD1(p, i) vload_half((i), (p))
+#define LOAD4(p, i) vload_half4(0, (p) + (i))
+#define STORE1(p, i, x) vstore_half_rte((x), (i), (p))
+#else
+typedef ushort elem_t;
+#define LOAD1(p, i) as_float((uint)((p)[i]) << 16)
+#define LOAD4(p, i) as_float4(convert_uint4(vload4(0, (p) + (i))) << 16)
+#define STORE1(p, i, x) ((p)[i] = float_to_bf16(x))
+inline ushort float_to_bf16(float x)
+{
+    uint u = as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (ushort)((u >> 16) | 0x40u); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                       /* round to nearest even */
+    return (ushort)(u >> 16);
+}
+#endif
+
+#if MASK == 2
+typedef float mask_t; /* additive masks arrive as float32 whatever the inputs' dtype */
+#else
+typedef uchar mask_t; /* bool masks as 0 / 1 bytes; also the placeholder type when there is none */
+#endif
+
+#define LOCAL4(p, offset) (*(__local float4 *)((p) + (offset)))
+#define COMPONENT(x, j) ((j) == 0 ? (x).s0 : (j) == 1 ? (x).s1 : (j) == 2 ? (x).s2 : (x).s3)
+
+/* ---------------------------------------------------------------------------------------------
+ * tile movement and the two tile products every kernel is made of
+ */
+
+/* rows [row0, row0 + tile_rows) of a (rows x HEAD_DIM) matrix whose rows are `stride` elements
+ * apart, times `factor`, into a local tile of row stride LD; rows at or past `limit` and columns
+ * at or past HEAD_DIM are zero (so padded rows and columns add nothing to any product). */
+inline void load_tile(__local float *dst, __global const elem_t *src, long stride, int row0, int limit,
+                      int tile_rows, float factor)
+{
+    const int quads = D_PAD / 4;
+    for (int index = get_local_id(0); index < tile_rows * quads; index += THREADS) {
+        const int r = index / quads, c = (index - r * quads) * 4, row = row0 + r;
+        float4 x = (float4)(0.0f);
+        if (row < limit) {
+            __global const elem_t *p = src + row * stride;
+            if (c + 4 <= HEAD_DIM) {
+                x = LOAD4(p, c);
+            } else {
+                float e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                for (int j = 0; j < 4; j++)
+                    if (c + j < HEAD_DIM) e[j] = LOAD1(p, c + j);
+                x = vload4(0, e);
+            }
+        }
+        LOCAL4(dst, r * LD + c) = x * factor;
+    }
+}
+
+/* one float per row, rows [row0, row0 + count) of a vector, into local memory (0 past `limit`) */
+inline void load_row_stats(__local float *dst, __global const float *src, int row0, int limit, int count, float factor)
+{
+    for (int r = get_local_id(0); r < count; r += THREADS)
+        dst[r] = row0 + r < limit ? src[row0 + r] * factor : 0.0f;
+}
+
+/* s[i].sj = a[tm + TM i] . b[tn + TN j]: the work-item's 4 x 4 block of a * b^T over D_PAD. */
+inline void tile_scores(__local const float *a, __local const float *b, int tm, int tn, float4 s[4])
+{
+    for (int i = 0; i < 4; i++) s[i] = (float4)(0.0f);
+    for (int d = 0; d < D_PAD; d += 4) {
+        float4 x[4], y[4];
+        for (int i = 0; i < 4; i++) x[i] = LOCAL4(a, (tm + TM * i) * LD + d);
+        for (int j = 0; j < 4; j++) y[j] = LOCAL4(b, (tn + TN * j) * LD + d);
+        /* the 4 x 4 block as four rank-1 updates: y transposed in registers, one float4 fma per row */
+        const float4 y0 = (float4)(y[0].s0, y[1].s0, y[2].s0, y[3].s0);
+        const float4 y1 = (float4)(y[0].s1, y[1].s1, y[2].s1, y[3].s1);
+        const float4 y2 = (float4)(y[0].s2, y[1].s2, y[2].s2, y[3].s2);
+        const float4 y3 = (float4)(y[0].s3, y[1].s3, y[2].s3, y[3].s3);
+        for (int i = 0; i < 4; i++) {
+            s[i] = fma((float4)(x[i].s0), y0, s[i]);
+            s[i] = fma((float4)(x[i].s1), y1, s[i]);
+            s[i] = fma((float4)(x[i].s2), y2, s[i]);
+            s[i] = fma((float4)(x[i].s3), y3, s[i]);
+        }
+    }
+}
+
+/* acc[i][c] += sum_n p[tm + TM i][n] * b[n][4 (c TN + tn) .. + 3]: a (ROWS x COLS) weight tile in
+ * local memory times a (COLS x D) operand tile, into the work-item's accumulator columns. */
+inline void tile_accumulate(__local const float *p, __local const float *b, int tm, int tn, float4 acc[4][CHUNKS])
+{
+    for (int n = 0; n < COLS; n += 4) {
+        float4 w[4];
+        for (int i = 0; i < 4; i++) w[i] = LOCAL4(p, (tm + TM * i) * LDS + n);
+        for (int c = 0; c < CHUNKS; c++) {
+            const int col = (c * TN + tn) * 4;
+            const float4 b0 = LOCAL4(b, (n + 0) * LD + col), b1 = LOCAL4(b, (n + 1) * LD + col);
+            const float4 b2 = LOCAL4(b, (n + 2) * LD + col), b3 = LOCAL4(b, (n + 3) * LD + col);
+            for (int i = 0; i < 4; i++) {
+                float4 a = acc[i][c];
+                a = fma((float4)(w[i].s0), b0, a);
+                a = fma((float4)(w[i].s1), b1, a);
+                a = fma((float4)(w[i].s2), b2, a);
+                a = fma((float4)(w[i].s3), b3, a);
+                acc[i][c] = a;
+            }
+        }
+    }
+}
+
+/* the work-item's 4 x 4 block into a local (ROWS x LDS) tile */
+inline void store_block(__local float *dst, int tm, int tn, const float4 s[4])
+{
+    for (int i = 0; i < 4; i++) {
+        __local float *row = dst + (tm + TM * i) * LDS + tn;
+        row[0] = s[i].s0;
+        row[TN] = s[i].s1;
+        row[2 * TN] = s[i].s2;
+        row[3 * TN] = s[i].s3;
+    }
+}
+
+/* the work-item's accumulator rows (times `factor`) to global rows [row0, row0 + ROWS) < limit */
+inline void store_rows(__global elem_t *dst, long stride, int row0, int limit, int tm, int tn,
+                       float4 acc[4][CHUNKS], float4 factor)
+{
+    for (int i = 0; i < 4; i++) {
+        const int row = row0 + tm + TM * i;
+        if (row >= limit) continue;
+        __global elem_t *p = dst + row * stride;
+        const float f = COMPONENT(factor, i);
+        for (int c = 0; c < CHUNKS; c++) {
+            const int col = (c * TN + tn) * 4;
+            const float4 x = acc[i][c] * f;
+            for (int j = 0; j < 4; j++)
+                if (col + j < HEAD_DIM) STORE1(p, col + j, COMPONENT(x, j));
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * which scores exist, and their value: portattn/extras.py has the semantics
+ */
+
+typedef struct {
+    int seqlen_q, seqlen_k, offset; /* query i sits at key position i + offset */
+    int left, right;                /* visible keys j: p - left <= j <= p + right (causal folded in) */
+    float scale;                    /* softmax scale */
+    float softcap;                  /* > 0: s -> softcap tanh(s / softcap) */
+    float slope;                    /* ALiBi slope of this (batch, head) */
+    long mask_i, mask_j;            /* element strides of the mask at this (batch, head) */
+} Visibility;
+
+/* the score of query i and key j in log2 units, given raw = q . k; -INFINITY when hidden.
+ * `tanh_out` receives tanh(s / softcap) for the backward's softcap derivative. */
+inline float score(float raw, int i, int j, const Visibility *vis, __global const mask_t *mask,
+                   __global const uchar *padding, float *tanh_out)
+{
+    if (i >= vis->seqlen_q || j >= vis->seqlen_k) return -INFINITY;
+#if CAUSAL_OR_WINDOW
+    const int p = i + vis->offset;
+    if (j > p + vis->right || j < p - vis->left) return -INFINITY;
+#endif
+#if KEY_PADDING
+    if (!padding[j]) return -INFINITY;
+#endif
+#if MASK == 1
+    if (!mask[i * vis->mask_i + j * vis->mask_j]) return -INFINITY;
+#endif
+    float s = raw * vis->scale;
+#if SOFTCAP
+    const float t = tanh(s / vis->softcap);
+    *tanh_out = t;
+    s = vis->softcap * t;
+#endif
+#if ALIBI
+    s -= vis->slope * (float)abs(i + vis->offset - j);
+#endif
+#if MASK == 2
+    s += mask[i * vis->mask_i + j * vis->mask_j];
+#endif
+    return s * LOG2E;
+}
+
+/* the key range [lo, hi) that query rows [row0, row0 + rows) may see */
+inline int2 key_range(int row0, int rows, const Visibility *vis)
+{
+    int lo = 0, hi = vis->seqlen_k;
+#if CAUSAL_OR_WINDOW
+    lo = max(lo, row0 + vis->offset - vis->left);
+    hi = min(hi, row0 + rows - 1 + vis->offset + vis->right + 1);
+#endif
+    return (int2)(lo, max(lo, hi));
+}
+
+/* the query range [lo, hi) whose rows may see keys [col0, col0 + cols) */
+inline int2 query_range(int col0, int cols, const Visibility *vis)
+{
+    int lo = 0, hi = vis->seqlen_q;
+#if CAUSAL_OR_WINDOW
+    lo = max(lo, col0 - vis->right - vis->offset);
+    hi = min(hi, col0 + cols - 1 + vis->left - vis->offset + 1);
+#endif
+    return (int2)(lo, max(lo, hi));
+}
+
+/* true when every score of queries [q0, q0 + nq) x keys [k0, k0 + nk) exists and no per-score
+ * feature applies: the per-score checks are skipped */
+inline bool tile_is_plain(int q0, int nq, int k0, int nk, const Visibility *vis)
+{
+#if KEY_PADDING || MASK || SOFTCAP || ALIBI
+    return false;
+#else
+    if (q0 + nq > vis->seqlen_q || k0 + nk > vis->seqlen_k) return false;
+#if CAUSAL_OR_WINDOW
+    if (k0 + nk - 1 > q0 + vis->offset + vis->right) return false;
+    if (k0 < q0 + nq - 1 + vis->offset - vis->left) return false;
+#endif
+    return true;
+#endif
+}
+
+inline Visibility visibility(int seqlen_q, int seqlen_k, int offset, int left, int right, float scale, float softcap,
+                             __global const float *slopes, int bh, long mask_i, long mask_j)
+{
+    Visibility vis;
+    vis.seqlen_q = seqlen_q;
+    vis.seqlen_k = seqlen_k;
+    vis.offset = offset;
+    vis.left = left;
+    vis.right = right;
+    vis.scale = scale;
+    vis.softcap = softcap;
+    vis.slope = 0.0f;
+#if ALIBI
+    vis.slope = slopes[bh];
+#endif
+    vis.mask_i = mask_i;
+    vis.mask_j = mask_j;
+    return vis;
+}
+
+/* the raw products s of the work-item's block -> scores in log2 units (rows are queries when
+ * `rows_are_queries`, else keys); tanh values for the softcap derivative in `t` */
+inline void block_scores(float4 s[4], float4 t[4], int row0, int col0, int tm, int tn, bool rows_are_queries,
+                         const Visibility *vis, __global const mask_t *mask, __global const uchar *padding)
+{
+    const bool plain = rows_are_queries ? tile_is_plain(row0, ROWS, col0, COLS, vis)
+                                        : tile_is_plain(col0, COLS, row0, ROWS, vis);
+    for (int i = 0; i < 4; i++) {
+        t[i] = (float4)(0.0f);
+        if (plain) {
+            s[i] *= vis->scale * LOG2E;
+            continue;
+        }
+        float e[4], h[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        vstore4(s[i], 0, e);
+        const int r = row0 + tm + TM * i;
+        for (int j = 0; j < 4; j++) {
+            const int c = col0 + tn + TN * j;
+            e[j] = rows_are_queries ? score(e[j], r, c, vis, mask, padding, &h[j])
+                                    : score(e[j], c, r, vis, mask, padding, &h[j]);
+        }
+        s[i] = vload4(0, e);
+        t[i] = vload4(0, h);
+    }
+}
+
+/* a row max usable as the exp2 base: 0 for a row that has seen no score yet (-inf - -inf is NaN) */
+inline float4 safe_max(float4 m) { return select(m, (float4)(0.0f), m == (float4)(-INFINITY)); }
+
+#define FEATURE_ARGS                                                                                          \
+    int heads, int group, int seqlen_q, int seqlen_k, int offset, int left, int right, float scale, float softcap, \
+        __global const float *slopes, __global const mask_t *mask, long mask_b, long mask_h, long mask_i, long mask_j, \
+        __global const uchar *padding
+
+/* ---------------------------------------------------------------------------------------------
+ * forward: one work-group per (ROWS queries, batch x head); O and LSE
+ */
+__kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_forward(
+    __global const elem_t *q, __global const elem_t *k, __global const elem_t *v, __global elem_t *out,
+    __global float *lse, long q_b, long q_h, long q_n, long k_b, long k_h, long k_n, long v_b, long v_h, long v_n,
+    long o_b, long o_h, long o_n, FEATURE_ARGS)
+{
+    __local float4 q_store[ROWS * LD / 4], kv_store[COLS * LD / 4], p_store[ROWS * LDS / 4];
+    __local float partial[TN * ROWS];
+    __local float *q_tile = (__local float *)q_store, *kv_tile = (__local float *)kv_store,
+                  *p_tile = (__local float *)p_store;
+    const int tm = get_local_id(0) / TN, tn = get_local_id(0) % TN;
+    const int row0 = get_group_id(0) * ROWS, bh = get_group_id(1), b = bh / heads, h = bh % heads, hk = h / group;
+    const Visibility vis = visibility(seqlen_q, seqlen_k, offset, left, right, scale, softcap, slopes, bh, mask_i, mask_j);
+#if MASK
+    mask += b * mask_b + h * mask_h;
+#endif
+#if KEY_PADDING
+    padding += (long)b * seqlen_k;
+#endif
+    __global const elem_t *kh = k + b * k_b + hk * k_h, *vh = v + b * v_b + hk * v_h;
+
+    load_tile(q_tile, q + b * q_b + h * q_h, q_n, row0, seqlen_q, ROWS, 1.0f);
+    float4 o[4][CHUNKS];
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < CHUNKS; c++) o[i][c] = (float4)(0.0f);
+    float4 m_run = (float4)(-INFINITY), l_run = (float4)(0.0f); /* per owned row; l summed over own columns */
+    const int2 keys = key_range(row0, ROWS, &vis);
+    for (int col0 = keys.x / COLS * COLS; col0 < keys.y; col0 += COLS) {
+        barrier(CLK_LOCAL_MEM_FENCE); /* the previous tile's readers are done with kv_tile and p_tile */
+        load_tile(kv_tile, kh, k_n, col0, seqlen_k, COLS, 1.0f);
+        barrier(CLK_LOCAL_MEM_FENCE);
+        float4 s[4], t[4];
+        tile_scores(q_tile, kv_tile, tm, tn, s);
+        block_scores(s, t, row0, col0, tm, tn, true, &vis, mask, padding);
+        for (int i = 0; i < 4; i++)
+            partial[tn * ROWS + tm + TM * i] = max(max(s[i].s0, s[i].s1), max(s[i].s2, s[i].s3));
+        barrier(CLK_LOCAL_MEM_FENCE); /* row partials written; every K read done */
+        load_tile(kv_tile, vh, v_n, col0, seqlen_k, COLS, 1.0f);
+        float4 m_new = m_run;
+        for (int u = 0; u < TN; u++) {
+            __local const float *part = partial + u * ROWS + tm;
+            m_new = max(m_new, (float4)(part[0], part[TM], part[2 * TM], part[3 * TM]));
+        }
+        const float4 base = safe_max(m_new);
+        const float4 alpha = native_exp2(m_run - base);
+        m_run = m_new;
+        l_run *= alpha;
+        for (int i = 0; i < 4; i++) {
+            const float a = COMPONENT(alpha, i);
+            for (int c = 0; c < CHUNKS; c++) o[i][c] *= a;
+            s[i] = native_exp2(s[i] - (float4)(COMPONENT(base, i)));
+        }
+        l_run += (float4)(dot(s[0], (float4)(1.0f)), dot(s[1], (float4)(1.0f)), dot(s[2], (float4)(1.0f)),
+                          dot(s[3], (float4)(1.0f)));
+        store_block(p_tile, tm, tn, s);
+        barrier(CLK_LOCAL_MEM_FENCE); /* P and V in place */
+        tile_accumulate(p_tile, kv_tile, tm, tn, o);
+    }
+    /* the row sums over all of the row's work-items */
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int i = 0; i < 4; i++) partial[tn * ROWS + tm + TM * i] = COMPONENT(l_run, i);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    float4 l = (float4)(0.0f);
+    for (int u = 0; u < TN; u++) {
+        __local const float *part = partial + u * ROWS + tm;
+        l += (float4)(part[0], part[TM], part[2 * TM], part[3 * TM]);
+    }
+    const float4 inverse = select((float4)(0.0f), 1.0f / l, l > 0.0f);
+    store_rows(out + b * o_b + h * o_h, o_n, row0, seqlen_q, tm, tn, o, inverse);
+    if (tn == 0) {
+        const float4 value = select((float4)(-INFINITY), (m_run + log2(l)) * LN2, l > 0.0f);
+        for (int i = 0; i < 4; i++) {
+            const int row = row0 + tm + TM * i;
+            if (row < seqlen_q) lse[(long)bh * seqlen_q + row] = COMPONENT(value, i);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * backward
+ */
+
+/* delta = rowsum(dO * O) in float32, one work-item per row; lse_log2 = lse * log2(e) beside it */
+__kernel void attention_backward_delta(__global const elem_t *out, __global const elem_t *dout,
+                                       __global const float *lse, __global float *delta, __global float *lse_log2,
+                                       long o_b, long o_h, long o_n, long d_b, long d_h, long d_n, int heads,
+                                       int seqlen_q)
+{
+    const int row = get_global_id(0), bh = get_global_id(1), b = bh / heads, h = bh % heads;
+    if (row >= seqlen_q) return;
+    __global const elem_t *o = out + b * o_b + h * o_h + row * o_n, *g = dout + b * d_b + h * d_h + row * d_n;
+    float sum = 0.0f;
+    for (int d = 0; d < HEAD_DIM; d++) sum = fma(LOAD1(o, d), LOAD1(g, d), sum);
+    const long index = (long)bh * seqlen_q + row;
+    delta[index] = sum;
+    lse_log2[index] = lse[index] * LOG2E;
+}
+
+/* probabilities and score gradients of the work-item's block, from log2-unit scores s, dP,
+ * the rows' or columns' LSE (log2 units) and delta; dS already carries the softcap derivative */
+inline void block_gradients(float4 s[4], float4 dp[4], const float4 t[4], __local const float *lse_tile,
+                            __local const float *delta_tile, int tm, int tn, bool rows_are_queries, float4 p[4])
+{
+    for (int i = 0; i < 4; i++) {
+        float e[4], g[4], tt[4];
+        vstore4(s[i], 0, e);
+        vstore4(dp[i], 0, g);
+        vstore4(t[i], 0, tt);
+        for (int j = 0; j < 4; j++) {
+            const int index = rows_are_queries ? tm + TM * i : tn + TN * j;
+            const float row_lse = lse_tile[index];
+            const float prob = isinf(row_lse) ? 0.0f : native_exp2(e[j] - row_lse);
+            e[j] = prob;
+            g[j] = prob * (g[j] - delta_tile[index]);
+#if SOFTCAP
+            g[j] *= 1.0f - tt[j] * tt[j];
+#endif
+        }
+        p[i] = vload4(0, e);
+        dp[i] = vload4(0, g);
+    }
+}
+
+/* dK and dV: one work-group per (ROWS keys, batch x K/V head), streaming the query tiles of every
+ * query head of its group that can see them (GQA summed in registers, no atomics) */
+__kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_backward_dkdv(
+    __global const elem_t *q, __global const elem_t *k, __global const elem_t *v, __global const elem_t *dout,
+    __global const float *lse_log2, __global const float *delta, __global elem_t *dk, __global elem_t *dv,
+    long q_b, long q_h, long q_n, long k_b, long k_h, long k_n, long v_b, long v_h, long v_n, long g_b, long g_h,
+    long g_n, long dk_b, long dk_h, long dk_n, long dv_b, long dv_h, long dv_n, FEATURE_ARGS)
+{
+    __local float4 k_store[ROWS * LD / 4], v_store[ROWS * LD / 4], q_store[COLS * LD / 4], g_store[COLS * LD / 4];
+    __local float4 p_store[ROWS * LDS / 4];
+    __local float lse_tile[COLS], delta_tile[COLS];
+    __local float *k_tile = (__local float *)k_store, *v_tile = (__local float *)v_store,
+                  *q_tile = (__local float *)q_store, *g_tile = (__local float *)g_store,
+                  *p_tile = (__local float *)p_store;
+    const int tm = get_local_id(0) / TN, tn = get_local_id(0) % TN;
+    const int row0 = get_group_id(0) * ROWS, bhk = get_group_id(1), kv_heads = heads / group;
+    const int b = bhk / kv_heads, hk = bhk % kv_heads;
+    load_tile(k_tile, k + b * k_b + hk * k_h, k_n, row0, seqlen_k, ROWS, 1.0f);
+    load_tile(v_tile, v + b * v_b + hk * v_h, v_n, row0, seqlen_k, ROWS, 1.0f);
+    float4 dk_acc[4][CHUNKS], dv_acc[4][CHUNKS];
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < CHUNKS; c++) dk_acc[i][c] = dv_acc[i][c] = (float4)(0.0f);
+    for (int h = hk * group; h < (hk + 1) * group; h++) {
+        const int bh = b * heads + h;
+        const Visibility vis = visibility(seqlen_q, seqlen_k, offset, left, right, scale, softcap, slopes, bh, mask_i, mask_j);
+        __global const mask_t *mask_bh = mask;
+        __global const uchar *padding_b = padding;
+#if MASK
+        mask_bh += b * mask_b + h * mask_h;
+#endif
+#if KEY_PADDING
+        padding_b += (long)b * seqlen_k;
+#endif
+        __global const elem_t *qh = q + b * q_b + h * q_h, *gh = dout + b * g_b + h * g_h;
+        const int2 queries = query_range(row0, ROWS, &vis);
+        for (int col0 = queries.x / COLS * COLS; col0 < queries.y; col0 += COLS) {
+            barrier(CLK_LOCAL_MEM_FENCE);
+            load_tile(q_tile, qh, q_n, col0, seqlen_q, COLS, 1.0f);
+            load_tile(g_tile, gh, g_n, col0, seqlen_q, COLS, 1.0f);
+            load_row_stats(lse_tile, lse_log2 + (long)bh * seqlen_q, col0, seqlen_q, COLS, 1.0f);
+            load_row_stats(delta_tile, delta + (long)bh * seqlen_q, col0, seqlen_q, COLS, 1.0f);
+            barrier(CLK_LOCAL_MEM_FENCE);
+            float4 s[4], t[4], dp[4], p[4];
+            tile_scores(k_tile, q_tile, tm, tn, s); /* S^T: rows are keys */
+            block_scores(s, t, row0, col0, tm, tn, false, &vis, mask_bh, padding_b);
+            tile_scores(v_tile, g_tile, tm, tn, dp); /* dP^T = V dO^T */
+            block_gradients(s, dp, t, lse_tile, delta_tile, tm, tn, false, p);
+            store_block(p_tile, tm, tn, p);
+            barrier(CLK_LOCAL_MEM_FENCE);
+            tile_accumulate(p_tile, g_tile, tm, tn, dv_acc); /* dV += P^T dO */
+            barrier(CLK_LOCAL_MEM_FENCE);
+            store_block(p_tile, tm, tn, dp);
+            barrier(CLK_LOCAL_MEM_FENCE);
+            tile_accumulate(p_tile, q_tile, tm, tn, dk_acc); /* dK += dS^T Q */
+        }
+    }
+    store_rows(dk + b * dk_b + hk * dk_h, dk_n, row0, seqlen_k, tm, tn, dk_acc, (float4)(scale));
+    store_rows(dv + b * dv_b + hk * dv_h, dv_n, row0, seqlen_k, tm, tn, dv_acc, (float4)(1.0f));
+}
+
+/* dQ: one work-group per (ROWS queries, batch x head), streaming the key tiles its rows can see */
+__kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_backward_dq(
+    __global const elem_t *q, __global const elem_t *k, __global const elem_t *v, __global const elem_t *dout,
+    __global const float *lse_log2, __global const float *delta, __global elem_t *dq, long q_b, long q_h, long q_n,
+    long k_b, long k_h, long k_n, long v_b, long v_h, long v_n, long g_b, long g_h, long g_n, long dq_b, long dq_h,
+    long dq_n, FEATURE_ARGS)
+{
+    __local float4 q_store[ROWS * LD / 4], g_store[ROWS * LD / 4], k_store[COLS * LD / 4], v_store[COLS * LD / 4];
+    __local float4 p_store[ROWS * LDS / 4];
+    __local float lse_tile[ROWS], delta_tile[ROWS];
+    __local float *q_tile = (__local float *)q_store, *g_tile = (__local float *)g_store,
+                  *k_tile = (__local float *)k_store, *v_tile = (__local float *)v_store,
+                  *p_tile = (__local float *)p_store;
+    const int tm = get_local_id(0) / TN, tn = get_local_id(0) % TN;
+    const int row0 = get_group_id(0) * ROWS, bh = get_group_id(1), b = bh / heads, h = bh % heads, hk = h / group;
+    const Visibility vis = visibility(seqlen_q, seqlen_k, offset, left, right, scale, softcap, slopes, bh, mask_i, mask_j);
+#if MASK
+    mask += b * mask_b + h * mask_h;
+#endif
+#if KEY_PADDING
+    padding += (long)b * seqlen_k;
+#endif
+    __global const elem_t *kh = k + b * k_b + hk * k_h, *vh = v + b * v_b + hk * v_h;
+    load_tile(q_tile, q + b * q_b + h * q_h, q_n, row0, seqlen_q, ROWS, 1.0f);
+    load_tile(g_tile, dout + b * g_b + h * g_h, g_n, row0, seqlen_q, ROWS, 1.0f);
+    load_row_stats(lse_tile, lse_log2 + (long)bh * seqlen_q, row0, seqlen_q, ROWS, 1.0f);
+    load_row_stats(delta_tile, delta + (long)bh * seqlen_q, row0, seqlen_q, ROWS, 1.0f);
+    float4 dq_acc[4][CHUNKS];
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < CHUNKS; c++) dq_acc[i][c] = (float4)(0.0f);
+    const int2 keys = key_range(row0, ROWS, &vis);
+    for (int col0 = keys.x / COLS * COLS; col0 < keys.y; col0 += COLS) {
+        barrier(CLK_LOCAL_MEM_FENCE);
+        load_tile(k_tile, kh, k_n, col0, seqlen_k, COLS, 1.0f);
+        load_tile(v_tile, vh, v_n, col0, seqlen_k, COLS, 1.0f);
+        barrier(CLK_LOCAL_MEM_FENCE);
+        float4 s[4], t[4], dp[4], p[4];
+        tile_scores(q_tile, k_tile, tm, tn, s);
+        block_scores(s, t, row0, col0, tm, tn, true, &vis, mask, padding);
+        tile_scores(g_tile, v_tile, tm, tn, dp); /* dP = dO V^T */
+        block_gradients(s, dp, t, lse_tile, delta_tile, tm, tn, true, p);
+        store_block(p_tile, tm, tn, dp);
+        barrier(CLK_LOCAL_MEM_FENCE);
+        tile_accumulate(p_tile, k_tile, tm, tn, dq_acc); /* dQ += dS K */
+    }
+    store_rows(dq + b * dq_b + h * dq_h, dq_n, row0, seqlen_q, tm, tn, dq_acc, (float4)(scale));
+}

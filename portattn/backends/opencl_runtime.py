@@ -1,0 +1,123 @@
+"""The OpenCL side of the ``opencl`` backend: which device, its queue, built programs, and operands.
+
+Device choice for host arrays (numpy, torch CPU): ``device=`` of the call, else the environment
+variable ``PORTATTN_OPENCL_DEVICE`` (``opencl:P:D``, ``P:D``, or a piece of the device's name),
+else the first GPU or accelerator of any platform, else the first device. pyopencl arrays are
+computed with their own queue. Programs are built once per (context, build options) -- the options
+carry the plan's grid and the call's dtype and features -- and pyopencl also keeps the binaries
+on disk, so a new process skips the compiler.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+SOURCE_PATH = Path(__file__).with_name("opencl_kernels") / "attention.cl"
+ENVIRONMENT_VARIABLE = "PORTATTN_OPENCL_DEVICE"
+BUILD_FLAGS = ("-cl-std=CL1.2", "-cl-mad-enable")  # no fast-relaxed-math: -inf marks hidden scores
+DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}  # the .cl file's DTYPE
+STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bfloat16 as its bits
+
+
+@functools.lru_cache(maxsize=None)
+def devices() -> tuple[tuple[str, object], ...]:
+    """Every OpenCL device as ('opencl:P:D', pyopencl.Device), numbered as ``tiling.probe`` does."""
+    import pyopencl as cl
+
+    found = []
+    for platform_index, platform in enumerate(cl.get_platforms()):
+        try:
+            listed = platform.get_devices()
+        except cl.Error:  # a platform with no devices
+            continue
+        found.extend((f"opencl:{platform_index}:{index}", device) for index, device in enumerate(listed))
+    return tuple(found)
+
+
+def choose(requested: str | None = None) -> str:
+    """The label of the device host arrays run on (module docstring); ValueError naming what exists."""
+    import pyopencl as cl
+
+    listed = devices()
+    if not listed:
+        raise ValueError("no OpenCL device found: install a driver, or PoCL for the CPU (pip install 'portattn[opencl]')")
+    labels = [label for label, _ in listed]
+    wanted = requested if requested not in (None, "opencl") else os.environ.get(ENVIRONMENT_VARIABLE) or None
+    if wanted is None:
+        gpus = [label for label, device in listed if device.type & (cl.device_type.GPU | cl.device_type.ACCELERATOR)]
+        return (gpus or labels)[0]
+    match = re.fullmatch(r"(?:opencl:)?(\d+):(\d+)", wanted.strip())
+    if match:
+        label = f"opencl:{int(match.group(1))}:{int(match.group(2))}"
+        if label in labels:
+            return label
+    else:
+        named = [label for label, device in listed if wanted.strip().lower() in device.name.lower()]
+        if named:
+            return named[0]
+    source = "device=" if requested not in (None, "opencl") else f"${ENVIRONMENT_VARIABLE}"
+    listing = ", ".join(f"{label} ({device.name.strip()})" for label, device in listed)
+    raise ValueError(f"{source} {wanted!r} matches no OpenCL device; found: {listing}")
+
+
+def device_of(label: str):
+    return dict(devices())[label]
+
+
+@functools.lru_cache(maxsize=None)
+def queue_for(label: str):
+    """One context and in-order queue per device for host arrays, kept for the process."""
+    import pyopencl as cl
+
+    context = cl.Context([device_of(label)])
+    return cl.CommandQueue(context)
+
+
+@functools.lru_cache(maxsize=None)
+def _source() -> str:
+    return SOURCE_PATH.read_text()
+
+
+@functools.lru_cache(maxsize=256)
+def program(context, options: tuple[str, ...]):
+    """The built program for a context and build options (the plan's grid, dtype, features)."""
+    import pyopencl as cl
+
+    return cl.Program(context, _source()).build(options=list(BUILD_FLAGS + options))
+
+
+@functools.lru_cache(maxsize=1024)
+def kernel(context, options: tuple[str, ...], name: str):
+    """One kernel object per (program, name): pyopencl's ``program.name`` makes a new one per access."""
+    import pyopencl as cl
+
+    return cl.Kernel(program(context, options), name)
+
+
+def strides(array) -> tuple[np.int64, np.int64, np.int64]:
+    """The batch, head and row strides of a (B, H, N, D) device array, in elements (the kernels' longs)."""
+    return tuple(np.int64(s // array.dtype.itemsize) for s in array.strides[:3])
+
+
+def to_device(x, queue, storage):
+    """``x`` on ``queue``'s device as the kernels take it: a whole buffer from its first element, rows
+    of adjacent elements (any other strides are passed to the kernels). pyopencl arrays already so
+    are used in place; host arrays are copied over."""
+    import pyopencl.array as cla
+
+    if isinstance(x, cla.Array):
+        usable = x.dtype == storage and x.offset == 0 and (x.strides[-1] == x.dtype.itemsize or x.shape[-1] <= 1)
+        if usable:
+            return x
+        # a view starting inside its buffer, a strided last axis or another dtype: one copy through the
+        # host (pyopencl copies only contiguous arrays on the device)
+        x = x.get()
+    host = np.asarray(x)
+    if host.dtype != storage:
+        host = host.astype(storage)
+    return cla.to_device(queue, np.ascontiguousarray(host))

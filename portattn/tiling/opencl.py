@@ -1,0 +1,203 @@
+"""Planner rules for the OpenCL kernels (the ``opencl`` backend): work-item register tiles, exact local memory.
+
+The kernels in ``portattn/backends/opencl_kernels/attention.cl`` run on any OpenCL 1.2 device --
+GPUs of every vendor without their matrix units, and CPUs through PoCL -- so they are FMA kernels
+in the SGEMM style: a work-group is a ``TM x TN`` grid of work-items, each owning a 4 x 4 block of
+the score tile and float4 pieces of the accumulator rows. The plan fixes the grid of each program
+(forward; backward, whose dK/dV and dQ kernels share one build) and the local memory it takes.
+
+Rules (O for OpenCL), stated where they act:
+  * O1 a work-item owns 4 x 4 scores (rows tm + TM i, columns tn + TN j): every operand read from
+       local memory is one float4 and feeds 16 FMAs per pair. A program's grid is TM x TN with TM,
+       TN powers of two; its score tile is ROWS x COLS = 4 TM x 4 TN.
+  * O2 head dim padded to a multiple of 4 TN: work-item tn owns accumulator columns in float4
+       pieces interleaved with its neighbours' (conflict-free local reads).
+  * O3 local memory, exactly as the .cl file lays it out (``*_local_bytes``), float32 tiles with
+       rows padded by 4 floats; must fit CL_DEVICE_LOCAL_MEM_SIZE.
+  * O4 private memory: float32 accumulators (16 per 4 x 4 block, 16 per float4 column piece of
+       each accumulator row set) plus operands and a fixed overhead (``*_registers``); on GPUs it
+       must stay within the per-thread register limit where any grid allows (else the compiler
+       spills, which is slow but correct), on CPUs it is stack memory and not limited.
+  * O5 work-group size TM x TN within CL_DEVICE_MAX_WORK_GROUP_SIZE.
+  * O6 ranking, GPUs: registers within the limit, then at least one work-group per compute unit,
+       then whole sub-groups (TM x TN >= the SIMD width), then resident work-items per compute unit
+       by local memory (up to ``GPU_RESIDENT_TARGET``), then the larger score tile (fewer K/V
+       passes), then square-ish tiles. CPUs (PoCL runs a work-group as loops on one core): at least
+       ``CPU_GROUPS_PER_CORE`` work-groups per core, then the score tile of ``CPU_TILE_AREA``
+       scores (measured, ``benchmarks/opencl_tiles.py``), then the smaller head-dim padding.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import planner
+from .device import DeviceSpec
+from .plan import TilePlan
+
+if TYPE_CHECKING:
+    from ..spec import AttentionSpec
+
+GRID_SIDES = (1, 2, 4, 8, 16)  # O1: TM, TN
+FLOAT = 4
+ROW_PAD = 4  # floats added to every local row (O3)
+REGISTER_OVERHEAD = 40  # indices, pointers, row statistics (O4)
+GPU_RESIDENT_TARGET = 512  # work-items per compute unit worth filling by local memory (O6)
+CPU_GROUPS_PER_CORE = 4
+CPU_TILE_AREA = 32 * 32
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One program's work-group grid (O1) for a head dim."""
+
+    tm: int
+    tn: int
+    head_dim: int
+
+    @property
+    def rows(self) -> int:
+        return 4 * self.tm
+
+    @property
+    def cols(self) -> int:
+        return 4 * self.tn
+
+    @property
+    def threads(self) -> int:
+        return self.tm * self.tn
+
+    @property
+    def head_dim_padded(self) -> int:
+        """O2."""
+        quantum = 4 * self.tn
+        return -(-self.head_dim // quantum) * quantum
+
+    @property
+    def chunks(self) -> int:
+        return self.head_dim_padded // (4 * self.tn)
+
+    def _operand_tile(self, rows: int) -> int:
+        return rows * (self.head_dim_padded + ROW_PAD) * FLOAT
+
+    def _score_tile(self) -> int:
+        return self.rows * (self.cols + ROW_PAD) * FLOAT
+
+    def forward_local_bytes(self) -> int:
+        """O3 for ``attention_forward``: Q tile, K-then-V tile, P tile, row partials."""
+        return self._operand_tile(self.rows) + self._operand_tile(self.cols) + self._score_tile() + self.tn * self.rows * FLOAT
+
+    def backward_local_bytes(self) -> int:
+        """O3 for the backward program: the larger of the dK/dV kernel (K, V owned; Q, dO streamed;
+        LSE and delta per streamed row) and the dQ kernel (Q, dO owned; K, V streamed)."""
+        dkdv = 2 * self._operand_tile(self.rows) + 2 * self._operand_tile(self.cols) + self._score_tile() + 2 * self.cols * FLOAT
+        dq = 2 * self._operand_tile(self.rows) + 2 * self._operand_tile(self.cols) + self._score_tile() + 2 * self.rows * FLOAT
+        return max(dkdv, dq)
+
+    def forward_registers(self) -> int:
+        """O4: scores and their tanh, O accumulators, operand pieces in flight."""
+        return 2 * 16 + 16 * self.chunks + 32 + REGISTER_OVERHEAD
+
+    def backward_registers(self) -> int:
+        """O4 for dK/dV (the larger kernel): S, dP, P and tanh blocks, dK and dV accumulators, operands."""
+        return 4 * 16 + 2 * 16 * self.chunks + 32 + REGISTER_OVERHEAD
+
+    def options(self) -> tuple[str, ...]:
+        return (f"-DTM={self.tm}", f"-DTN={self.tn}", f"-DHEAD_DIM={self.head_dim}", f"-DD_PAD={self.head_dim_padded}")
+
+
+def grid_of(block_rows: int, block_cols: int, head_dim: int) -> Grid | None:
+    """The grid whose tile is ``block_rows x block_cols``, or None when O1 has none."""
+    tm, tn = block_rows // 4, block_cols // 4
+    if block_rows % 4 or block_cols % 4 or tm not in GRID_SIDES or tn not in GRID_SIDES:
+        return None
+    return Grid(tm, tn, head_dim)
+
+
+def _blocks(n: int, block: int) -> int:
+    return -(-n // block)
+
+
+def _rank(grid: Grid, device: DeviceSpec, local: int, registers: int, groups: int):
+    if device.kind == "cpu":
+        cores = device.hardware_threads or device.compute_units
+        return (groups >= CPU_GROUPS_PER_CORE * cores, -abs(grid.rows * grid.cols - CPU_TILE_AREA),
+                -grid.head_dim_padded, grid.rows >= grid.cols)
+    resident = min(device.sram_per_unit // max(local, 1), device.max_threads_per_block // grid.threads) * grid.threads
+    return (registers <= device.max_registers_per_thread, groups >= device.compute_units,
+            grid.threads >= device.simd_width, min(resident, GPU_RESIDENT_TARGET), grid.rows * grid.cols,
+            -abs(grid.tm - grid.tn), -grid.head_dim_padded)
+
+
+def _choose(spec, device: DeviceSpec, local_of, registers_of, groups_of) -> tuple[Grid, int, int, int] | None:
+    best = None
+    for tm in GRID_SIDES:
+        for tn in GRID_SIDES:
+            grid = Grid(tm, tn, spec.head_dim)
+            if grid.threads > device.max_threads_per_block:  # O5
+                continue
+            local = local_of(grid)
+            if local > device.sram_per_block:  # O3
+                continue
+            registers, groups = registers_of(grid), groups_of(grid)
+            ranked = (_rank(grid, device, local, registers, groups), grid, local, registers, groups)
+            if best is None or ranked[0] > best[0]:
+                best = ranked
+    return None if best is None else best[1:]
+
+
+@functools.lru_cache(maxsize=1024)
+def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
+    """O1-O6 for one problem on one OpenCL device. ``block_q`` x ``block_k`` is the forward's score
+    tile (TM = block_q / 4, TN = block_k / 4); the backward program's grid owns ``backward_block_k``
+    rows (keys in dK/dV, queries in dQ) and streams ``backward_block_q`` (TM = backward_block_k / 4,
+    TN = backward_block_q / 4). Raises ValueError when no grid's local memory fits the device."""
+    batch_heads = spec.batch * spec.heads
+    forward = _choose(spec, device, Grid.forward_local_bytes, Grid.forward_registers,
+                      lambda g: batch_heads * _blocks(max(spec.seqlen_q, 1), g.rows))
+    if forward is None:
+        raise ValueError(f"O3: no OpenCL work-group tile of head dim {spec.head_dim} fits {device.name}'s "
+                         f"{device.sram_per_block} B of local memory")
+    grid, local, registers, groups = forward
+    backward = _choose(spec, device, Grid.backward_local_bytes, Grid.backward_registers,
+                       lambda g: spec.batch * spec.kv_heads * _blocks(max(spec.seqlen_k, 1), g.rows))
+    reasons = [
+        f"O1 forward: work-group of {grid.tm} x {grid.tn} work-items, each owning 4 x 4 scores of a "
+        f"{grid.rows} x {grid.cols} tile; {groups} work-groups",
+        f"O2 head dim {spec.head_dim} padded to {grid.head_dim_padded} ({grid.chunks} float4 accumulator pieces per row "
+        "per work-item)",
+        f"O3 forward local memory {local} B of {device.sram_per_block} B",
+        f"O4 forward ~{registers} private floats per work-item"
+        + (f" (over the {device.max_registers_per_thread}-register limit: the compiler spills)"
+           if device.kind == "gpu" and registers > device.max_registers_per_thread else ""),
+    ]
+    if backward is None:
+        why = (f"O3 backward: no grid of head dim {spec.head_dim} fits {device.sram_per_block} B of local memory "
+               "(K, V, Q and dO tiles at once)")
+        back = (16, 16, 0, True, 0, 0, why)
+    else:
+        bgrid, blocal, bregisters, _ = backward
+        spill = (f"; over the {device.max_registers_per_thread}-register limit, the compiler spills"
+                 if device.kind == "gpu" and bregisters > device.max_registers_per_thread else "")
+        why = (f"O1-O4 backward: {bgrid.tm} x {bgrid.tn} work-items own {bgrid.rows} keys (dK/dV) or queries (dQ) and "
+               f"stream {bgrid.cols}, {blocal} B local memory, ~{bregisters} private floats{spill}; dQ in a kernel of "
+               "its own (no atomics)")
+        back = (bgrid.cols, bgrid.rows, blocal, True, 1, 1, why)
+    reasons.append(back[-1])
+    warps = max(1, grid.threads // device.simd_width) if device.kind == "gpu" else 1
+    return planner._finish(
+        spec, device, target="gpu" if device.kind == "gpu" else "cpu", block_q=grid.rows, block_k=grid.cols,
+        head_dim=grid.head_dim_padded, warps=warps, threads=grid.threads, stages=1, splits=1, work=groups,
+        sram_bytes=local, registers=registers if device.kind == "gpu" else 0, backward=back,
+        matrix_unit=None, reasons=reasons,
+    )
+
+
+def forward_grid(plan: TilePlan, head_dim: int) -> Grid | None:
+    return grid_of(plan.block_q, plan.block_k, head_dim)
+
+
+def backward_grid(plan: TilePlan, head_dim: int) -> Grid | None:
+    return grid_of(plan.backward_block_k, plan.backward_block_q, head_dim) if plan.backward_warps else None
