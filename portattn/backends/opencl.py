@@ -113,8 +113,8 @@ class OpenCLBackend(Backend):
         """Swept tiles that are O1 grids, with local memory and registers recomputed; None otherwise."""
         new = dataclasses.replace(plan, **changes)
         head_dim = plan.head_dim_padded  # the sweep keeps the problem; padding follows the grid
-        forward = rules.grid_of(new.block_q, new.block_k, head_dim)
-        backward = rules.grid_of(new.backward_block_k, new.backward_block_q, head_dim)
+        forward = rules.forward_grid(new, head_dim)
+        backward = rules.backward_grid(new, head_dim)
         if forward is None or backward is None:
             return None
         return dataclasses.replace(new, threads=forward.threads, stages=1, backward_stages=1, backward_dq_separate=True,

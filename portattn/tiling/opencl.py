@@ -7,13 +7,16 @@ the score tile and float4 pieces of the accumulator rows. The plan fixes the gri
 (forward; backward, whose dK/dV and dQ kernels share one build) and the local memory it takes.
 
 Rules (O for OpenCL), stated where they act:
-  * O1 a work-item owns 4 x 4 scores (rows tm + TM i, columns tn + TN j): every operand read from
-       local memory is one float4 and feeds 16 FMAs per pair. A program's grid is TM x TN with TM,
-       TN powers of two; its score tile is ROWS x COLS = 4 TM x 4 TN.
-  * O2 head dim padded to a multiple of 4 TN: work-item tn owns accumulator columns in float4
+  * O1 a work-item owns 4 rows (tm + TM i) x VW adjacent columns of scores, one float-VW vector per
+       row: every operand read from local memory is a float4 or a VW-vector and feeds 4 VW FMAs.
+       VW is the CPU device's preferred float vector width in the forward (16 under PoCL on
+       AVX-512: explicit vectors are what PoCL turns into SIMD code, since its work-item loops sit
+       outside the tile loops and are not vectorized), else 4. A program's grid is TM x TN with
+       TM, TN powers of two; its score tile is ROWS x COLS = 4 TM x VW TN.
+  * O2 head dim padded to a multiple of VW TN: work-item tn owns accumulator columns in VW-wide
        pieces interleaved with its neighbours' (conflict-free local reads).
   * O3 local memory, exactly as the .cl file lays it out (``*_local_bytes``), float32 tiles with
-       rows padded by 4 floats; must fit CL_DEVICE_LOCAL_MEM_SIZE.
+       rows padded by VW floats; must fit CL_DEVICE_LOCAL_MEM_SIZE.
   * O4 private memory: float32 accumulators (16 per 4 x 4 block, 16 per float4 column piece of
        each accumulator row set) plus operands and a fixed overhead (``*_registers``); on GPUs it
        must stay within the per-thread register limit where any grid allows (else the compiler
@@ -23,12 +26,14 @@ Rules (O for OpenCL), stated where they act:
        then whole sub-groups (TM x TN >= the SIMD width), then resident work-items per compute unit
        by local memory (up to ``GPU_RESIDENT_TARGET``), then the larger score tile (fewer K/V
        passes), then square-ish tiles. CPUs (PoCL runs a work-group as loops on one core): at least
-       ``CPU_GROUPS_PER_CORE`` work-groups per core, then the score tile of ``CPU_TILE_AREA``
-       scores (measured, ``benchmarks/opencl_tiles.py``), then the smaller head-dim padding.
+       ``CPU_GROUPS_PER_CORE`` work-groups per core, then one vector of columns per work-item
+       (TN = 1) and ``CPU_ROWS`` rows (measured on this project's CPU machine; see CPU_ROWS), then
+       the smaller head-dim padding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,13 +45,14 @@ from .plan import TilePlan
 if TYPE_CHECKING:
     from ..spec import AttentionSpec
 
-GRID_SIDES = (1, 2, 4, 8, 16)  # O1: TM, TN
+GRID_SIDES = (1, 2, 4, 8, 16, 32, 64)  # O1: TM, TN (TM x TN within the work-group limit, O5)
+VECTOR_WIDTHS = (16, 8, 4)  # O1: the .cl file's VW
 FLOAT = 4
 ROW_PAD = 4  # floats added to every local row (O3)
 REGISTER_OVERHEAD = 40  # indices, pointers, row statistics (O4)
 GPU_RESIDENT_TARGET = 512  # work-items per compute unit worth filling by local memory (O6)
 CPU_GROUPS_PER_CORE = 4
-CPU_TILE_AREA = 32 * 32
+CPU_ROWS = 128  # O6: PoCL, 2-core AVX-512, (1, 8, 2048, 64) fp32: 128 x 16 tiles 91 GFLOP/s, 64 x 16 68, 32 x 32 36
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,8 @@ class Grid:
     tm: int
     tn: int
     head_dim: int
+    vw: int = 4  # lanes of a work-item's column vectors (O1)
+    program: int = 0  # 0 forward, 1 backward (the .cl file's PROGRAM)
 
     @property
     def rows(self) -> int:
@@ -63,7 +71,7 @@ class Grid:
 
     @property
     def cols(self) -> int:
-        return 4 * self.tn
+        return self.vw * self.tn
 
     @property
     def threads(self) -> int:
@@ -72,22 +80,24 @@ class Grid:
     @property
     def head_dim_padded(self) -> int:
         """O2."""
-        quantum = 4 * self.tn
+        quantum = self.vw * self.tn
         return -(-self.head_dim // quantum) * quantum
 
     @property
     def chunks(self) -> int:
-        return self.head_dim_padded // (4 * self.tn)
+        return self.head_dim_padded // (self.vw * self.tn)
 
     def _operand_tile(self, rows: int) -> int:
-        return rows * (self.head_dim_padded + ROW_PAD) * FLOAT
+        return rows * (self.head_dim_padded + self.vw) * FLOAT
 
     def _score_tile(self) -> int:
-        return self.rows * (self.cols + ROW_PAD) * FLOAT
+        return self.rows * (self.cols + self.vw) * FLOAT
 
     def forward_local_bytes(self) -> int:
-        """O3 for ``attention_forward``: Q tile, K-then-V tile, P tile, row partials."""
-        return self._operand_tile(self.rows) + self._operand_tile(self.cols) + self._score_tile() + self.tn * self.rows * FLOAT
+        """O3 for ``attention_forward``: Q tile, one buffer for K^T (head dim rows) then V, P tile, row partials."""
+        transposed = self.head_dim_padded * (self.cols + self.vw) * FLOAT
+        return (self._operand_tile(self.rows) + max(self._operand_tile(self.cols), transposed) + self._score_tile()
+                + self.tn * self.rows * FLOAT)
 
     def backward_local_bytes(self) -> int:
         """O3 for the backward program: the larger of the dK/dV kernel (K, V owned; Q, dO streamed;
@@ -98,22 +108,31 @@ class Grid:
 
     def forward_registers(self) -> int:
         """O4: scores and their tanh, O accumulators, operand pieces in flight."""
-        return 2 * 16 + 16 * self.chunks + 32 + REGISTER_OVERHEAD
+        return 2 * 4 * self.vw + 4 * self.vw * self.chunks + 4 * self.vw + 4 + REGISTER_OVERHEAD
 
     def backward_registers(self) -> int:
         """O4 for dK/dV (the larger kernel): S, dP, P and tanh blocks, dK and dV accumulators, operands."""
         return 4 * 16 + 2 * 16 * self.chunks + 32 + REGISTER_OVERHEAD
 
     def options(self) -> tuple[str, ...]:
-        return (f"-DTM={self.tm}", f"-DTN={self.tn}", f"-DHEAD_DIM={self.head_dim}", f"-DD_PAD={self.head_dim_padded}")
+        return (f"-DPROGRAM={self.program}", f"-DTM={self.tm}", f"-DTN={self.tn}", f"-DVW={self.vw}",
+                f"-DHEAD_DIM={self.head_dim}", f"-DD_PAD={self.head_dim_padded}")
 
 
-def grid_of(block_rows: int, block_cols: int, head_dim: int) -> Grid | None:
+def forward_vector_width(device: DeviceSpec) -> int:
+    """O1: a CPU device's preferred float vector width (PoCL on AVX-512: 16), else 4 (GPUs run the
+    vector's lanes as scalars, and float4 is the widest local-memory load)."""
+    if device.kind != "cpu":
+        return 4
+    return max((w for w in VECTOR_WIDTHS if w <= device.simd_width), default=4)
+
+
+def grid_of(block_rows: int, block_cols: int, head_dim: int, vw: int = 4, program: int = 0) -> Grid | None:
     """The grid whose tile is ``block_rows x block_cols``, or None when O1 has none."""
-    tm, tn = block_rows // 4, block_cols // 4
-    if block_rows % 4 or block_cols % 4 or tm not in GRID_SIDES or tn not in GRID_SIDES:
+    tm, tn = block_rows // 4, block_cols // vw
+    if block_rows % 4 or block_cols % vw or tm not in GRID_SIDES or tn not in GRID_SIDES:
         return None
-    return Grid(tm, tn, head_dim)
+    return Grid(tm, tn, head_dim, vw, program)
 
 
 def _blocks(n: int, block: int) -> int:
@@ -123,19 +142,18 @@ def _blocks(n: int, block: int) -> int:
 def _rank(grid: Grid, device: DeviceSpec, local: int, registers: int, groups: int):
     if device.kind == "cpu":
         cores = device.hardware_threads or device.compute_units
-        return (groups >= CPU_GROUPS_PER_CORE * cores, -abs(grid.rows * grid.cols - CPU_TILE_AREA),
-                -grid.head_dim_padded, grid.rows >= grid.cols)
+        return (groups >= CPU_GROUPS_PER_CORE * cores, grid.tn == 1, -abs(grid.rows - CPU_ROWS), -grid.head_dim_padded)
     resident = min(device.sram_per_unit // max(local, 1), device.max_threads_per_block // grid.threads) * grid.threads
     return (registers <= device.max_registers_per_thread, groups >= device.compute_units,
             grid.threads >= device.simd_width, min(resident, GPU_RESIDENT_TARGET), grid.rows * grid.cols,
             -abs(grid.tm - grid.tn), -grid.head_dim_padded)
 
 
-def _choose(spec, device: DeviceSpec, local_of, registers_of, groups_of) -> tuple[Grid, int, int, int] | None:
+def _choose(spec, device: DeviceSpec, vw: int, program: int, local_of, registers_of, groups_of):
     best = None
     for tm in GRID_SIDES:
         for tn in GRID_SIDES:
-            grid = Grid(tm, tn, spec.head_dim)
+            grid = Grid(tm, tn, spec.head_dim, vw, program)
             if grid.threads > device.max_threads_per_block:  # O5
                 continue
             local = local_of(grid)
@@ -155,19 +173,20 @@ def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
     rows (keys in dK/dV, queries in dQ) and streams ``backward_block_q`` (TM = backward_block_k / 4,
     TN = backward_block_q / 4). Raises ValueError when no grid's local memory fits the device."""
     batch_heads = spec.batch * spec.heads
-    forward = _choose(spec, device, Grid.forward_local_bytes, Grid.forward_registers,
+    vw = forward_vector_width(device)
+    forward = _choose(spec, device, vw, 0, Grid.forward_local_bytes, Grid.forward_registers,
                       lambda g: batch_heads * _blocks(max(spec.seqlen_q, 1), g.rows))
     if forward is None:
         raise ValueError(f"O3: no OpenCL work-group tile of head dim {spec.head_dim} fits {device.name}'s "
                          f"{device.sram_per_block} B of local memory")
     grid, local, registers, groups = forward
-    backward = _choose(spec, device, Grid.backward_local_bytes, Grid.backward_registers,
+    backward = _choose(spec, device, 4, 1, Grid.backward_local_bytes, Grid.backward_registers,
                        lambda g: spec.batch * spec.kv_heads * _blocks(max(spec.seqlen_k, 1), g.rows))
     reasons = [
-        f"O1 forward: work-group of {grid.tm} x {grid.tn} work-items, each owning 4 x 4 scores of a "
-        f"{grid.rows} x {grid.cols} tile; {groups} work-groups",
-        f"O2 head dim {spec.head_dim} padded to {grid.head_dim_padded} ({grid.chunks} float4 accumulator pieces per row "
-        "per work-item)",
+        f"O1 forward: work-group of {grid.tm} x {grid.tn} work-items, each owning 4 rows x {vw} columns of a "
+        f"{grid.rows} x {grid.cols} score tile (float{vw} vectors); {groups} work-groups",
+        f"O2 head dim {spec.head_dim} padded to {grid.head_dim_padded} ({grid.chunks} float{vw} accumulator pieces per "
+        "row per work-item)",
         f"O3 forward local memory {local} B of {device.sram_per_block} B",
         f"O4 forward ~{registers} private floats per work-item"
         + (f" (over the {device.max_registers_per_thread}-register limit: the compiler spills)"
@@ -187,17 +206,18 @@ def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
         back = (bgrid.cols, bgrid.rows, blocal, True, 1, 1, why)
     reasons.append(back[-1])
     warps = max(1, grid.threads // device.simd_width) if device.kind == "gpu" else 1
-    return planner._finish(
+    plan = planner._finish(
         spec, device, target="gpu" if device.kind == "gpu" else "cpu", block_q=grid.rows, block_k=grid.cols,
         head_dim=grid.head_dim_padded, warps=warps, threads=grid.threads, stages=1, splits=1, work=groups,
         sram_bytes=local, registers=registers if device.kind == "gpu" else 0, backward=back,
         matrix_unit=None, reasons=reasons,
     )
+    return dataclasses.replace(plan, vector_width=vw)
 
 
 def forward_grid(plan: TilePlan, head_dim: int) -> Grid | None:
-    return grid_of(plan.block_q, plan.block_k, head_dim)
+    return grid_of(plan.block_q, plan.block_k, head_dim, plan.vector_width or 4, 0)
 
 
 def backward_grid(plan: TilePlan, head_dim: int) -> Grid | None:
-    return grid_of(plan.backward_block_k, plan.backward_block_q, head_dim) if plan.backward_warps else None
+    return grid_of(plan.backward_block_k, plan.backward_block_q, head_dim, 4, 1) if plan.backward_warps else None

@@ -38,6 +38,7 @@ class TilePlan:
     hbm_bytes_lower_bound: int  # the Theta(N^2 d^2 / M) bound for this device's SRAM
     matrix_unit: str | None
     reasons: tuple[str, ...]
+    vector_width: int = 0  # OpenCL: lanes of a work-item's score vectors (tiling/opencl.py O1); 0 elsewhere
 
     def summary(self) -> str:
         """One line: the numbers a kernel is launched with."""

@@ -1,35 +1,59 @@
 /* portattn: FlashAttention-2 in OpenCL C 1.2 (core only), float32 arithmetic.
  *
  * Compile-time constants (-D build options from the plan, portattn/tiling/opencl.py):
- *   TM, TN     the work-group is a TM x TN grid of work-items (TM * TN of them); a score tile is
- *              ROWS x COLS = (4 TM) x (4 TN). Work-item (tm, tn) owns the 4 x 4 scores of rows
- *              tm + TM i and columns tn + TN j (i, j < 4): interleaved, so that neighbouring
- *              work-items read neighbouring local-memory rows (no bank conflicts) and every
- *              operand read is one float4.
- *   HEAD_DIM   D; D_PAD is D rounded up to 4 TN: work-item tn owns accumulator columns
- *              4 (c TN + tn) .. + 3 for c < CHUNKS (again interleaved float4 pieces).
+ *   PROGRAM    0: the forward kernel; 1: the backward kernels (each program is built on its own).
+ *   TM, TN, VW the work-group is a TM x TN grid of work-items (TM * TN of them); a score tile is
+ *              ROWS x COLS = (4 TM) x (VW TN). Work-item (tm, tn) owns the scores of rows
+ *              tm + TM i (i < 4) and columns tn VW .. tn VW + VW - 1: one vector of VW floats per
+ *              row (VW is the device's preferred float vector width in the forward of a CPU
+ *              device, else 4). Interleaved rows and adjacent column vectors make neighbouring
+ *              work-items read neighbouring local memory (no bank conflicts on GPUs).
+ *   HEAD_DIM   D; D_PAD is D rounded up to VW TN: work-item tn owns accumulator columns
+ *              VW (c TN + tn) .. + VW - 1 for c < CHUNKS (interleaved vector pieces).
  *   DTYPE      storage of q, k, v, out, grads: 0 float32, 1 float16 (vload_half/vstore_half, core
  *              OpenCL: no cl_khr_fp16 needed), 2 bfloat16 (ushort bits, widened by a shift).
  *   CAUSAL_OR_WINDOW  1 when some keys of a row are hidden by position (the host folds causal into
  *              the window's right bound); 0 compiles the position checks out.
  *   SOFTCAP, ALIBI, MASK (0 none, 1 bool, 2 additive), KEY_PADDING: the score features.
  *
- * Local memory, all float32, rows padded by 4 floats (LD, LDS) so that row r starts 4 r banks on:
- *   forward: Q tile ROWS x LD, K-then-V tile COLS x LD, P tile ROWS x LDS, TN x ROWS row partials.
+ * Local memory, all float32, rows padded by VW floats (LD, LDS, LDT) so that row r starts VW r
+ * banks on and every vector access stays aligned:
+ *   forward: Q tile ROWS x LD, K^T (D_PAD x LDT) then V (COLS x LD) in one buffer, P tile ROWS x LDS,
+ *            TN x ROWS row partials. K is stored transposed so that the score product reads one
+ *            VW-vector of K per head-dim step: no transposes in registers.
  *   dK/dV:   K, V tiles ROWS x LD, Q, dO tiles COLS x LD, P-then-dS tile ROWS x LDS, 2 x COLS row stats.
  *   dQ:      Q, dO tiles ROWS x LD, K, V tiles COLS x LD, dS tile ROWS x LDS.
  * The planner computes the same sums (forward_local_bytes, ...) and the host checks them against
  * the device's CL_DEVICE_LOCAL_MEM_SIZE before building.
  *
  * Scores are kept in log2 units (scale * log2(e) folded in) so the softmax uses exp2.
+ *
+ * Arithmetic is written with operators (a * b + c, fused by -cl-mad-enable), not fma()/mad()/vloadn:
+ * PoCL's binary builds call those built-ins out of line, which made the inner loops 3x slower.
  */
 
 #define ROWS (4 * TM)
-#define COLS (4 * TN)
+#define COLS (VW * TN)
 #define THREADS (TM * TN)
-#define LD (D_PAD + 4)
-#define LDS (COLS + 4)
-#define CHUNKS (D_PAD / (4 * TN))
+#define LD (D_PAD + VW)
+#define LDS (COLS + VW)
+#define LDT (COLS + VW)
+#define CHUNKS (D_PAD / (VW * TN))
+
+#if VW == 4
+typedef float4 floatV;
+#elif VW == 8
+typedef float8 floatV;
+#elif VW == 16
+typedef float16 floatV;
+#else
+#error "VW must be 4, 8 or 16"
+#endif
+/* a vector's lanes by index (private arrays indexed by loop constants fold into registers) */
+typedef union {
+    floatV v;
+    float e[VW];
+} lanes_t;
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
@@ -67,104 +91,142 @@ typedef uchar mask_t; /* bool masks as 0 / 1 bytes; also the placeholder type wh
 #endif
 
 #define LOCAL4(p, offset) (*(__local float4 *)((p) + (offset)))
+#define LOCALV(p, offset) (*(__local floatV *)((p) + (offset)))
 #define COMPONENT(x, j) ((j) == 0 ? (x).s0 : (j) == 1 ? (x).s1 : (j) == 2 ? (x).s2 : (x).s3)
 
 /* ---------------------------------------------------------------------------------------------
- * tile movement and the two tile products every kernel is made of
+ * tile movement and the tile products every kernel is made of
  */
 
+inline float element(__global const elem_t *p, int c) { return c < HEAD_DIM ? LOAD1(p, c) : 0.0f; }
+
+/* elements c .. c + 3 of a row (zero past HEAD_DIM, and for rows at or past `limit`) */
+inline float4 read_quad(__global const elem_t *src, long stride, int row, int limit, int c)
+{
+    if (row >= limit) return (float4)(0.0f);
+    __global const elem_t *p = src + row * stride;
+    if (c + 4 <= HEAD_DIM) return LOAD4(p, c);
+    return (float4)(element(p, c), element(p, c + 1), element(p, c + 2), element(p, c + 3));
+}
+
 /* rows [row0, row0 + tile_rows) of a (rows x HEAD_DIM) matrix whose rows are `stride` elements
- * apart, times `factor`, into a local tile of row stride LD; rows at or past `limit` and columns
- * at or past HEAD_DIM are zero (so padded rows and columns add nothing to any product). */
-inline void load_tile(__local float *dst, __global const elem_t *src, long stride, int row0, int limit,
-                      int tile_rows, float factor)
+ * apart into a local tile of row stride LD; rows at or past `limit` and columns at or past
+ * HEAD_DIM are zero (so padded rows and columns add nothing to any product). */
+inline void load_tile(__local float *dst, __global const elem_t *src, long stride, int row0, int limit, int tile_rows)
 {
     const int quads = D_PAD / 4;
     for (int index = get_local_id(0); index < tile_rows * quads; index += THREADS) {
-        const int r = index / quads, c = (index - r * quads) * 4, row = row0 + r;
-        float4 x = (float4)(0.0f);
-        if (row < limit) {
-            __global const elem_t *p = src + row * stride;
-            if (c + 4 <= HEAD_DIM) {
-                x = LOAD4(p, c);
-            } else {
-                float e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                for (int j = 0; j < 4; j++)
-                    if (c + j < HEAD_DIM) e[j] = LOAD1(p, c + j);
-                x = vload4(0, e);
-            }
-        }
-        LOCAL4(dst, r * LD + c) = x * factor;
+        const int r = index / quads, c = (index - r * quads) * 4;
+        LOCAL4(dst, r * LD + c) = read_quad(src, stride, row0 + r, limit, c);
+    }
+}
+
+/* the same rows stored transposed, dst[d LDT + r]; neighbouring work-items take neighbouring rows,
+ * so their scattered stores land in different banks */
+inline void load_tile_transposed(__local float *dst, __global const elem_t *src, long stride, int row0, int limit,
+                                 int tile_rows)
+{
+    const int quads = D_PAD / 4;
+    for (int index = get_local_id(0); index < tile_rows * quads; index += THREADS) {
+        const int r = index % tile_rows, c = (index / tile_rows) * 4;
+        const float4 x = read_quad(src, stride, row0 + r, limit, c);
+        dst[(c + 0) * LDT + r] = x.s0;
+        dst[(c + 1) * LDT + r] = x.s1;
+        dst[(c + 2) * LDT + r] = x.s2;
+        dst[(c + 3) * LDT + r] = x.s3;
     }
 }
 
 /* one float per row, rows [row0, row0 + count) of a vector, into local memory (0 past `limit`) */
-inline void load_row_stats(__local float *dst, __global const float *src, int row0, int limit, int count, float factor)
+inline void load_row_stats(__local float *dst, __global const float *src, int row0, int limit, int count)
 {
-    for (int r = get_local_id(0); r < count; r += THREADS)
-        dst[r] = row0 + r < limit ? src[row0 + r] * factor : 0.0f;
+    for (int r = get_local_id(0); r < count; r += THREADS) dst[r] = row0 + r < limit ? src[row0 + r] : 0.0f;
 }
 
-/* s[i].sj = a[tm + TM i] . b[tn + TN j]: the work-item's 4 x 4 block of a * b^T over D_PAD. */
-inline void tile_scores(__local const float *a, __local const float *b, int tm, int tn, float4 s[4])
+/* s[i] = a[tm + TM i] . b[tn VW + j] for j < VW, with b stored transposed (bt[d LDT + n]): one
+ * float4 of a row and one VW-vector of bt per head-dim step, four rank-1 updates per float4 */
+inline void scores_transposed(__local const float *a, __local const float *bt, int tm, int tn, floatV s[4])
+{
+    /* accumulate in locals, not in s[]: s lives across barriers, and PoCL keeps such variables in
+     * memory; these stay in registers through the loop */
+    floatV s0 = (floatV)(0.0f), s1 = (floatV)(0.0f), s2 = (floatV)(0.0f), s3 = (floatV)(0.0f);
+    __local const float *a0 = a + tm * LD, *a1 = a + (tm + TM) * LD, *a2 = a + (tm + 2 * TM) * LD,
+                        *a3 = a + (tm + 3 * TM) * LD;
+    for (int d = 0; d < D_PAD; d += 4) {
+        const floatV b0 = LOCALV(bt, (d + 0) * LDT + tn * VW), b1 = LOCALV(bt, (d + 1) * LDT + tn * VW);
+        const floatV b2 = LOCALV(bt, (d + 2) * LDT + tn * VW), b3 = LOCALV(bt, (d + 3) * LDT + tn * VW);
+        const float4 x0 = LOCAL4(a0, d), x1 = LOCAL4(a1, d), x2 = LOCAL4(a2, d), x3 = LOCAL4(a3, d);
+        s0 = x0.s0 * b0 + s0; s0 = x0.s1 * b1 + s0; s0 = x0.s2 * b2 + s0; s0 = x0.s3 * b3 + s0;
+        s1 = x1.s0 * b0 + s1; s1 = x1.s1 * b1 + s1; s1 = x1.s2 * b2 + s1; s1 = x1.s3 * b3 + s1;
+        s2 = x2.s0 * b0 + s2; s2 = x2.s1 * b1 + s2; s2 = x2.s2 * b2 + s2; s2 = x2.s3 * b3 + s2;
+        s3 = x3.s0 * b0 + s3; s3 = x3.s1 * b1 + s3; s3 = x3.s2 * b2 + s3; s3 = x3.s3 * b3 + s3;
+    }
+    s[0] = s0;
+    s[1] = s1;
+    s[2] = s2;
+    s[3] = s3;
+}
+
+#if VW == 4
+/* s[i].sj = a[tm + TM i] . b[4 tn + j], both row-major: the backward's products, whose operands also
+ * serve row-major in tile_accumulate (one layout each: local memory holds four operand tiles) */
+inline void scores_rows(__local const float *a, __local const float *b, int tm, int tn, float4 s[4])
 {
     for (int i = 0; i < 4; i++) s[i] = (float4)(0.0f);
     for (int d = 0; d < D_PAD; d += 4) {
-        float4 x[4], y[4];
-        for (int i = 0; i < 4; i++) x[i] = LOCAL4(a, (tm + TM * i) * LD + d);
-        for (int j = 0; j < 4; j++) y[j] = LOCAL4(b, (tn + TN * j) * LD + d);
-        /* the 4 x 4 block as four rank-1 updates: y transposed in registers, one float4 fma per row */
+        float4 y[4];
+        for (int j = 0; j < 4; j++) y[j] = LOCAL4(b, (tn * 4 + j) * LD + d);
+        /* y transposed in registers: four rank-1 updates per row */
         const float4 y0 = (float4)(y[0].s0, y[1].s0, y[2].s0, y[3].s0);
         const float4 y1 = (float4)(y[0].s1, y[1].s1, y[2].s1, y[3].s1);
         const float4 y2 = (float4)(y[0].s2, y[1].s2, y[2].s2, y[3].s2);
         const float4 y3 = (float4)(y[0].s3, y[1].s3, y[2].s3, y[3].s3);
         for (int i = 0; i < 4; i++) {
-            s[i] = fma((float4)(x[i].s0), y0, s[i]);
-            s[i] = fma((float4)(x[i].s1), y1, s[i]);
-            s[i] = fma((float4)(x[i].s2), y2, s[i]);
-            s[i] = fma((float4)(x[i].s3), y3, s[i]);
+            const float4 x = LOCAL4(a, (tm + TM * i) * LD + d);
+            s[i] = x.s0 * y0 + s[i];
+            s[i] = x.s1 * y1 + s[i];
+            s[i] = x.s2 * y2 + s[i];
+            s[i] = x.s3 * y3 + s[i];
         }
     }
 }
+#endif
 
-/* acc[i][c] += sum_n p[tm + TM i][n] * b[n][4 (c TN + tn) .. + 3]: a (ROWS x COLS) weight tile in
- * local memory times a (COLS x D) operand tile, into the work-item's accumulator columns. */
-inline void tile_accumulate(__local const float *p, __local const float *b, int tm, int tn, float4 acc[4][CHUNKS])
+/* acc[i][c] += sum_n p[tm + TM i][n] * b[n][VW (c TN + tn) .. + VW - 1]: a (ROWS x COLS) weight tile
+ * in local memory times a (COLS x D) operand tile, into the work-item's accumulator pieces */
+inline void tile_accumulate(__local const float *p, __local const float *b, int tm, int tn, floatV acc[4][CHUNKS])
 {
-    for (int n = 0; n < COLS; n += 4) {
-        float4 w[4];
-        for (int i = 0; i < 4; i++) w[i] = LOCAL4(p, (tm + TM * i) * LDS + n);
-        for (int c = 0; c < CHUNKS; c++) {
-            const int col = (c * TN + tn) * 4;
-            const float4 b0 = LOCAL4(b, (n + 0) * LD + col), b1 = LOCAL4(b, (n + 1) * LD + col);
-            const float4 b2 = LOCAL4(b, (n + 2) * LD + col), b3 = LOCAL4(b, (n + 3) * LD + col);
-            for (int i = 0; i < 4; i++) {
-                float4 a = acc[i][c];
-                a = fma((float4)(w[i].s0), b0, a);
-                a = fma((float4)(w[i].s1), b1, a);
-                a = fma((float4)(w[i].s2), b2, a);
-                a = fma((float4)(w[i].s3), b3, a);
-                acc[i][c] = a;
-            }
+    __local const float *p0 = p + tm * LDS, *p1 = p + (tm + TM) * LDS, *p2 = p + (tm + 2 * TM) * LDS,
+                        *p3 = p + (tm + 3 * TM) * LDS;
+    for (int c = 0; c < CHUNKS; c++) {
+        /* one piece at a time in locals (registers), as in scores_transposed */
+        floatV a0 = acc[0][c], a1 = acc[1][c], a2 = acc[2][c], a3 = acc[3][c];
+        __local const float *bc = b + (c * TN + tn) * VW;
+        for (int n = 0; n < COLS; n += 4) {
+            const floatV b0 = LOCALV(bc, (n + 0) * LD), b1 = LOCALV(bc, (n + 1) * LD);
+            const floatV b2 = LOCALV(bc, (n + 2) * LD), b3 = LOCALV(bc, (n + 3) * LD);
+            const float4 w0 = LOCAL4(p0, n), w1 = LOCAL4(p1, n), w2 = LOCAL4(p2, n), w3 = LOCAL4(p3, n);
+            a0 = w0.s0 * b0 + a0; a0 = w0.s1 * b1 + a0; a0 = w0.s2 * b2 + a0; a0 = w0.s3 * b3 + a0;
+            a1 = w1.s0 * b0 + a1; a1 = w1.s1 * b1 + a1; a1 = w1.s2 * b2 + a1; a1 = w1.s3 * b3 + a1;
+            a2 = w2.s0 * b0 + a2; a2 = w2.s1 * b1 + a2; a2 = w2.s2 * b2 + a2; a2 = w2.s3 * b3 + a2;
+            a3 = w3.s0 * b0 + a3; a3 = w3.s1 * b1 + a3; a3 = w3.s2 * b2 + a3; a3 = w3.s3 * b3 + a3;
         }
+        acc[0][c] = a0;
+        acc[1][c] = a1;
+        acc[2][c] = a2;
+        acc[3][c] = a3;
     }
 }
 
-/* the work-item's 4 x 4 block into a local (ROWS x LDS) tile */
-inline void store_block(__local float *dst, int tm, int tn, const float4 s[4])
+/* the work-item's score rows into a local (ROWS x LDS) tile */
+inline void store_block(__local float *dst, int tm, int tn, const floatV s[4])
 {
-    for (int i = 0; i < 4; i++) {
-        __local float *row = dst + (tm + TM * i) * LDS + tn;
-        row[0] = s[i].s0;
-        row[TN] = s[i].s1;
-        row[2 * TN] = s[i].s2;
-        row[3 * TN] = s[i].s3;
-    }
+    for (int i = 0; i < 4; i++) LOCALV(dst, (tm + TM * i) * LDS + tn * VW) = s[i];
 }
 
-/* the work-item's accumulator rows (times `factor`) to global rows [row0, row0 + ROWS) < limit */
+/* the work-item's accumulator rows (row i times factor[i]) to global rows [row0, row0 + ROWS) < limit */
 inline void store_rows(__global elem_t *dst, long stride, int row0, int limit, int tm, int tn,
-                       float4 acc[4][CHUNKS], float4 factor)
+                       floatV acc[4][CHUNKS], float4 factor)
 {
     for (int i = 0; i < 4; i++) {
         const int row = row0 + tm + TM * i;
@@ -172,12 +234,31 @@ inline void store_rows(__global elem_t *dst, long stride, int row0, int limit, i
         __global elem_t *p = dst + row * stride;
         const float f = COMPONENT(factor, i);
         for (int c = 0; c < CHUNKS; c++) {
-            const int col = (c * TN + tn) * 4;
-            const float4 x = acc[i][c] * f;
-            for (int j = 0; j < 4; j++)
-                if (col + j < HEAD_DIM) STORE1(p, col + j, COMPONENT(x, j));
+            const int col = (c * TN + tn) * VW;
+            lanes_t x;
+            x.v = acc[i][c] * f;
+            for (int j = 0; j < VW; j++)
+                if (col + j < HEAD_DIM) STORE1(p, col + j, x.e[j]);
         }
     }
+}
+
+inline float lane_max(floatV v)
+{
+    lanes_t x;
+    x.v = v;
+    float m = x.e[0];
+    for (int j = 1; j < VW; j++) m = x.e[j] > m ? x.e[j] : m;
+    return m;
+}
+
+inline float lane_sum(floatV v)
+{
+    lanes_t x;
+    x.v = v;
+    float total = 0.0f;
+    for (int j = 0; j < VW; j++) total += x.e[j];
+    return total;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -282,33 +363,33 @@ inline Visibility visibility(int seqlen_q, int seqlen_k, int offset, int left, i
     return vis;
 }
 
-/* the raw products s of the work-item's block -> scores in log2 units (rows are queries when
+/* the raw products s of the work-item's rows -> scores in log2 units (rows are queries when
  * `rows_are_queries`, else keys); tanh values for the softcap derivative in `t` */
-inline void block_scores(float4 s[4], float4 t[4], int row0, int col0, int tm, int tn, bool rows_are_queries,
+inline void block_scores(floatV s[4], floatV t[4], int row0, int col0, int tm, int tn, bool rows_are_queries,
                          const Visibility *vis, __global const mask_t *mask, __global const uchar *padding)
 {
     const bool plain = rows_are_queries ? tile_is_plain(row0, ROWS, col0, COLS, vis)
                                         : tile_is_plain(col0, COLS, row0, ROWS, vis);
     for (int i = 0; i < 4; i++) {
-        t[i] = (float4)(0.0f);
+        t[i] = (floatV)(0.0f);
         if (plain) {
             s[i] *= vis->scale * LOG2E;
             continue;
         }
-        float e[4], h[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        vstore4(s[i], 0, e);
+        lanes_t e, h;
+        e.v = s[i];
+        h.v = t[i];
         const int r = row0 + tm + TM * i;
-        for (int j = 0; j < 4; j++) {
-            const int c = col0 + tn + TN * j;
-            e[j] = rows_are_queries ? score(e[j], r, c, vis, mask, padding, &h[j])
-                                    : score(e[j], c, r, vis, mask, padding, &h[j]);
+        for (int j = 0; j < VW; j++) {
+            const int c = col0 + tn * VW + j;
+            e.e[j] = rows_are_queries ? score(e.e[j], r, c, vis, mask, padding, &h.e[j])
+                                      : score(e.e[j], c, r, vis, mask, padding, &h.e[j]);
         }
-        s[i] = vload4(0, e);
-        t[i] = vload4(0, h);
+        s[i] = e.v;
+        t[i] = h.v;
     }
 }
 
-/* a row max usable as the exp2 base: 0 for a row that has seen no score yet (-inf - -inf is NaN) */
 inline float4 safe_max(float4 m) { return select(m, (float4)(0.0f), m == (float4)(-INFINITY)); }
 
 #define FEATURE_ARGS                                                                                          \
@@ -319,12 +400,16 @@ inline float4 safe_max(float4 m) { return select(m, (float4)(0.0f), m == (float4
 /* ---------------------------------------------------------------------------------------------
  * forward: one work-group per (ROWS queries, batch x head); O and LSE
  */
+#if PROGRAM == 0
+/* K^T (D_PAD rows of LDT) and then V (COLS rows of LD) share one buffer */
+#define KV_FLOATS (D_PAD * LDT > COLS * LD ? D_PAD * LDT : COLS * LD)
+
 __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_forward(
     __global const elem_t *q, __global const elem_t *k, __global const elem_t *v, __global elem_t *out,
     __global float *lse, long q_b, long q_h, long q_n, long k_b, long k_h, long k_n, long v_b, long v_h, long v_n,
     long o_b, long o_h, long o_n, FEATURE_ARGS)
 {
-    __local float4 q_store[ROWS * LD / 4], kv_store[COLS * LD / 4], p_store[ROWS * LDS / 4];
+    __local floatV q_store[ROWS * LD / VW], kv_store[KV_FLOATS / VW], p_store[ROWS * LDS / VW];
     __local float partial[TN * ROWS];
     __local float *q_tile = (__local float *)q_store, *kv_tile = (__local float *)kv_store,
                   *p_tile = (__local float *)p_store;
@@ -339,23 +424,22 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
 #endif
     __global const elem_t *kh = k + b * k_b + hk * k_h, *vh = v + b * v_b + hk * v_h;
 
-    load_tile(q_tile, q + b * q_b + h * q_h, q_n, row0, seqlen_q, ROWS, 1.0f);
-    float4 o[4][CHUNKS];
+    load_tile(q_tile, q + b * q_b + h * q_h, q_n, row0, seqlen_q, ROWS);
+    floatV o[4][CHUNKS];
     for (int i = 0; i < 4; i++)
-        for (int c = 0; c < CHUNKS; c++) o[i][c] = (float4)(0.0f);
+        for (int c = 0; c < CHUNKS; c++) o[i][c] = (floatV)(0.0f);
     float4 m_run = (float4)(-INFINITY), l_run = (float4)(0.0f); /* per owned row; l summed over own columns */
     const int2 keys = key_range(row0, ROWS, &vis);
     for (int col0 = keys.x / COLS * COLS; col0 < keys.y; col0 += COLS) {
         barrier(CLK_LOCAL_MEM_FENCE); /* the previous tile's readers are done with kv_tile and p_tile */
-        load_tile(kv_tile, kh, k_n, col0, seqlen_k, COLS, 1.0f);
+        load_tile_transposed(kv_tile, kh, k_n, col0, seqlen_k, COLS);
         barrier(CLK_LOCAL_MEM_FENCE);
-        float4 s[4], t[4];
-        tile_scores(q_tile, kv_tile, tm, tn, s);
+        floatV s[4], t[4];
+        scores_transposed(q_tile, kv_tile, tm, tn, s);
         block_scores(s, t, row0, col0, tm, tn, true, &vis, mask, padding);
-        for (int i = 0; i < 4; i++)
-            partial[tn * ROWS + tm + TM * i] = max(max(s[i].s0, s[i].s1), max(s[i].s2, s[i].s3));
+        for (int i = 0; i < 4; i++) partial[tn * ROWS + tm + TM * i] = lane_max(s[i]);
         barrier(CLK_LOCAL_MEM_FENCE); /* row partials written; every K read done */
-        load_tile(kv_tile, vh, v_n, col0, seqlen_k, COLS, 1.0f);
+        load_tile(kv_tile, vh, v_n, col0, seqlen_k, COLS);
         float4 m_new = m_run;
         for (int u = 0; u < TN; u++) {
             __local const float *part = partial + u * ROWS + tm;
@@ -368,10 +452,9 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
         for (int i = 0; i < 4; i++) {
             const float a = COMPONENT(alpha, i);
             for (int c = 0; c < CHUNKS; c++) o[i][c] *= a;
-            s[i] = native_exp2(s[i] - (float4)(COMPONENT(base, i)));
+            s[i] = native_exp2(s[i] - (floatV)(COMPONENT(base, i)));
         }
-        l_run += (float4)(dot(s[0], (float4)(1.0f)), dot(s[1], (float4)(1.0f)), dot(s[2], (float4)(1.0f)),
-                          dot(s[3], (float4)(1.0f)));
+        l_run += (float4)(lane_sum(s[0]), lane_sum(s[1]), lane_sum(s[2]), lane_sum(s[3]));
         store_block(p_tile, tm, tn, s);
         barrier(CLK_LOCAL_MEM_FENCE); /* P and V in place */
         tile_accumulate(p_tile, kv_tile, tm, tn, o);
@@ -395,10 +478,15 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
         }
     }
 }
+#endif /* PROGRAM == 0 */
 
 /* ---------------------------------------------------------------------------------------------
- * backward
+ * backward (built with VW = 4: the score products read both operands row-major, scores_rows)
  */
+#if PROGRAM == 1
+#if VW != 4
+#error "the backward program is built with VW = 4"
+#endif
 
 /* delta = rowsum(dO * O) in float32, one work-item per row; lse_log2 = lse * log2(e) beside it */
 __kernel void attention_backward_delta(__global const elem_t *out, __global const elem_t *dout,
@@ -410,7 +498,7 @@ __kernel void attention_backward_delta(__global const elem_t *out, __global cons
     if (row >= seqlen_q) return;
     __global const elem_t *o = out + b * o_b + h * o_h + row * o_n, *g = dout + b * d_b + h * d_h + row * d_n;
     float sum = 0.0f;
-    for (int d = 0; d < HEAD_DIM; d++) sum = fma(LOAD1(o, d), LOAD1(g, d), sum);
+    for (int d = 0; d < HEAD_DIM; d++) sum += LOAD1(o, d) * LOAD1(g, d);
     const long index = (long)bh * seqlen_q + row;
     delta[index] = sum;
     lse_log2[index] = lse[index] * LOG2E;
@@ -422,22 +510,22 @@ inline void block_gradients(float4 s[4], float4 dp[4], const float4 t[4], __loca
                             __local const float *delta_tile, int tm, int tn, bool rows_are_queries, float4 p[4])
 {
     for (int i = 0; i < 4; i++) {
-        float e[4], g[4], tt[4];
-        vstore4(s[i], 0, e);
-        vstore4(dp[i], 0, g);
-        vstore4(t[i], 0, tt);
+        lanes_t e, g, tt;
+        e.v = s[i];
+        g.v = dp[i];
+        tt.v = t[i];
         for (int j = 0; j < 4; j++) {
-            const int index = rows_are_queries ? tm + TM * i : tn + TN * j;
+            const int index = rows_are_queries ? tm + TM * i : tn * 4 + j;
             const float row_lse = lse_tile[index];
-            const float prob = isinf(row_lse) ? 0.0f : native_exp2(e[j] - row_lse);
-            e[j] = prob;
-            g[j] = prob * (g[j] - delta_tile[index]);
+            const float prob = row_lse == -INFINITY ? 0.0f : native_exp2(e.e[j] - row_lse);
+            e.e[j] = prob;
+            g.e[j] = prob * (g.e[j] - delta_tile[index]);
 #if SOFTCAP
-            g[j] *= 1.0f - tt[j] * tt[j];
+            g.e[j] *= 1.0f - tt.e[j] * tt.e[j];
 #endif
         }
-        p[i] = vload4(0, e);
-        dp[i] = vload4(0, g);
+        p[i] = e.v;
+        dp[i] = g.v;
     }
 }
 
@@ -458,9 +546,9 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
     const int tm = get_local_id(0) / TN, tn = get_local_id(0) % TN;
     const int row0 = get_group_id(0) * ROWS, bhk = get_group_id(1), kv_heads = heads / group;
     const int b = bhk / kv_heads, hk = bhk % kv_heads;
-    load_tile(k_tile, k + b * k_b + hk * k_h, k_n, row0, seqlen_k, ROWS, 1.0f);
-    load_tile(v_tile, v + b * v_b + hk * v_h, v_n, row0, seqlen_k, ROWS, 1.0f);
-    float4 dk_acc[4][CHUNKS], dv_acc[4][CHUNKS];
+    load_tile(k_tile, k + b * k_b + hk * k_h, k_n, row0, seqlen_k, ROWS);
+    load_tile(v_tile, v + b * v_b + hk * v_h, v_n, row0, seqlen_k, ROWS);
+    floatV dk_acc[4][CHUNKS], dv_acc[4][CHUNKS];
     for (int i = 0; i < 4; i++)
         for (int c = 0; c < CHUNKS; c++) dk_acc[i][c] = dv_acc[i][c] = (float4)(0.0f);
     for (int h = hk * group; h < (hk + 1) * group; h++) {
@@ -478,15 +566,15 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
         const int2 queries = query_range(row0, ROWS, &vis);
         for (int col0 = queries.x / COLS * COLS; col0 < queries.y; col0 += COLS) {
             barrier(CLK_LOCAL_MEM_FENCE);
-            load_tile(q_tile, qh, q_n, col0, seqlen_q, COLS, 1.0f);
-            load_tile(g_tile, gh, g_n, col0, seqlen_q, COLS, 1.0f);
-            load_row_stats(lse_tile, lse_log2 + (long)bh * seqlen_q, col0, seqlen_q, COLS, 1.0f);
-            load_row_stats(delta_tile, delta + (long)bh * seqlen_q, col0, seqlen_q, COLS, 1.0f);
+            load_tile(q_tile, qh, q_n, col0, seqlen_q, COLS);
+            load_tile(g_tile, gh, g_n, col0, seqlen_q, COLS);
+            load_row_stats(lse_tile, lse_log2 + (long)bh * seqlen_q, col0, seqlen_q, COLS);
+            load_row_stats(delta_tile, delta + (long)bh * seqlen_q, col0, seqlen_q, COLS);
             barrier(CLK_LOCAL_MEM_FENCE);
             float4 s[4], t[4], dp[4], p[4];
-            tile_scores(k_tile, q_tile, tm, tn, s); /* S^T: rows are keys */
+            scores_rows(k_tile, q_tile, tm, tn, s); /* S^T: rows are keys */
             block_scores(s, t, row0, col0, tm, tn, false, &vis, mask_bh, padding_b);
-            tile_scores(v_tile, g_tile, tm, tn, dp); /* dP^T = V dO^T */
+            scores_rows(v_tile, g_tile, tm, tn, dp); /* dP^T = V dO^T */
             block_gradients(s, dp, t, lse_tile, delta_tile, tm, tn, false, p);
             store_block(p_tile, tm, tn, p);
             barrier(CLK_LOCAL_MEM_FENCE);
@@ -524,23 +612,23 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
     padding += (long)b * seqlen_k;
 #endif
     __global const elem_t *kh = k + b * k_b + hk * k_h, *vh = v + b * v_b + hk * v_h;
-    load_tile(q_tile, q + b * q_b + h * q_h, q_n, row0, seqlen_q, ROWS, 1.0f);
-    load_tile(g_tile, dout + b * g_b + h * g_h, g_n, row0, seqlen_q, ROWS, 1.0f);
-    load_row_stats(lse_tile, lse_log2 + (long)bh * seqlen_q, row0, seqlen_q, ROWS, 1.0f);
-    load_row_stats(delta_tile, delta + (long)bh * seqlen_q, row0, seqlen_q, ROWS, 1.0f);
-    float4 dq_acc[4][CHUNKS];
+    load_tile(q_tile, q + b * q_b + h * q_h, q_n, row0, seqlen_q, ROWS);
+    load_tile(g_tile, dout + b * g_b + h * g_h, g_n, row0, seqlen_q, ROWS);
+    load_row_stats(lse_tile, lse_log2 + (long)bh * seqlen_q, row0, seqlen_q, ROWS);
+    load_row_stats(delta_tile, delta + (long)bh * seqlen_q, row0, seqlen_q, ROWS);
+    floatV dq_acc[4][CHUNKS];
     for (int i = 0; i < 4; i++)
         for (int c = 0; c < CHUNKS; c++) dq_acc[i][c] = (float4)(0.0f);
     const int2 keys = key_range(row0, ROWS, &vis);
     for (int col0 = keys.x / COLS * COLS; col0 < keys.y; col0 += COLS) {
         barrier(CLK_LOCAL_MEM_FENCE);
-        load_tile(k_tile, kh, k_n, col0, seqlen_k, COLS, 1.0f);
-        load_tile(v_tile, vh, v_n, col0, seqlen_k, COLS, 1.0f);
+        load_tile(k_tile, kh, k_n, col0, seqlen_k, COLS);
+        load_tile(v_tile, vh, v_n, col0, seqlen_k, COLS);
         barrier(CLK_LOCAL_MEM_FENCE);
         float4 s[4], t[4], dp[4], p[4];
-        tile_scores(q_tile, k_tile, tm, tn, s);
+        scores_rows(q_tile, k_tile, tm, tn, s);
         block_scores(s, t, row0, col0, tm, tn, true, &vis, mask, padding);
-        tile_scores(g_tile, v_tile, tm, tn, dp); /* dP = dO V^T */
+        scores_rows(g_tile, v_tile, tm, tn, dp); /* dP = dO V^T */
         block_gradients(s, dp, t, lse_tile, delta_tile, tm, tn, true, p);
         store_block(p_tile, tm, tn, dp);
         barrier(CLK_LOCAL_MEM_FENCE);
@@ -548,3 +636,4 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
     }
     store_rows(dq + b * dq_b + h * dq_h, dq_n, row0, seqlen_q, tm, tn, dq_acc, (float4)(scale));
 }
+#endif /* PROGRAM == 1 */

@@ -1,0 +1,211 @@
+"""portattn's ``opencl`` backend against PyTorch on the same device, in one process.
+
+On a GPU (NVIDIA's OpenCL driver beside CUDA): portattn on pyopencl arrays against SDPA's ``math``
+backend (the materialized softmax; OpenCL reaches no tensor cores there, so this is the fair peer)
+and SDPA's default choice, on CUDA tensors of the same shapes, fp16 and fp32. On a CPU (PoCL): against
+torch's CPU ``scaled_dot_product_attention`` (its flash-attention CPU kernel), fp32.
+
+    python benchmarks/opencl_peers.py --json results.json              # the grid
+    python benchmarks/opencl_peers.py --sweep --json sweep.json        # every forward grid (TM x TN) too
+    python benchmarks/opencl_peers.py --memory --json memory.json      # device memory against N
+
+Timing: portattn is timed end to end (the public call on device-resident pyopencl arrays, then
+``queue.finish()``), medians of ``--reps`` after a warm-up; CUDA peers with
+``triton.testing.do_bench`` (CUDA events) where triton is present, else the same host clock;
+CPU peers with the host clock. FLOPs: 4 B H N^2 D, halved when causal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cla
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.functional import scaled_dot_product_attention
+
+import portattn
+from portattn.api import prepare
+from portattn.backends import opencl_runtime, registry
+
+GPU_POINTS = [(4, 16, 2048, 64), (2, 16, 4096, 64), (4, 16, 2048, 128), (2, 16, 4096, 128)]
+CPU_POINTS = [(1, 8, 2048, 64), (1, 8, 1024, 128)]
+DTYPES = {"float16": (np.float16, torch.float16), "float32": (np.float32, torch.float32)}
+FP32_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 67.0}  # vector fp32 FMA peak (NVIDIA's H100 SXM datasheet)
+
+
+def host_median(fn, reps):
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cuda_median(fn, reps):
+    try:
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    except ImportError:
+        return host_median(lambda: (fn(), torch.cuda.synchronize()), reps)
+
+
+def flops(b, h, n, d, causal):
+    return 4 * b * h * n * n * d / (2 if causal else 1)
+
+
+def opencl_inputs(queue, shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return [cla.to_device(queue, rng.standard_normal(shape).astype(dtype)) for _ in range(3)]
+
+
+def time_opencl(queue, arrays, causal, reps, plan=None):
+    q, k, v = arrays
+    if plan is None:
+        run = lambda: portattn.attention(q, k, v, backend="opencl", causal=causal)  # noqa: E731
+    else:
+        call = dataclasses.replace(prepare(q, k, v, backend="opencl", causal=causal), plan=plan)
+        run = lambda: call.forward(q, k, v)  # noqa: E731
+    return host_median(lambda: (run(), queue.finish()), reps)
+
+
+def peers(device_kind, shape, torch_dtype, causal, reps):
+    """{peer name: seconds} for torch on the same device."""
+    if device_kind == "cpu":
+        q, k, v = (torch.randn(shape, dtype=torch_dtype) for _ in range(3))
+        return {"torch-cpu-sdpa": host_median(lambda: scaled_dot_product_attention(q, k, v, is_causal=causal), reps)}
+    q, k, v = (torch.randn(shape, dtype=torch_dtype, device="cuda") for _ in range(3))
+    found = {}
+    for name, backends in (("sdpa-math", [SDPBackend.MATH]), ("sdpa-default", None)):
+        def run(backends=backends):
+            if backends is None:
+                return scaled_dot_product_attention(q, k, v, is_causal=causal)
+            with sdpa_kernel(backends):
+                return scaled_dot_product_attention(q, k, v, is_causal=causal)
+        try:
+            found[name] = cuda_median(run, reps)
+        except RuntimeError as error:  # e.g. the math path out of memory
+            found[name] = None
+            print(f"  {name}: {error}", file=sys.stderr)
+    del q, k, v
+    torch.cuda.empty_cache()
+    return found
+
+
+def sweep_plans(queue, arrays, causal):
+    backend = registry()["opencl"]
+    q, k, v = arrays
+    plan = prepare(q, k, v, backend="opencl", causal=causal).plan
+    vw = plan.vector_width or 4
+    plans = []
+    for tm in (1, 2, 4, 8, 16, 32):
+        for tn in (1, 2, 4, 8, 16, 32):
+            other = backend.retile(plan, {"block_q": 4 * tm, "block_k": vw * tn})
+            if other is not None and other.threads <= 1024 and other.sram_bytes <= queue.device.local_mem_size:
+                plans.append(other)
+    return plan, plans
+
+
+def run_grid(args, record, queue, device_kind):
+    points = GPU_POINTS if device_kind == "gpu" else CPU_POINTS
+    dtypes = args.dtypes or (["float16", "float32"] if device_kind == "gpu" else ["float32"])
+    for dtype in dtypes:
+        np_dtype, torch_dtype = DTYPES[dtype]
+        for shape in points:
+            for causal in (False, True):
+                arrays = opencl_inputs(queue, shape, np_dtype)
+                seconds = time_opencl(queue, arrays, causal, args.reps)
+                row = {"shape": list(shape), "dtype": dtype, "causal": causal, "mode": "fwd",
+                       "flops": flops(*shape, causal), "opencl_s": seconds,
+                       "plan": prepare(*arrays, backend="opencl", causal=causal).plan.summary()}
+                if args.sweep:
+                    plan, plans = sweep_plans(queue, arrays, causal)
+                    row["sweep"] = [{"block_q": p.block_q, "block_k": p.block_k, "threads": p.threads,
+                                     "seconds": time_opencl(queue, arrays, causal, args.reps, p)} for p in plans]
+                del arrays
+                row["peers_s"] = peers(device_kind, shape, torch_dtype, causal, args.reps)
+                record["rows"].append(row)
+                print(_line(row), flush=True)
+
+
+def _line(row):
+    tflops = row["flops"] / row["opencl_s"] / 1e12
+    parts = [f"{row['dtype']} {tuple(row['shape'])} causal={int(row['causal'])}: opencl {tflops:.2f} TFLOP/s"]
+    for name, seconds in row["peers_s"].items():
+        if seconds:
+            parts.append(f"{name} {row['flops'] / seconds / 1e12:.2f} ({seconds / row['opencl_s']:.2f}x)")
+    if "sweep" in row:
+        best = min(row["sweep"], key=lambda r: r["seconds"])
+        parts.append(f"best swept {best['block_q']}x{best['block_k']} {row['flops'] / best['seconds'] / 1e12:.2f}")
+    return ", ".join(parts)
+
+
+def run_memory(args, record, queue):
+    """Device memory a forward adds (its outputs; nothing N x N) at growing N, read from CUDA's free-memory
+    counter (device-wide, so it sees the OpenCL context's buffers)."""
+    b, h, d = 1, 8, 64
+    for n in (4096, 8192, 16384, 32768):
+        arrays = opencl_inputs(queue, (b, h, n, d), np.float16)
+        portattn.attention(*arrays, backend="opencl")  # builds and warms
+        queue.finish()
+        before = torch.cuda.mem_get_info()[0]
+        out = portattn.attention(*arrays, backend="opencl", return_lse=True)
+        queue.finish()
+        used = before - torch.cuda.mem_get_info()[0]
+        record["memory"].append({"n": n, "shape": [b, h, n, d], "dtype": "float16", "device_bytes_added": used,
+                                 "scores_bytes_if_materialized": b * h * n * n * 2})
+        print(f"N={n}: forward outputs took {used / 2**20:.1f} MiB of device memory "
+              f"(an N x N score matrix would be {b * h * n * n * 2 / 2**30:.1f} GiB)", flush=True)
+        del out, arrays
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--sweep", action="store_true", help="also time every forward grid around the plan")
+    parser.add_argument("--memory", action="store_true", help="device memory against N instead of the grid (GPU)")
+    parser.add_argument("--dtypes", nargs="*")
+    args = parser.parse_args(argv)
+    label = opencl_runtime.choose()
+    queue = opencl_runtime.queue_for(label)
+    device = queue.device
+    device_kind = "cpu" if device.type & cl.device_type.CPU else "gpu"
+    record = {
+        "benchmark": "opencl_peers", "command": " ".join(["python", *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "opencl_device": {"label": label, "name": device.name.strip(), "platform": device.platform.name,
+                          "driver": device.driver_version, "version": device.version,
+                          "compute_units": device.max_compute_units, "local_mem_bytes": device.local_mem_size},
+        "peer_device": torch.cuda.get_device_name() if device_kind == "gpu" else platform.processor() or platform.machine(),
+        "fp32_peak_tflops": FP32_PEAK_TFLOPS.get(device.name.strip()),
+        "versions": {"torch": torch.__version__, "pyopencl": cl.VERSION_TEXT, "numpy": np.__version__,
+                     "python": platform.python_version(), "portattn": portattn.__version__},
+        "timing": "portattn: end-to-end call on pyopencl arrays + queue.finish, host clock, median; "
+                  "CUDA peers: triton.testing.do_bench median; CPU peers: host clock median",
+        "rows": [], "memory": [],
+    }
+    print(f"{label}: {device.name.strip()} ({device.platform.name}); peers on {record['peer_device']}", flush=True)
+    if args.memory:
+        run_memory(args, record, queue)
+    else:
+        run_grid(args, record, queue, device_kind)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
