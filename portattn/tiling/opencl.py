@@ -23,9 +23,14 @@ Rules (O for OpenCL), stated where they act:
        spills, which is slow but correct), on CPUs it is stack memory and not limited.
   * O5 work-group size TM x TN within CL_DEVICE_MAX_WORK_GROUP_SIZE.
   * O6 ranking, GPUs: registers within the limit, then at least one work-group per compute unit,
-       then whole sub-groups (TM x TN >= the SIMD width), then resident work-items per compute unit
-       by local memory (up to ``GPU_RESIDENT_TARGET``), then the larger score tile (fewer K/V
-       passes), then square-ish tiles. CPUs (PoCL runs a work-group as loops on one core): at least
+       then whole sub-groups (TM x TN >= the SIMD width) but at most ``GPU_MAX_THREADS`` work-items
+       (small groups: more of them resident, and each barrier waits on fewer), then the most query
+       rows (K and V are re-read once per query tile), then the fewest key columns. Measured on the
+       H200 through NVIDIA's OpenCL (fp16, N 2048-4096): D = 64 128 x 8 tiles at 21-23 TFLOP/s
+       against 11-14 for 32 x 64; D = 128 32 x 16 best, bounded by local memory for Q. The
+       backward (four operand tiles in local memory, two accumulator sets) ranks whole sub-groups
+       of at most ``GPU_MAX_THREADS`` first, registers after (a spill costs less than idle lanes),
+       then the largest tile. CPUs (PoCL runs a work-group as loops on one core): at least
        ``CPU_GROUPS_PER_CORE`` work-groups per core, then one vector of columns per work-item
        (TN = 1) and ``CPU_ROWS`` rows (measured on this project's CPU machine; see CPU_ROWS), then
        the smaller head-dim padding.
@@ -50,7 +55,7 @@ VECTOR_WIDTHS = (16, 8, 4)  # O1: the .cl file's VW
 FLOAT = 4
 ROW_PAD = 4  # floats added to every local row (O3)
 REGISTER_OVERHEAD = 40  # indices, pointers, row statistics (O4)
-GPU_RESIDENT_TARGET = 512  # work-items per compute unit worth filling by local memory (O6)
+GPU_MAX_THREADS = 64  # O6: H200 sweep (benchmarks/results/h200-opencl-sweep.json): 32-64 work-items per group won
 CPU_GROUPS_PER_CORE = 4
 CPU_ROWS = 128  # O6: PoCL, 2-core AVX-512, (1, 8, 2048, 64) fp32: 128 x 16 tiles 91 GFLOP/s, 64 x 16 68, 32 x 32 36
 
@@ -140,13 +145,15 @@ def _blocks(n: int, block: int) -> int:
 
 
 def _rank(grid: Grid, device: DeviceSpec, local: int, registers: int, groups: int):
+    if grid.program == 1:  # the backward: whole sub-groups first; spills cost less than idle lanes
+        return (grid.threads >= min(device.simd_width, device.max_threads_per_block), grid.threads <= GPU_MAX_THREADS,
+                registers <= device.max_registers_per_thread or device.kind == "cpu", groups >= device.compute_units,
+                grid.rows * grid.cols, -abs(grid.rows - grid.cols))
     if device.kind == "cpu":
         cores = device.hardware_threads or device.compute_units
         return (groups >= CPU_GROUPS_PER_CORE * cores, grid.tn == 1, -abs(grid.rows - CPU_ROWS), -grid.head_dim_padded)
-    resident = min(device.sram_per_unit // max(local, 1), device.max_threads_per_block // grid.threads) * grid.threads
     return (registers <= device.max_registers_per_thread, groups >= device.compute_units,
-            grid.threads >= device.simd_width, min(resident, GPU_RESIDENT_TARGET), grid.rows * grid.cols,
-            -abs(grid.tm - grid.tn), -grid.head_dim_padded)
+            grid.threads >= device.simd_width, grid.threads <= GPU_MAX_THREADS, grid.rows, -grid.cols)
 
 
 def _choose(spec, device: DeviceSpec, vw: int, program: int, local_of, registers_of, groups_of):

@@ -198,6 +198,8 @@ inline void tile_accumulate(__local const float *p, __local const float *b, int 
 {
     __local const float *p0 = p + tm * LDS, *p1 = p + (tm + TM) * LDS, *p2 = p + (tm + 2 * TM) * LDS,
                         *p3 = p + (tm + 3 * TM) * LDS;
+    /* unrolled: a private array indexed by a loop variable that is not a constant lives in memory */
+#pragma unroll
     for (int c = 0; c < CHUNKS; c++) {
         /* one piece at a time in locals (registers), as in scores_transposed */
         floatV a0 = acc[0][c], a1 = acc[1][c], a2 = acc[2][c], a3 = acc[3][c];
@@ -233,6 +235,7 @@ inline void store_rows(__global elem_t *dst, long stride, int row0, int limit, i
         if (row >= limit) continue;
         __global elem_t *p = dst + row * stride;
         const float f = COMPONENT(factor, i);
+#pragma unroll
         for (int c = 0; c < CHUNKS; c++) {
             const int col = (c * TN + tn) * VW;
             lanes_t x;
@@ -427,6 +430,7 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
     load_tile(q_tile, q + b * q_b + h * q_h, q_n, row0, seqlen_q, ROWS);
     floatV o[4][CHUNKS];
     for (int i = 0; i < 4; i++)
+#pragma unroll
         for (int c = 0; c < CHUNKS; c++) o[i][c] = (floatV)(0.0f);
     float4 m_run = (float4)(-INFINITY), l_run = (float4)(0.0f); /* per owned row; l summed over own columns */
     const int2 keys = key_range(row0, ROWS, &vis);
@@ -451,6 +455,7 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
         l_run *= alpha;
         for (int i = 0; i < 4; i++) {
             const float a = COMPONENT(alpha, i);
+#pragma unroll
             for (int c = 0; c < CHUNKS; c++) o[i][c] *= a;
             s[i] = native_exp2(s[i] - (floatV)(COMPONENT(base, i)));
         }
@@ -550,6 +555,7 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
     load_tile(v_tile, v + b * v_b + hk * v_h, v_n, row0, seqlen_k, ROWS);
     floatV dk_acc[4][CHUNKS], dv_acc[4][CHUNKS];
     for (int i = 0; i < 4; i++)
+#pragma unroll
         for (int c = 0; c < CHUNKS; c++) dk_acc[i][c] = dv_acc[i][c] = (float4)(0.0f);
     for (int h = hk * group; h < (hk + 1) * group; h++) {
         const int bh = b * heads + h;
@@ -618,6 +624,7 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
     load_row_stats(delta_tile, delta + (long)bh * seqlen_q, row0, seqlen_q, ROWS);
     floatV dq_acc[4][CHUNKS];
     for (int i = 0; i < 4; i++)
+#pragma unroll
         for (int c = 0; c < CHUNKS; c++) dq_acc[i][c] = (float4)(0.0f);
     const int2 keys = key_range(row0, ROWS, &vis);
     for (int col0 = keys.x / COLS * COLS; col0 < keys.y; col0 += COLS) {
