@@ -129,7 +129,7 @@ class OpenCLBackend(Backend):
         call = _Call(self._label(spec), q, spec, extras)
         q, k, v = (call.upload(x) for x in (q, k, v))
         batch, heads, seqlen_q, head_dim = spec.batch, spec.heads, spec.seqlen_q, spec.head_dim
-        out = cla.empty(call.queue, (batch, heads, seqlen_q, head_dim), call.storage)
+        out = call.empty((batch, heads, seqlen_q, head_dim))
         lse = cla.empty(call.queue, (batch, heads, seqlen_q), np.float32)
         if out.size == 0:
             lse.fill(-np.inf)
@@ -148,9 +148,9 @@ class OpenCLBackend(Backend):
         lse = runtime.to_device(lse, call.queue, np.float32)
         batch, heads, seqlen_q, head_dim = spec.batch, spec.heads, spec.seqlen_q, spec.head_dim
         kv_heads, seqlen_k = spec.kv_heads, spec.seqlen_k
-        dq = cla.zeros(call.queue, (batch, heads, seqlen_q, head_dim), call.storage)
-        dk = cla.zeros(call.queue, (batch, kv_heads, seqlen_k, head_dim), call.storage)
-        dv = cla.zeros(call.queue, (batch, kv_heads, seqlen_k, head_dim), call.storage)
+        dq = call.empty((batch, heads, seqlen_q, head_dim), zero=True)
+        dk = call.empty((batch, kv_heads, seqlen_k, head_dim), zero=True)
+        dv = call.empty((batch, kv_heads, seqlen_k, head_dim), zero=True)
         if seqlen_q == 0 or seqlen_k == 0:  # no query sees any key: every gradient is zero
             return tuple(call.download(x) for x in (dq, dk, dv))
         grid = rules.backward_grid(plan, head_dim)
@@ -220,6 +220,17 @@ class _Call:
         steps = tuple(np.int64(0 if size == 1 and full > 1 else step // stored.itemsize)
                       for size, full, step in zip(stored.shape, mask.shape, stored.strides))
         return self._host_array(stored, dtype), steps
+
+    def empty(self, shape, zero=False):
+        """A (B, H, N, D) result. For a pyopencl caller in the bnhd layout it is a view of (B, N, H, D)
+        storage (the kernels write through strides), so the caller gets a contiguous array back."""
+        import pyopencl.array as cla
+
+        make = cla.zeros if zero else cla.empty
+        if self.on_device and self.spec.layout == "bnhd":
+            b, h, n, d = shape
+            return make(self.queue, (b, n, h, d), self.storage).transpose((0, 2, 1, 3))
+        return make(self.queue, shape, self.storage)
 
     def upload(self, x):
         return runtime.to_device(x, self.queue, self.storage)
