@@ -17,7 +17,7 @@ from portattn import arrays
 
 
 def test_describe_rejects_other_objects_and_names_cupy():
-    message = r"q must be a numpy.ndarray or a torch.Tensor, got builtins.list; a cupy.ndarray is accepted too"
+    message = r"q must be a numpy.ndarray or a torch.Tensor, got builtins.list; a cupy.ndarray or a pyopencl.array.Array is accepted too"
     with pytest.raises(TypeError, match=message):
         arrays.describe([[1.0]], "q")
     with pytest.raises(TypeError, match=r"k must be .*got builtins.object.*cupy.ndarray"):
