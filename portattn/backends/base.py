@@ -100,6 +100,17 @@ class Backend(ABC):
         """Subclasses: refusals the declared capabilities cannot express."""
         return []
 
+    def _plan_reasons(self, spec) -> list[str]:
+        """For ``_extra_reasons`` of backends whose planner can refuse: why no forward tiling fits, or
+        why no backward does when the inputs require grad (the plan's last reason says)."""
+        try:
+            plan = self.plan(spec)
+        except ValueError as error:
+            return [str(error)]
+        if spec.requires_grad and not plan.backward_warps:
+            return [f"inputs require grad but no backward tiling fits: {plan.reasons[-1]}"]
+        return []
+
     @abstractmethod
     def device(self, spec) -> DeviceSpec:
         """The description of the device this backend would run ``spec`` on."""

@@ -102,13 +102,7 @@ class CupyBackend(Backend):
         if spec.dtype == "bfloat16" and cc < BF16_COMPUTE_CAPABILITY:
             return [f"bfloat16 needs compute capability 8.0+ (WMMA has no bf16 fragment before Ampere); {spec.device} is "
                     f"{cc[0]}.{cc[1]}: pass float16"]
-        try:
-            plan = self.plan(spec)
-        except ValueError as error:
-            return [str(error)]
-        if spec.requires_grad and not plan.backward_warps:
-            return [f"inputs require grad but no backward tiling fits: {plan.reasons[-1]}"]
-        return []
+        return self._plan_reasons(spec)
 
     def device(self, spec):
         return probe.probe_cuda(_device_index(spec.device))

@@ -95,13 +95,7 @@ class OpenCLBackend(Backend):
     def _extra_reasons(self, spec) -> list[str]:
         if self.unavailable_reasons():
             return []
-        try:
-            plan = self.plan(spec)
-        except ValueError as error:
-            return [str(error)]
-        if spec.requires_grad and not plan.backward_warps:
-            return [f"inputs require grad but no backward tiling fits: {plan.reasons[-1]}"]
-        return []
+        return self._plan_reasons(spec)
 
     def device(self, spec):
         return probe.probe(self._label(spec))
