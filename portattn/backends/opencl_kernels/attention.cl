@@ -393,6 +393,23 @@ inline void block_scores(floatV s[4], floatV t[4], int row0, int col0, int tm, i
     }
 }
 
+/* the mask and key-padding rows of (batch b, head h); the placeholders stay as they are */
+inline __global const mask_t *mask_of(__global const mask_t *mask, int b, int h, long mask_b, long mask_h)
+{
+#if MASK
+    mask += b * mask_b + h * mask_h;
+#endif
+    return mask;
+}
+
+inline __global const uchar *padding_of(__global const uchar *padding, int b, int seqlen_k)
+{
+#if KEY_PADDING
+    padding += (long)b * seqlen_k;
+#endif
+    return padding;
+}
+
 inline float4 safe_max(float4 m) { return select(m, (float4)(0.0f), m == (float4)(-INFINITY)); }
 
 #define FEATURE_ARGS                                                                                          \
@@ -419,12 +436,8 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
     const int tm = get_local_id(0) / TN, tn = get_local_id(0) % TN;
     const int row0 = get_group_id(0) * ROWS, bh = get_group_id(1), b = bh / heads, h = bh % heads, hk = h / group;
     const Visibility vis = visibility(seqlen_q, seqlen_k, offset, left, right, scale, softcap, slopes, bh, mask_i, mask_j);
-#if MASK
-    mask += b * mask_b + h * mask_h;
-#endif
-#if KEY_PADDING
-    padding += (long)b * seqlen_k;
-#endif
+    mask = mask_of(mask, b, h, mask_b, mask_h);
+    padding = padding_of(padding, b, seqlen_k);
     __global const elem_t *kh = k + b * k_b + hk * k_h, *vh = v + b * v_b + hk * v_h;
 
     load_tile(q_tile, q + b * q_b + h * q_h, q_n, row0, seqlen_q, ROWS);
@@ -560,14 +573,8 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
     for (int h = hk * group; h < (hk + 1) * group; h++) {
         const int bh = b * heads + h;
         const Visibility vis = visibility(seqlen_q, seqlen_k, offset, left, right, scale, softcap, slopes, bh, mask_i, mask_j);
-        __global const mask_t *mask_bh = mask;
-        __global const uchar *padding_b = padding;
-#if MASK
-        mask_bh += b * mask_b + h * mask_h;
-#endif
-#if KEY_PADDING
-        padding_b += (long)b * seqlen_k;
-#endif
+        __global const mask_t *mask_bh = mask_of(mask, b, h, mask_b, mask_h);
+        __global const uchar *padding_b = padding_of(padding, b, seqlen_k);
         __global const elem_t *qh = q + b * q_b + h * q_h, *gh = dout + b * g_b + h * g_h;
         const int2 queries = query_range(row0, ROWS, &vis);
         for (int col0 = queries.x / COLS * COLS; col0 < queries.y; col0 += COLS) {
@@ -611,12 +618,8 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
     const int tm = get_local_id(0) / TN, tn = get_local_id(0) % TN;
     const int row0 = get_group_id(0) * ROWS, bh = get_group_id(1), b = bh / heads, h = bh % heads, hk = h / group;
     const Visibility vis = visibility(seqlen_q, seqlen_k, offset, left, right, scale, softcap, slopes, bh, mask_i, mask_j);
-#if MASK
-    mask += b * mask_b + h * mask_h;
-#endif
-#if KEY_PADDING
-    padding += (long)b * seqlen_k;
-#endif
+    mask = mask_of(mask, b, h, mask_b, mask_h);
+    padding = padding_of(padding, b, seqlen_k);
     __global const elem_t *kh = k + b * k_b + hk * k_h, *vh = v + b * v_b + hk * v_h;
     load_tile(q_tile, q + b * q_b + h * q_h, q_n, row0, seqlen_q, ROWS);
     load_tile(g_tile, dout + b * g_b + h * g_h, g_n, row0, seqlen_q, ROWS);
