@@ -57,18 +57,12 @@ def is_pyopencl(x) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def opencl_label(device) -> str:
-    """'opencl:P:D' for a pyopencl Device: its platform's index and its index there (the numbering
-    ``portattn info`` and ``tiling.probe`` use)."""
-    import pyopencl as cl
+    """'opencl:P:D' for a pyopencl Device, in the numbering ``portattn info`` shows."""
+    from .tiling import probe
 
-    for platform_index, platform in enumerate(cl.get_platforms()):
-        try:
-            devices = platform.get_devices()
-        except cl.Error:  # a platform with no devices
-            continue
-        for device_index, found in enumerate(devices):
-            if found == device:
-                return f"opencl:{platform_index}:{device_index}"
+    for label, found in probe.opencl_devices():
+        if found == device:
+            return label
     raise ValueError(f"OpenCL device {device.name!r} is on no platform this process sees")
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..tiling import probe
+
 SOURCE_PATH = Path(__file__).with_name("opencl_kernels") / "attention.cl"
 ENVIRONMENT_VARIABLE = "PORTATTN_OPENCL_DEVICE"
 BUILD_FLAGS = ("-cl-std=CL1.2", "-cl-mad-enable")  # no fast-relaxed-math: -inf marks hidden scores
@@ -24,19 +26,9 @@ DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}  # the .cl file's DTYP
 STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bfloat16 as its bits
 
 
-@functools.lru_cache(maxsize=None)
 def devices() -> tuple[tuple[str, object], ...]:
-    """Every OpenCL device as ('opencl:P:D', pyopencl.Device), numbered as ``tiling.probe`` does."""
-    import pyopencl as cl
-
-    found = []
-    for platform_index, platform in enumerate(cl.get_platforms()):
-        try:
-            listed = platform.get_devices()
-        except cl.Error:  # a platform with no devices
-            continue
-        found.extend((f"opencl:{platform_index}:{index}", device) for index, device in enumerate(listed))
-    return tuple(found)
+    """Every OpenCL device as ('opencl:P:D', pyopencl.Device), numbered as ``portattn info`` shows them."""
+    return probe.opencl_devices()
 
 
 def choose(requested: str | None = None) -> str:

@@ -776,7 +776,10 @@ def _opencl_cpu_spec(device, platform_name: str) -> DeviceSpec:
 
 
 @functools.lru_cache(maxsize=None)
-def _probe_opencl_labeled() -> tuple[tuple[str, DeviceSpec], ...]:
+def opencl_devices() -> tuple[tuple[str, object], ...]:
+    """Every OpenCL device as ('opencl:P:D', pyopencl.Device): platform P's device D, platforms with no
+    device keeping their index -- the one numbering ``portattn info``, array labels and the opencl
+    backend share. Raises RuntimeError without pyopencl or a platform."""
     try:
         import pyopencl as cl
     except ImportError as error:
@@ -791,16 +794,25 @@ def _probe_opencl_labeled() -> tuple[tuple[str, DeviceSpec], ...]:
             devices = cl_platform.get_devices()
         except cl.Error:  # a platform with no devices answers DEVICE_NOT_FOUND
             continue
-        for device_index, device in enumerate(devices):
-            label = f"opencl:{platform_index}:{device_index}"
-            try:
-                if device.type & cl.device_type.CPU:
-                    spec = _opencl_cpu_spec(device, cl_platform.name)
-                else:
-                    spec = _opencl_gpu_spec(device, cl_platform.name, cl.Error)
-            except cl.Error as error:  # pyopencl's errors are not builtin RuntimeErrors
-                raise RuntimeError(f"reading OpenCL device {label} failed: {error}") from error
-            found.append((label, spec))
+        found.extend((f"opencl:{platform_index}:{index}", device) for index, device in enumerate(devices))
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_opencl_labeled() -> tuple[tuple[str, DeviceSpec], ...]:
+    devices = opencl_devices()  # first: it says why when pyopencl or a platform is missing
+    import pyopencl as cl
+
+    found = []
+    for label, device in devices:
+        try:
+            if device.type & cl.device_type.CPU:
+                spec = _opencl_cpu_spec(device, device.platform.name)
+            else:
+                spec = _opencl_gpu_spec(device, device.platform.name, cl.Error)
+        except cl.Error as error:  # pyopencl's errors are not builtin RuntimeErrors
+            raise RuntimeError(f"reading OpenCL device {label} failed: {error}") from error
+        found.append((label, spec))
     if not found:
         raise RuntimeError("OpenCL platforms found, but none has a device")
     return tuple(found)
@@ -855,4 +867,5 @@ def clear_cache() -> None:
     """Forget every cached probe (tests that fake the OS files call this)."""
     probe_cpu.cache_clear()
     probe_cuda.cache_clear()
+    opencl_devices.cache_clear()
     _probe_opencl_labeled.cache_clear()
