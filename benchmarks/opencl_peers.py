@@ -6,7 +6,8 @@ and SDPA's default choice, on CUDA tensors of the same shapes, fp16 and fp32. On
 torch's CPU ``scaled_dot_product_attention`` (its flash-attention CPU kernel), fp32.
 
     python benchmarks/opencl_peers.py --json results.json              # the grid
-    python benchmarks/opencl_peers.py --sweep --json sweep.json        # every forward grid (TM x TN) too
+    python benchmarks/opencl_peers.py --sweep --json sweep.json        # every forward grid (TM x TN x chunk) too
+    python benchmarks/opencl_peers.py --shapes 4,16,2048,128 --causal 0 --sweep   # one point
     python benchmarks/opencl_peers.py --memory --json memory.json      # device memory against N
 
 Timing: portattn is timed end to end (the public call on device-resident pyopencl arrays, then
@@ -104,35 +105,41 @@ def peers(device_kind, shape, torch_dtype, causal, reps):
     return found
 
 
-def sweep_plans(queue, arrays, causal):
+def sweep_plans(queue, arrays, causal, device_kind):
+    """Every forward grid whose local memory fits, each with every head-dim chunk (0: all columns);
+    on GPUs only whole sub-groups (32 work-items or more)."""
     backend = registry()["opencl"]
     q, k, v = arrays
     plan = prepare(q, k, v, backend="opencl", causal=causal).plan
     vw = plan.vector_width or 4
+    smallest = 32 if device_kind == "gpu" else 1
     plans = []
     for tm in (1, 2, 4, 8, 16, 32):
         for tn in (1, 2, 4, 8, 16, 32):
-            other = backend.retile(plan, {"block_q": 4 * tm, "block_k": vw * tn})
-            if other is not None and other.threads <= 1024 and other.sram_bytes <= queue.device.local_mem_size:
-                plans.append(other)
+            for chunk in (0, *(c for c in (16, 32, 64, 128) if c < plan.head_dim_padded)):
+                other = backend.retile(plan, {"block_q": 4 * tm, "block_k": vw * tn, "head_dim_chunk": chunk})
+                if (other is not None and smallest <= other.threads <= 1024
+                        and other.sram_bytes <= queue.device.local_mem_size):
+                    plans.append(other)
     return plan, plans
 
 
 def run_grid(args, record, queue, device_kind):
-    points = GPU_POINTS if device_kind == "gpu" else CPU_POINTS
+    points = args.shapes or (GPU_POINTS if device_kind == "gpu" else CPU_POINTS)
     dtypes = args.dtypes or (["float16", "float32"] if device_kind == "gpu" else ["float32"])
     for dtype in dtypes:
         np_dtype, torch_dtype = DTYPES[dtype]
         for shape in points:
-            for causal in (False, True):
+            for causal in args.causal:
                 arrays = opencl_inputs(queue, shape, np_dtype)
                 seconds = time_opencl(queue, arrays, causal, args.reps)
                 row = {"shape": list(shape), "dtype": dtype, "causal": causal, "mode": "fwd",
                        "flops": flops(*shape, causal), "opencl_s": seconds,
                        "plan": prepare(*arrays, backend="opencl", causal=causal).plan.summary()}
                 if args.sweep:
-                    plan, plans = sweep_plans(queue, arrays, causal)
-                    row["sweep"] = [{"block_q": p.block_q, "block_k": p.block_k, "threads": p.threads,
+                    plan, plans = sweep_plans(queue, arrays, causal, device_kind)
+                    row["sweep"] = [{"block_q": p.block_q, "block_k": p.block_k, "head_dim_chunk": p.head_dim_chunk,
+                                     "threads": p.threads, "local_bytes": p.sram_bytes,
                                      "seconds": time_opencl(queue, arrays, causal, args.reps, p)} for p in plans]
                 del arrays
                 row["peers_s"] = peers(device_kind, shape, torch_dtype, causal, args.reps)
@@ -148,7 +155,8 @@ def _line(row):
             parts.append(f"{name} {row['flops'] / seconds / 1e12:.2f} ({seconds / row['opencl_s']:.2f}x)")
     if "sweep" in row:
         best = min(row["sweep"], key=lambda r: r["seconds"])
-        parts.append(f"best swept {best['block_q']}x{best['block_k']} {row['flops'] / best['seconds'] / 1e12:.2f}")
+        parts.append(f"best swept {best['block_q']}x{best['block_k']} chunk {best['head_dim_chunk']} "
+                     f"{row['flops'] / best['seconds'] / 1e12:.2f}")
     return ", ".join(parts)
 
 
@@ -178,6 +186,10 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true", help="also time every forward grid around the plan")
     parser.add_argument("--memory", action="store_true", help="device memory against N instead of the grid (GPU)")
     parser.add_argument("--dtypes", nargs="*")
+    parser.add_argument("--shapes", nargs="*", type=lambda text: tuple(int(x) for x in text.split(",")),
+                        help="B,H,N,D points (default: the device kind's grid)")
+    parser.add_argument("--causal", nargs="*", type=lambda text: bool(int(text)), default=[False, True],
+                        help="0, 1 or both (default both)")
     args = parser.parse_args(argv)
     label = opencl_runtime.choose()
     queue = opencl_runtime.queue_for(label)

@@ -57,6 +57,7 @@ ROW_PAD = 4  # floats added to every local row (O3)
 REGISTER_OVERHEAD = 40  # indices, pointers, row statistics (O4)
 GPU_MAX_THREADS = 64  # O6: H200 sweep (benchmarks/results/h200-opencl-sweep.json): 32-64 work-items per group won
 CPU_GROUPS_PER_CORE = 4
+MIN_CHUNK = 32  # O3: fewer head-dim columns per chunk would cost more barriers than they save
 CPU_ROWS = 128  # O6: PoCL, 2-core AVX-512, (1, 8, 2048, 64) fp32: 128 x 16 tiles 91 GFLOP/s, 64 x 16 68, 32 x 32 36
 
 
@@ -69,6 +70,16 @@ class Grid:
     head_dim: int
     vw: int = 4  # lanes of a work-item's column vectors (O1)
     program: int = 0  # 0 forward, 1 backward (the .cl file's PROGRAM)
+    kc: int = 0  # O3: head-dim columns of K and V the forward stages at a time; 0 = all
+
+    @property
+    def chunk(self) -> int:
+        return self.kc or self.head_dim_padded
+
+    @property
+    def chunk_fits(self) -> bool:
+        """O3: a chunk is whole accumulator pieces (a multiple of ``cols``) and divides the padded head dim."""
+        return self.chunk % self.cols == 0 and self.head_dim_padded % self.chunk == 0
 
     @property
     def rows(self) -> int:
@@ -99,10 +110,11 @@ class Grid:
         return self.rows * (self.cols + self.vw) * FLOAT
 
     def forward_local_bytes(self) -> int:
-        """O3 for ``attention_forward``: Q tile, one buffer for K^T (head dim rows) then V, P tile, row partials."""
-        transposed = self.head_dim_padded * (self.cols + self.vw) * FLOAT
-        return (self._operand_tile(self.rows) + max(self._operand_tile(self.cols), transposed) + self._score_tile()
-                + self.tn * self.rows * FLOAT)
+        """O3 for ``attention_forward``: Q tile, one buffer for a K^T chunk (``chunk`` rows) then a V chunk,
+        P tile, row partials."""
+        transposed = self.chunk * (self.cols + self.vw) * FLOAT
+        values = self.cols * (self.chunk + self.vw) * FLOAT
+        return self._operand_tile(self.rows) + max(values, transposed) + self._score_tile() + self.tn * self.rows * FLOAT
 
     def backward_local_bytes(self) -> int:
         """O3 for the backward program: the larger of the dK/dV kernel (K, V owned; Q, dO streamed;
@@ -120,8 +132,9 @@ class Grid:
         return 4 * 16 + 2 * 16 * self.chunks + 32 + REGISTER_OVERHEAD
 
     def options(self) -> tuple[str, ...]:
+        chunk = (f"-DKC={self.chunk}",) if self.program == 0 else ()
         return (f"-DPROGRAM={self.program}", f"-DTM={self.tm}", f"-DTN={self.tn}", f"-DVW={self.vw}",
-                f"-DHEAD_DIM={self.head_dim}", f"-DD_PAD={self.head_dim_padded}")
+                f"-DHEAD_DIM={self.head_dim}", f"-DD_PAD={self.head_dim_padded}", *chunk)
 
 
 def forward_vector_width(device: DeviceSpec) -> int:
@@ -132,12 +145,24 @@ def forward_vector_width(device: DeviceSpec) -> int:
     return max((w for w in VECTOR_WIDTHS if w <= device.simd_width), default=4)
 
 
-def grid_of(block_rows: int, block_cols: int, head_dim: int, vw: int = 4, program: int = 0) -> Grid | None:
-    """The grid whose tile is ``block_rows x block_cols``, or None when O1 has none."""
+def grid_of(block_rows: int, block_cols: int, head_dim: int, vw: int = 4, program: int = 0, kc: int = 0) -> Grid | None:
+    """The grid whose tile is ``block_rows x block_cols`` (staging ``kc`` head-dim columns at a time), or
+    None when O1 and O3 have none."""
     tm, tn = block_rows // 4, block_cols // vw
     if block_rows % 4 or block_cols % vw or tm not in GRID_SIDES or tn not in GRID_SIDES:
         return None
-    return Grid(tm, tn, head_dim, vw, program)
+    grid = Grid(tm, tn, head_dim, vw, program, kc)
+    return grid if grid.chunk_fits else None
+
+
+def chunk_choices(grid: Grid, device: DeviceSpec) -> tuple[int, ...]:
+    """O3: the forward's head-dim chunks for a grid: all columns (0), and on GPUs -- whose local memory
+    is small next to a whole K^T tile at large head dims -- every smaller whole-piece divisor of at
+    least ``MIN_CHUNK`` columns."""
+    if grid.program != 0 or device.kind == "cpu":
+        return (0,)
+    d = grid.head_dim_padded
+    return (0,) + tuple(c for c in range(max(MIN_CHUNK, grid.cols), d, grid.cols) if d % c == 0)
 
 
 def _blocks(n: int, block: int) -> int:
@@ -153,23 +178,25 @@ def _rank(grid: Grid, device: DeviceSpec, local: int, registers: int, groups: in
         cores = device.hardware_threads or device.compute_units
         return (groups >= CPU_GROUPS_PER_CORE * cores, grid.tn == 1, -abs(grid.rows - CPU_ROWS), -grid.head_dim_padded)
     return (registers <= device.max_registers_per_thread, groups >= device.compute_units,
-            grid.threads >= device.simd_width, grid.threads <= GPU_MAX_THREADS, grid.rows, -grid.cols)
+            grid.threads >= device.simd_width, grid.threads <= GPU_MAX_THREADS, grid.rows, -grid.cols, grid.chunk)
 
 
 def _choose(spec, device: DeviceSpec, vw: int, program: int, local_of, registers_of, groups_of):
     best = None
     for tm in GRID_SIDES:
         for tn in GRID_SIDES:
-            grid = Grid(tm, tn, spec.head_dim, vw, program)
-            if grid.threads > device.max_threads_per_block:  # O5
+            whole = Grid(tm, tn, spec.head_dim, vw, program)
+            if whole.threads > device.max_threads_per_block:  # O5
                 continue
-            local = local_of(grid)
-            if local > device.sram_per_block:  # O3
-                continue
-            registers, groups = registers_of(grid), groups_of(grid)
-            ranked = (_rank(grid, device, local, registers, groups), grid, local, registers, groups)
-            if best is None or ranked[0] > best[0]:
-                best = ranked
+            for kc in chunk_choices(whole, device):
+                grid = dataclasses.replace(whole, kc=kc)
+                local = local_of(grid)
+                if local > device.sram_per_block:  # O3
+                    continue
+                registers, groups = registers_of(grid), groups_of(grid)
+                ranked = (_rank(grid, device, local, registers, groups), grid, local, registers, groups)
+                if best is None or ranked[0] > best[0]:
+                    best = ranked
     return None if best is None else best[1:]
 
 
@@ -219,11 +246,11 @@ def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
         sram_bytes=local, registers=registers if device.kind == "gpu" else 0, backward=back,
         matrix_unit=None, reasons=reasons,
     )
-    return dataclasses.replace(plan, vector_width=vw)
+    return dataclasses.replace(plan, vector_width=vw, head_dim_chunk=grid.kc)
 
 
 def forward_grid(plan: TilePlan, head_dim: int) -> Grid | None:
-    return grid_of(plan.block_q, plan.block_k, head_dim, plan.vector_width or 4, 0)
+    return grid_of(plan.block_q, plan.block_k, head_dim, plan.vector_width or 4, 0, plan.head_dim_chunk)
 
 
 def backward_grid(plan: TilePlan, head_dim: int) -> Grid | None:

@@ -39,14 +39,16 @@ class TilePlan:
     matrix_unit: str | None
     reasons: tuple[str, ...]
     vector_width: int = 0  # OpenCL: lanes of a work-item's score vectors (tiling/opencl.py O1); 0 elsewhere
+    head_dim_chunk: int = 0  # OpenCL: head-dim columns of K/V the forward stages at a time (O3); 0 = all
 
     def summary(self) -> str:
         """One line: the numbers a kernel is launched with."""
         launch = f"{self.warps} warps ({self.threads} threads), {self.stages} stages" if self.target == "gpu" else f"{self.threads} threads"
         split = f", key loop split {self.key_splits}x" if self.key_splits > 1 else ""
+        chunk = f", K/V staged {self.head_dim_chunk} head-dim columns at a time" if self.head_dim_chunk else ""
         return (
             f"block {self.block_q}x{self.block_k} (q x k), head dim padded to {self.head_dim_padded}, "
-            f"{launch}{split}, {self.work_units} work units; backward {self.backward_block_q}x{self.backward_block_k}"
+            f"{launch}{split}{chunk}, {self.work_units} work units; backward {self.backward_block_q}x{self.backward_block_k}"
             + (f" with {self.backward_warps} warps, {self.backward_stages} stages" if self.target == "gpu" else "")
             + ("" if self.backward_dq_separate else ", dQ fused (atomic adds)" if self.target == "gpu" else ", dQ in the key pass")
         )

@@ -10,6 +10,10 @@
  *              work-items read neighbouring local memory (no bank conflicts on GPUs).
  *   HEAD_DIM   D; D_PAD is D rounded up to VW TN: work-item tn owns accumulator columns
  *              VW (c TN + tn) .. + VW - 1 for c < CHUNKS (interleaved vector pieces).
+ *   KC         the forward stages K and V in local memory KC head-dim columns at a time (a
+ *              multiple of COLS dividing D_PAD; default D_PAD, all of them). Chunks free the
+ *              local memory that a whole K^T tile would take at large head dims, for a taller Q
+ *              tile and more work-groups per compute unit, at two barriers per chunk.
  *   DTYPE      storage of q, k, v, out, grads: 0 float32, 1 float16 (vload_half/vstore_half, core
  *              OpenCL: no cl_khr_fp16 needed), 2 bfloat16 (ushort bits, widened by a shift).
  *   CAUSAL_OR_WINDOW  1 when some keys of a row are hidden by position (the host folds causal into
@@ -18,9 +22,9 @@
  *
  * Local memory, all float32, rows padded by VW floats (LD, LDS, LDT) so that row r starts VW r
  * banks on and every vector access stays aligned:
- *   forward: Q tile ROWS x LD, K^T (D_PAD x LDT) then V (COLS x LD) in one buffer, P tile ROWS x LDS,
- *            TN x ROWS row partials. K is stored transposed so that the score product reads one
- *            VW-vector of K per head-dim step: no transposes in registers.
+ *   forward: Q tile ROWS x LD, K^T chunks (KC x LDT) then V chunks (COLS x LDV) in one buffer,
+ *            P tile ROWS x LDS, TN x ROWS row partials. K is stored transposed so that the score
+ *            product reads one VW-vector of K per head-dim step: no transposes in registers.
  *   dK/dV:   K, V tiles ROWS x LD, Q, dO tiles COLS x LD, P-then-dS tile ROWS x LDS, 2 x COLS row stats.
  *   dQ:      Q, dO tiles ROWS x LD, K, V tiles COLS x LD, dS tile ROWS x LDS.
  * The planner computes the same sums (forward_local_bytes, ...) and the host checks them against
@@ -39,6 +43,11 @@
 #define LDS (COLS + VW)
 #define LDT (COLS + VW)
 #define CHUNKS (D_PAD / (VW * TN))
+#ifndef KC
+#define KC D_PAD
+#endif
+#define LDV (KC + VW)        /* row stride of a V chunk */
+#define PIECES (KC / COLS)   /* accumulator pieces per chunk */
 
 #if VW == 4
 typedef float4 floatV;
@@ -109,27 +118,34 @@ inline float4 read_quad(__global const elem_t *src, long stride, int row, int li
     return (float4)(element(p, c), element(p, c + 1), element(p, c + 2), element(p, c + 3));
 }
 
-/* rows [row0, row0 + tile_rows) of a (rows x HEAD_DIM) matrix whose rows are `stride` elements
- * apart into a local tile of row stride LD; rows at or past `limit` and columns at or past
- * HEAD_DIM are zero (so padded rows and columns add nothing to any product). */
-inline void load_tile(__local float *dst, __global const elem_t *src, long stride, int row0, int limit, int tile_rows)
+/* columns [col0, col0 + width) of rows [row0, row0 + tile_rows) of a (rows x HEAD_DIM) matrix whose
+ * rows are `stride` elements apart into a local tile of row stride `ld`; rows at or past `limit`
+ * and columns at or past HEAD_DIM are zero (so padded rows and columns add nothing to any product). */
+inline void load_columns(__local float *dst, int ld, __global const elem_t *src, long stride, int row0, int limit,
+                         int tile_rows, int col0, int width)
 {
-    const int quads = D_PAD / 4;
+    const int quads = width / 4;
     for (int index = get_local_id(0); index < tile_rows * quads; index += THREADS) {
         const int r = index / quads, c = (index - r * quads) * 4;
-        LOCAL4(dst, r * LD + c) = read_quad(src, stride, row0 + r, limit, c);
+        LOCAL4(dst, r * ld + c) = read_quad(src, stride, row0 + r, limit, col0 + c);
     }
 }
 
-/* the same rows stored transposed, dst[d LDT + r]; neighbouring work-items take neighbouring rows,
- * so their scattered stores land in different banks */
-inline void load_tile_transposed(__local float *dst, __global const elem_t *src, long stride, int row0, int limit,
-                                 int tile_rows)
+/* whole rows (all D_PAD columns) into a tile of row stride LD */
+inline void load_tile(__local float *dst, __global const elem_t *src, long stride, int row0, int limit, int tile_rows)
 {
-    const int quads = D_PAD / 4;
+    load_columns(dst, LD, src, stride, row0, limit, tile_rows, 0, D_PAD);
+}
+
+/* columns [col0, col0 + KC) of the rows stored transposed, dst[(d - col0) LDT + r]; neighbouring
+ * work-items take neighbouring rows, so their scattered stores land in different banks */
+inline void load_tile_transposed(__local float *dst, __global const elem_t *src, long stride, int row0, int limit,
+                                 int tile_rows, int col0)
+{
+    const int quads = KC / 4;
     for (int index = get_local_id(0); index < tile_rows * quads; index += THREADS) {
         const int r = index % tile_rows, c = (index / tile_rows) * 4;
-        const float4 x = read_quad(src, stride, row0 + r, limit, c);
+        const float4 x = read_quad(src, stride, row0 + r, limit, col0 + c);
         dst[(c + 0) * LDT + r] = x.s0;
         dst[(c + 1) * LDT + r] = x.s1;
         dst[(c + 2) * LDT + r] = x.s2;
@@ -143,16 +159,17 @@ inline void load_row_stats(__local float *dst, __global const float *src, int ro
     for (int r = get_local_id(0); r < count; r += THREADS) dst[r] = row0 + r < limit ? src[row0 + r] : 0.0f;
 }
 
-/* s[i] = a[tm + TM i] . b[tn VW + j] for j < VW, with b stored transposed (bt[d LDT + n]): one
- * float4 of a row and one VW-vector of bt per head-dim step, four rank-1 updates per float4 */
+/* s[i] += a[tm + TM i] . b[tn VW + j] for j < VW over KC head-dim columns, with b stored transposed
+ * (bt[d LDT + n]): one float4 of a row and one VW-vector of bt per head-dim step, four rank-1
+ * updates per float4 */
 inline void scores_transposed(__local const float *a, __local const float *bt, int tm, int tn, floatV s[4])
 {
     /* accumulate in locals, not in s[]: s lives across barriers, and PoCL keeps such variables in
      * memory; these stay in registers through the loop */
-    floatV s0 = (floatV)(0.0f), s1 = (floatV)(0.0f), s2 = (floatV)(0.0f), s3 = (floatV)(0.0f);
+    floatV s0 = s[0], s1 = s[1], s2 = s[2], s3 = s[3];
     __local const float *a0 = a + tm * LD, *a1 = a + (tm + TM) * LD, *a2 = a + (tm + 2 * TM) * LD,
                         *a3 = a + (tm + 3 * TM) * LD;
-    for (int d = 0; d < D_PAD; d += 4) {
+    for (int d = 0; d < KC; d += 4) {
         const floatV b0 = LOCALV(bt, (d + 0) * LDT + tn * VW), b1 = LOCALV(bt, (d + 1) * LDT + tn * VW);
         const floatV b2 = LOCALV(bt, (d + 2) * LDT + tn * VW), b3 = LOCALV(bt, (d + 3) * LDT + tn * VW);
         const float4 x0 = LOCAL4(a0, d), x1 = LOCAL4(a1, d), x2 = LOCAL4(a2, d), x3 = LOCAL4(a3, d);
@@ -192,31 +209,34 @@ inline void scores_rows(__local const float *a, __local const float *b, int tm, 
 }
 #endif
 
-/* acc[i][c] += sum_n p[tm + TM i][n] * b[n][VW (c TN + tn) .. + VW - 1]: a (ROWS x COLS) weight tile
- * in local memory times a (COLS x D) operand tile, into the work-item's accumulator pieces */
-inline void tile_accumulate(__local const float *p, __local const float *b, int tm, int tn, floatV acc[4][CHUNKS])
+/* acc[i][c0 + c] += sum_n p[tm + TM i][n] * b[n][VW (c TN + tn) .. + VW - 1] for c < pieces: a
+ * (ROWS x COLS) weight tile in local memory times a (COLS x pieces COLS) operand tile of row stride
+ * `ldb`, into the work-item's accumulator pieces c0 .. c0 + pieces - 1 (all of them, c0 = 0 and
+ * pieces = CHUNKS, for whole-row operands; callers pass constants, so the unrolled indices fold) */
+inline void tile_accumulate(__local const float *p, __local const float *b, int ldb, int tm, int tn,
+                            floatV acc[4][CHUNKS], int c0, int pieces)
 {
     __local const float *p0 = p + tm * LDS, *p1 = p + (tm + TM) * LDS, *p2 = p + (tm + 2 * TM) * LDS,
                         *p3 = p + (tm + 3 * TM) * LDS;
     /* unrolled: a private array indexed by a loop variable that is not a constant lives in memory */
 #pragma unroll
-    for (int c = 0; c < CHUNKS; c++) {
+    for (int c = 0; c < pieces; c++) {
         /* one piece at a time in locals (registers), as in scores_transposed */
-        floatV a0 = acc[0][c], a1 = acc[1][c], a2 = acc[2][c], a3 = acc[3][c];
+        floatV a0 = acc[0][c0 + c], a1 = acc[1][c0 + c], a2 = acc[2][c0 + c], a3 = acc[3][c0 + c];
         __local const float *bc = b + (c * TN + tn) * VW;
         for (int n = 0; n < COLS; n += 4) {
-            const floatV b0 = LOCALV(bc, (n + 0) * LD), b1 = LOCALV(bc, (n + 1) * LD);
-            const floatV b2 = LOCALV(bc, (n + 2) * LD), b3 = LOCALV(bc, (n + 3) * LD);
+            const floatV b0 = LOCALV(bc, (n + 0) * ldb), b1 = LOCALV(bc, (n + 1) * ldb);
+            const floatV b2 = LOCALV(bc, (n + 2) * ldb), b3 = LOCALV(bc, (n + 3) * ldb);
             const float4 w0 = LOCAL4(p0, n), w1 = LOCAL4(p1, n), w2 = LOCAL4(p2, n), w3 = LOCAL4(p3, n);
             a0 = w0.s0 * b0 + a0; a0 = w0.s1 * b1 + a0; a0 = w0.s2 * b2 + a0; a0 = w0.s3 * b3 + a0;
             a1 = w1.s0 * b0 + a1; a1 = w1.s1 * b1 + a1; a1 = w1.s2 * b2 + a1; a1 = w1.s3 * b3 + a1;
             a2 = w2.s0 * b0 + a2; a2 = w2.s1 * b1 + a2; a2 = w2.s2 * b2 + a2; a2 = w2.s3 * b3 + a2;
             a3 = w3.s0 * b0 + a3; a3 = w3.s1 * b1 + a3; a3 = w3.s2 * b2 + a3; a3 = w3.s3 * b3 + a3;
         }
-        acc[0][c] = a0;
-        acc[1][c] = a1;
-        acc[2][c] = a2;
-        acc[3][c] = a3;
+        acc[0][c0 + c] = a0;
+        acc[1][c0 + c] = a1;
+        acc[2][c0 + c] = a2;
+        acc[3][c0 + c] = a3;
     }
 }
 
@@ -421,8 +441,8 @@ inline float4 safe_max(float4 m) { return select(m, (float4)(0.0f), m == (float4
  * forward: one work-group per (ROWS queries, batch x head); O and LSE
  */
 #if PROGRAM == 0
-/* K^T (D_PAD rows of LDT) and then V (COLS rows of LD) share one buffer */
-#define KV_FLOATS (D_PAD * LDT > COLS * LD ? D_PAD * LDT : COLS * LD)
+/* K^T chunks (KC rows of LDT) and then V chunks (COLS rows of LDV) share one buffer */
+#define KV_FLOATS (KC * LDT > COLS * LDV ? KC * LDT : COLS * LDV)
 
 __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_forward(
     __global const elem_t *q, __global const elem_t *k, __global const elem_t *v, __global elem_t *out,
@@ -448,15 +468,18 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
     float4 m_run = (float4)(-INFINITY), l_run = (float4)(0.0f); /* per owned row; l summed over own columns */
     const int2 keys = key_range(row0, ROWS, &vis);
     for (int col0 = keys.x / COLS * COLS; col0 < keys.y; col0 += COLS) {
-        barrier(CLK_LOCAL_MEM_FENCE); /* the previous tile's readers are done with kv_tile and p_tile */
-        load_tile_transposed(kv_tile, kh, k_n, col0, seqlen_k, COLS);
-        barrier(CLK_LOCAL_MEM_FENCE);
-        floatV s[4], t[4];
-        scores_transposed(q_tile, kv_tile, tm, tn, s);
+        floatV s[4] = {(floatV)(0.0f), (floatV)(0.0f), (floatV)(0.0f), (floatV)(0.0f)}, t[4];
+#pragma unroll
+        for (int dc = 0; dc < D_PAD; dc += KC) {
+            barrier(CLK_LOCAL_MEM_FENCE); /* the previous readers are done with kv_tile (and p_tile) */
+            load_tile_transposed(kv_tile, kh, k_n, col0, seqlen_k, COLS, dc);
+            barrier(CLK_LOCAL_MEM_FENCE);
+            scores_transposed(q_tile + dc, kv_tile, tm, tn, s);
+        }
         block_scores(s, t, row0, col0, tm, tn, true, &vis, mask, padding);
         for (int i = 0; i < 4; i++) partial[tn * ROWS + tm + TM * i] = lane_max(s[i]);
         barrier(CLK_LOCAL_MEM_FENCE); /* row partials written; every K read done */
-        load_tile(kv_tile, vh, v_n, col0, seqlen_k, COLS);
+        load_columns(kv_tile, LDV, vh, v_n, col0, seqlen_k, COLS, 0, KC);
         float4 m_new = m_run;
         for (int u = 0; u < TN; u++) {
             __local const float *part = partial + u * ROWS + tm;
@@ -474,8 +497,15 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
         }
         l_run += (float4)(lane_sum(s[0]), lane_sum(s[1]), lane_sum(s[2]), lane_sum(s[3]));
         store_block(p_tile, tm, tn, s);
-        barrier(CLK_LOCAL_MEM_FENCE); /* P and V in place */
-        tile_accumulate(p_tile, kv_tile, tm, tn, o);
+        barrier(CLK_LOCAL_MEM_FENCE); /* P and the first V chunk in place */
+        tile_accumulate(p_tile, kv_tile, LDV, tm, tn, o, 0, PIECES);
+#pragma unroll
+        for (int dc = KC; dc < D_PAD; dc += KC) {
+            barrier(CLK_LOCAL_MEM_FENCE); /* the previous chunk's readers are done */
+            load_columns(kv_tile, LDV, vh, v_n, col0, seqlen_k, COLS, dc, KC);
+            barrier(CLK_LOCAL_MEM_FENCE);
+            tile_accumulate(p_tile, kv_tile, LDV, tm, tn, o, dc / COLS, PIECES);
+        }
     }
     /* the row sums over all of the row's work-items */
     barrier(CLK_LOCAL_MEM_FENCE);
@@ -591,11 +621,11 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
             block_gradients(s, dp, t, lse_tile, delta_tile, tm, tn, false, p);
             store_block(p_tile, tm, tn, p);
             barrier(CLK_LOCAL_MEM_FENCE);
-            tile_accumulate(p_tile, g_tile, tm, tn, dv_acc); /* dV += P^T dO */
+            tile_accumulate(p_tile, g_tile, LD, tm, tn, dv_acc, 0, CHUNKS); /* dV += P^T dO */
             barrier(CLK_LOCAL_MEM_FENCE);
             store_block(p_tile, tm, tn, dp);
             barrier(CLK_LOCAL_MEM_FENCE);
-            tile_accumulate(p_tile, q_tile, tm, tn, dk_acc); /* dK += dS^T Q */
+            tile_accumulate(p_tile, q_tile, LD, tm, tn, dk_acc, 0, CHUNKS); /* dK += dS^T Q */
         }
     }
     store_rows(dk + b * dk_b + hk * dk_h, dk_n, row0, seqlen_k, tm, tn, dk_acc, (float4)(scale));
@@ -642,7 +672,7 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
         block_gradients(s, dp, t, lse_tile, delta_tile, tm, tn, true, p);
         store_block(p_tile, tm, tn, dp);
         barrier(CLK_LOCAL_MEM_FENCE);
-        tile_accumulate(p_tile, k_tile, tm, tn, dq_acc); /* dQ += dS K */
+        tile_accumulate(p_tile, k_tile, LD, tm, tn, dq_acc, 0, CHUNKS); /* dQ += dS K */
     }
     store_rows(dq + b * dq_b + h * dq_h, dq_n, row0, seqlen_q, tm, tn, dq_acc, (float4)(scale));
 }
