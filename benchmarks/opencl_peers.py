@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import datetime
 import json
 import platform
@@ -111,17 +112,16 @@ def sweep_plans(queue, arrays, causal, device_kind):
     backend = registry()["opencl"]
     q, k, v = arrays
     plan = prepare(q, k, v, backend="opencl", causal=causal).plan
-    vw = plan.vector_width or 4
+    widths = (4, 8) if device_kind == "gpu" else (plan.vector_width or 4,)
     smallest = 32 if device_kind == "gpu" else 1
     plans = []
-    for tm in (1, 2, 4, 8, 16, 32):
-        for tn in (1, 2, 4, 8, 16, 32):
-            for chunk in (0, *(c for c in (16, 32, 64, 128) if c < plan.head_dim_padded)):
-                other = backend.retile(plan, {"block_q": 4 * tm, "block_k": vw * tn, "head_dim_chunk": chunk})
-                if (other is not None and smallest <= other.threads <= 1024
-                        and other.sram_bytes <= queue.device.local_mem_size):
-                    plans.append(other)
+    for vw, tm, tn in itertools.product(widths, (1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16, 32)):
+        for chunk in (0, *(c for c in (16, 32, 64, 128) if c < q.shape[-1])):
+            other = backend.retile(plan, {"block_q": 4 * tm, "block_k": vw * tn, "vector_width": vw, "head_dim_chunk": chunk})
+            if other is not None and smallest <= other.threads <= 1024 and other.sram_bytes <= queue.device.local_mem_size:
+                plans.append(other)
     return plan, plans
+
 
 
 def run_grid(args, record, queue, device_kind):
@@ -138,7 +138,8 @@ def run_grid(args, record, queue, device_kind):
                        "plan": prepare(*arrays, backend="opencl", causal=causal).plan.summary()}
                 if args.sweep:
                     plan, plans = sweep_plans(queue, arrays, causal, device_kind)
-                    row["sweep"] = [{"block_q": p.block_q, "block_k": p.block_k, "head_dim_chunk": p.head_dim_chunk,
+                    row["sweep"] = [{"block_q": p.block_q, "block_k": p.block_k, "vector_width": p.vector_width,
+                                     "head_dim_chunk": p.head_dim_chunk,
                                      "threads": p.threads, "local_bytes": p.sram_bytes,
                                      "seconds": time_opencl(queue, arrays, causal, args.reps, p)} for p in plans]
                 del arrays
@@ -155,7 +156,7 @@ def _line(row):
             parts.append(f"{name} {row['flops'] / seconds / 1e12:.2f} ({seconds / row['opencl_s']:.2f}x)")
     if "sweep" in row:
         best = min(row["sweep"], key=lambda r: r["seconds"])
-        parts.append(f"best swept {best['block_q']}x{best['block_k']} chunk {best['head_dim_chunk']} "
+        parts.append(f"best swept {best['block_q']}x{best['block_k']} float{best['vector_width']} chunk {best['head_dim_chunk']} "
                      f"{row['flops'] / best['seconds'] / 1e12:.2f}")
     return ", ".join(parts)
 

@@ -11,12 +11,18 @@ Rules (O for OpenCL), stated where they act:
        row: every operand read from local memory is a float4 or a VW-vector and feeds 4 VW FMAs.
        VW is the CPU device's preferred float vector width in the forward (16 under PoCL on
        AVX-512: explicit vectors are what PoCL turns into SIMD code, since its work-item loops sit
-       outside the tile loops and are not vectorized), else 4. A program's grid is TM x TN with
-       TM, TN powers of two; its score tile is ROWS x COLS = 4 TM x VW TN.
+       outside the tile loops and are not vectorized), else 4 (float8 grids on the H100 swept
+       at 8-13 TFLOP/s against 22 for float4: twice the registers per column for no fewer local
+       loads per FMA). A program's grid is TM x TN with TM, TN powers of two; its score tile is
+       ROWS x COLS = 4 TM x VW TN.
   * O2 head dim padded to a multiple of VW TN: work-item tn owns accumulator columns in VW-wide
        pieces interleaved with its neighbours' (conflict-free local reads).
   * O3 local memory, exactly as the .cl file lays it out (``*_local_bytes``), float32 tiles with
-       rows padded by VW floats; must fit CL_DEVICE_LOCAL_MEM_SIZE.
+       rows padded by VW floats; must fit CL_DEVICE_LOCAL_MEM_SIZE. On GPUs the forward may stage
+       K and V ``chunk`` head-dim columns at a time (``chunk_choices``): NVIDIA's OpenCL gives 48
+       KiB, where a whole K^T tile at D = 128 leaves room for a Q tile of only 32 rows; chunks of
+       64 let it hold 64 rows (H100, D = 128: 64 x 16 tiles in chunks of 64 at 21-23 TFLOP/s,
+       against 15 for the best whole-row grid, 32 x 16). CPUs stage whole rows.
   * O4 private memory: float32 accumulators (16 per 4 x 4 block, 16 per float4 column piece of
        each accumulator row set) plus operands and a fixed overhead (``*_registers``); on GPUs it
        must stay within the per-thread register limit where any grid allows (else the compiler
@@ -25,15 +31,21 @@ Rules (O for OpenCL), stated where they act:
   * O6 ranking, GPUs: registers within the limit, then at least one work-group per compute unit,
        then whole sub-groups (TM x TN >= the SIMD width) but at most ``GPU_MAX_THREADS`` work-items
        (small groups: more of them resident, and each barrier waits on fewer), then the most query
-       rows (K and V are re-read once per query tile), then the fewest key columns. Measured on the
-       H200 through NVIDIA's OpenCL (fp16, N 2048-4096): D = 64 128 x 8 tiles at 21-23 TFLOP/s
-       against 11-14 for 32 x 64; D = 128 32 x 16 best, bounded by local memory for Q. The
+       rows (K and V are re-read once per query tile), then the fewest key columns, then the
+       largest chunk (each chunk costs two barriers). Measured on the H100 through NVIDIA's
+       OpenCL (fp16 and fp32, N = 2048, benchmarks/results/h100-opencl-sweep-*.json): D = 64 128 x 8
+       at 20-23 TFLOP/s against 12-14 for 32 x 32; D = 128 64 x 16 in chunks of 64, as in O3. The
        backward (four operand tiles in local memory, two accumulator sets) ranks whole sub-groups
        of at most ``GPU_MAX_THREADS`` first, registers after (a spill costs less than idle lanes),
        then the largest tile. CPUs (PoCL runs a work-group as loops on one core): at least
        ``CPU_GROUPS_PER_CORE`` work-groups per core, then one vector of columns per work-item
        (TN = 1) and ``CPU_ROWS`` rows (measured on this project's CPU machine; see CPU_ROWS), then
        the smaller head-dim padding.
+  * O7 loop order of the tile products (``pieces_inner``): on GPUs, whose accumulators stay in
+       registers, a product's loop over accumulator pieces runs inside its loop over keys, so
+       each step's weights are read from local memory once for all pieces; PoCL keeps
+       variables that live across barriers in memory, so there one piece at a time is copied
+       into registers and the keys loop inside it.
 """
 
 from __future__ import annotations
@@ -71,6 +83,7 @@ class Grid:
     vw: int = 4  # lanes of a work-item's column vectors (O1)
     program: int = 0  # 0 forward, 1 backward (the .cl file's PROGRAM)
     kc: int = 0  # O3: head-dim columns of K and V the forward stages at a time; 0 = all
+    pieces_inner: bool = False  # O7: accumulator pieces in the inner loop of tile products (GPUs)
 
     @property
     def chunk(self) -> int:
@@ -134,7 +147,8 @@ class Grid:
     def options(self) -> tuple[str, ...]:
         chunk = (f"-DKC={self.chunk}",) if self.program == 0 else ()
         return (f"-DPROGRAM={self.program}", f"-DTM={self.tm}", f"-DTN={self.tn}", f"-DVW={self.vw}",
-                f"-DHEAD_DIM={self.head_dim}", f"-DD_PAD={self.head_dim_padded}", *chunk)
+                f"-DHEAD_DIM={self.head_dim}", f"-DD_PAD={self.head_dim_padded}", *chunk,
+                f"-DPIECES_INNER={int(self.pieces_inner)}")
 
 
 def forward_vector_width(device: DeviceSpec) -> int:
@@ -145,13 +159,14 @@ def forward_vector_width(device: DeviceSpec) -> int:
     return max((w for w in VECTOR_WIDTHS if w <= device.simd_width), default=4)
 
 
-def grid_of(block_rows: int, block_cols: int, head_dim: int, vw: int = 4, program: int = 0, kc: int = 0) -> Grid | None:
+def grid_of(block_rows: int, block_cols: int, head_dim: int, vw: int = 4, program: int = 0, kc: int = 0,
+            gpu: bool = False) -> Grid | None:
     """The grid whose tile is ``block_rows x block_cols`` (staging ``kc`` head-dim columns at a time), or
     None when O1 and O3 have none."""
     tm, tn = block_rows // 4, block_cols // vw
     if block_rows % 4 or block_cols % vw or tm not in GRID_SIDES or tn not in GRID_SIDES:
         return None
-    grid = Grid(tm, tn, head_dim, vw, program, kc)
+    grid = Grid(tm, tn, head_dim, vw, program, kc, pieces_inner=gpu)
     return grid if grid.chunk_fits else None
 
 
@@ -185,7 +200,7 @@ def _choose(spec, device: DeviceSpec, vw: int, program: int, local_of, registers
     best = None
     for tm in GRID_SIDES:
         for tn in GRID_SIDES:
-            whole = Grid(tm, tn, spec.head_dim, vw, program)
+            whole = Grid(tm, tn, spec.head_dim, vw, program, pieces_inner=device.kind != "cpu")
             if whole.threads > device.max_threads_per_block:  # O5
                 continue
             for kc in chunk_choices(whole, device):
@@ -221,7 +236,8 @@ def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
         f"{grid.rows} x {grid.cols} score tile (float{vw} vectors); {groups} work-groups",
         f"O2 head dim {spec.head_dim} padded to {grid.head_dim_padded} ({grid.chunks} float{vw} accumulator pieces per "
         "row per work-item)",
-        f"O3 forward local memory {local} B of {device.sram_per_block} B",
+        f"O3 forward local memory {local} B of {device.sram_per_block} B"
+        + (f", K and V staged {grid.chunk} head-dim columns at a time" if grid.kc else ""),
         f"O4 forward ~{registers} private floats per work-item"
         + (f" (over the {device.max_registers_per_thread}-register limit: the compiler spills)"
            if device.kind == "gpu" and registers > device.max_registers_per_thread else ""),
@@ -239,6 +255,9 @@ def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
                "its own (no atomics)")
         back = (bgrid.cols, bgrid.rows, blocal, True, 1, 1, why)
     reasons.append(back[-1])
+    reasons.append("O7 tile products loop over keys outside accumulator pieces (GPU: accumulators in registers)"
+                   if device.kind != "cpu" else
+                   "O7 tile products loop over accumulator pieces outside keys (PoCL keeps accumulators in memory)")
     warps = max(1, grid.threads // device.simd_width) if device.kind == "gpu" else 1
     plan = planner._finish(
         spec, device, target="gpu" if device.kind == "gpu" else "cpu", block_q=grid.rows, block_k=grid.cols,
@@ -250,8 +269,10 @@ def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
 
 
 def forward_grid(plan: TilePlan, head_dim: int) -> Grid | None:
-    return grid_of(plan.block_q, plan.block_k, head_dim, plan.vector_width or 4, 0, plan.head_dim_chunk)
+    return grid_of(plan.block_q, plan.block_k, head_dim, plan.vector_width or 4, 0, plan.head_dim_chunk,
+                   plan.target == "gpu")
 
 
 def backward_grid(plan: TilePlan, head_dim: int) -> Grid | None:
-    return grid_of(plan.backward_block_k, plan.backward_block_q, head_dim, 4, 1) if plan.backward_warps else None
+    return (grid_of(plan.backward_block_k, plan.backward_block_q, head_dim, 4, 1, gpu=plan.target == "gpu")
+            if plan.backward_warps else None)

@@ -102,15 +102,16 @@ def test_programs_are_built_once_per_options(queue):
     assert opencl_runtime.program.cache_info().misses == before
 
 
-@pytest.mark.parametrize(
-    "head_dim, chunk, causal",
-    [(128, 32, False), (128, 64, True), (72, 16, True)],
-    ids=["d128-chunk32", "d128-chunk64-causal", "d72-chunk16-causal"],
-)
-def test_forward_staging_head_dim_chunks(queue, head_dim, chunk, causal):
+# (head dim, causal, [(chunk: smallest / largest / 0 = none, loop order)]): each build costs seconds on PoCL
+CHUNK_CASES = [(128, False, [("smallest", "cpu"), ("largest", "gpu")]), (72, True, [(0, "gpu"), ("smallest", "gpu")])]
+
+
+@pytest.mark.parametrize("head_dim, causal, cases", CHUNK_CASES, ids=["d128", "d72-causal"])
+def test_forward_chunks_and_loop_orders(queue, head_dim, causal, cases):
     """The forward that stages K and V a chunk of head-dim columns at a time (the plan GPUs with small
-    local memory get at large head dims) matches the whole-row one and the reference; forced here on
-    the default device, whose own plan stages all columns."""
+    local memory get at large head dims), with either loop order of the tile products (GPU plans put
+    accumulator pieces inside), matches the reference: forced on the default device whatever its own
+    plan chose, so CI's PoCL runs the GPU code paths too."""
     from portattn.api import prepare
     from portattn.backends import registry
     from portattn.tiling import opencl as rules
@@ -119,9 +120,18 @@ def test_forward_staging_head_dim_chunks(queue, head_dim, chunk, causal):
     q = rng.standard_normal((1, 2, 37, head_dim)).astype(np.float32)
     k, v = (rng.standard_normal((1, 2, 53, head_dim)).astype(np.float32) for _ in range(2))
     call = prepare(q, k, v, backend="opencl", causal=causal)
-    plan = registry()["opencl"].retile(call.plan, {"head_dim_chunk": chunk})
-    assert plan is not None and rules.forward_grid(plan, head_dim).chunk == chunk
-    assert plan.sram_bytes < call.plan.sram_bytes  # the K^T buffer holds a chunk, not all of D
-    out = dataclasses.replace(call, plan=plan).forward(q, k, v)[0]
+    backend = registry()["opencl"]
+    whole = backend.retile(call.plan, {"head_dim_chunk": 0})
+    grid = rules.forward_grid(whole, head_dim)
+    chunks = [c for c in range(grid.cols, grid.head_dim_padded, grid.cols) if grid.head_dim_padded % c == 0]
+    assert chunks, f"head dim {head_dim} padded to {grid.head_dim_padded} has no chunk of {grid.cols} columns"
     want = reference.attention_forward(q, k, v, scale=head_dim**-0.5, causal=causal)[0]
-    np.testing.assert_allclose(out, want, atol=3e-5)
+    for which, target in cases:
+        chunk = {"smallest": chunks[0], "largest": chunks[-1]}.get(which, which)
+        plan = dataclasses.replace(backend.retile(call.plan, {"head_dim_chunk": chunk}), target=target)
+        forward = rules.forward_grid(plan, head_dim)
+        assert forward.chunk == (chunk or grid.head_dim_padded) and forward.pieces_inner == (target == "gpu")
+        if chunk:
+            assert plan.sram_bytes < whole.sram_bytes  # the K^T buffer holds a chunk, not all of D
+        out = dataclasses.replace(call, plan=plan).forward(q, k, v)[0]
+        np.testing.assert_allclose(out, want, atol=3e-5, err_msg=f"chunk {chunk}, {target} loop order")

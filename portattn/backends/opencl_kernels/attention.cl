@@ -10,6 +10,8 @@
  *              work-items read neighbouring local memory (no bank conflicts on GPUs).
  *   HEAD_DIM   D; D_PAD is D rounded up to VW TN: work-item tn owns accumulator columns
  *              VW (c TN + tn) .. + VW - 1 for c < CHUNKS (interleaved vector pieces).
+ *   PIECES_INNER  1 on GPUs: tile_accumulate's loop over accumulator pieces runs inside its loop
+ *              over keys (weights read once per step); 0 under PoCL, which keeps accumulators in memory.
  *   KC         the forward stages K and V in local memory KC head-dim columns at a time (a
  *              multiple of COLS dividing D_PAD; default D_PAD, all of them). Chunks free the
  *              local memory that a whole K^T tile would take at large head dims, for a taller Q
@@ -114,42 +116,19 @@ inline float4 read_quad(__global const elem_t *src, long stride, int row, int li
 {
     if (row >= limit) return (float4)(0.0f);
     __global const elem_t *p = src + row * stride;
-    if (c + 4 <= HEAD_DIM) return LOAD4(p, c);
+    if (D_PAD == HEAD_DIM || c + 4 <= HEAD_DIM) return LOAD4(p, c); /* a constant test when D is unpadded */
     return (float4)(element(p, c), element(p, c + 1), element(p, c + 2), element(p, c + 3));
 }
 
-/* columns [col0, col0 + width) of rows [row0, row0 + tile_rows) of a (rows x HEAD_DIM) matrix whose
- * rows are `stride` elements apart into a local tile of row stride `ld`; rows at or past `limit`
- * and columns at or past HEAD_DIM are zero (so padded rows and columns add nothing to any product). */
-inline void load_columns(__local float *dst, int ld, __global const elem_t *src, long stride, int row0, int limit,
-                         int tile_rows, int col0, int width)
-{
-    const int quads = width / 4;
-    for (int index = get_local_id(0); index < tile_rows * quads; index += THREADS) {
-        const int r = index / quads, c = (index - r * quads) * 4;
-        LOCAL4(dst, r * ld + c) = read_quad(src, stride, row0 + r, limit, col0 + c);
-    }
-}
-
-/* whole rows (all D_PAD columns) into a tile of row stride LD */
+/* rows [row0, row0 + tile_rows) of a (rows x HEAD_DIM) matrix whose rows are `stride` elements
+ * apart into a local tile of row stride LD; rows at or past `limit` and columns at or past
+ * HEAD_DIM are zero (so padded rows and columns add nothing to any product). */
 inline void load_tile(__local float *dst, __global const elem_t *src, long stride, int row0, int limit, int tile_rows)
 {
-    load_columns(dst, LD, src, stride, row0, limit, tile_rows, 0, D_PAD);
-}
-
-/* columns [col0, col0 + KC) of the rows stored transposed, dst[(d - col0) LDT + r]; neighbouring
- * work-items take neighbouring rows, so their scattered stores land in different banks */
-inline void load_tile_transposed(__local float *dst, __global const elem_t *src, long stride, int row0, int limit,
-                                 int tile_rows, int col0)
-{
-    const int quads = KC / 4;
+    const int quads = D_PAD / 4;
     for (int index = get_local_id(0); index < tile_rows * quads; index += THREADS) {
-        const int r = index % tile_rows, c = (index / tile_rows) * 4;
-        const float4 x = read_quad(src, stride, row0 + r, limit, col0 + c);
-        dst[(c + 0) * LDT + r] = x.s0;
-        dst[(c + 1) * LDT + r] = x.s1;
-        dst[(c + 2) * LDT + r] = x.s2;
-        dst[(c + 3) * LDT + r] = x.s3;
+        const int r = index / quads, c = (index - r * quads) * 4;
+        LOCAL4(dst, r * LD + c) = read_quad(src, stride, row0 + r, limit, c);
     }
 }
 
@@ -157,6 +136,15 @@ inline void load_tile_transposed(__local float *dst, __global const elem_t *src,
 inline void load_row_stats(__local float *dst, __global const float *src, int row0, int limit, int count)
 {
     for (int r = get_local_id(0); r < count; r += THREADS) dst[r] = row0 + r < limit ? src[row0 + r] : 0.0f;
+}
+
+/* acc + w.s0 b0 + w.s1 b1 + w.s2 b2 + w.s3 b3: four rank-1 updates of a vector, in order */
+inline floatV rank4(floatV acc, float4 w, floatV b0, floatV b1, floatV b2, floatV b3)
+{
+    acc = w.s0 * b0 + acc;
+    acc = w.s1 * b1 + acc;
+    acc = w.s2 * b2 + acc;
+    return w.s3 * b3 + acc;
 }
 
 /* s[i] += a[tm + TM i] . b[tn VW + j] for j < VW over KC head-dim columns, with b stored transposed
@@ -172,11 +160,10 @@ inline void scores_transposed(__local const float *a, __local const float *bt, i
     for (int d = 0; d < KC; d += 4) {
         const floatV b0 = LOCALV(bt, (d + 0) * LDT + tn * VW), b1 = LOCALV(bt, (d + 1) * LDT + tn * VW);
         const floatV b2 = LOCALV(bt, (d + 2) * LDT + tn * VW), b3 = LOCALV(bt, (d + 3) * LDT + tn * VW);
-        const float4 x0 = LOCAL4(a0, d), x1 = LOCAL4(a1, d), x2 = LOCAL4(a2, d), x3 = LOCAL4(a3, d);
-        s0 = x0.s0 * b0 + s0; s0 = x0.s1 * b1 + s0; s0 = x0.s2 * b2 + s0; s0 = x0.s3 * b3 + s0;
-        s1 = x1.s0 * b0 + s1; s1 = x1.s1 * b1 + s1; s1 = x1.s2 * b2 + s1; s1 = x1.s3 * b3 + s1;
-        s2 = x2.s0 * b0 + s2; s2 = x2.s1 * b1 + s2; s2 = x2.s2 * b2 + s2; s2 = x2.s3 * b3 + s2;
-        s3 = x3.s0 * b0 + s3; s3 = x3.s1 * b1 + s3; s3 = x3.s2 * b2 + s3; s3 = x3.s3 * b3 + s3;
+        s0 = rank4(s0, LOCAL4(a0, d), b0, b1, b2, b3);
+        s1 = rank4(s1, LOCAL4(a1, d), b0, b1, b2, b3);
+        s2 = rank4(s2, LOCAL4(a2, d), b0, b1, b2, b3);
+        s3 = rank4(s3, LOCAL4(a3, d), b0, b1, b2, b3);
     }
     s[0] = s0;
     s[1] = s1;
@@ -198,46 +185,58 @@ inline void scores_rows(__local const float *a, __local const float *b, int tm, 
         const float4 y1 = (float4)(y[0].s1, y[1].s1, y[2].s1, y[3].s1);
         const float4 y2 = (float4)(y[0].s2, y[1].s2, y[2].s2, y[3].s2);
         const float4 y3 = (float4)(y[0].s3, y[1].s3, y[2].s3, y[3].s3);
-        for (int i = 0; i < 4; i++) {
-            const float4 x = LOCAL4(a, (tm + TM * i) * LD + d);
-            s[i] = x.s0 * y0 + s[i];
-            s[i] = x.s1 * y1 + s[i];
-            s[i] = x.s2 * y2 + s[i];
-            s[i] = x.s3 * y3 + s[i];
-        }
+        for (int i = 0; i < 4; i++) s[i] = rank4(s[i], LOCAL4(a, (tm + TM * i) * LD + d), y0, y1, y2, y3);
     }
 }
 #endif
 
-/* acc[i][c0 + c] += sum_n p[tm + TM i][n] * b[n][VW (c TN + tn) .. + VW - 1] for c < pieces: a
- * (ROWS x COLS) weight tile in local memory times a (COLS x pieces COLS) operand tile of row stride
- * `ldb`, into the work-item's accumulator pieces c0 .. c0 + pieces - 1 (all of them, c0 = 0 and
- * pieces = CHUNKS, for whole-row operands; callers pass constants, so the unrolled indices fold) */
+/* acc[i][c0 + c] += sum_n p[tm + TM i][n] * b[n][VW (c TN + tn) .. + VW - 1] for c < PIECES: a
+ * (ROWS x COLS) weight tile in local memory times a (COLS x KC) operand tile of row stride `ldb`,
+ * into the work-item's accumulator pieces c0 .. c0 + PIECES - 1. The backward program stages whole
+ * rows (KC = D_PAD, so PIECES = CHUNKS and c0 = 0). The trip count is a macro, not an argument:
+ * PoCL unrolls before it inlines, and only a constant count unrolls there; unrolled, the private
+ * array's indices are constants and it stays in registers. */
 inline void tile_accumulate(__local const float *p, __local const float *b, int ldb, int tm, int tn,
-                            floatV acc[4][CHUNKS], int c0, int pieces)
+                            floatV acc[4][CHUNKS], int c0)
 {
     __local const float *p0 = p + tm * LDS, *p1 = p + (tm + TM) * LDS, *p2 = p + (tm + 2 * TM) * LDS,
                         *p3 = p + (tm + 3 * TM) * LDS;
-    /* unrolled: a private array indexed by a loop variable that is not a constant lives in memory */
+#if PIECES_INNER
+    /* GPUs: the accumulators live in registers throughout, so each step's weights are read once for
+     * every piece (local-memory loads per FMA, which bound these kernels, fall by up to half) */
+    for (int n = 0; n < COLS; n += 4) {
+        const float4 w0 = LOCAL4(p0, n), w1 = LOCAL4(p1, n), w2 = LOCAL4(p2, n), w3 = LOCAL4(p3, n);
 #pragma unroll
-    for (int c = 0; c < pieces; c++) {
-        /* one piece at a time in locals (registers), as in scores_transposed */
+        for (int c = 0; c < PIECES; c++) {
+            __local const float *bc = b + (c * TN + tn) * VW + n * ldb;
+            const floatV b0 = LOCALV(bc, 0), b1 = LOCALV(bc, ldb), b2 = LOCALV(bc, 2 * ldb), b3 = LOCALV(bc, 3 * ldb);
+            acc[0][c0 + c] = rank4(acc[0][c0 + c], w0, b0, b1, b2, b3);
+            acc[1][c0 + c] = rank4(acc[1][c0 + c], w1, b0, b1, b2, b3);
+            acc[2][c0 + c] = rank4(acc[2][c0 + c], w2, b0, b1, b2, b3);
+            acc[3][c0 + c] = rank4(acc[3][c0 + c], w3, b0, b1, b2, b3);
+        }
+    }
+#else
+    /* PoCL: variables that live across barriers (the accumulators) are kept in memory, so one piece
+     * at a time is copied into locals, which stay in registers through the key steps */
+#pragma unroll
+    for (int c = 0; c < PIECES; c++) {
         floatV a0 = acc[0][c0 + c], a1 = acc[1][c0 + c], a2 = acc[2][c0 + c], a3 = acc[3][c0 + c];
         __local const float *bc = b + (c * TN + tn) * VW;
         for (int n = 0; n < COLS; n += 4) {
             const floatV b0 = LOCALV(bc, (n + 0) * ldb), b1 = LOCALV(bc, (n + 1) * ldb);
             const floatV b2 = LOCALV(bc, (n + 2) * ldb), b3 = LOCALV(bc, (n + 3) * ldb);
-            const float4 w0 = LOCAL4(p0, n), w1 = LOCAL4(p1, n), w2 = LOCAL4(p2, n), w3 = LOCAL4(p3, n);
-            a0 = w0.s0 * b0 + a0; a0 = w0.s1 * b1 + a0; a0 = w0.s2 * b2 + a0; a0 = w0.s3 * b3 + a0;
-            a1 = w1.s0 * b0 + a1; a1 = w1.s1 * b1 + a1; a1 = w1.s2 * b2 + a1; a1 = w1.s3 * b3 + a1;
-            a2 = w2.s0 * b0 + a2; a2 = w2.s1 * b1 + a2; a2 = w2.s2 * b2 + a2; a2 = w2.s3 * b3 + a2;
-            a3 = w3.s0 * b0 + a3; a3 = w3.s1 * b1 + a3; a3 = w3.s2 * b2 + a3; a3 = w3.s3 * b3 + a3;
+            a0 = rank4(a0, LOCAL4(p0, n), b0, b1, b2, b3);
+            a1 = rank4(a1, LOCAL4(p1, n), b0, b1, b2, b3);
+            a2 = rank4(a2, LOCAL4(p2, n), b0, b1, b2, b3);
+            a3 = rank4(a3, LOCAL4(p3, n), b0, b1, b2, b3);
         }
         acc[0][c0 + c] = a0;
         acc[1][c0 + c] = a1;
         acc[2][c0 + c] = a2;
         acc[3][c0 + c] = a3;
     }
+#endif
 }
 
 /* the work-item's score rows into a local (ROWS x LDS) tile */
@@ -443,6 +442,52 @@ inline float4 safe_max(float4 m) { return select(m, (float4)(0.0f), m == (float4
 #if PROGRAM == 0
 /* K^T chunks (KC rows of LDT) and then V chunks (COLS rows of LDV) share one buffer */
 #define KV_FLOATS (KC * LDT > COLS * LDV ? KC * LDT : COLS * LDV)
+/* a work-item's share of one staged chunk (COLS rows x KC columns of K or V), in float4 quads */
+#define STAGE_QUADS ((COLS * KC / 4 + THREADS - 1) / THREADS)
+
+/* Staging is split into fetch (global loads into registers) and put (stores into local memory) so
+ * that the next chunk's loads are in flight while this chunk's products run: a work-item moves
+ * several quads per chunk, and waiting on each load before the next made the loads, not the
+ * arithmetic, the forward's cost at large head dims (fewer rows per work-group, more quads each). */
+
+/* quad u of this work-item as (row, column) of the chunk: K column-major, so that neighbouring
+ * work-items take neighbouring rows and their transposed stores land in different banks; V row-major */
+inline int2 stage_slot(int u, bool transposed)
+{
+    const int index = get_local_id(0) + u * THREADS, quads = KC / 4;
+    return transposed ? (int2)(index % COLS, index / COLS * 4) : (int2)(index / quads, index % quads * 4);
+}
+
+inline bool stage_owns(int u) { return STAGE_QUADS * THREADS == COLS * KC / 4 || get_local_id(0) + u * THREADS < COLS * KC / 4; }
+
+/* rows [row0, row0 + COLS) x columns [col0, col0 + KC) of K (transposed) or V into registers */
+inline void fetch_chunk(float4 x[STAGE_QUADS], __global const elem_t *src, long stride, int row0, int limit, int col0,
+                        bool transposed)
+{
+#pragma unroll
+    for (int u = 0; u < STAGE_QUADS; u++) {
+        const int2 rc = stage_slot(u, transposed);
+        x[u] = stage_owns(u) ? read_quad(src, stride, row0 + rc.x, limit, col0 + rc.y) : (float4)(0.0f);
+    }
+}
+
+/* the fetched quads into local memory: K as K^T (KC rows of LDT), V as COLS rows of LDV */
+inline void put_chunk(__local float *dst, const float4 x[STAGE_QUADS], bool transposed)
+{
+#pragma unroll
+    for (int u = 0; u < STAGE_QUADS; u++) {
+        if (!stage_owns(u)) continue;
+        const int2 rc = stage_slot(u, transposed);
+        if (transposed) {
+            dst[(rc.y + 0) * LDT + rc.x] = x[u].s0;
+            dst[(rc.y + 1) * LDT + rc.x] = x[u].s1;
+            dst[(rc.y + 2) * LDT + rc.x] = x[u].s2;
+            dst[(rc.y + 3) * LDT + rc.x] = x[u].s3;
+        } else {
+            LOCAL4(dst, rc.x * LDV + rc.y) = x[u];
+        }
+    }
+}
 
 __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_forward(
     __global const elem_t *q, __global const elem_t *k, __global const elem_t *v, __global elem_t *out,
@@ -467,19 +512,26 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
         for (int c = 0; c < CHUNKS; c++) o[i][c] = (floatV)(0.0f);
     float4 m_run = (float4)(-INFINITY), l_run = (float4)(0.0f); /* per owned row; l summed over own columns */
     const int2 keys = key_range(row0, ROWS, &vis);
-    for (int col0 = keys.x / COLS * COLS; col0 < keys.y; col0 += COLS) {
+    const int first = keys.x / COLS * COLS;
+    /* the pipeline: each step puts the chunk fetched in the step before, fetches the next one (the
+     * K chunks of a key tile, then its V chunks, then the next tile's K chunks), and computes */
+    float4 staged[STAGE_QUADS];
+    if (first < keys.y) fetch_chunk(staged, kh, k_n, first, seqlen_k, 0, true);
+    for (int col0 = first; col0 < keys.y; col0 += COLS) {
         floatV s[4] = {(floatV)(0.0f), (floatV)(0.0f), (floatV)(0.0f), (floatV)(0.0f)}, t[4];
 #pragma unroll
         for (int dc = 0; dc < D_PAD; dc += KC) {
             barrier(CLK_LOCAL_MEM_FENCE); /* the previous readers are done with kv_tile (and p_tile) */
-            load_tile_transposed(kv_tile, kh, k_n, col0, seqlen_k, COLS, dc);
+            put_chunk(kv_tile, staged, true);
             barrier(CLK_LOCAL_MEM_FENCE);
+            if (dc + KC < D_PAD) fetch_chunk(staged, kh, k_n, col0, seqlen_k, dc + KC, true);
+            else fetch_chunk(staged, vh, v_n, col0, seqlen_k, 0, false);
             scores_transposed(q_tile + dc, kv_tile, tm, tn, s);
         }
         block_scores(s, t, row0, col0, tm, tn, true, &vis, mask, padding);
         for (int i = 0; i < 4; i++) partial[tn * ROWS + tm + TM * i] = lane_max(s[i]);
         barrier(CLK_LOCAL_MEM_FENCE); /* row partials written; every K read done */
-        load_columns(kv_tile, LDV, vh, v_n, col0, seqlen_k, COLS, 0, KC);
+        put_chunk(kv_tile, staged, false);
         float4 m_new = m_run;
         for (int u = 0; u < TN; u++) {
             __local const float *part = partial + u * ROWS + tm;
@@ -497,14 +549,16 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
         }
         l_run += (float4)(lane_sum(s[0]), lane_sum(s[1]), lane_sum(s[2]), lane_sum(s[3]));
         store_block(p_tile, tm, tn, s);
-        barrier(CLK_LOCAL_MEM_FENCE); /* P and the first V chunk in place */
-        tile_accumulate(p_tile, kv_tile, LDV, tm, tn, o, 0, PIECES);
 #pragma unroll
-        for (int dc = KC; dc < D_PAD; dc += KC) {
-            barrier(CLK_LOCAL_MEM_FENCE); /* the previous chunk's readers are done */
-            load_columns(kv_tile, LDV, vh, v_n, col0, seqlen_k, COLS, dc, KC);
-            barrier(CLK_LOCAL_MEM_FENCE);
-            tile_accumulate(p_tile, kv_tile, LDV, tm, tn, o, dc / COLS, PIECES);
+        for (int dc = 0; dc < D_PAD; dc += KC) {
+            if (dc > 0) {
+                barrier(CLK_LOCAL_MEM_FENCE); /* the previous chunk's readers are done */
+                put_chunk(kv_tile, staged, false);
+            }
+            barrier(CLK_LOCAL_MEM_FENCE); /* P and this V chunk in place */
+            if (dc + KC < D_PAD) fetch_chunk(staged, vh, v_n, col0, seqlen_k, dc + KC, false);
+            else if (col0 + COLS < keys.y) fetch_chunk(staged, kh, k_n, col0 + COLS, seqlen_k, 0, true);
+            tile_accumulate(p_tile, kv_tile, LDV, tm, tn, o, dc / COLS);
         }
     }
     /* the row sums over all of the row's work-items */
@@ -621,11 +675,11 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
             block_gradients(s, dp, t, lse_tile, delta_tile, tm, tn, false, p);
             store_block(p_tile, tm, tn, p);
             barrier(CLK_LOCAL_MEM_FENCE);
-            tile_accumulate(p_tile, g_tile, LD, tm, tn, dv_acc, 0, CHUNKS); /* dV += P^T dO */
+            tile_accumulate(p_tile, g_tile, LD, tm, tn, dv_acc, 0); /* dV += P^T dO */
             barrier(CLK_LOCAL_MEM_FENCE);
             store_block(p_tile, tm, tn, dp);
             barrier(CLK_LOCAL_MEM_FENCE);
-            tile_accumulate(p_tile, q_tile, LD, tm, tn, dk_acc, 0, CHUNKS); /* dK += dS^T Q */
+            tile_accumulate(p_tile, q_tile, LD, tm, tn, dk_acc, 0); /* dK += dS^T Q */
         }
     }
     store_rows(dk + b * dk_b + hk * dk_h, dk_n, row0, seqlen_k, tm, tn, dk_acc, (float4)(scale));
@@ -672,7 +726,7 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
         block_gradients(s, dp, t, lse_tile, delta_tile, tm, tn, true, p);
         store_block(p_tile, tm, tn, dp);
         barrier(CLK_LOCAL_MEM_FENCE);
-        tile_accumulate(p_tile, k_tile, LD, tm, tn, dq_acc, 0, CHUNKS); /* dQ += dS K */
+        tile_accumulate(p_tile, k_tile, LD, tm, tn, dq_acc, 0); /* dQ += dS K */
     }
     store_rows(dq + b * dq_b + h * dq_h, dq_n, row0, seqlen_q, tm, tn, dq_acc, (float4)(scale));
 }
