@@ -31,4 +31,9 @@ python3 benchmarks/mma_shapes.py --out "$out/mma-shapes-$device.json"
 python3 benchmarks/sparsity.py --backend cupy --json "$out/sparsity-cupy-$device.json"
 # block-sparse (25% of blocks kept) and sliding-window runs against the dense one, N = 8192
 python3 benchmarks/sparsity.py --json "$out/sparsity-$device.json"
-python3 -m portattn bench --json "$out/bench-$device.json"
+# every usable backend and peer on the flash-attention grid (cuda:0), with plots; then the pytest-benchmark suite
+python3 -m portattn bench --mode fwd --json "$out/bench-fwd-$device.json" --plot "$out/bench-fwd-$device.png"
+python3 -m portattn bench --mode fwd+bwd --json "$out/bench-fwdbwd-$device.json" --plot "$out/bench-fwdbwd-$device.png"
+histogram=$(python3 -c "import pygal, pygaljs" 2>/dev/null && echo "--benchmark-histogram=$out/pytest-benchmark/histogram-$device" || true)
+python3 -m pytest benchmarks -p no:cacheprovider --benchmark-only --benchmark-storage="file://$out/pytest-benchmark" \
+  --benchmark-save="$device" $histogram

@@ -120,41 +120,135 @@ def cmd_plan(args) -> int:
 # ----------------------------------------------------------------------------------------------
 # bench
 
+LIVE_KINDS = ("cpu", "cuda", "opencl")
 
-def _bench_problems(args):
+
+def _bench_problems(args, grid_kind: str):
     from . import bench
 
-    seqlens = args.seqlen or (bench.QUICK_SEQLENS if args.quick else (1024, 2048, 4096))
-    head_dims = args.head_dim or (bench.QUICK_HEAD_DIMS if args.quick else (64, 128))
-    modes = args.mode or ("fwd",)
-    dtype = args.dtype or default_dtype(args.device.split(":", 1)[0])
-    return bench.grid(seqlens, head_dims, causal=args.causal, modes=modes, dtype=dtype, heads=args.batch_heads)
+    masks = (True,) if args.causal else (False,) if args.no_causal else None
+    return bench.default_grid(grid_kind, quick=args.quick, seqlens=args.seqlen, head_dims=args.head_dim, masks=masks,
+                              modes=args.mode, dtype=args.dtype, heads=args.batch_heads)
 
 
-def cmd_bench(args, argv) -> int:
+def _methods(device_kind: str, repeats: int, warmup: int, budget: float) -> dict:
+    """How time and memory were measured, for the JSON record and the table's footer."""
+    batch = "calls back to back (as many as last 2 ms, up to 100; the count is each row's 'clock' in the JSON)"
+    clock = {"cuda": f"CUDA events (torch.cuda.Event pairs on the current stream, no L2 flush) around {batch}",
+             "opencl": f"host clock (time.perf_counter) around {batch} and queue.finish()"}.get(
+        device_kind, "host clock (time.perf_counter) around each call")
+    if device_kind == "cuda":
+        clock += f"; opencl rows: host clock around {batch} and queue.finish()"
+    memory = {"cuda": "torch.cuda.max_memory_allocated growth over one call (torch-based rows); opencl rows: "
+                      "the sizes of the OpenCL buffers the call created",
+              "opencl": "the sizes of the OpenCL buffers the call created"}.get(
+        device_kind, "growth of the process's peak resident memory over one call (VmHWM reset through "
+                  "/proc/self/clear_refs, after malloc_trim returns freed memory to the OS)")
+    timing = (f"median of {repeats} timings (fewer, at least {min(5, repeats)}, where {repeats} would take over {budget:g} s) after "
+              f"the first call and {warmup} warm-up call(s); contenders take turns in each repeat; {clock}; one process")
+    return {"timing": timing, "memory": memory}
+
+
+def _bench_run(args):
+    """What ``bench`` will time, from the arguments: a namespace, or ValueError/RuntimeError to report."""
     from . import bench
     from .backends import registry
     from .tiling import device_named
 
     unknown = [name for name in args.backend or () if name not in registry()]
     if unknown:
-        return _fail(ValueError(f"unknown backend(s) {', '.join(unknown)}; known: {', '.join(registry())}"))
+        raise ValueError(f"unknown backend(s) {', '.join(unknown)}; known: {', '.join(registry())}")
+    label = bench.default_device(args.device)
+    kind = label.split(":", 1)[0]
+    if kind not in LIVE_KINDS:
+        raise ValueError(f"bench times a live device: cpu, cuda[:N] or opencl:P:D, not {label!r} (catalog devices are for `portattn plan`)")
+    device = device_named(label)
+    unknown = [name for name in args.peer or () if name not in bench.known_peers(label)]
+    if unknown:
+        raise ValueError(f"unknown peer(s) {', '.join(unknown)} on {kind}; known: {', '.join(bench.known_peers(label)) or 'none'}")
+    gpu = device.kind != "cpu"
+    run = argparse.Namespace(label=label, device=device, unit=bench.unit_for(device.kind), skipped={})
+    run.repeats = args.repeats or (30 if gpu else 7)
+    run.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    run.problems = _bench_problems(args, "cuda" if gpu else "cpu")
+    run.backends = bench.default_backends(label, args.backend or (), run.skipped)
+    run.peers = [] if args.no_peers else bench.peer_names(label, args.peer, run.skipped)
+    if args.no_flex and "torch-flex" in run.peers:
+        run.peers.remove("torch-flex")
+    run.methods = _methods(kind, run.repeats, run.warmup, args.budget)
+    run.opencl_device = _opencl_device(label) if "opencl" in run.backends else None
+    return run
+
+
+def cmd_bench(args, argv) -> int:
+    from . import bench
+
     try:
-        device = device_named(args.device)
-    except (ValueError, RuntimeError) as error:
+        if args.plot:
+            bench.plot.require_matplotlib()  # before a long run, not after it
+        if args.from_json:
+            return _bench_redraw(args)
+        run = _bench_run(args)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
         return _fail(error)
-    problems = _bench_problems(args)
-    backends = bench.default_backends(args.device, args.backend or ())
-    peers = [] if args.no_peers else bench.peer_names(args.device)
-    print(f"device: {device.describe().splitlines()[0]}")
-    print(f"backends: {', '.join(backends) or 'none'}; peers: {', '.join(peers) or 'none'}; repeats: {args.repeats}")
+    print(f"device: {run.label}: {run.device.describe().splitlines()[0]}")
+    print(f"problems: {len(run.problems)} ({', '.join(sorted({p.dtype for p in run.problems}))}); "
+          f"backends: {', '.join(run.backends) or 'none'}; peers: {', '.join(run.peers) or 'none'}; repeats: {run.repeats}")
+    for name, why in run.skipped.items():
+        print(f"  not timed: {name}: {why}")
+    if run.opencl_device:
+        print(f"opencl runs on {run.opencl_device}")
+    if "torch-flex" in run.peers and args.flex_workers > 0:
+        print(f"compiling FlexAttention for {len(run.problems)} problem(s) in {args.flex_workers} worker processes first", flush=True)
+        bench.warm_flex(run.problems, run.label, args.flex_workers)
+    common = dict(command=bench.command_line(argv), repeats=run.repeats, **run.methods, unit=run.unit, skipped=run.skipped,
+                  device_label=run.label, opencl_device=run.opencl_device)
+
+    def save(results, complete: bool = False, wall_s: float | None = None) -> dict:
+        record = bench.report(results, run.device, complete=complete, wall_s=wall_s, **common)
+        if args.json:  # after every problem too: a run cut short keeps what it measured
+            bench.write_json(args.json, record)
+        return record
+
     started = time.perf_counter()
-    results = bench.run_grid(problems, backends, peers, device=args.device, repeats=args.repeats)
-    print(bench.format_table(results))
-    print(f"vs best peer: GFLOP/s over the best peer's on the same shape (>1 = faster); wall time {time.perf_counter() - started:.1f} s")
+    sys.stdout.flush()
+    results = bench.run_grid(run.problems, run.backends, run.peers, device=run.label, repeats=run.repeats, warmup=run.warmup,
+                             budget_s=args.budget, progress=bench.progress.ProgressBar(), after=save)
+    wall = time.perf_counter() - started
+    print(bench.format_table(results, run.unit))
+    print(f"vs best peer: {run.unit} over the best peer's on the same problem (>1 = faster). peak mem: {run.methods['memory']}.")
+    print(f"time: {run.methods['timing']}. wall time {wall:.1f} s")
+    record = save(results, complete=True, wall_s=round(wall, 1))
     if args.json:
-        record = bench.report(results, device, command=bench.command_line(argv), repeats=args.repeats)
-        print(f"wrote {bench.write_json(args.json, record)}")
+        print(f"wrote {args.json}")
+    for path in bench.plot.plot(record, results, args.plot) if args.plot else ():
+        print(f"wrote {path}")
+    return 0
+
+
+def _opencl_device(label: str) -> str | None:
+    """Which OpenCL device the opencl rows ran on, for the record."""
+    from . import bench
+    from .backends import opencl_runtime
+
+    try:
+        chosen = bench.opencl_label(label)
+        found = opencl_runtime.device_of(chosen)
+        return f"{chosen}: {found.name.strip()} ({found.platform.name.strip()}, {found.driver_version})"
+    except Exception as error:  # noqa: BLE001 - only a note in the record
+        return f"unknown ({bench.reason(error)})"
+
+
+def _bench_redraw(args) -> int:
+    """``--from-json``: the table and plots of a saved run, without timing anything."""
+    from . import bench
+
+    record, results = bench.read_json(args.from_json)
+    unit = record.get("unit") or bench.unit_for(record.get("device", {}).get("kind", "cpu"))
+    print(f"{args.from_json}: {record.get('command', '?')} -- {record.get('date', '?')}, {record.get('device', {}).get('name', '?')}")
+    print(bench.format_table(results, unit))
+    for path in bench.plot.plot(record, results, args.plot) if args.plot else ():
+        print(f"wrote {path}")
     return 0
 
 
@@ -184,19 +278,42 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 on CPUs, float16 on GPUs")
     plan.add_argument("--causal", action="store_true")
 
-    bench = commands.add_parser("bench", help="time the usable backends against peers on this device")
-    bench.add_argument("--quick", action="store_true", help="N in {512, 1024, 2048}, D=64, forward")
-    bench.add_argument("--device", default="cpu", help="live device label (default: cpu)")
+    bench = commands.add_parser(
+        "bench", help="time the usable backends against peers on this device",
+        description="Time every usable portattn backend and the peer kernels present (torch SDPA's kernels, "
+                    "FlexAttention on CUDA, torch's CPU kernel) on one device, interleaved in one process, and print "
+                    "a table. Default grid: on GPUs flash-attention's (B*N = 16384, H = 2048/D, fp16, N 512..16384, "
+                    "D 64 and 128, both masks, fwd and fwd+bwd); on CPUs B=1, H=8, fp32, N 512..4096, D 64 and 128, "
+                    "both masks, fwd.")
+    bench.add_argument("--quick", action="store_true", help="about a minute: N in {512, 1024, 2048}, D=64, no mask, forward")
+    bench.add_argument("--device", default=None, help="live device: cpu, cuda[:N], opencl:P:D (default: cuda:0 when torch sees a GPU, else cpu)")
     bench.add_argument("--seqlen", type=int, nargs="+", default=None)
     bench.add_argument("--head-dim", type=int, nargs="+", default=None)
-    bench.add_argument("--causal", action="store_true")
+    masks = bench.add_mutually_exclusive_group()
+    masks.add_argument("--causal", action="store_true", help="causal mask only (default: both masks; --quick: no mask)")
+    masks.add_argument("--no-causal", action="store_true", help="no mask only")
     bench.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 on CPUs, float16 on GPUs")
-    bench.add_argument("--mode", choices=("fwd", "fwd+bwd"), nargs="+", default=None, help="default: fwd")
-    bench.add_argument("--batch-heads", type=int, default=8, help="H with B=1 (default 8)")
+    bench.add_argument("--mode", choices=("fwd", "fwd+bwd"), nargs="+", default=None, help="default: fwd on CPUs, both on GPUs")
+    bench.add_argument("--batch-heads", type=int, default=None, metavar="H",
+                       help="B=1 with H heads (default: 8 on CPUs; flash-attention's B = 16384/N, H = 2048/D on GPUs)")
     bench.add_argument("--backend", nargs="+", default=None, help="also time these (e.g. reference, for tiny sizes only)")
+    bench.add_argument("--peer", nargs="+", default=None, metavar="NAME",
+                       help="time these peers instead of the default ones (cpu: torch-sdpa-flash, torch-sdpa-math; cuda: "
+                            "torch-sdpa-cudnn, torch-sdpa-flash, torch-sdpa-efficient, torch-sdpa-math, torch-flex)")
     bench.add_argument("--no-peers", action="store_true", help="time portattn backends only")
-    bench.add_argument("--json", default=None, metavar="PATH", help="write results, device, versions and command here")
-    bench.add_argument("--repeats", type=int, default=7)
+    bench.add_argument("--no-flex", action="store_true", help="leave FlexAttention out (torch.compile takes a while per shape)")
+    bench.add_argument("--flex-workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
+                       help="compile FlexAttention for the grid in N processes before timing (0: compile while timing)")
+    bench.add_argument("--repeats", type=int, default=None, help="timed calls per contender and problem (default: 7 on CPUs, 30 on GPUs)")
+    bench.add_argument("--warmup", type=int, default=None, help="untimed calls after the first (default: 1 on CPUs, 3 on GPUs)")
+    bench.add_argument("--budget", type=float, default=3.0, metavar="SECONDS",
+                       help="fewer repeats (at least 5) for a contender whose repeats would take longer than this (default 3)")
+    bench.add_argument("--json", default=None, metavar="PATH",
+                       help="write results, device, versions, date, command and methods here (rewritten after each problem)")
+    bench.add_argument("--plot", default=None, metavar="PATH",
+                       help="draw throughput against N per backend and peer with matplotlib: PATH itself when there is one "
+                            "(head dim, mask, mode) figure, else PATH's stem + -d<D>-<full|causal>-<fwd|fwdbwd>.png beside it")
+    bench.add_argument("--from-json", default=None, metavar="PATH", help="time nothing: print the table (and --plot) of a saved --json")
     return parser
 
 

@@ -43,19 +43,177 @@ def test_plan_for_an_unknown_device_exits_2_with_a_message(capsys):
 def test_bench_writes_json_with_a_numba_row(tmp_path, capsys):
     pytest.importorskip("numba", reason="the numba backend needs numba (pip install 'portattn[numba]')")
     path = tmp_path / "r.json"
-    argv = ["bench", "--seqlen", "256", "--head-dim", "32", "--repeats", "2", "--json", str(path)]
+    argv = ["bench", "--device", "cpu", "--seqlen", "256", "--head-dim", "32", "--no-causal", "--repeats", "2", "--json", str(path)]
     assert main(argv) == 0
     assert "numba" in capsys.readouterr().out
     record = json.loads(path.read_text())
     assert record["device"]["name"] == probe_cpu().name
-    assert {"python", "numpy", "torch", "numba", "portattn"} <= set(record["versions"])
+    assert {"python", "numpy", "torch", "triton", "cupy", "pyopencl", "numba", "portattn"} <= set(record["versions"])
     assert record["command"].endswith(" ".join(argv))
+    assert "host clock" in record["timing"] and record["memory"] and record["complete"] is True
     numba_rows = [r for r in record["results"] if r["backend"] == "numba"]
     assert len(numba_rows) == 1
     row = numba_rows[0]
-    assert (row["seqlen"], row["head_dim"], row["mode"]) == (256, 32, "fwd")
-    assert row["median_ms"] > 0 and row["gflops"] > 0
+    assert (row["seqlen"], row["head_dim"], row["mode"], row["causal"]) == (256, 32, "fwd", False)
+    assert row["median_ms"] > 0 and row["gflops"] > 0 and len(row["times_ms"]) == 2
     assert row["plan"].startswith("block ")
+    assert row["clock"] == "host clock"
+    if row["memory_bytes"] is not None:  # Linux: the call's output alone is 256 KiB
+        assert row["memory_bytes"] >= 256 * 8 * 32 * 4
+
+
+def test_bench_json_plot_and_redraw_from_json(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib")
+    pytest.importorskip("numba", reason="the numba backend needs numba (pip install 'portattn[numba]')")
+    saved, drawn = tmp_path / "r.json", tmp_path / "plots" / "p.png"
+    argv = ["bench", "--device", "cpu", "--seqlen", "64", "128", "--head-dim", "16", "--repeats", "2", "--no-peers",
+            "--backend", "numba", "--json", str(saved), "--plot", str(drawn)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    # both masks by default: one figure per (head dim, mask, mode), named after --plot
+    figures = [tmp_path / "plots" / "p-d16-full-fwd.png", tmp_path / "plots" / "p-d16-causal-fwd.png"]
+    for figure in figures:
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+        assert f"wrote {figure}" in out
+    assert not drawn.exists()
+    record = json.loads(saved.read_text())
+    assert {(r["seqlen"], r["causal"]) for r in record["results"] if r["backend"] == "numba"} == {
+        (64, False), (128, False), (64, True), (128, True)}
+
+    again = tmp_path / "again.png"
+    assert main(["bench", "--from-json", str(saved), "--plot", str(again)]) == 0
+    out = capsys.readouterr().out
+    assert "numba" in out and "GFLOP/s" in out and "block " in out
+    assert (tmp_path / "again-d16-full-fwd.png").exists() and (tmp_path / "again-d16-causal-fwd.png").exists()
+
+
+def test_bench_from_json_rejects_a_file_that_is_not_a_record(tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text('{"peers": []}')
+    assert main(["bench", "--from-json", str(other)]) == 2
+    assert "not a portattn bench record" in capsys.readouterr().err
+
+
+def test_bench_shows_why_a_backend_refuses_and_goes_on(capsys):
+    pytest.importorskip("numba", reason="the numba backend needs numba (pip install 'portattn[numba]')")
+    # cupy takes CUDA tensors only: on CPU inputs it refuses, here and on a GPU machine alike
+    argv = ["bench", "--device", "cpu", "--seqlen", "64", "--head-dim", "16", "--no-causal", "--repeats", "2", "--no-peers",
+            "--backend", "numba", "cupy"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cupy = [line for line in lines if line.startswith("cupy ")]
+    numba = [line for line in lines if line.startswith("numba ")]
+    assert len(cupy) == 1 and "not run: backend 'cupy' cannot run" in cupy[0] and "cupy runs on cuda" in cupy[0]
+    assert len(numba) == 1 and "not run" not in numba[0] and "block " in numba[0]
+
+
+def test_bench_a_contender_that_raises_anything_becomes_a_row(monkeypatch):
+    from portattn import bench
+
+    problem = bench.Problem(1, 2, 64, 16, False, "float32", "fwd")
+    calls = []
+
+    def flaky_fn():
+        calls.append(1)
+        if len(calls) > 3:
+            raise MemoryError("out of memory on the fourth call")
+
+    def fake_timed(name, problem, inputs):
+        if name == "broken":
+            raise KeyError("not a ValueError: setup raised something else")
+        fn = flaky_fn if name == "flaky" else (lambda: None)
+        return bench.Timed(fn, bench.HostClock(), None, lambda: (123, "counted"), plan=f"plan of {name}")
+
+    monkeypatch.setattr(bench.run, "portattn_timed", fake_timed)
+    results = bench.run_problem(problem, ["broken", "flaky", "fine"], [], device="cpu", repeats=4, warmup=1)
+    broken, flaky, fine = results
+    assert "not a ValueError" in broken.error and not broken.times_s
+    assert flaky.error == "out of memory on the fourth call" and not flaky.times_s
+    assert fine.error is None and len(fine.times_s) == 4 and fine.memory_bytes == 123 and fine.plan == "plan of fine"
+    table = bench.format_table(results)
+    assert "not run: out of memory on the fourth call" in table and "123 B" in table
+
+
+def test_bench_default_grids():
+    from portattn import bench
+
+    gpu = bench.default_grid("cuda")
+    assert len(gpu) == 6 * 2 * 2 * 2
+    assert {p.dtype for p in gpu} == {"float16"} and {p.mode for p in gpu} == {"fwd", "fwd+bwd"}
+    assert {p.causal for p in gpu} == {False, True}
+    assert all(p.batch * p.seqlen == 16384 and p.heads * p.head_dim == 2048 for p in gpu)
+    cpu = bench.default_grid("cpu")
+    assert {(p.batch, p.heads, p.dtype, p.mode) for p in cpu} == {(1, 8, "float32", "fwd")}
+    assert sorted({p.seqlen for p in cpu}) == [512, 1024, 2048, 4096] and {p.causal for p in cpu} == {False, True}
+    quick = bench.default_grid("cpu", quick=True)
+    assert [(p.seqlen, p.head_dim, p.causal, p.mode) for p in quick] == [(512, 64, False, "fwd"), (1024, 64, False, "fwd"), (2048, 64, False, "fwd")]
+    causal_only = bench.default_grid("cuda", quick=True, masks=(True,), heads=4)
+    assert {(p.batch, p.heads, p.causal) for p in causal_only} == {(1, 4, True)}
+    assert bench.Problem(2, 32, 8192, 64, True, "float16", "fwd").label() == "2x32x8192x64-causal-fwd"
+
+
+def test_bench_figure_names():
+    from pathlib import Path
+
+    from portattn.bench.plot import figure_paths
+
+    one = figure_paths("out/x.png", [(64, False, "fwd", "float16")])
+    assert one == {(64, False, "fwd", "float16"): Path("out/x.png")}
+    several = figure_paths("out/x.png", [(64, False, "fwd", "float16"), (128, True, "fwd+bwd", "float16")])
+    assert several[(128, True, "fwd+bwd", "float16")] == Path("out/x-d128-causal-fwdbwd.png")
+    assert several[(64, False, "fwd", "float16")] == Path("out/x-d64-full-fwd.png")
+
+
+def test_bench_progress_line_per_problem_when_not_a_terminal(monkeypatch):
+    import io
+
+    from portattn import bench
+
+    stream = io.StringIO()
+    problems = bench.grid((32, 64), (16,), causal=False, modes=("fwd",), dtype="float32", heads=2)
+    timed = bench.Timed(lambda: None, bench.HostClock(), None, lambda: (None, "n/a"))
+    monkeypatch.setattr(bench.run, "portattn_timed", lambda name, problem, inputs: timed)
+    bench.run_grid(problems, ["stub"], [], repeats=1, progress=bench.progress.ProgressBar(stream))
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("bench [1/2]") and "1x2x32x16-full-fwd" in lines[0]
+    assert lines[1].startswith("bench [2/2]") and lines[2].startswith("bench: 2 problem(s)")
+    assert "\r" not in stream.getvalue()
+
+
+def test_process_peak_sees_a_call_that_allocates():
+    from pathlib import Path
+
+    import numpy as np
+
+    from portattn.bench import timing
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("peak RSS is measured through Linux's /proc/self/clear_refs")
+    size = 64 * 2**20
+    grown, how = timing.process_peak(lambda: np.ones(size // 8))
+    assert grown >= size * 0.9, (grown, how)
+    small, _ = timing.process_peak(lambda: None)
+    assert small < size / 4
+
+
+def test_opencl_buffers_counts_what_a_call_creates():
+    pytest.importorskip("pyopencl", reason="needs pyopencl")
+    import numpy as np
+
+    from portattn.bench import timing
+
+    try:
+        from portattn.backends import opencl_runtime
+
+        queue = opencl_runtime.queue_for(opencl_runtime.choose())
+    except Exception as error:  # noqa: BLE001
+        pytest.skip(f"no OpenCL device: {error}")
+    import pyopencl as cl
+    import pyopencl.array as cla
+
+    made, how = timing.opencl_buffers(lambda: (cla.empty(queue, (1000,), np.float32), cla.zeros(queue, (24,), np.float64)), queue)
+    assert made == 4000 + 192 and "pyopencl.Buffer" in how
+    assert cl.Buffer.__name__ == "Buffer"  # restored
 
 
 def test_bench_ratios_and_table_without_timing():
@@ -80,6 +238,46 @@ def test_time_callable_warms_up_then_times_each_repeat():
     calls = []
     times = bench.time_callable(lambda: calls.append(1), 3, warmup=2)
     assert len(calls) == 5 and len(times) == 3 and all(t >= 0 for t in times)
+
+
+def test_time_interleaved_gives_slow_contenders_fewer_repeats_and_keeps_errors():
+    from portattn import bench
+
+    order = []
+    errors = {}
+
+    def bad():
+        raise RuntimeError("second line follows\n  - the reason")
+
+    times = bench.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b"), "bad": bad},
+                                   {"a": 3, "b": 1, "bad": 2}, warmup=0, errors=errors)
+    assert order == ["a", "b", "a", "a"]
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 1, "bad": 0}
+    assert errors == {"bad": "second line follows the reason"}
+    assert bench.repeats_within(0.5, 30, budget_s=3.0) == 6
+    assert bench.repeats_within(2.0, 30, budget_s=3.0) == 5 and bench.repeats_within(0.001, 30, budget_s=3.0) == 30
+
+
+def test_device_clock_times_short_calls_back_to_back():
+    import time
+
+    from portattn import bench
+
+    calls = []
+
+    def two_ms():
+        calls.append(1)
+        time.sleep(0.002)
+
+    clock = bench.HostClock(None, "host clock + sync", target_s=0.01)
+    first = clock(two_ms)  # one call, which sizes the batch
+    assert len(calls) == 1 and first >= 0.002 and 2 <= clock.calls <= 5
+    per_call = clock(two_ms)
+    assert len(calls) == 1 + clock.calls and 0.002 <= per_call < first * 3
+    assert clock.name == f"host clock + sync, {clock.calls} calls back to back per timing"
+    plain = bench.HostClock()
+    plain(two_ms), plain(two_ms)
+    assert plain.calls == 1 and plain.name == "host clock"
 
 
 def test_time_interleaved_takes_turns():
