@@ -2,8 +2,10 @@
 
     python docs/gen_benchmark_tables.py benchmarks/results/cpu-epyc-*.json
     python docs/gen_benchmark_tables.py benchmarks/results/h100-flash-grid-*.json   # benchmarks/flash_grid.py output
+    python docs/gen_benchmark_tables.py benchmarks/results/h100-opencl-peers.json   # benchmarks/opencl_peers.py output
 
-A ``portattn bench`` record (``results``) gives one GFLOP/s table; a ``benchmarks/flash_grid.py``
+A ``portattn bench`` record (``results``) gives one throughput table; a ``benchmarks/opencl_peers.py``
+record (``opencl_device``) one table against torch on the same device; a ``benchmarks/flash_grid.py``
 record gives a TFLOP/s table against the peers (``peers``) or the planner-sweep table (``sweep``).
 """
 
@@ -15,18 +17,49 @@ from collections import defaultdict
 
 
 def table(path: str) -> str:
+    """A ``portattn bench`` record: one row per (D, mask, pass, N), a throughput column per backend and
+    peer (TFLOP/s on GPUs, GFLOP/s on CPUs, as the record's ``unit`` says), then each portattn
+    backend's ratio to the best peer on that row."""
     record = json.load(open(path))
+    unit = record.get("unit", "GFLOP/s")
+    scale = 1e-3 if unit == "TFLOP/s" else 1.0
     rows = defaultdict(dict)
     for r in record["results"]:
         rows[(r["head_dim"], r["causal"], r["mode"], r["seqlen"])][r["backend"]] = r
     backends = sorted({b for row in rows.values() for b in row}, key=lambda b: (b.startswith("torch"), b))
-    header = "| D | causal | mode | N | " + " | ".join(f"{b} GFLOP/s" for b in backends) + " | portattn / best peer |"
+    ours = [b for b in backends if not b.startswith("torch")]
+    header = ("| D | causal | mode | N | " + " | ".join(backends) + " | "
+              + " | ".join(f"{b} / best peer" for b in ours) + " | best peer |")
     lines = [f"`{record['command']}` -- {record['date']}, {record['device']['name']}, " + ", ".join(
-        f"{k} {v}" for k, v in record["versions"].items() if v), "", header, "|" + "---|" * (header.count("|") - 1)]
+        f"{k} {v}" for k, v in record["versions"].items() if v), "", f"{unit}:", "", header,
+        "|" + "---|" * (header.count("|") - 1)]
     for (d, causal, mode, n), row in sorted(rows.items()):
-        ratios = [f"{r['ratio_to_best_peer']:.2f}x" for r in row.values() if r["role"] == "portattn" and r["ratio_to_best_peer"]]
-        cells = [f"{row[b]['gflops']:.1f}" if b in row and row[b]["gflops"] else "-" for b in backends]
-        lines.append(f"| {d} | {int(causal)} | {mode} | {n} | " + " | ".join(cells) + f" | {', '.join(ratios)} |")
+        cells = [f"{row[b]['gflops'] * scale:.1f}" if b in row and row[b]["gflops"] else "-" for b in backends]
+        ratios = [f"{row[b]['ratio_to_best_peer']:.2f}x" if b in row and row[b]["ratio_to_best_peer"] else "-" for b in ours]
+        best = next((r["best_peer"] for r in row.values() if r.get("best_peer")), "-")
+        lines.append(f"| {d} | {int(causal)} | {mode} | {n} | " + " | ".join(cells + ratios) + f" | {best} |")
+    return "\n".join(lines)
+
+
+def opencl_table(record: dict) -> str:
+    """A ``benchmarks/opencl_peers.py`` record: the opencl backend against torch on the same device."""
+    device = record["opencl_device"]
+    peak = f"; fp32 FMA peak {record['fp32_peak_tflops']} TFLOP/s" if record.get("fp32_peak_tflops") else ""
+    peers = sorted({name for row in record["rows"] for name in row["peers_s"]})
+    header = "| dtype | (B, H, N, D) | causal | opencl TFLOP/s | " + " | ".join(f"{p} TFLOP/s" for p in peers) + " | " + \
+        " | ".join(f"opencl / {p}" for p in peers) + " | plan |"
+    lines = [f"`{record['command']}` -- {record['date']}, {device['name']} ({device['platform']}, driver {device['driver']}, "
+             f"{device['local_mem_bytes'] // 1024} KiB local memory){peak}; peers on {record['peer_device']}; "
+             + ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v), "", header,
+             "|" + "---|" * (header.count("|") - 1)]
+    for row in record["rows"]:
+        ours = row["flops"] / row["opencl_s"] / 1e12
+        rates = [f"{row['flops'] / row['peers_s'][p] / 1e12:.2f}" if row["peers_s"].get(p) else "-" for p in peers]
+        ratios = [f"{row['peers_s'][p] / row['opencl_s']:.2f}x" if row["peers_s"].get(p) else "-" for p in peers]
+        plan = row["plan"].split(", 1 stages")[0].split(", head dim")[0]
+        chunk = " (K/V in chunks of " + row["plan"].split("staged ")[1].split(" ")[0] + ")" if "staged" in row["plan"] else ""
+        lines.append(f"| {row['dtype']} | {tuple(row['shape'])} | {int(row['causal'])} | {ours:.2f} | "
+                     + " | ".join(rates + ratios) + f" | {plan}{chunk} |")
     return "\n".join(lines)
 
 
@@ -95,6 +128,8 @@ def render(path: str) -> str:
         return sparsity_table(record)
     if "results" in record:
         return table(path)
+    if "opencl_device" in record:
+        return opencl_table(record)
     parts = [peers_table(record)] if record.get("peers") else []
     if record.get("sweep"):
         parts.append(sweep_table(record))
