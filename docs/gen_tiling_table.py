@@ -1,12 +1,17 @@
-"""Print the markdown table of tile plans in docs/tiling.md.
+"""Print the markdown tables of tile plans in docs/tiling.md.
 
-    PYTHONPATH=. python docs/gen_tiling_table.py
+    PYTHONPATH=. python docs/gen_tiling_table.py            # the GPU/CPU rules
+    PYTHONPATH=. python docs/gen_tiling_table.py --opencl   # the OpenCL rules on the same devices
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+
 from portattn.spec import AttentionSpec
 from portattn.tiling import CATALOG, plan
+from portattn.tiling import opencl as opencl_rules
 
 BATCH, HEADS, SEQLEN = 4, 16, 4096  # B * H = 64
 
@@ -32,5 +37,31 @@ def main() -> None:
             )
 
 
+NVIDIA_OPENCL_LOCAL = 48 * 1024  # NVIDIA's OpenCL driver offers 48 KiB of local memory, not the opt-in CUDA limit
+
+
+def opencl() -> None:
+    """The OpenCL rules' plans: each catalog device as its OpenCL driver describes it (NVIDIA's: 48 KiB
+    of local memory; the others' local memory is their LDS/SLM/threadgroup memory)."""
+    print("| device | dtype | D | forward tile (q x k) | float width | K/V chunk | work-items | local KiB | backward keys x queries |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for key, device in CATALOG.items():
+        if device.kind == "cpu":  # a CPU's OpenCL plan follows PoCL's probed description, not the catalog's caches
+            continue
+        if device.vendor == "nvidia":
+            device = dataclasses.replace(device, sram_per_block=NVIDIA_OPENCL_LOCAL)
+        dtype = "float16" if device.kind == "gpu" else "float32"
+        for head_dim in (64, 128):
+            spec = AttentionSpec(batch=BATCH, heads=HEADS, seqlen_q=SEQLEN, seqlen_k=SEQLEN, head_dim=head_dim, dtype=dtype)
+            try:
+                p = opencl_rules.plan(spec, device)
+            except ValueError as error:
+                print(f"| {key} | {dtype} | {head_dim} | no plan: {error} | | | | | |")
+                continue
+            print(f"| {key} | {dtype} | {head_dim} | {p.block_q} x {p.block_k} | {p.vector_width} | "
+                  f"{p.head_dim_chunk or 'all'} | {p.threads} | {p.sram_bytes / 1024:.0f} | "
+                  f"{p.backward_block_k} x {p.backward_block_q} |")
+
+
 if __name__ == "__main__":
-    main()
+    opencl() if "--opencl" in sys.argv[1:] else main()
