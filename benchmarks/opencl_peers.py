@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import datetime
+import itertools
 import json
 import platform
 import statistics
 import sys
-import time
 
 import numpy as np
 import pyopencl as cl
@@ -36,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
 
 import portattn
+from portattn import bench
 from portattn.api import prepare
 from portattn.backends import opencl_runtime, registry
 
@@ -46,13 +46,8 @@ FP32_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 67.0}  # vector fp32 FMA peak (NVID
 
 
 def host_median(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``reps`` host-clock timings after one warm-up call (``fn`` waits for its device)."""
+    return statistics.median(bench.time_callable(fn, reps))
 
 
 def cuda_median(fn, reps):

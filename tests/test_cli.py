@@ -196,18 +196,14 @@ def test_process_peak_sees_a_call_that_allocates():
     assert small < size / 4
 
 
-def test_opencl_buffers_counts_what_a_call_creates():
-    pytest.importorskip("pyopencl", reason="needs pyopencl")
+def test_opencl_buffers_counts_what_a_call_creates(usable_backend):
+    usable_backend("opencl")  # skips with the backend's own reasons (no pyopencl, no device)
     import numpy as np
 
+    from portattn.backends import opencl_runtime
     from portattn.bench import timing
 
-    try:
-        from portattn.backends import opencl_runtime
-
-        queue = opencl_runtime.queue_for(opencl_runtime.choose())
-    except Exception as error:  # noqa: BLE001
-        pytest.skip(f"no OpenCL device: {error}")
+    queue = opencl_runtime.queue_for(opencl_runtime.choose())
     import pyopencl as cl
     import pyopencl.array as cla
 
