@@ -6,7 +6,7 @@ and SDPA's default choice, on CUDA tensors of the same shapes, fp16 and fp32. On
 torch's CPU ``scaled_dot_product_attention`` (its flash-attention CPU kernel), fp32.
 
     python benchmarks/opencl_peers.py --json results.json              # the grid
-    python benchmarks/opencl_peers.py --sweep --json sweep.json        # every forward grid (TM x TN x chunk) too
+    python benchmarks/opencl_peers.py --sweep --json sweep.json        # every forward grid (TM x TN x tile x chunk) too
     python benchmarks/opencl_peers.py --shapes 4,16,2048,128 --causal 0 --sweep   # one point
     python benchmarks/opencl_peers.py --memory --json memory.json      # device memory against N
 
@@ -101,21 +101,40 @@ def peers(device_kind, shape, torch_dtype, causal, reps):
     return found
 
 
-def sweep_plans(queue, arrays, causal, device_kind):
-    """Every forward grid whose local memory fits, each with every head-dim chunk (0: all columns);
-    on GPUs only whole sub-groups (32 work-items or more)."""
+def sweep_plans(queue, arrays, causal, device_kind, widths):
+    """Every forward grid whose local memory fits, with every work-item register tile (rows x column
+    vectors) and head-dim chunk (0: all columns); on GPUs only whole sub-groups (32 work-items or more)."""
     backend = registry()["opencl"]
     q, k, v = arrays
     plan = prepare(q, k, v, backend="opencl", causal=causal).plan
-    widths = (4, 8) if device_kind == "gpu" else (plan.vector_width or 4,)
+    widths = widths or ((plan.vector_width or 4,) if device_kind == "cpu" else (4,))
     smallest = 32 if device_kind == "gpu" else 1
+    largest = 256 if device_kind == "gpu" else 1024  # O6: larger groups lost every GPU sweep so far
     plans = []
-    for vw, tm, tn in itertools.product(widths, (1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16, 32)):
+    sides = (1, 2, 4, 8, 16, 32)
+    for vw, tm, tn, (rm, cn) in itertools.product(widths, sides, sides, ((4, 1), (8, 1), (4, 2), (8, 2))):
         for chunk in (0, *(c for c in (16, 32, 64, 128) if c < q.shape[-1])):
-            other = backend.retile(plan, {"block_q": 4 * tm, "block_k": vw * tn, "vector_width": vw, "head_dim_chunk": chunk})
-            if other is not None and smallest <= other.threads <= 1024 and other.sram_bytes <= queue.device.local_mem_size:
+            other = backend.retile(plan, {"block_q": rm * tm, "block_k": cn * vw * tn, "vector_width": vw,
+                                          "head_dim_chunk": chunk, "item_rows": rm, "item_vectors": cn})
+            if other is not None and smallest <= other.threads <= largest and other.sram_bytes <= queue.device.local_mem_size:
                 plans.append(other)
     return plan, plans
+
+
+def compiler_report(queue, call, plan):
+    """NVIDIA's compiler report for a plan's forward (``-cl-nv-verbose``: registers, spills), else []."""
+    if "NVIDIA" not in queue.device.platform.name:
+        return []
+    from portattn.backends.opencl import _Call
+    from portattn.extras import NONE
+    from portattn.tiling import opencl as rules
+
+    q = opencl_inputs(queue, (1, 1, 4, call.spec.head_dim), np.float16 if call.spec.dtype == "float16" else np.float32)[0]
+    options = rules.forward_grid(plan, call.spec.head_dim).options() + _Call(None, q, call.spec, NONE).options
+    program = cl.Program(queue.context, opencl_runtime._source())
+    program.build(options=[*opencl_runtime.BUILD_FLAGS, *options, "-cl-nv-verbose"])
+    log = program.get_build_info(queue.device, cl.program_build_info.LOG)
+    return [line.split(":", 1)[-1].strip() for line in log.splitlines() if "Used" in line or "spill" in line]
 
 
 
@@ -132,11 +151,21 @@ def run_grid(args, record, queue, device_kind):
                        "flops": flops(*shape, causal), "opencl_s": seconds,
                        "plan": prepare(*arrays, backend="opencl", causal=causal).plan.summary()}
                 if args.sweep:
-                    plan, plans = sweep_plans(queue, arrays, causal, device_kind)
-                    row["sweep"] = [{"block_q": p.block_q, "block_k": p.block_k, "vector_width": p.vector_width,
-                                     "head_dim_chunk": p.head_dim_chunk,
-                                     "threads": p.threads, "local_bytes": p.sram_bytes,
-                                     "seconds": time_opencl(queue, arrays, causal, args.reps, p)} for p in plans]
+                    plan, plans = sweep_plans(queue, arrays, causal, device_kind, args.widths)
+                    row["sweep"] = []
+                    for p in plans:
+                        seconds = time_opencl(queue, arrays, causal, args.reps, p)
+                        row["sweep"].append({"block_q": p.block_q, "block_k": p.block_k, "vector_width": p.vector_width,
+                                             "item_rows": p.item_rows, "item_vectors": p.item_vectors,
+                                             "head_dim_chunk": p.head_dim_chunk, "threads": p.threads,
+                                             "local_bytes": p.sram_bytes, "seconds": seconds})
+                        print(f"  {p.block_q}x{p.block_k} ({p.item_rows}x{p.item_vectors} per item) float{p.vector_width} "
+                              f"chunk {p.head_dim_chunk}: {row['flops'] / seconds / 1e12:.2f}", flush=True)
+                    call = prepare(*arrays, backend="opencl", causal=causal)
+                    ranked = sorted(zip(row["sweep"], plans), key=lambda pair: pair[0]["seconds"])
+                    for entry, p in ranked[:args.reports]:
+                        entry["compiler"] = compiler_report(queue, call, p)
+                    row["compiler"] = compiler_report(queue, call, plan)
                 del arrays
                 row["peers_s"] = peers(device_kind, shape, torch_dtype, causal, args.reps)
                 record["rows"].append(row)
@@ -151,8 +180,8 @@ def _line(row):
             parts.append(f"{name} {row['flops'] / seconds / 1e12:.2f} ({seconds / row['opencl_s']:.2f}x)")
     if "sweep" in row:
         best = min(row["sweep"], key=lambda r: r["seconds"])
-        parts.append(f"best swept {best['block_q']}x{best['block_k']} float{best['vector_width']} chunk {best['head_dim_chunk']} "
-                     f"{row['flops'] / best['seconds'] / 1e12:.2f}")
+        parts.append(f"best swept {best['block_q']}x{best['block_k']} ({best['item_rows']}x{best['item_vectors']} per item) "
+                     f"float{best['vector_width']} chunk {best['head_dim_chunk']} {row['flops'] / best['seconds'] / 1e12:.2f}")
     return ", ".join(parts)
 
 
@@ -180,6 +209,8 @@ def main(argv=None):
     parser.add_argument("--json")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--sweep", action="store_true", help="also time every forward grid around the plan")
+    parser.add_argument("--widths", nargs="*", type=int, help="vector widths to sweep (default: the plan's on CPUs, 4 on GPUs)")
+    parser.add_argument("--reports", type=int, default=5, help="NVIDIA compiler reports for this many of the fastest swept grids")
     parser.add_argument("--memory", action="store_true", help="device memory against N instead of the grid (GPU)")
     parser.add_argument("--dtypes", nargs="*")
     parser.add_argument("--shapes", nargs="*", type=lambda text: tuple(int(x) for x in text.split(",")),

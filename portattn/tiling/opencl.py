@@ -2,8 +2,8 @@
 
 The kernels in ``portattn/backends/opencl_kernels/attention.cl`` run on any OpenCL 1.2 device --
 GPUs of every vendor without their matrix units, and CPUs through PoCL -- so they are FMA kernels
-in the SGEMM style: a work-group is a ``TM x TN`` grid of work-items, each owning a 4 x 4 block of
-the score tile and float4 pieces of the accumulator rows. The plan fixes the grid of each program
+in the SGEMM style: a work-group is a ``TM x TN`` grid of work-items, each owning an ``RM x CN VW``
+block of the score tile (4 x 4 in every plan so far) and float4 pieces of the accumulator rows. The plan fixes the grid of each program
 (forward; backward, whose dK/dV and dQ kernels share one build) and the local memory it takes.
 
 Rules (O for OpenCL), stated where they act:
@@ -14,14 +14,19 @@ Rules (O for OpenCL), stated where they act:
        outside the tile loops and are not vectorized), else 4 (float8 grids on the H100 swept
        at 8-13 TFLOP/s against 22 for float4: twice the registers per column for no fewer local
        loads per FMA). A program's grid is TM x TN with TM, TN powers of two; its score tile is
-       ROWS x COLS = 4 TM x VW TN.
+       ROWS x COLS = RM TM x CN VW TN. The forward kernel also takes taller and wider work-item tiles
+       (RM = 8 rows, CN = 2 vectors: fewer local loads per FMA, more registers), which sweeps reach
+       through the plan's ``item_rows`` / ``item_vectors``; plans keep 4 x 1: on the H100 every
+       forward already uses all 255 registers, and 4 x 2 matched 4 x 1 at D = 64 (22.3 against 22.2
+       TFLOP/s, fp32) and spilled at D = 128 (17.5 against 19.5); 8 x 1 and 8 x 2 lost everywhere
+       (benchmarks/results/h100-opencl-sweep-tiles-*.json, with NVIDIA's compiler reports).
   * O2 head dim padded to a multiple of VW TN: work-item tn owns accumulator columns in VW-wide
        pieces interleaved with its neighbours' (conflict-free local reads).
   * O3 local memory, exactly as the .cl file lays it out (``*_local_bytes``), float32 tiles with
        rows padded by VW floats; must fit CL_DEVICE_LOCAL_MEM_SIZE. On GPUs the forward may stage
        K and V ``chunk`` head-dim columns at a time (``chunk_choices``): NVIDIA's OpenCL gives 48
        KiB, where a whole K^T tile at D = 128 leaves room for a Q tile of only 32 rows; chunks of
-       64 let it hold 64 rows (H100, D = 128: 64 x 16 tiles in chunks of 64 at 21-23 TFLOP/s,
+       64 let it hold 64 rows (H100, D = 128: 64 x 16 tiles in chunks at 19-23 TFLOP/s,
        against 15 for the best whole-row grid, 32 x 16). CPUs stage whole rows.
   * O4 private memory: float32 accumulators (16 per 4 x 4 block, 16 per float4 column piece of
        each accumulator row set) plus operands and a fixed overhead (``*_registers``); on GPUs it
@@ -31,10 +36,11 @@ Rules (O for OpenCL), stated where they act:
   * O6 ranking, GPUs: registers within the limit, then at least one work-group per compute unit,
        then whole sub-groups (TM x TN >= the SIMD width) but at most ``GPU_MAX_THREADS`` work-items
        (small groups: more of them resident, and each barrier waits on fewer), then the most query
-       rows (K and V are re-read once per query tile), then the fewest key columns, then the
-       largest chunk (each chunk costs two barriers). Measured on the H100 through NVIDIA's
-       OpenCL (fp16 and fp32, N = 2048, benchmarks/results/h100-opencl-sweep-*.json): D = 64 128 x 8
-       at 20-23 TFLOP/s against 12-14 for 32 x 32; D = 128 64 x 16 in chunks of 64, as in O3. The
+       rows (K and V are re-read once per query tile), then the fewest key columns, then whole rows
+       (no chunk), else the smallest chunk: fewer staged quads held in registers. Measured on the
+       H100 through NVIDIA's OpenCL (fp16 and fp32, N = 2048, benchmarks/results/h100-opencl-sweep-*.json):
+       D = 64 128 x 8 at 20-23 TFLOP/s against 12-14 for 32 x 32; D = 128 64 x 16 as in O3, in chunks
+       of 32 (which spilled 32 B and ran 19.5 TFLOP/s fp32) rather than 64 (64 B spilled, 18.7). The
        backward (four operand tiles in local memory, two accumulator sets) ranks whole sub-groups
        of at most ``GPU_MAX_THREADS`` first, registers after (a spill costs less than idle lanes),
        then the largest tile. CPUs (PoCL runs a work-group as loops on one core): at least
@@ -84,6 +90,8 @@ class Grid:
     program: int = 0  # 0 forward, 1 backward (the .cl file's PROGRAM)
     kc: int = 0  # O3: head-dim columns of K and V the forward stages at a time; 0 = all
     pieces_inner: bool = False  # O7: accumulator pieces in the inner loop of tile products (GPUs)
+    rm: int = 4  # O1: score rows per work-item (the forward's register tile; the backward's is 4 x 1)
+    cn: int = 1  # O1: column vectors per work-item
 
     @property
     def chunk(self) -> int:
@@ -91,16 +99,16 @@ class Grid:
 
     @property
     def chunk_fits(self) -> bool:
-        """O3: a chunk is whole accumulator pieces (a multiple of ``cols``) and divides the padded head dim."""
-        return self.chunk % self.cols == 0 and self.head_dim_padded % self.chunk == 0
+        """O3: a chunk is whole accumulator pieces (a multiple of ``vw tn``) and divides the padded head dim."""
+        return self.chunk % (self.vw * self.tn) == 0 and self.head_dim_padded % self.chunk == 0
 
     @property
     def rows(self) -> int:
-        return 4 * self.tm
+        return self.rm * self.tm
 
     @property
     def cols(self) -> int:
-        return self.vw * self.tn
+        return self.cn * self.vw * self.tn
 
     @property
     def threads(self) -> int:
@@ -137,8 +145,10 @@ class Grid:
         return max(dkdv, dq)
 
     def forward_registers(self) -> int:
-        """O4: scores and their tanh, O accumulators, operand pieces in flight."""
-        return 2 * 4 * self.vw + 4 * self.vw * self.chunks + 4 * self.vw + 4 + REGISTER_OVERHEAD
+        """O4: scores and their tanh, O accumulators, operands of one head-dim step (a row's float per
+        register-tile row, four VW-vectors per column vector)."""
+        scores = 2 * self.rm * self.cn * self.vw
+        return scores + self.rm * self.vw * self.chunks + 4 * self.cn * self.vw + self.rm + REGISTER_OVERHEAD
 
     def backward_registers(self) -> int:
         """O4 for dK/dV (the larger kernel): S, dP, P and tanh blocks, dK and dV accumulators, operands."""
@@ -147,6 +157,7 @@ class Grid:
     def options(self) -> tuple[str, ...]:
         chunk = (f"-DKC={self.chunk}",) if self.program == 0 else ()
         return (f"-DPROGRAM={self.program}", f"-DTM={self.tm}", f"-DTN={self.tn}", f"-DVW={self.vw}",
+                f"-DRM={self.rm}", f"-DCN={self.cn}",
                 f"-DHEAD_DIM={self.head_dim}", f"-DD_PAD={self.head_dim_padded}", *chunk,
                 f"-DPIECES_INNER={int(self.pieces_inner)}")
 
@@ -160,13 +171,13 @@ def forward_vector_width(device: DeviceSpec) -> int:
 
 
 def grid_of(block_rows: int, block_cols: int, head_dim: int, vw: int = 4, program: int = 0, kc: int = 0,
-            gpu: bool = False) -> Grid | None:
-    """The grid whose tile is ``block_rows x block_cols`` (staging ``kc`` head-dim columns at a time), or
-    None when O1 and O3 have none."""
-    tm, tn = block_rows // 4, block_cols // vw
-    if block_rows % 4 or block_cols % vw or tm not in GRID_SIDES or tn not in GRID_SIDES:
+            gpu: bool = False, rm: int = 4, cn: int = 1) -> Grid | None:
+    """The grid whose tile is ``block_rows x block_cols`` with ``rm x cn`` vectors per work-item (staging
+    ``kc`` head-dim columns at a time), or None when O1 and O3 have none."""
+    tm, tn = block_rows // rm, block_cols // (vw * cn)
+    if block_rows % rm or block_cols % (vw * cn) or tm not in GRID_SIDES or tn not in GRID_SIDES:
         return None
-    grid = Grid(tm, tn, head_dim, vw, program, kc, pieces_inner=gpu)
+    grid = Grid(tm, tn, head_dim, vw, program, kc, pieces_inner=gpu, rm=rm, cn=cn)
     return grid if grid.chunk_fits else None
 
 
@@ -177,7 +188,8 @@ def chunk_choices(grid: Grid, device: DeviceSpec) -> tuple[int, ...]:
     if grid.program != 0 or device.kind == "cpu":
         return (0,)
     d = grid.head_dim_padded
-    return (0,) + tuple(c for c in range(max(MIN_CHUNK, grid.cols), d, grid.cols) if d % c == 0)
+    piece = grid.vw * grid.tn
+    return (0,) + tuple(c for c in range(max(MIN_CHUNK, piece), d, piece) if d % c == 0)
 
 
 def _blocks(n: int, block: int) -> int:
@@ -193,7 +205,8 @@ def _rank(grid: Grid, device: DeviceSpec, local: int, registers: int, groups: in
         cores = device.hardware_threads or device.compute_units
         return (groups >= CPU_GROUPS_PER_CORE * cores, grid.tn == 1, -abs(grid.rows - CPU_ROWS), -grid.head_dim_padded)
     return (registers <= device.max_registers_per_thread, groups >= device.compute_units,
-            grid.threads >= device.simd_width, grid.threads <= GPU_MAX_THREADS, grid.rows, -grid.cols, grid.chunk)
+            grid.threads >= device.simd_width, grid.threads <= GPU_MAX_THREADS, grid.rows, -grid.cols,
+            grid.kc == 0, -grid.kc)
 
 
 def _choose(spec, device: DeviceSpec, vw: int, program: int, local_of, registers_of, groups_of):
@@ -265,12 +278,12 @@ def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
         sram_bytes=local, registers=registers if device.kind == "gpu" else 0, backward=back,
         matrix_unit=None, reasons=reasons,
     )
-    return dataclasses.replace(plan, vector_width=vw, head_dim_chunk=grid.kc)
+    return dataclasses.replace(plan, vector_width=vw, head_dim_chunk=grid.kc, item_rows=grid.rm, item_vectors=grid.cn)
 
 
 def forward_grid(plan: TilePlan, head_dim: int) -> Grid | None:
     return grid_of(plan.block_q, plan.block_k, head_dim, plan.vector_width or 4, 0, plan.head_dim_chunk,
-                   plan.target == "gpu")
+                   plan.target == "gpu", plan.item_rows or 4, plan.item_vectors or 1)
 
 
 def backward_grid(plan: TilePlan, head_dim: int) -> Grid | None:

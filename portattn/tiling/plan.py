@@ -40,6 +40,8 @@ class TilePlan:
     reasons: tuple[str, ...]
     vector_width: int = 0  # OpenCL: lanes of a work-item's score vectors (tiling/opencl.py O1); 0 elsewhere
     head_dim_chunk: int = 0  # OpenCL: head-dim columns of K/V the forward stages at a time (O3); 0 = all
+    item_rows: int = 0  # OpenCL: score rows of a forward work-item's register tile (O1); 0 elsewhere
+    item_vectors: int = 0  # OpenCL: score column vectors of a forward work-item's register tile (O1); 0 elsewhere
 
     def summary(self) -> str:
         """One line: the numbers a kernel is launched with."""

@@ -102,6 +102,39 @@ def test_programs_are_built_once_per_options(queue):
     assert opencl_runtime.program.cache_info().misses == before
 
 
+# (rows x column vectors per work-item, loop order, chunk): the forward's register tiles beyond 4 x 1
+TILE_CASES = [(8, 1, "gpu", "smallest"), (4, 2, "cpu", 0), (8, 2, "gpu", 0)]
+
+
+@pytest.mark.parametrize("rows, vectors, target, chunk", TILE_CASES, ids=["8x1-gpu-chunked", "4x2-cpu", "8x2-gpu"])
+def test_forward_register_tiles(queue, rows, vectors, target, chunk):
+    """Taller and wider work-item tiles (the plan's ``item_rows`` x ``item_vectors``) match the reference
+    on a causal problem whose lengths are no multiple of any tile (row and key padding, per-score checks
+    on the diagonal tiles), forced on the default device whatever its own plan chose."""
+    from portattn.api import prepare
+    from portattn.backends import registry
+    from portattn.tiling import opencl as rules
+
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((1, 2, 37, 40)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 2, 53, 40)).astype(np.float32) for _ in range(2))
+    call = prepare(q, k, v, backend="opencl", causal=True)
+    vw = call.plan.vector_width
+    tn = 2  # two work-items per row, so their column vectors interleave
+    changes = {"block_q": rows * 4, "block_k": vectors * vw * tn, "item_rows": rows, "item_vectors": vectors}
+    grid = rules.forward_grid(dataclasses.replace(call.plan, **changes), 40)
+    if chunk == "smallest":
+        chunk = next(c for c in range(grid.vw * grid.tn, grid.head_dim_padded, grid.vw * grid.tn)
+                     if grid.head_dim_padded % c == 0)
+    plan = dataclasses.replace(registry()["opencl"].retile(call.plan, {**changes, "head_dim_chunk": chunk}), target=target)
+    forward = rules.forward_grid(plan, 40)
+    assert (forward.rm, forward.cn, forward.rows, forward.cols) == (rows, vectors, rows * 4, vectors * vw * tn)
+    out, lse = dataclasses.replace(call, plan=plan).forward(q, k, v)
+    want, want_lse = reference.attention_forward(q, k, v, scale=40**-0.5, causal=True)[:2]
+    np.testing.assert_allclose(out, want, atol=3e-5, err_msg=f"{rows} x {vectors} tile, {target} loop order")
+    np.testing.assert_allclose(lse, want_lse, atol=3e-5)
+
+
 # (head dim, causal, [(chunk: smallest / largest / 0 = none, loop order)]): each build costs seconds on PoCL
 CHUNK_CASES = [(128, False, [("smallest", "cpu"), ("largest", "gpu")]), (72, True, [(0, "gpu"), ("smallest", "gpu")])]
 

@@ -3,17 +3,20 @@
  * Compile-time constants (-D build options from the plan, portattn/tiling/opencl.py):
  *   PROGRAM    0: the forward kernel; 1: the backward kernels (each program is built on its own).
  *   TM, TN, VW the work-group is a TM x TN grid of work-items (TM * TN of them); a score tile is
- *              ROWS x COLS = (4 TM) x (VW TN). Work-item (tm, tn) owns the scores of rows
- *              tm + TM i (i < 4) and columns tn VW .. tn VW + VW - 1: one vector of VW floats per
- *              row (VW is the device's preferred float vector width in the forward of a CPU
- *              device, else 4). Interleaved rows and adjacent column vectors make neighbouring
+ *              ROWS x COLS = (RM TM) x (CN VW TN). Work-item (tm, tn) owns the scores of rows
+ *              tm + TM i (i < RM) and columns (tn + TN j) VW .. + VW - 1 (j < CN): CN vectors of VW
+ *              floats per row (VW is the device's preferred float vector width in the forward of a
+ *              CPU device, else 4). Interleaved rows and column vectors make neighbouring
  *              work-items read neighbouring local memory (no bank conflicts on GPUs).
+ *   RM, CN     the work-item's register tile, RM rows x CN vectors (default 4 x 1; the backward
+ *              program is always 4 x 1). A taller or wider tile reads fewer local operands per FMA
+ *              (RM + CN VW loads per RM CN VW 4 FMAs) at the cost of registers.
  *   HEAD_DIM   D; D_PAD is D rounded up to VW TN: work-item tn owns accumulator columns
  *              VW (c TN + tn) .. + VW - 1 for c < CHUNKS (interleaved vector pieces).
  *   PIECES_INNER  1 on GPUs: tile_accumulate's loop over accumulator pieces runs inside its loop
  *              over keys (weights read once per step); 0 under PoCL, which keeps accumulators in memory.
  *   KC         the forward stages K and V in local memory KC head-dim columns at a time (a
- *              multiple of COLS dividing D_PAD; default D_PAD, all of them). Chunks free the
+ *              multiple of VW TN dividing D_PAD; default D_PAD, all of them). Chunks free the
  *              local memory that a whole K^T tile would take at large head dims, for a taller Q
  *              tile and more work-groups per compute unit, at two barriers per chunk.
  *   DTYPE      storage of q, k, v, out, grads: 0 float32, 1 float16 (vload_half/vstore_half, core
@@ -38,8 +41,14 @@
  * PoCL's binary builds call those built-ins out of line, which made the inner loops 3x slower.
  */
 
-#define ROWS (4 * TM)
-#define COLS (VW * TN)
+#ifndef RM
+#define RM 4
+#endif
+#ifndef CN
+#define CN 1
+#endif
+#define ROWS (RM * TM)
+#define COLS (CN * VW * TN)
 #define THREADS (TM * TN)
 #define LD (D_PAD + VW)
 #define LDS (COLS + VW)
@@ -49,7 +58,7 @@
 #define KC D_PAD
 #endif
 #define LDV (KC + VW)        /* row stride of a V chunk */
-#define PIECES (KC / COLS)   /* accumulator pieces per chunk */
+#define PIECES (KC / (VW * TN)) /* accumulator pieces per chunk */
 
 #if VW == 4
 typedef float4 floatV;
@@ -147,28 +156,31 @@ inline floatV rank4(floatV acc, float4 w, floatV b0, floatV b1, floatV b2, float
     return w.s3 * b3 + acc;
 }
 
-/* s[i] += a[tm + TM i] . b[tn VW + j] for j < VW over KC head-dim columns, with b stored transposed
- * (bt[d LDT + n]): one float4 of a row and one VW-vector of bt per head-dim step, four rank-1
- * updates per float4 */
-inline void scores_transposed(__local const float *a, __local const float *bt, int tm, int tn, floatV s[4])
+/* s[i CN + j] += a[tm + TM i] . b[(tn + TN j) VW + lane] over KC head-dim columns, with b stored
+ * transposed (bt[d LDT + n]): per head-dim step of 4, RM float4s of a and 4 CN VW-vectors of bt,
+ * four rank-1 updates per pair: no transposes in registers */
+inline void scores_transposed(__local const float *a, __local const float *bt, int tm, int tn, floatV s[RM * CN])
 {
-    /* accumulate in locals, not in s[]: s lives across barriers, and PoCL keeps such variables in
-     * memory; these stay in registers through the loop */
-    floatV s0 = s[0], s1 = s[1], s2 = s[2], s3 = s[3];
-    __local const float *a0 = a + tm * LD, *a1 = a + (tm + TM) * LD, *a2 = a + (tm + 2 * TM) * LD,
-                        *a3 = a + (tm + 3 * TM) * LD;
+    /* accumulate in a local array, not in s[]: s lives across barriers, and PoCL keeps such
+     * variables in memory; this one (unrolled, constant indices) stays in registers through the loop */
+    floatV acc[RM * CN];
+#pragma unroll
+    for (int x = 0; x < RM * CN; x++) acc[x] = s[x];
     for (int d = 0; d < KC; d += 4) {
-        const floatV b0 = LOCALV(bt, (d + 0) * LDT + tn * VW), b1 = LOCALV(bt, (d + 1) * LDT + tn * VW);
-        const floatV b2 = LOCALV(bt, (d + 2) * LDT + tn * VW), b3 = LOCALV(bt, (d + 3) * LDT + tn * VW);
-        s0 = rank4(s0, LOCAL4(a0, d), b0, b1, b2, b3);
-        s1 = rank4(s1, LOCAL4(a1, d), b0, b1, b2, b3);
-        s2 = rank4(s2, LOCAL4(a2, d), b0, b1, b2, b3);
-        s3 = rank4(s3, LOCAL4(a3, d), b0, b1, b2, b3);
+        floatV y[CN][4];
+#pragma unroll
+        for (int j = 0; j < CN; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) y[j][e] = LOCALV(bt, (d + e) * LDT + (tn + TN * j) * VW);
+#pragma unroll
+        for (int i = 0; i < RM; i++) {
+            const float4 w = LOCAL4(a, (tm + TM * i) * LD + d);
+#pragma unroll
+            for (int j = 0; j < CN; j++) acc[i * CN + j] = rank4(acc[i * CN + j], w, y[j][0], y[j][1], y[j][2], y[j][3]);
+        }
     }
-    s[0] = s0;
-    s[1] = s1;
-    s[2] = s2;
-    s[3] = s3;
+#pragma unroll
+    for (int x = 0; x < RM * CN; x++) s[x] = acc[x];
 }
 
 #if VW == 4
@@ -193,78 +205,73 @@ inline void scores_rows(__local const float *a, __local const float *b, int tm, 
 /* acc[i][c0 + c] += sum_n p[tm + TM i][n] * b[n][VW (c TN + tn) .. + VW - 1] for c < PIECES: a
  * (ROWS x COLS) weight tile in local memory times a (COLS x KC) operand tile of row stride `ldb`,
  * into the work-item's accumulator pieces c0 .. c0 + PIECES - 1. The backward program stages whole
- * rows (KC = D_PAD, so PIECES = CHUNKS and c0 = 0). The trip count is a macro, not an argument:
+ * rows (KC = D_PAD, so PIECES = CHUNKS and c0 = 0). The trip counts are macros, not arguments:
  * PoCL unrolls before it inlines, and only a constant count unrolls there; unrolled, the private
- * array's indices are constants and it stays in registers. */
+ * arrays' indices are constants and they stay in registers. */
 inline void tile_accumulate(__local const float *p, __local const float *b, int ldb, int tm, int tn,
-                            floatV acc[4][CHUNKS], int c0)
+                            floatV acc[RM][CHUNKS], int c0)
 {
-    __local const float *p0 = p + tm * LDS, *p1 = p + (tm + TM) * LDS, *p2 = p + (tm + 2 * TM) * LDS,
-                        *p3 = p + (tm + 3 * TM) * LDS;
 #if PIECES_INNER
     /* GPUs: the accumulators live in registers throughout, so each step's weights are read once for
      * every piece (local-memory loads per FMA, which bound these kernels, fall by up to half) */
     for (int n = 0; n < COLS; n += 4) {
-        const float4 w0 = LOCAL4(p0, n), w1 = LOCAL4(p1, n), w2 = LOCAL4(p2, n), w3 = LOCAL4(p3, n);
+        float4 w[RM];
+#pragma unroll
+        for (int i = 0; i < RM; i++) w[i] = LOCAL4(p, (tm + TM * i) * LDS + n);
 #pragma unroll
         for (int c = 0; c < PIECES; c++) {
             __local const float *bc = b + (c * TN + tn) * VW + n * ldb;
             const floatV b0 = LOCALV(bc, 0), b1 = LOCALV(bc, ldb), b2 = LOCALV(bc, 2 * ldb), b3 = LOCALV(bc, 3 * ldb);
-            acc[0][c0 + c] = rank4(acc[0][c0 + c], w0, b0, b1, b2, b3);
-            acc[1][c0 + c] = rank4(acc[1][c0 + c], w1, b0, b1, b2, b3);
-            acc[2][c0 + c] = rank4(acc[2][c0 + c], w2, b0, b1, b2, b3);
-            acc[3][c0 + c] = rank4(acc[3][c0 + c], w3, b0, b1, b2, b3);
+#pragma unroll
+            for (int i = 0; i < RM; i++) acc[i][c0 + c] = rank4(acc[i][c0 + c], w[i], b0, b1, b2, b3);
         }
     }
 #else
     /* PoCL: variables that live across barriers (the accumulators) are kept in memory, so one piece
-     * at a time is copied into locals, which stay in registers through the key steps */
+     * at a time is copied into a local array, which stays in registers through the key steps */
 #pragma unroll
     for (int c = 0; c < PIECES; c++) {
-        floatV a0 = acc[0][c0 + c], a1 = acc[1][c0 + c], a2 = acc[2][c0 + c], a3 = acc[3][c0 + c];
+        floatV a[RM];
+#pragma unroll
+        for (int i = 0; i < RM; i++) a[i] = acc[i][c0 + c];
         __local const float *bc = b + (c * TN + tn) * VW;
         for (int n = 0; n < COLS; n += 4) {
             const floatV b0 = LOCALV(bc, (n + 0) * ldb), b1 = LOCALV(bc, (n + 1) * ldb);
             const floatV b2 = LOCALV(bc, (n + 2) * ldb), b3 = LOCALV(bc, (n + 3) * ldb);
-            a0 = rank4(a0, LOCAL4(p0, n), b0, b1, b2, b3);
-            a1 = rank4(a1, LOCAL4(p1, n), b0, b1, b2, b3);
-            a2 = rank4(a2, LOCAL4(p2, n), b0, b1, b2, b3);
-            a3 = rank4(a3, LOCAL4(p3, n), b0, b1, b2, b3);
+#pragma unroll
+            for (int i = 0; i < RM; i++) a[i] = rank4(a[i], LOCAL4(p, (tm + TM * i) * LDS + n), b0, b1, b2, b3);
         }
-        acc[0][c0 + c] = a0;
-        acc[1][c0 + c] = a1;
-        acc[2][c0 + c] = a2;
-        acc[3][c0 + c] = a3;
+#pragma unroll
+        for (int i = 0; i < RM; i++) acc[i][c0 + c] = a[i];
     }
 #endif
 }
 
-/* the work-item's score rows into a local (ROWS x LDS) tile */
-inline void store_block(__local float *dst, int tm, int tn, const floatV s[4])
+/* the work-item's score vectors into a local (ROWS x LDS) tile */
+inline void store_block(__local float *dst, int tm, int tn, const floatV s[RM * CN])
 {
-    for (int i = 0; i < 4; i++) LOCALV(dst, (tm + TM * i) * LDS + tn * VW) = s[i];
+    for (int i = 0; i < RM; i++)
+        for (int j = 0; j < CN; j++) LOCALV(dst, (tm + TM * i) * LDS + (tn + TN * j) * VW) = s[i * CN + j];
 }
 
-/* the work-item's accumulator rows (row i times factor[i]) to global rows [row0, row0 + ROWS) < limit */
+/* the work-item's accumulator rows, times `factor`, to global rows [row0, row0 + ROWS) < limit */
 inline void store_rows(__global elem_t *dst, long stride, int row0, int limit, int tm, int tn,
-                       floatV acc[4][CHUNKS], float4 factor)
+                       floatV acc[RM][CHUNKS], float factor)
 {
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < RM; i++) {
         const int row = row0 + tm + TM * i;
         if (row >= limit) continue;
         __global elem_t *p = dst + row * stride;
-        const float f = COMPONENT(factor, i);
 #pragma unroll
         for (int c = 0; c < CHUNKS; c++) {
             const int col = (c * TN + tn) * VW;
             lanes_t x;
-            x.v = acc[i][c] * f;
+            x.v = acc[i][c] * factor;
             for (int j = 0; j < VW; j++)
                 if (col + j < HEAD_DIM) STORE1(p, col + j, x.e[j]);
         }
     }
 }
-
 inline float lane_max(floatV v)
 {
     lanes_t x;
@@ -387,28 +394,29 @@ inline Visibility visibility(int seqlen_q, int seqlen_k, int offset, int left, i
 
 /* the raw products s of the work-item's rows -> scores in log2 units (rows are queries when
  * `rows_are_queries`, else keys); tanh values for the softcap derivative in `t` */
-inline void block_scores(floatV s[4], floatV t[4], int row0, int col0, int tm, int tn, bool rows_are_queries,
-                         const Visibility *vis, __global const mask_t *mask, __global const uchar *padding)
+inline void block_scores(floatV s[RM * CN], floatV t[RM * CN], int row0, int col0, int tm, int tn,
+                         bool rows_are_queries, const Visibility *vis, __global const mask_t *mask,
+                         __global const uchar *padding)
 {
     const bool plain = rows_are_queries ? tile_is_plain(row0, ROWS, col0, COLS, vis)
                                         : tile_is_plain(col0, COLS, row0, ROWS, vis);
-    for (int i = 0; i < 4; i++) {
-        t[i] = (floatV)(0.0f);
+    for (int x = 0; x < RM * CN; x++) {
+        t[x] = (floatV)(0.0f);
         if (plain) {
-            s[i] *= vis->scale * LOG2E;
+            s[x] *= vis->scale * LOG2E;
             continue;
         }
         lanes_t e, h;
-        e.v = s[i];
-        h.v = t[i];
-        const int r = row0 + tm + TM * i;
+        e.v = s[x];
+        h.v = t[x];
+        const int r = row0 + tm + TM * (x / CN);
         for (int j = 0; j < VW; j++) {
-            const int c = col0 + tn * VW + j;
+            const int c = col0 + (tn + TN * (x % CN)) * VW + j;
             e.e[j] = rows_are_queries ? score(e.e[j], r, c, vis, mask, padding, &h.e[j])
                                       : score(e.e[j], c, r, vis, mask, padding, &h.e[j]);
         }
-        s[i] = e.v;
-        t[i] = h.v;
+        s[x] = e.v;
+        t[x] = h.v;
     }
 }
 
@@ -429,8 +437,6 @@ inline __global const uchar *padding_of(__global const uchar *padding, int b, in
     return padding;
 }
 
-inline float4 safe_max(float4 m) { return select(m, (float4)(0.0f), m == (float4)(-INFINITY)); }
-
 #define FEATURE_ARGS                                                                                          \
     int heads, int group, int seqlen_q, int seqlen_k, int offset, int left, int right, float scale, float softcap, \
         __global const float *slopes, __global const mask_t *mask, long mask_b, long mask_h, long mask_i, long mask_j, \
@@ -440,6 +446,9 @@ inline float4 safe_max(float4 m) { return select(m, (float4)(0.0f), m == (float4
  * forward: one work-group per (ROWS queries, batch x head); O and LSE
  */
 #if PROGRAM == 0
+/* rows row, row + TM, row + 2 TM, row + 3 TM of a per-row array */
+inline float4 row_quad(__local const float *x, int row) { return (float4)(x[row], x[row + TM], x[row + 2 * TM], x[row + 3 * TM]); }
+
 /* K^T chunks (KC rows of LDT) and then V chunks (COLS rows of LDV) share one buffer */
 #define KV_FLOATS (KC * LDT > COLS * LDV ? KC * LDT : COLS * LDV)
 /* a work-item's share of one staged chunk (COLS rows x KC columns of K or V), in float4 quads */
@@ -506,11 +515,20 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
     __global const elem_t *kh = k + b * k_b + hk * k_h, *vh = v + b * v_b + hk * v_h;
 
     load_tile(q_tile, q + b * q_b + h * q_h, q_n, row0, seqlen_q, ROWS);
-    floatV o[4][CHUNKS];
-    for (int i = 0; i < 4; i++)
+    floatV o[RM][CHUNKS];
+#pragma unroll
+    for (int i = 0; i < RM; i++)
 #pragma unroll
         for (int c = 0; c < CHUNKS; c++) o[i][c] = (floatV)(0.0f);
-    float4 m_run = (float4)(-INFINITY), l_run = (float4)(0.0f); /* per owned row; l summed over own columns */
+    /* row statistics four rows to a vector (rows tm + TM (4 g + r) in m_run[g].sr): one exp2 per four
+     * rows, since PoCL calls built-ins out of line and every call spills the accumulators around it;
+     * l is summed over the work-item's own columns */
+    float4 m_run[RM / 4], l_run[RM / 4];
+#pragma unroll
+    for (int g = 0; g < RM / 4; g++) {
+        m_run[g] = (float4)(-INFINITY);
+        l_run[g] = (float4)(0.0f);
+    }
     const int2 keys = key_range(row0, ROWS, &vis);
     const int first = keys.x / COLS * COLS;
     /* the pipeline: each step puts the chunk fetched in the step before, fetches the next one (the
@@ -518,7 +536,9 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
     float4 staged[STAGE_QUADS];
     if (first < keys.y) fetch_chunk(staged, kh, k_n, first, seqlen_k, 0, true);
     for (int col0 = first; col0 < keys.y; col0 += COLS) {
-        floatV s[4] = {(floatV)(0.0f), (floatV)(0.0f), (floatV)(0.0f), (floatV)(0.0f)}, t[4];
+        floatV s[RM * CN], t[RM * CN];
+#pragma unroll
+        for (int x = 0; x < RM * CN; x++) s[x] = (floatV)(0.0f);
 #pragma unroll
         for (int dc = 0; dc < D_PAD; dc += KC) {
             barrier(CLK_LOCAL_MEM_FENCE); /* the previous readers are done with kv_tile (and p_tile) */
@@ -529,25 +549,37 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
             scores_transposed(q_tile + dc, kv_tile, tm, tn, s);
         }
         block_scores(s, t, row0, col0, tm, tn, true, &vis, mask, padding);
-        for (int i = 0; i < 4; i++) partial[tn * ROWS + tm + TM * i] = lane_max(s[i]);
+#pragma unroll
+        for (int i = 0; i < RM; i++) {
+            float m = lane_max(s[i * CN]);
+#pragma unroll
+            for (int j = 1; j < CN; j++) { const float x = lane_max(s[i * CN + j]); m = x > m ? x : m; }
+            partial[tn * ROWS + tm + TM * i] = m;
+        }
         barrier(CLK_LOCAL_MEM_FENCE); /* row partials written; every K read done */
         put_chunk(kv_tile, staged, false);
-        float4 m_new = m_run;
-        for (int u = 0; u < TN; u++) {
-            __local const float *part = partial + u * ROWS + tm;
-            m_new = max(m_new, (float4)(part[0], part[TM], part[2 * TM], part[3 * TM]));
-        }
-        const float4 base = safe_max(m_new);
-        const float4 alpha = native_exp2(m_run - base);
-        m_run = m_new;
-        l_run *= alpha;
-        for (int i = 0; i < 4; i++) {
-            const float a = COMPONENT(alpha, i);
 #pragma unroll
-            for (int c = 0; c < CHUNKS; c++) o[i][c] *= a;
-            s[i] = native_exp2(s[i] - (floatV)(COMPONENT(base, i)));
+        for (int g = 0; g < RM / 4; g++) {
+            float4 m_new = m_run[g];
+            for (int u = 0; u < TN; u++) m_new = max(m_new, row_quad(partial + u * ROWS, tm + 4 * g * TM));
+            const float4 base = select(m_new, (float4)(0.0f), m_new == (float4)(-INFINITY)); /* nothing visible yet */
+            const float4 alpha = native_exp2(m_run[g] - base);
+            m_run[g] = m_new;
+            float sums[4];
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int i = 4 * g + r;
+                sums[r] = 0.0f;
+#pragma unroll
+                for (int j = 0; j < CN; j++) {
+                    s[i * CN + j] = native_exp2(s[i * CN + j] - (floatV)(COMPONENT(base, r)));
+                    sums[r] += lane_sum(s[i * CN + j]);
+                }
+#pragma unroll
+                for (int c = 0; c < CHUNKS; c++) o[i][c] *= COMPONENT(alpha, r);
+            }
+            l_run[g] = l_run[g] * alpha + (float4)(sums[0], sums[1], sums[2], sums[3]);
         }
-        l_run += (float4)(lane_sum(s[0]), lane_sum(s[1]), lane_sum(s[2]), lane_sum(s[3]));
         store_block(p_tile, tm, tn, s);
 #pragma unroll
         for (int dc = 0; dc < D_PAD; dc += KC) {
@@ -558,36 +590,39 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
             barrier(CLK_LOCAL_MEM_FENCE); /* P and this V chunk in place */
             if (dc + KC < D_PAD) fetch_chunk(staged, vh, v_n, col0, seqlen_k, dc + KC, false);
             else if (col0 + COLS < keys.y) fetch_chunk(staged, kh, k_n, col0 + COLS, seqlen_k, 0, true);
-            tile_accumulate(p_tile, kv_tile, LDV, tm, tn, o, dc / COLS);
+            tile_accumulate(p_tile, kv_tile, LDV, tm, tn, o, dc / (VW * TN));
         }
     }
-    /* the row sums over all of the row's work-items */
+    /* the row sums over all of the row's work-items; O divided by them, LSE beside it */
     barrier(CLK_LOCAL_MEM_FENCE);
-    for (int i = 0; i < 4; i++) partial[tn * ROWS + tm + TM * i] = COMPONENT(l_run, i);
+#pragma unroll
+    for (int g = 0; g < RM / 4; g++)
+        for (int r = 0; r < 4; r++) partial[tn * ROWS + tm + TM * (4 * g + r)] = COMPONENT(l_run[g], r);
     barrier(CLK_LOCAL_MEM_FENCE);
-    float4 l = (float4)(0.0f);
-    for (int u = 0; u < TN; u++) {
-        __local const float *part = partial + u * ROWS + tm;
-        l += (float4)(part[0], part[TM], part[2 * TM], part[3 * TM]);
-    }
-    const float4 inverse = select((float4)(0.0f), 1.0f / l, l > 0.0f);
-    store_rows(out + b * o_b + h * o_h, o_n, row0, seqlen_q, tm, tn, o, inverse);
-    if (tn == 0) {
-        const float4 value = select((float4)(-INFINITY), (m_run + log2(l)) * LN2, l > 0.0f);
-        for (int i = 0; i < 4; i++) {
-            const int row = row0 + tm + TM * i;
-            if (row < seqlen_q) lse[(long)bh * seqlen_q + row] = COMPONENT(value, i);
+#pragma unroll
+    for (int g = 0; g < RM / 4; g++) {
+        float4 l = (float4)(0.0f);
+        for (int u = 0; u < TN; u++) l += row_quad(partial + u * ROWS, tm + 4 * g * TM);
+        const float4 inverse = select((float4)(0.0f), 1.0f / l, l > 0.0f); /* fully hidden rows: zeros */
+        const float4 value = select((float4)(-INFINITY), (m_run[g] + log2(l)) * LN2, l > 0.0f);
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            const int i = 4 * g + r, row = row0 + tm + TM * i;
+#pragma unroll
+            for (int c = 0; c < CHUNKS; c++) o[i][c] *= COMPONENT(inverse, r);
+            if (tn == 0 && row < seqlen_q) lse[(long)bh * seqlen_q + row] = COMPONENT(value, r);
         }
     }
+    store_rows(out + b * o_b + h * o_h, o_n, row0, seqlen_q, tm, tn, o, 1.0f);
 }
 #endif /* PROGRAM == 0 */
 
 /* ---------------------------------------------------------------------------------------------
- * backward (built with VW = 4: the score products read both operands row-major, scores_rows)
+ * backward (built with VW = 4, RM = 4, CN = 1: the score products read both operands row-major, scores_rows)
  */
 #if PROGRAM == 1
-#if VW != 4
-#error "the backward program is built with VW = 4"
+#if VW != 4 || RM != 4 || CN != 1
+#error "the backward program is built with VW = 4 and a 4 x 1 register tile"
 #endif
 
 /* delta = rowsum(dO * O) in float32, one work-item per row; lse_log2 = lse * log2(e) beside it */
@@ -682,8 +717,8 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
             tile_accumulate(p_tile, q_tile, LD, tm, tn, dk_acc, 0); /* dK += dS^T Q */
         }
     }
-    store_rows(dk + b * dk_b + hk * dk_h, dk_n, row0, seqlen_k, tm, tn, dk_acc, (float4)(scale));
-    store_rows(dv + b * dv_b + hk * dv_h, dv_n, row0, seqlen_k, tm, tn, dv_acc, (float4)(1.0f));
+    store_rows(dk + b * dk_b + hk * dk_h, dk_n, row0, seqlen_k, tm, tn, dk_acc, scale);
+    store_rows(dv + b * dv_b + hk * dv_h, dv_n, row0, seqlen_k, tm, tn, dv_acc, 1.0f);
 }
 
 /* dQ: one work-group per (ROWS queries, batch x head), streaming the key tiles its rows can see */
@@ -728,6 +763,6 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
         barrier(CLK_LOCAL_MEM_FENCE);
         tile_accumulate(p_tile, k_tile, LD, tm, tn, dq_acc, 0); /* dQ += dS K */
     }
-    store_rows(dq + b * dq_b + h * dq_h, dq_n, row0, seqlen_q, tm, tn, dq_acc, (float4)(scale));
+    store_rows(dq + b * dq_b + h * dq_h, dq_n, row0, seqlen_q, tm, tn, dq_acc, scale);
 }
 #endif /* PROGRAM == 1 */
