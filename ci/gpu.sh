@@ -15,9 +15,10 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 mkdir -p /tmp/icd && echo libnvidia-opencl.so.1 > /tmp/icd/nvidia.icd && export OCL_ICD_VENDORS=/tmp/icd
 device=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")
 python3 -m portattn info | tee "$out/info-$device.txt"
-# the whole suite, natively on the GPU (pytest-xdist, when present, compiles the kernels in parallel)
+# the whole suite, natively on the GPU (pytest-xdist, when present, compiles the kernels in parallel);
+# --full-grid: every conformance case even on a backend that would fall back to a CPU emulation
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-python3 -m pytest -q -p no:cacheprovider $workers --junitxml="$out/conformance-$device.xml" tests
+python3 -m pytest -q -p no:cacheprovider $workers --full-grid --junitxml="$out/conformance-$device.xml" tests
 # the flash-attention grid: the plan against the swept configurations, then triton against the peers
 python3 benchmarks/flash_grid.py sweep --json "$out/flash-grid-sweep-$device.json"
 python3 benchmarks/flash_grid.py peers --json "$out/flash-grid-peers-$device.json"

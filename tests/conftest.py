@@ -3,6 +3,10 @@
 Without a CUDA device, Triton's kernels run in its CPU interpreter, so the conformance suite checks
 them on every push. ``triton.jit`` reads ``TRITON_INTERPRET`` when the kernels are defined, so it is
 set here, before any test imports them; a GPU machine leaves it unset and runs them natively.
+
+``--full-grid`` runs the conformance suite's whole grid on the CPU emulations (Triton's interpreter,
+OpenCL on a CPU device such as PoCL) too; without it they run a trimmed grid
+(``tests/conformance/conftest.py``). Backends that run natively always run the whole grid.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ def _has_cuda() -> bool:
 
 if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--full-grid", action="store_true", default=False,
+        help="run every conformance case on the slow CPU emulations too (Triton's interpreter, OpenCL on a "
+             "CPU device such as PoCL), not only the default's trimmed grid; natively run backends always run all")
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,11 @@
 Lengths that are no multiple of any block (1, 17, 113, 1000), Nq != Nk both ways, head dims
 16..256 (including 40, 80, 96, 111), causal and not, float32/float16/bfloat16 (and float64), rows
 that see no key (Nk = 0), and scores near +-1e4.
+
+``CASES`` is the full grid: every backend that runs natively (numba, reference, triton and cupy on a
+GPU, opencl on a GPU) runs all of it. ``EMULATOR_DEFAULT`` is the part the slow CPU emulations --
+Triton's interpreter (TRITON_INTERPRET=1) and OpenCL on a CPU device (PoCL) -- run by default;
+``pytest --full-grid`` runs the full grid on them too (``tests/conformance/conftest.py``).
 """
 
 from __future__ import annotations
@@ -38,22 +43,51 @@ HEAD_DIMS = [16, 32, 40, 64, 80, 96, 111, 128, 256]
 LOW_PRECISION = ["float32", "float16", "bfloat16"]
 
 
-def _cases() -> list[Case]:
-    cases = []
+def _in_emulator_default(index: int, causal: bool, dtype: str) -> bool:
+    """One dtype per (shape, causal) on the CPU emulations, rotating through the three so that each
+    dtype meets short and long, odd and Nq != Nk (both ways) lengths and six of the nine head dims,
+    causal and not. The dtypes share the kernels' tiling and differ in loads, stores and matmul
+    precision, which each dtype's share of the shapes still exercises; the other two dtypes of each
+    shape run under --full-grid (and on the GPU, which always runs the full grid)."""
+    return dtype == LOW_PRECISION[(index + causal) % len(LOW_PRECISION)]
+
+
+def _cases() -> tuple[list[Case], frozenset[str]]:
+    """The full grid, and the ids of its cases the CPU emulations run by default."""
+    cases: list[Case] = []
+    emulator_default: set[str] = set()
+
+    def add(case: Case, on_emulators: bool) -> None:
+        cases.append(case)
+        if on_emulators:
+            emulator_default.add(case.id)
+
     for causal in (False, True):
-        for seqlen_q, seqlen_k in LENGTHS:  # every length pair in every dtype, at d = 64
+        for index, (seqlen_q, seqlen_k) in enumerate(LENGTHS):  # every length pair in every dtype, at d = 64
             for dtype in LOW_PRECISION:
-                cases.append(Case(2, 3, seqlen_q, seqlen_k, 64, causal, dtype))
-        for head_dim in HEAD_DIMS:  # every head dim, odd lengths, Nq != Nk
+                if (seqlen_q, seqlen_k) == (1000, 1000):
+                    # by far the slowest case in Triton's interpreter (20-50 s per backward, 6-16 s per
+                    # forward in each dtype and mask; the other pairs take 0.3-13 s): the emulations run
+                    # only its float32 causal case (a causal diagonal across many key tiles), and
+                    # (1000, 113), (1, 1000) keep long queries and long keys in the other dtypes
+                    on_emulators = causal and dtype == "float32"
+                else:
+                    on_emulators = _in_emulator_default(index, causal, dtype)
+                add(Case(2, 3, seqlen_q, seqlen_k, 64, causal, dtype), on_emulators)
+        for index, head_dim in enumerate(HEAD_DIMS):  # every head dim, odd lengths, Nq != Nk
+            # the largest head dim (the most staged chunks, the widest padding) in every dtype everywhere
+            largest = head_dim == max(HEAD_DIMS)
             for dtype in ("float32", "float16"):
-                cases.append(Case(1, 2, 113, 77, head_dim, causal, dtype))
-            cases.append(Case(1, 2, 77, 113, head_dim, causal, "bfloat16"))
-        cases.append(Case(1, 2, 113, 113, 64, causal, "float64"))
+                add(Case(1, 2, 113, 77, head_dim, causal, dtype), largest or _in_emulator_default(index, causal, dtype))
+            add(Case(1, 2, 77, 113, head_dim, causal, "bfloat16"),
+                largest or _in_emulator_default(index, causal, "bfloat16"))
+        # small and cheap everywhere: every dtype, on every backend, in every run
+        add(Case(1, 2, 113, 113, 64, causal, "float64"), True)
         for dtype in LOW_PRECISION:
-            cases.append(Case(1, 2, 33, 0, 64, causal, dtype))  # no keys: every row fully masked
-            cases.append(Case(1, 2, 113, 113, 64, causal, dtype, "large"))
+            add(Case(1, 2, 33, 0, 64, causal, dtype), True)  # no keys: every row fully masked
+            add(Case(1, 2, 113, 113, 64, causal, dtype, "large"), True)
     unique = {case.id: case for case in cases}
-    return list(unique.values())
+    return list(unique.values()), frozenset(emulator_default)
 
 
-CASES = _cases()
+CASES, EMULATOR_DEFAULT = _cases()

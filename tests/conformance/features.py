@@ -5,6 +5,12 @@ combines them all. Each case says how to build its keyword arguments from a seed
 Lengths are small (the Triton interpreter runs these in CI) but span several of the H100 plan's
 64/128-wide tiles, so that whole-tile skipping (causal, window, block-sparse) is exercised, and
 every feature has a case with rows that see no key at all.
+
+The slow CPU emulations -- Triton's interpreter (TRITON_INTERPRET=1) and OpenCL on a CPU device
+(PoCL) -- run by default each case, causal and not, in one of the three dtypes (rotating, so each
+feature meets two of them and each dtype a third of the cases): ``FEATURE_EMULATOR_DEFAULT`` and
+``VARLEN_EMULATOR_DEFAULT``. ``pytest --full-grid`` runs all three dtypes there too; every other
+backend always does (``tests/conformance/conftest.py``).
 """
 
 from __future__ import annotations
@@ -82,32 +88,49 @@ def feature_kwargs(case: FeatureCase, torch, device: str, gen) -> dict:
     return kwargs
 
 
-def _cases() -> list[FeatureCase]:
-    cases = []
+def _shapes(causal: bool, dtype: str) -> list[FeatureCase]:
+    return [
+        FeatureCase("gqa", causal, dtype, heads=4, kv_heads=2),
+        FeatureCase("gqa", causal, dtype, heads=4, kv_heads=1, seqlen_q=77, seqlen_k=77, head_dim=64),  # MQA
+        FeatureCase("bottom_right", causal, dtype, seqlen_q=37, seqlen_k=150),
+        FeatureCase("bottom_right", causal, dtype, seqlen_q=150, seqlen_k=37),  # the first rows see nothing
+        FeatureCase("window", causal, dtype),
+        FeatureCase("bool_mask", causal, dtype),
+        FeatureCase("additive_mask", causal, dtype),
+        FeatureCase("alibi", causal, dtype),
+        FeatureCase("softcap", causal, dtype, magnitude=3.0),
+        FeatureCase("block_sparse", causal, dtype),
+        FeatureCase("key_padding", causal, dtype),
+        FeatureCase("decoding", causal, dtype, seqlen_q=3, seqlen_k=1000, heads=4, kv_heads=1, head_dim=64),
+        FeatureCase("dropout", causal, dtype),
+        FeatureCase("all", causal, dtype, heads=4, kv_heads=2, magnitude=2.0),
+    ]
+
+
+def _rotated(index: int, causal: bool) -> str:
+    """The one dtype the CPU emulations run case ``index`` in by default (module docstring): a
+    feature's code is shared by the dtypes, which differ in the loads, stores and matmul precision
+    that each dtype's share of the cases still exercises; the other two run under --full-grid."""
+    return DTYPES[(index + causal) % len(DTYPES)]
+
+
+def _cases() -> tuple[list[FeatureCase], frozenset[str]]:
+    """The full grid, and the ids of its cases the CPU emulations run by default."""
+    cases, emulator_default = [], set()
     for causal in (False, True):
         for dtype in DTYPES:
-            cases += [
-                FeatureCase("gqa", causal, dtype, heads=4, kv_heads=2),
-                FeatureCase("gqa", causal, dtype, heads=4, kv_heads=1, seqlen_q=77, seqlen_k=77, head_dim=64),  # MQA
-                FeatureCase("bottom_right", causal, dtype, seqlen_q=37, seqlen_k=150),
-                FeatureCase("bottom_right", causal, dtype, seqlen_q=150, seqlen_k=37),  # the first rows see nothing
-                FeatureCase("window", causal, dtype),
-                FeatureCase("bool_mask", causal, dtype),
-                FeatureCase("additive_mask", causal, dtype),
-                FeatureCase("alibi", causal, dtype),
-                FeatureCase("softcap", causal, dtype, magnitude=3.0),
-                FeatureCase("block_sparse", causal, dtype),
-                FeatureCase("key_padding", causal, dtype),
-                FeatureCase("decoding", causal, dtype, seqlen_q=3, seqlen_k=1000, heads=4, kv_heads=1, head_dim=64),
-                FeatureCase("dropout", causal, dtype),
-                FeatureCase("all", causal, dtype, heads=4, kv_heads=2, magnitude=2.0),
-            ]
-    return cases
+            shapes = _shapes(causal, dtype)
+            cases += shapes
+            emulator_default |= {case.id for index, case in enumerate(shapes) if dtype == _rotated(index, causal)}
+    return cases, frozenset(emulator_default)
 
 
-FEATURE_CASES = _cases()
+FEATURE_CASES, FEATURE_EMULATOR_DEFAULT = _cases()
 
 # varlen: per-sequence (queries, keys), including an empty sequence and a single query
 VARLEN_LENGTHS = ((37, 50), (1, 13), (0, 5), (90, 90), (64, 129))
 VARLEN_CASES = [(causal, dtype, align) for causal in (False, True) for dtype in DTYPES
                 for align in ("top-left", "bottom-right")]
+# the CPU emulations' default: each (causal, align) in one dtype, rotating (as for the feature cases)
+VARLEN_EMULATOR_DEFAULT = frozenset((causal, DTYPES[(2 * causal + index) % len(DTYPES)], align)
+                                    for causal in (False, True) for index, align in enumerate(("top-left", "bottom-right")))
