@@ -1,12 +1,12 @@
 """The ``backend`` fixture: every registered backend; one not usable here skips with its own reasons.
 
 The CPU emulations -- Triton's kernels in its interpreter (TRITON_INTERPRET=1), OpenCL kernels on a
-CPU device (PoCL) -- take ~85% of the suite's time on a CPU machine (the interpreter runs each
-block operation in numpy, PoCL builds a program per dtype, head dim and feature set). There, by
-default, each case shape runs in one of its three dtypes (``cases.EMULATOR_DEFAULT``,
-``features.FEATURE_EMULATOR_DEFAULT``, ``features.VARLEN_EMULATOR_DEFAULT`` say which and why),
-and the rest skip saying so; ``pytest --full-grid`` runs them all. Backends that run natively
-(numba, reference; triton, cupy and opencl on a GPU) always run the whole grid.
+CPU device (PoCL) -- take ~85% of the full grid's time on a CPU machine (27 minutes cold on 2 cores:
+the interpreter runs each block operation in numpy, PoCL builds a program per dtype, head dim and
+feature set). There, by default, each case shape runs in one of its three dtypes
+(``cases.EMULATOR_DEFAULT``, ``features.FEATURE_EMULATOR_DEFAULT``, ``features.VARLEN_EMULATOR_DEFAULT``
+say which and why), and the rest skip saying so; ``pytest --full-grid`` runs them all. Backends that
+run natively (numba, reference; triton, cupy and opencl on a GPU) always run the whole grid.
 """
 
 from __future__ import annotations
@@ -73,5 +73,6 @@ def pytest_collection_modifyitems(config, items):
         how = emulation(params["backend"])
         if how is not None:
             item.add_marker(pytest.mark.skip(
-                reason=f"{params['backend']} runs {how}, so the default run trims its grid to one dtype per case "
-                       "shape (tests/conformance/cases.py, features.py say which and why); pytest --full-grid runs this"))
+                reason=f"{params['backend']} runs {how}, so the default run trims its grid there (mostly to one "
+                       "dtype per case shape: tests/conformance/cases.py, features.py say which and why); "
+                       "pytest --full-grid runs this"))
