@@ -43,13 +43,14 @@ HEAD_DIMS = [16, 32, 40, 64, 80, 96, 111, 128, 256]
 LOW_PRECISION = ["float32", "float16", "bfloat16"]
 
 
-def _in_emulator_default(index: int, causal: bool, dtype: str) -> bool:
-    """One dtype per (shape, causal) on the CPU emulations, rotating through the three so that each
-    dtype meets short and long, odd and Nq != Nk (both ways) lengths and six of the nine head dims,
-    causal and not. The dtypes share the kernels' tiling and differ in loads, stores and matmul
-    precision, which each dtype's share of the shapes still exercises; the other two dtypes of each
-    shape run under --full-grid (and on the GPU, which always runs the full grid)."""
-    return dtype == LOW_PRECISION[(index + causal) % len(LOW_PRECISION)]
+def emulator_dtype(index: int, causal: bool) -> str:
+    """The one dtype the CPU emulations run the ``index``-th case shape in by default, rotating through
+    the three (shifted when causal) so that each dtype meets short and long, odd and Nq != Nk (both
+    ways) lengths, six of the nine head dims and, in features.py, every feature's cases, causal and
+    not. The dtypes share the kernels' tiling and differ in loads, stores and matmul precision, which
+    each dtype's share of the shapes still exercises; the other two dtypes of each shape run under
+    --full-grid (and on the GPU, which always runs the full grid)."""
+    return LOW_PRECISION[(index + causal) % len(LOW_PRECISION)]
 
 
 def _cases() -> tuple[list[Case], frozenset[str]]:
@@ -72,15 +73,15 @@ def _cases() -> tuple[list[Case], frozenset[str]]:
                     # (1000, 113), (1, 1000) keep long queries and long keys in the other dtypes
                     on_emulators = causal and dtype == "float32"
                 else:
-                    on_emulators = _in_emulator_default(index, causal, dtype)
+                    on_emulators = dtype == emulator_dtype(index, causal)
                 add(Case(2, 3, seqlen_q, seqlen_k, 64, causal, dtype), on_emulators)
         for index, head_dim in enumerate(HEAD_DIMS):  # every head dim, odd lengths, Nq != Nk
             # the largest head dim (the most staged chunks, the widest padding) in every dtype everywhere
             largest = head_dim == max(HEAD_DIMS)
             for dtype in ("float32", "float16"):
-                add(Case(1, 2, 113, 77, head_dim, causal, dtype), largest or _in_emulator_default(index, causal, dtype))
+                add(Case(1, 2, 113, 77, head_dim, causal, dtype), largest or dtype == emulator_dtype(index, causal))
             add(Case(1, 2, 77, 113, head_dim, causal, "bfloat16"),
-                largest or _in_emulator_default(index, causal, "bfloat16"))
+                largest or emulator_dtype(index, causal) == "bfloat16")
         # small and cheap everywhere: every dtype, on every backend, in every run
         add(Case(1, 2, 113, 113, 64, causal, "float64"), True)
         for dtype in LOW_PRECISION:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DTYPES = ("float32", "float16", "bfloat16")
+from .cases import LOW_PRECISION, emulator_dtype
+
+DTYPES = tuple(LOW_PRECISION)  # the rotation of emulator_dtype runs in this order
 SHORT = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -107,13 +109,6 @@ def _shapes(causal: bool, dtype: str) -> list[FeatureCase]:
     ]
 
 
-def _rotated(index: int, causal: bool) -> str:
-    """The one dtype the CPU emulations run case ``index`` in by default (module docstring): a
-    feature's code is shared by the dtypes, which differ in the loads, stores and matmul precision
-    that each dtype's share of the cases still exercises; the other two run under --full-grid."""
-    return DTYPES[(index + causal) % len(DTYPES)]
-
-
 def _cases() -> tuple[list[FeatureCase], frozenset[str]]:
     """The full grid, and the ids of its cases the CPU emulations run by default."""
     cases, emulator_default = [], set()
@@ -121,7 +116,7 @@ def _cases() -> tuple[list[FeatureCase], frozenset[str]]:
         for dtype in DTYPES:
             shapes = _shapes(causal, dtype)
             cases += shapes
-            emulator_default |= {case.id for index, case in enumerate(shapes) if dtype == _rotated(index, causal)}
+            emulator_default |= {case.id for index, case in enumerate(shapes) if dtype == emulator_dtype(index, causal)}
     return cases, frozenset(emulator_default)
 
 
@@ -131,6 +126,7 @@ FEATURE_CASES, FEATURE_EMULATOR_DEFAULT = _cases()
 VARLEN_LENGTHS = ((37, 50), (1, 13), (0, 5), (90, 90), (64, 129))
 VARLEN_CASES = [(causal, dtype, align) for causal in (False, True) for dtype in DTYPES
                 for align in ("top-left", "bottom-right")]
-# the CPU emulations' default: each (causal, align) in one dtype, rotating (as for the feature cases)
-VARLEN_EMULATOR_DEFAULT = frozenset((causal, DTYPES[(2 * causal + index) % len(DTYPES)], align)
+# the CPU emulations' default: each (causal, align) in one dtype, rotating (as for the feature cases;
+# shifted once more when causal, so the four pairs take all three dtypes)
+VARLEN_EMULATOR_DEFAULT = frozenset((causal, emulator_dtype(index + causal, causal), align)
                                     for causal in (False, True) for index, align in enumerate(("top-left", "bottom-right")))
