@@ -101,24 +101,24 @@ def peers(device_kind, shape, torch_dtype, causal, reps):
     return found
 
 
-def sweep_plans(queue, arrays, causal, device_kind, widths):
-    """Every forward grid whose local memory fits, with every work-item register tile (rows x column
-    vectors) and head-dim chunk (0: all columns); on GPUs only whole sub-groups (32 work-items or more)."""
+def sweep_plans(queue, call, device_kind, widths):
+    """Every forward grid around ``call``'s plan whose local memory fits, with every work-item register
+    tile (rows x column vectors) and head-dim chunk (0: all columns); on GPUs only whole sub-groups
+    (32 work-items or more)."""
     backend = registry()["opencl"]
-    q, k, v = arrays
-    plan = prepare(q, k, v, backend="opencl", causal=causal).plan
+    plan = call.plan
     widths = widths or ((plan.vector_width or 4,) if device_kind == "cpu" else (4,))
     smallest = 32 if device_kind == "gpu" else 1
     largest = 256 if device_kind == "gpu" else 1024  # O6: larger groups lost every GPU sweep so far
     plans = []
     sides = (1, 2, 4, 8, 16, 32)
     for vw, tm, tn, (rm, cn) in itertools.product(widths, sides, sides, ((4, 1), (8, 1), (4, 2), (8, 2))):
-        for chunk in (0, *(c for c in (16, 32, 64, 128) if c < q.shape[-1])):
+        for chunk in (0, *(c for c in (16, 32, 64, 128) if c < call.spec.head_dim)):
             other = backend.retile(plan, {"block_q": rm * tm, "block_k": cn * vw * tn, "vector_width": vw,
                                           "head_dim_chunk": chunk, "item_rows": rm, "item_vectors": cn})
             if other is not None and smallest <= other.threads <= largest and other.sram_bytes <= queue.device.local_mem_size:
                 plans.append(other)
-    return plan, plans
+    return plans
 
 
 def compiler_report(queue, call, plan):
@@ -147,11 +147,11 @@ def run_grid(args, record, queue, device_kind):
             for causal in args.causal:
                 arrays = opencl_inputs(queue, shape, np_dtype)
                 seconds = time_opencl(queue, arrays, causal, args.reps)
+                call = prepare(*arrays, backend="opencl", causal=causal)
                 row = {"shape": list(shape), "dtype": dtype, "causal": causal, "mode": "fwd",
-                       "flops": flops(*shape, causal), "opencl_s": seconds,
-                       "plan": prepare(*arrays, backend="opencl", causal=causal).plan.summary()}
+                       "flops": flops(*shape, causal), "opencl_s": seconds, "plan": call.plan.summary()}
                 if args.sweep:
-                    plan, plans = sweep_plans(queue, arrays, causal, device_kind, args.widths)
+                    plans = sweep_plans(queue, call, device_kind, args.widths)
                     row["sweep"] = []
                     for p in plans:
                         seconds = time_opencl(queue, arrays, causal, args.reps, p)
@@ -161,11 +161,10 @@ def run_grid(args, record, queue, device_kind):
                                              "local_bytes": p.sram_bytes, "seconds": seconds})
                         print(f"  {p.block_q}x{p.block_k} ({p.item_rows}x{p.item_vectors} per item) float{p.vector_width} "
                               f"chunk {p.head_dim_chunk}: {row['flops'] / seconds / 1e12:.2f}", flush=True)
-                    call = prepare(*arrays, backend="opencl", causal=causal)
                     ranked = sorted(zip(row["sweep"], plans), key=lambda pair: pair[0]["seconds"])
                     for entry, p in ranked[:args.reports]:
                         entry["compiler"] = compiler_report(queue, call, p)
-                    row["compiler"] = compiler_report(queue, call, plan)
+                    row["compiler"] = compiler_report(queue, call, call.plan)
                 del arrays
                 row["peers_s"] = peers(device_kind, shape, torch_dtype, causal, args.reps)
                 record["rows"].append(row)

@@ -99,8 +99,13 @@ class Grid:
 
     @property
     def chunk_fits(self) -> bool:
-        """O3: a chunk is whole accumulator pieces (a multiple of ``vw tn``) and divides the padded head dim."""
-        return self.chunk % (self.vw * self.tn) == 0 and self.head_dim_padded % self.chunk == 0
+        """O3: a chunk is whole accumulator pieces and divides the padded head dim."""
+        return self.chunk % self.piece == 0 and self.head_dim_padded % self.chunk == 0
+
+    @property
+    def piece(self) -> int:
+        """O2: head-dim columns of one accumulator piece across the work-items of a row (VW each)."""
+        return self.vw * self.tn
 
     @property
     def rows(self) -> int:
@@ -117,12 +122,11 @@ class Grid:
     @property
     def head_dim_padded(self) -> int:
         """O2."""
-        quantum = self.vw * self.tn
-        return -(-self.head_dim // quantum) * quantum
+        return -(-self.head_dim // self.piece) * self.piece
 
     @property
     def chunks(self) -> int:
-        return self.head_dim_padded // (self.vw * self.tn)
+        return self.head_dim_padded // self.piece
 
     def _operand_tile(self, rows: int) -> int:
         return rows * (self.head_dim_padded + self.vw) * FLOAT
@@ -188,8 +192,7 @@ def chunk_choices(grid: Grid, device: DeviceSpec) -> tuple[int, ...]:
     if grid.program != 0 or device.kind == "cpu":
         return (0,)
     d = grid.head_dim_padded
-    piece = grid.vw * grid.tn
-    return (0,) + tuple(c for c in range(max(MIN_CHUNK, piece), d, piece) if d % c == 0)
+    return (0,) + tuple(c for c in range(max(MIN_CHUNK, grid.piece), d, grid.piece) if d % c == 0)
 
 
 def _blocks(n: int, block: int) -> int:

@@ -124,7 +124,7 @@ def test_forward_register_tiles(queue, rows, vectors, target, chunk):
     changes = {"block_q": rows * 4, "block_k": vectors * vw * tn, "item_rows": rows, "item_vectors": vectors}
     grid = rules.forward_grid(dataclasses.replace(call.plan, **changes), 40)
     if chunk == "smallest":
-        chunk = next(c for c in range(grid.vw * grid.tn, grid.head_dim_padded, grid.vw * grid.tn)
+        chunk = next(c for c in range(grid.piece, grid.head_dim_padded, grid.piece)
                      if grid.head_dim_padded % c == 0)
     plan = dataclasses.replace(registry()["opencl"].retile(call.plan, {**changes, "head_dim_chunk": chunk}), target=target)
     forward = rules.forward_grid(plan, 40)
