@@ -186,12 +186,14 @@ def _line(row):
 
 def run_memory(args, record, queue):
     """Device memory a forward adds (its outputs; nothing N x N) at growing N, read from CUDA's free-memory
-    counter (device-wide, so it sees the OpenCL context's buffers)."""
+    counter (device-wide, so it sees the OpenCL context's buffers), with the memory pool's idle buffers
+    handed back first."""
     b, h, d = 1, 8, 64
     for n in (4096, 8192, 16384, 32768):
         arrays = opencl_inputs(queue, (b, h, n, d), np.float16)
         portattn.attention(*arrays, backend="opencl")  # builds and warms
         queue.finish()
+        opencl_runtime.memory_pool(queue.context).free_held()  # the warm-up's buffers, back to the driver
         before = torch.cuda.mem_get_info()[0]
         out = portattn.attention(*arrays, backend="opencl", return_lse=True)
         queue.finish()

@@ -23,6 +23,7 @@ first device); pyopencl arrays stay on their device, and so do the results.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -118,13 +119,12 @@ class OpenCLBackend(Backend):
     # ------------------------------------------------------------------------------------------
 
     def forward(self, q, k, v, spec, plan, extras):
-        import pyopencl.array as cla
-
         call = _Call(self._label(spec), q, spec, extras)
         q, k, v = (call.upload(x) for x in (q, k, v))
         batch, heads, seqlen_q, head_dim = spec.batch, spec.heads, spec.seqlen_q, spec.head_dim
         out = call.empty((batch, heads, seqlen_q, head_dim))
-        lse = cla.empty(call.queue, (batch, heads, seqlen_q), np.float32)
+        call.align(q, k, v, out)
+        lse = call.scratch((batch, heads, seqlen_q))
         if out.size == 0:
             lse.fill(-np.inf)
             return call.download(out), call.download(lse)
@@ -135,8 +135,6 @@ class OpenCLBackend(Backend):
         return call.download(out), call.download(lse)
 
     def backward(self, grad_out, q, k, v, out, lse, spec, plan, extras):
-        import pyopencl.array as cla
-
         call = _Call(self._label(spec), q, spec, extras)
         grad_out, q, k, v, out = (call.upload(x) for x in (grad_out, q, k, v, out))
         lse = runtime.to_device(lse, call.queue, np.float32)
@@ -145,11 +143,11 @@ class OpenCLBackend(Backend):
         dq = call.empty((batch, heads, seqlen_q, head_dim), zero=True)
         dk = call.empty((batch, kv_heads, seqlen_k, head_dim), zero=True)
         dv = call.empty((batch, kv_heads, seqlen_k, head_dim), zero=True)
+        call.align(grad_out, q, k, v, out, dq, dk, dv)
         if seqlen_q == 0 or seqlen_k == 0:  # no query sees any key: every gradient is zero
             return tuple(call.download(x) for x in (dq, dk, dv))
         grid = rules.backward_grid(plan, head_dim)
-        delta = cla.empty(call.queue, (batch, heads, seqlen_q), np.float32)
-        lse_log2 = cla.empty_like(delta)
+        delta, lse_log2 = call.scratch((batch, heads, seqlen_q)), call.scratch((batch, heads, seqlen_q))
         call.launch(grid, "attention_backward_delta", None, out, grad_out, lse, delta, lse_log2,
                     *runtime.strides(out), *runtime.strides(grad_out), np.int32(heads), np.int32(seqlen_q),
                     global_size=(seqlen_q, batch * heads))
@@ -196,9 +194,13 @@ class _Call:
         return runtime.to_device(np.ascontiguousarray(np.asarray(x), dtype=dtype), self.queue, dtype)
 
     def _placeholder(self, dtype):
-        import pyopencl.array as cla
+        return _placeholder(self.queue, np.dtype(dtype))
 
-        return cla.zeros(self.queue, (1,), dtype)
+    def align(self, *arrays):
+        """ALIGNED (the .cl file's storage types) when every row of these device arrays starts a multiple of
+        4 elements into its buffer (they all start a buffer): quads then move as single 16- or 8-byte accesses."""
+        aligned = self.spec.head_dim % 4 == 0 and all(int(step) % 4 == 0 for a in arrays for step in runtime.strides(a))
+        self.options += (f"-DALIGNED={int(aligned)}",)
 
     def _mask(self, extras):
         """The mask as the kernels index it: broadcast axes cut to length 1 and given stride 0 (never
@@ -221,10 +223,17 @@ class _Call:
         import pyopencl.array as cla
 
         make = cla.zeros if zero else cla.empty
+        pool = runtime.memory_pool(self.queue.context)
         if self.on_device and self.spec.layout == "bnhd":
             b, h, n, d = shape
-            return make(self.queue, (b, n, h, d), self.storage).transpose((0, 2, 1, 3))
-        return make(self.queue, shape, self.storage)
+            return make(self.queue, (b, n, h, d), self.storage, allocator=pool).transpose((0, 2, 1, 3))
+        return make(self.queue, shape, self.storage, allocator=pool)
+
+    def scratch(self, shape):
+        """A float32 array for LSE and the backward's per-row statistics."""
+        import pyopencl.array as cla
+
+        return cla.empty(self.queue, shape, np.float32, allocator=runtime.memory_pool(self.queue.context))
 
     def upload(self, x):
         return runtime.to_device(x, self.queue, self.storage)
@@ -247,6 +256,15 @@ class _Call:
             kernel(self.queue, global_size, None, *(_buffer(a) for a in args))
             return
         kernel(self.queue, (groups[0] * grid.threads, groups[1]), (grid.threads, 1), *(_buffer(a) for a in args))
+
+
+@functools.lru_cache(maxsize=16)
+def _placeholder(queue, dtype):
+    """A one-element zero array standing in for a feature's absent input (the kernels never read it):
+    one per queue and dtype, not a fill command per call."""
+    import pyopencl.array as cla
+
+    return cla.zeros(queue, (1,), dtype)
 
 
 def _buffer(x):

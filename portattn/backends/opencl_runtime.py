@@ -91,6 +91,18 @@ def kernel(context, options: tuple[str, ...], name: str):
     return cl.Kernel(program(context, options), name)
 
 
+@functools.lru_cache(maxsize=8)
+def memory_pool(context):
+    """The context's pool of device buffers, which results, scratch and uploads are taken from: a
+    dropped array's buffer goes back to the pool and the next call of that size reuses it, where a
+    fresh buffer from NVIDIA's driver cost 0.45 ms of a 7 ms forward on the H100 ((4, 16, 2048, 128),
+    float32). ``memory_pool(context).free_held()`` hands the idle buffers back to the driver."""
+    import pyopencl as cl
+    import pyopencl.tools
+
+    return pyopencl.tools.MemoryPool(pyopencl.tools.ImmediateAllocator(cl.CommandQueue(context)))
+
+
 def strides(array) -> tuple[np.int64, np.int64, np.int64]:
     """The batch, head and row strides of a (B, H, N, D) device array, in elements (the kernels' longs)."""
     return tuple(np.int64(s // array.dtype.itemsize) for s in array.strides[:3])
@@ -112,4 +124,4 @@ def to_device(x, queue, storage):
     host = np.asarray(x)
     if host.dtype != storage:
         host = host.astype(storage)
-    return cla.to_device(queue, np.ascontiguousarray(host))
+    return cla.to_device(queue, np.ascontiguousarray(host), allocator=memory_pool(queue.context))

@@ -22,9 +22,10 @@ Rules (O for OpenCL), stated where they act:
        (benchmarks/results/h100-opencl-sweep-tiles-*.json, with NVIDIA's compiler reports).
   * O2 head dim padded to a multiple of VW TN: work-item tn owns accumulator columns in VW-wide
        pieces interleaved with its neighbours' (conflict-free local reads).
-  * O3 local memory, exactly as the .cl file lays it out (``*_local_bytes``), float32 tiles with
-       rows padded by VW floats; must fit CL_DEVICE_LOCAL_MEM_SIZE. On GPUs the forward may stage
-       K and V ``chunk`` head-dim columns at a time (``chunk_choices``): NVIDIA's OpenCL gives 48
+  * O3 local memory, exactly as the .cl file lays it out (``*_local_bytes``): float32 tiles, the
+       forward's Q and V unpadded (Q's quads swizzled by row instead), its row partials in the P
+       tile's padding; must fit CL_DEVICE_LOCAL_MEM_SIZE. On GPUs the forward may stage
+       K (and V, into a whole V tile) ``chunk`` head-dim columns at a time (``chunk_choices``): NVIDIA's OpenCL gives 48
        KiB, where a whole K^T tile at D = 128 leaves room for a Q tile of only 32 rows; chunks of
        64 let it hold 64 rows (H100, D = 128: 64 x 16 tiles in chunks at 19-23 TFLOP/s,
        against 15 for the best whole-row grid, 32 x 16). CPUs stage whole rows.
@@ -135,11 +136,14 @@ class Grid:
         return self.rows * (self.cols + self.vw) * FLOAT
 
     def forward_local_bytes(self) -> int:
-        """O3 for ``attention_forward``: Q tile, one buffer for a K^T chunk (``chunk`` rows) then a V chunk,
-        P tile, row partials."""
-        transposed = self.chunk * (self.cols + self.vw) * FLOAT
-        values = self.cols * (self.chunk + self.vw) * FLOAT
-        return self._operand_tile(self.rows) + max(values, transposed) + self._score_tile() + self.tn * self.rows * FLOAT
+        """O3 for ``attention_forward``: Q tile (unpadded: its quads are swizzled instead), a K^T chunk
+        (``chunk`` rows), the whole V tile (unpadded), and the P tile, whose row padding -- whole vectors,
+        at least TN floats -- holds the row partials."""
+        queries = self.rows * self.head_dim_padded * FLOAT
+        keys = self.chunk * (self.cols + self.vw) * FLOAT
+        values = self.cols * self.head_dim_padded * FLOAT
+        weights = self.rows * (self.cols + self.vw * -(-self.tn // self.vw)) * FLOAT
+        return queries + keys + values + weights
 
     def backward_local_bytes(self) -> int:
         """O3 for the backward program: the larger of the dK/dV kernel (K, V owned; Q, dO streamed;

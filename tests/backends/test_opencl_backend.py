@@ -168,3 +168,54 @@ def test_forward_chunks_and_loop_orders(queue, head_dim, causal, cases):
             assert plan.sram_bytes < whole.sram_bytes  # the K^T buffer holds a chunk, not all of D
         out = dataclasses.replace(call, plan=plan).forward(q, k, v)[0]
         np.testing.assert_allclose(out, want, atol=3e-5, err_msg=f"chunk {chunk}, {target} loop order")
+
+
+@pytest.mark.parametrize("head_dim, aligned", [(40, True), (111, False)])
+def test_quads_move_whole_only_when_every_row_is_aligned(queue, head_dim, aligned):
+    """ALIGNED (quads of elements as single 16- or 8-byte global accesses) is set exactly when every row
+    of the call's arrays starts a multiple of 4 elements into its buffer; the conformance suite runs
+    both kernels (D = 111 is the unaligned one), so here only the choice is checked."""
+    from portattn.api import prepare
+    from portattn.backends.opencl import _Call
+    from portattn.extras import NONE
+
+    q, k, v = _inputs((1, 2, 37, head_dim))
+    call = prepare(q, k, v, backend="opencl")
+    state = _Call(call.backend._label(call.spec), q, call.spec, NONE)
+    arrays = [state.upload(x) for x in (q, k, v)]
+    state.align(*arrays, state.empty(q.shape))
+    assert state.options[-1] == f"-DALIGNED={int(aligned)}"
+
+
+@pytest.mark.parametrize("tile", [None, (64, 16, 32, "gpu"), (64, 32, 0, "gpu")], ids=["plan", "64x16-chunked", "64x32-tn8"])
+def test_planned_local_memory_is_what_the_kernels_take(queue, tile):
+    """The planner's local-memory sums (O3), which decide what fits a device, equal what the compiled
+    forward and backward kernels report (CL_KERNEL_LOCAL_MEM_SIZE), for the device's own plan and for
+    GPU-shaped grids (K^T in chunks; eight work-items per row, whose row partials need wider padding)."""
+    from portattn.api import prepare
+    from portattn.backends import opencl_runtime, registry
+    from portattn.backends.opencl import _Call
+    from portattn.extras import NONE
+    from portattn.tiling import opencl as rules
+
+    q, k, v = _inputs((1, 2, 37, 128))
+    call = prepare(q, k, v, backend="opencl")
+    plan = call.plan
+    if tile is not None:
+        rows, cols, chunk, target = tile
+        changes = {"block_q": rows, "block_k": cols, "head_dim_chunk": chunk, "vector_width": 4, "item_rows": 4,
+                   "item_vectors": 1}
+        plan = dataclasses.replace(registry()["opencl"].retile(plan, changes), target=target)
+    options = _Call(call.backend._label(call.spec), q, call.spec, NONE).options + ("-DALIGNED=1",)
+    size = cl.kernel_work_group_info.LOCAL_MEM_SIZE
+    for grid, name, planned in ((rules.forward_grid(plan, 128), "attention_forward", plan.sram_bytes),
+                                (rules.backward_grid(plan, 128), "attention_backward_dq", None),
+                                (rules.backward_grid(plan, 128), "attention_backward_dkdv", None)):
+        kernel = opencl_runtime.kernel(queue.context, grid.options() + options, name)
+        local = kernel.get_work_group_info(size, queue.device)
+        if planned is not None:
+            assert local == planned == grid.forward_local_bytes(), name
+        else:
+            assert local <= grid.backward_local_bytes() == plan.backward_sram_bytes, name
+    if tile == (64, 32, 0, "gpu"):
+        assert grid.tn == 8

@@ -17,21 +17,28 @@
  *              VW (c TN + tn) .. + VW - 1 for c < CHUNKS (interleaved vector pieces).
  *   PIECES_INNER  1 on GPUs: tile_accumulate's loop over accumulator pieces runs inside its loop
  *              over keys (weights read once per step); 0 under PoCL, which keeps accumulators in memory.
- *   KC         the forward stages K and V in local memory KC head-dim columns at a time (a
- *              multiple of VW TN dividing D_PAD; default D_PAD, all of them). Chunks free the
- *              local memory that a whole K^T tile would take at large head dims, for a taller Q
- *              tile and more work-groups per compute unit, at two barriers per chunk.
+ *   KC         the forward stages K^T in local memory KC head-dim columns at a time (a multiple
+ *              of VW TN dividing D_PAD; default D_PAD, all of them), and V in as many pieces into
+ *              a whole V tile. Chunks free the local memory that a whole K^T tile would take at
+ *              large head dims, for a taller Q tile, at two barriers per chunk; V stays whole so
+ *              that P V runs once per key tile over all accumulator pieces (P read once).
  *   DTYPE      storage of q, k, v, out, grads: 0 float32, 1 float16 (vload_half/vstore_half, core
  *              OpenCL: no cl_khr_fp16 needed), 2 bfloat16 (ushort bits, widened by a shift).
+ *   ALIGNED    1 when every row of the call's arrays starts a multiple of 4 elements into its
+ *              buffer: quads of elements move as single 16- or 8-byte accesses (storage types).
  *   CAUSAL_OR_WINDOW  1 when some keys of a row are hidden by position (the host folds causal into
  *              the window's right bound); 0 compiles the position checks out.
  *   SOFTCAP, ALIBI, MASK (0 none, 1 bool, 2 additive), KEY_PADDING: the score features.
  *
  * Local memory, all float32, rows padded by VW floats (LD, LDS, LDT) so that row r starts VW r
  * banks on and every vector access stays aligned:
- *   forward: Q tile ROWS x LD, K^T chunks (KC x LDT) then V chunks (COLS x LDV) in one buffer,
- *            P tile ROWS x LDS, TN x ROWS row partials. K is stored transposed so that the score
- *            product reads one VW-vector of K per head-dim step: no transposes in registers.
+ *   forward: Q tile ROWS x D_PAD unpadded, its quads swizzled instead (quad c of row r at quad
+ *            c ^ (r & QSW)): rows read together still start in different banks without ROWS x VW
+ *            floats of padding. A K^T chunk KC x LDT: K is stored transposed so that the score
+ *            product reads one VW-vector of K per head-dim step, no transposes in registers. V
+ *            COLS x D_PAD, unpadded (a row's readers take adjacent vectors). P tile ROWS x LDS,
+ *            whose padding (P_PAD >= TN floats per row) holds the row maxima and sums that the TN
+ *            work-items of a row exchange: at D = 128 on NVIDIA's 48 KiB every byte counts.
  *   dK/dV:   K, V tiles ROWS x LD, Q, dO tiles COLS x LD, P-then-dS tile ROWS x LDS, 2 x COLS row stats.
  *   dQ:      Q, dO tiles ROWS x LD, K, V tiles COLS x LD, dS tile ROWS x LDS.
  * The planner computes the same sums (forward_local_bytes, ...) and the host checks them against
@@ -56,14 +63,27 @@
 #define COLS (CN * VW * TN)
 #define THREADS (TM * TN)
 #define LD (D_PAD + VW)
-#define LDS (COLS + VW)
+/* the forward Q tile's swizzle mask: up to 8 rows apart in quads, within a row's D_PAD / 4 quads */
+#if D_PAD % 32 == 0
+#define QSW 7
+#elif D_PAD % 16 == 0
+#define QSW 3
+#elif D_PAD % 8 == 0
+#define QSW 1
+#else
+#define QSW 0
+#endif
+#if PROGRAM == 0
+#define P_PAD (VW * ((TN + VW - 1) / VW)) /* room for TN row partials, whole vectors */
+#else
+#define P_PAD VW
+#endif
+#define LDS (COLS + P_PAD)
 #define LDT (COLS + VW)
 #define CHUNKS (D_PAD / (VW * TN))
 #ifndef KC
 #define KC D_PAD
 #endif
-#define LDV (KC + VW)        /* row stride of a V chunk */
-#define PIECES (KC / (VW * TN)) /* accumulator pieces per chunk */
 
 #if VW == 4
 typedef float4 floatV;
@@ -83,23 +103,49 @@ typedef union {
 #define LN2 0.6931471805599453f
 
 /* ---------------------------------------------------------------------------------------------
- * storage types
+ * storage types. LOAD4 / STORE4 move four elements at p + i. With ALIGNED (set by the host when
+ * every row of the call's arrays starts a multiple of 4 elements into its buffer and HEAD_DIM % 4
+ * == 0) a quad is one 16-byte (8-byte for 16-bit types) access; else vload4 / vload_half4, which
+ * may only assume element alignment: NVIDIA's compiler splits them into four 4-byte loads, whose
+ * separate cache requests took the bandwidth that the local-memory tile products need (H100,
+ * D = 128, fp32: 23.2 -> 26.0 TFLOP/s with whole quads).
  */
 #if DTYPE == 0
 typedef float elem_t;
 #define LOAD1(p, i) ((p)[i])
-#define LOAD4(p, i) vload4(0, (p) + (i))
 #define STORE1(p, i, x) ((p)[i] = (x))
+#if ALIGNED
+#define LOAD4(p, i) (*(__global const float4 *)((p) + (i)))
+#define STORE4(p, i, x) (*(__global float4 *)((p) + (i)) = (x))
+#else
+#define LOAD4(p, i) vload4(0, (p) + (i))
+#define STORE4(p, i, x) vstore4((x), 0, (p) + (i))
+#endif
 #elif DTYPE == 1
 typedef half elem_t; /* core OpenCL allows half pointers for vload_half / vstore_half */
 #define LOAD1(p, i) vload_half((i), (p))
-#define LOAD4(p, i) vload_half4(0, (p) + (i))
 #define STORE1(p, i, x) vstore_half_rte((x), (i), (p))
+#if ALIGNED
+/* four halves as one 8-byte word, converted from a private copy (no half variables without cl_khr_fp16) */
+inline float4 load4_aligned(__global const half *p)
+{
+    const uint2 bits = *(__global const uint2 *)p;
+    return vload_half4(0, (const __private half *)&bits);
+}
+inline void store4_aligned(__global half *p, float4 x)
+{
+    uint2 bits;
+    vstore_half4_rte(x, 0, (__private half *)&bits);
+    *(__global uint2 *)p = bits;
+}
+#define LOAD4(p, i) load4_aligned((p) + (i))
+#define STORE4(p, i, x) store4_aligned((p) + (i), (x))
+#else
+#define LOAD4(p, i) vload_half4(0, (p) + (i))
+#define STORE4(p, i, x) vstore_half4_rte((x), 0, (p) + (i))
+#endif
 #else
 typedef ushort elem_t;
-#define LOAD1(p, i) as_float((uint)((p)[i]) << 16)
-#define LOAD4(p, i) as_float4(convert_uint4(vload4(0, (p) + (i))) << 16)
-#define STORE1(p, i, x) ((p)[i] = float_to_bf16(x))
 inline ushort float_to_bf16(float x)
 {
     uint u = as_uint(x);
@@ -107,6 +153,19 @@ inline ushort float_to_bf16(float x)
     u += 0x7fffu + ((u >> 16) & 1u);                                       /* round to nearest even */
     return (ushort)(u >> 16);
 }
+inline ushort4 float4_to_bf16(float4 x)
+{
+    return (ushort4)(float_to_bf16(x.s0), float_to_bf16(x.s1), float_to_bf16(x.s2), float_to_bf16(x.s3));
+}
+#define LOAD1(p, i) as_float((uint)((p)[i]) << 16)
+#define STORE1(p, i, x) ((p)[i] = float_to_bf16(x))
+#if ALIGNED
+#define LOAD4(p, i) as_float4(convert_uint4(*(__global const ushort4 *)((p) + (i))) << 16)
+#define STORE4(p, i, x) (*(__global ushort4 *)((p) + (i)) = float4_to_bf16(x))
+#else
+#define LOAD4(p, i) as_float4(convert_uint4(vload4(0, (p) + (i))) << 16)
+#define STORE4(p, i, x) vstore4(float4_to_bf16(x), 0, (p) + (i))
+#endif
 #endif
 
 #if MASK == 2
@@ -134,15 +193,20 @@ inline float4 read_quad(__global const elem_t *src, long stride, int row, int li
     return (float4)(element(p, c), element(p, c + 1), element(p, c + 2), element(p, c + 3));
 }
 
+/* where column c (a multiple of 4) of row r sits in a local tile of row stride `ld` whose quads are
+ * swizzled by `swizzle` (0: not swizzled; the forward's Q tile: QSW) */
+inline int tile_offset(int r, int c, int ld, int swizzle) { return r * ld + (c ^ ((r & swizzle) << 2)); }
+
 /* rows [row0, row0 + tile_rows) of a (rows x HEAD_DIM) matrix whose rows are `stride` elements
- * apart into a local tile of row stride LD; rows at or past `limit` and columns at or past
- * HEAD_DIM are zero (so padded rows and columns add nothing to any product). */
-inline void load_tile(__local float *dst, __global const elem_t *src, long stride, int row0, int limit, int tile_rows)
+ * apart into a local tile (tile_offset's `ld` and `swizzle`); rows at or past `limit` and columns
+ * at or past HEAD_DIM are zero (so padded rows and columns add nothing to any product). */
+inline void load_tile(__local float *dst, int ld, int swizzle, __global const elem_t *src, long stride, int row0,
+                      int limit, int tile_rows)
 {
     const int quads = D_PAD / 4;
     for (int index = get_local_id(0); index < tile_rows * quads; index += THREADS) {
         const int r = index / quads, c = (index - r * quads) * 4;
-        LOCAL4(dst, r * LD + c) = read_quad(src, stride, row0 + r, limit, c);
+        LOCAL4(dst, tile_offset(r, c, ld, swizzle)) = read_quad(src, stride, row0 + r, limit, c);
     }
 }
 
@@ -161,10 +225,11 @@ inline floatV rank4(floatV acc, float4 w, floatV b0, floatV b1, floatV b2, float
     return w.s3 * b3 + acc;
 }
 
-/* s[i CN + j] += a[tm + TM i] . b[(tn + TN j) VW + lane] over KC head-dim columns, with b stored
- * transposed (bt[d LDT + n]): per head-dim step of 4, RM float4s of a and 4 CN VW-vectors of bt,
- * four rank-1 updates per pair: no transposes in registers */
-inline void scores_transposed(__local const float *a, __local const float *bt, int tm, int tn, floatV s[RM * CN])
+/* s[i CN + j] += a[tm + TM i] . b[(tn + TN j) VW + lane] over head-dim columns dc .. dc + KC - 1,
+ * with a the forward's Q tile (swizzled, QSW) and b stored transposed (bt[d LDT + n], d from dc):
+ * per head-dim step of 4, RM float4s of a and 4 CN VW-vectors of bt, four rank-1 updates per pair:
+ * no transposes in registers */
+inline void scores_transposed(__local const float *a, int dc, __local const float *bt, int tm, int tn, floatV s[RM * CN])
 {
     /* accumulate in a local array, not in s[]: s lives across barriers, and PoCL keeps such
      * variables in memory; this one (unrolled, constant indices) stays in registers through the loop */
@@ -179,7 +244,7 @@ inline void scores_transposed(__local const float *a, __local const float *bt, i
             for (int e = 0; e < 4; e++) y[j][e] = LOCALV(bt, (d + e) * LDT + (tn + TN * j) * VW);
 #pragma unroll
         for (int i = 0; i < RM; i++) {
-            const float4 w = LOCAL4(a, (tm + TM * i) * LD + d);
+            const float4 w = LOCAL4(a, tile_offset(tm + TM * i, dc + d, D_PAD, QSW));
 #pragma unroll
             for (int j = 0; j < CN; j++) acc[i * CN + j] = rank4(acc[i * CN + j], w, y[j][0], y[j][1], y[j][2], y[j][3]);
         }
@@ -207,14 +272,13 @@ inline void scores_rows(__local const float *a, __local const float *b, int tm, 
 }
 #endif
 
-/* acc[i][c0 + c] += sum_n p[tm + TM i][n] * b[n][VW (c TN + tn) .. + VW - 1] for c < PIECES: a
- * (ROWS x COLS) weight tile in local memory times a (COLS x KC) operand tile of row stride `ldb`,
- * into the work-item's accumulator pieces c0 .. c0 + PIECES - 1. The backward program stages whole
- * rows (KC = D_PAD, so PIECES = CHUNKS and c0 = 0). The trip counts are macros, not arguments:
- * PoCL unrolls before it inlines, and only a constant count unrolls there; unrolled, the private
- * arrays' indices are constants and they stay in registers. */
+/* acc[i][c] += sum_n p[tm + TM i][n] * b[n][VW (c TN + tn) .. + VW - 1] for c < CHUNKS: a
+ * (ROWS x COLS) weight tile in local memory (row stride LDS) times a (COLS x D_PAD) operand tile of
+ * row stride `ldb`. The trip counts are macros, not arguments: PoCL unrolls before it inlines, and
+ * only a constant count unrolls there; unrolled, the private arrays' indices are constants and
+ * they stay in registers. */
 inline void tile_accumulate(__local const float *p, __local const float *b, int ldb, int tm, int tn,
-                            floatV acc[RM][CHUNKS], int c0)
+                            floatV acc[RM][CHUNKS])
 {
 #if PIECES_INNER
     /* GPUs: the accumulators live in registers throughout, so each step's weights are read once for
@@ -224,21 +288,21 @@ inline void tile_accumulate(__local const float *p, __local const float *b, int 
 #pragma unroll
         for (int i = 0; i < RM; i++) w[i] = LOCAL4(p, (tm + TM * i) * LDS + n);
 #pragma unroll
-        for (int c = 0; c < PIECES; c++) {
+        for (int c = 0; c < CHUNKS; c++) {
             __local const float *bc = b + (c * TN + tn) * VW + n * ldb;
             const floatV b0 = LOCALV(bc, 0), b1 = LOCALV(bc, ldb), b2 = LOCALV(bc, 2 * ldb), b3 = LOCALV(bc, 3 * ldb);
 #pragma unroll
-            for (int i = 0; i < RM; i++) acc[i][c0 + c] = rank4(acc[i][c0 + c], w[i], b0, b1, b2, b3);
+            for (int i = 0; i < RM; i++) acc[i][c] = rank4(acc[i][c], w[i], b0, b1, b2, b3);
         }
     }
 #else
     /* PoCL: variables that live across barriers (the accumulators) are kept in memory, so one piece
      * at a time is copied into a local array, which stays in registers through the key steps */
 #pragma unroll
-    for (int c = 0; c < PIECES; c++) {
+    for (int c = 0; c < CHUNKS; c++) {
         floatV a[RM];
 #pragma unroll
-        for (int i = 0; i < RM; i++) a[i] = acc[i][c0 + c];
+        for (int i = 0; i < RM; i++) a[i] = acc[i][c];
         __local const float *bc = b + (c * TN + tn) * VW;
         for (int n = 0; n < COLS; n += 4) {
             const floatV b0 = LOCALV(bc, (n + 0) * ldb), b1 = LOCALV(bc, (n + 1) * ldb);
@@ -247,7 +311,7 @@ inline void tile_accumulate(__local const float *p, __local const float *b, int 
             for (int i = 0; i < RM; i++) a[i] = rank4(a[i], LOCAL4(p, (tm + TM * i) * LDS + n), b0, b1, b2, b3);
         }
 #pragma unroll
-        for (int i = 0; i < RM; i++) acc[i][c0 + c] = a[i];
+        for (int i = 0; i < RM; i++) acc[i][c] = a[i];
     }
 #endif
 }
@@ -272,8 +336,14 @@ inline void store_rows(__global elem_t *dst, long stride, int row0, int limit, i
             const int col = (c * TN + tn) * VW;
             lanes_t x;
             x.v = acc[i][c] * factor;
-            for (int j = 0; j < VW; j++)
-                if (col + j < HEAD_DIM) STORE1(p, col + j, x.e[j]);
+            for (int j = 0; j < VW; j += 4) {
+                if (col + j + 4 <= HEAD_DIM) {
+                    STORE4(p, col + j, (float4)(x.e[j], x.e[j + 1], x.e[j + 2], x.e[j + 3]));
+                    continue;
+                }
+                for (int e = j; e < j + 4; e++)
+                    if (col + e < HEAD_DIM) STORE1(p, col + e, x.e[e]);
+            }
         }
     }
 }
@@ -452,11 +522,15 @@ inline __global const uchar *padding_of(__global const uchar *padding, int b, in
  * forward: one work-group per (ROWS queries, batch x head); O and LSE
  */
 #if PROGRAM == 0
-/* rows row, row + TM, row + 2 TM, row + 3 TM of a per-row array */
-inline float4 row_quad(__local const float *x, int row) { return (float4)(x[row], x[row + TM], x[row + 2 * TM], x[row + 3 * TM]); }
+/* the row partials (maxima, then sums) of the TN work-items of a row sit in its P padding */
+#define PARTIAL(row, u) (p_tile[(row) * LDS + COLS + (u)])
 
-/* K^T chunks (KC rows of LDT) and then V chunks (COLS rows of LDV) share one buffer */
-#define KV_FLOATS (KC * LDT > COLS * LDV ? KC * LDT : COLS * LDV)
+/* work-item u's partials of rows row, row + TM, row + 2 TM, row + 3 TM */
+inline float4 row_partials(__local const float *p_tile, int row, int u)
+{
+    return (float4)(PARTIAL(row, u), PARTIAL(row + TM, u), PARTIAL(row + 2 * TM, u), PARTIAL(row + 3 * TM, u));
+}
+
 /* a work-item's share of one staged chunk (COLS rows x KC columns of K or V), in float4 quads */
 #define STAGE_QUADS ((COLS * KC / 4 + THREADS - 1) / THREADS)
 
@@ -486,21 +560,28 @@ inline void fetch_chunk(float4 x[STAGE_QUADS], __global const elem_t *src, long 
     }
 }
 
-/* the fetched quads into local memory: K as K^T (KC rows of LDT), V as COLS rows of LDV */
-inline void put_chunk(__local float *dst, const float4 x[STAGE_QUADS], bool transposed)
+/* a fetched K chunk into the K^T buffer (KC rows of LDT) */
+inline void put_keys(__local float *kt_tile, const float4 x[STAGE_QUADS])
 {
 #pragma unroll
     for (int u = 0; u < STAGE_QUADS; u++) {
         if (!stage_owns(u)) continue;
-        const int2 rc = stage_slot(u, transposed);
-        if (transposed) {
-            dst[(rc.y + 0) * LDT + rc.x] = x[u].s0;
-            dst[(rc.y + 1) * LDT + rc.x] = x[u].s1;
-            dst[(rc.y + 2) * LDT + rc.x] = x[u].s2;
-            dst[(rc.y + 3) * LDT + rc.x] = x[u].s3;
-        } else {
-            LOCAL4(dst, rc.x * LDV + rc.y) = x[u];
-        }
+        const int2 rc = stage_slot(u, true);
+        kt_tile[(rc.y + 0) * LDT + rc.x] = x[u].s0;
+        kt_tile[(rc.y + 1) * LDT + rc.x] = x[u].s1;
+        kt_tile[(rc.y + 2) * LDT + rc.x] = x[u].s2;
+        kt_tile[(rc.y + 3) * LDT + rc.x] = x[u].s3;
+    }
+}
+
+/* a fetched V chunk (head-dim columns dc .. dc + KC - 1) into its place in the whole V tile */
+inline void put_values(__local float *v_tile, const float4 x[STAGE_QUADS], int dc)
+{
+#pragma unroll
+    for (int u = 0; u < STAGE_QUADS; u++) {
+        if (!stage_owns(u)) continue;
+        const int2 rc = stage_slot(u, false);
+        LOCAL4(v_tile, rc.x * D_PAD + dc + rc.y) = x[u];
     }
 }
 
@@ -509,10 +590,10 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
     __global float *lse, long q_b, long q_h, long q_n, long k_b, long k_h, long k_n, long v_b, long v_h, long v_n,
     long o_b, long o_h, long o_n, FEATURE_ARGS)
 {
-    __local floatV q_store[ROWS * LD / VW], kv_store[KV_FLOATS / VW], p_store[ROWS * LDS / VW];
-    __local float partial[TN * ROWS];
-    __local float *q_tile = (__local float *)q_store, *kv_tile = (__local float *)kv_store,
-                  *p_tile = (__local float *)p_store;
+    __local floatV q_store[ROWS * D_PAD / VW], kt_store[KC * LDT / VW], v_store[COLS * D_PAD / VW];
+    __local floatV p_store[ROWS * LDS / VW];
+    __local float *q_tile = (__local float *)q_store, *kt_tile = (__local float *)kt_store,
+                  *v_tile = (__local float *)v_store, *p_tile = (__local float *)p_store;
     const int tm = get_local_id(0) / TN, tn = get_local_id(0) % TN;
     const int row0 = get_group_id(0) * ROWS, bh = get_group_id(1), b = bh / heads, h = bh % heads, hk = h / group;
     const Visibility vis = visibility(seqlen_q, seqlen_k, offset, left, right, scale, softcap, slopes, bh, mask_i, mask_j);
@@ -520,7 +601,7 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
     padding = padding_of(padding, b, seqlen_k);
     __global const elem_t *kh = k + b * k_b + hk * k_h, *vh = v + b * v_b + hk * v_h;
 
-    load_tile(q_tile, q + b * q_b + h * q_h, q_n, row0, seqlen_q, ROWS);
+    load_tile(q_tile, D_PAD, QSW, q + b * q_b + h * q_h, q_n, row0, seqlen_q, ROWS);
     floatV o[RM][CHUNKS];
 #pragma unroll
     for (int i = 0; i < RM; i++)
@@ -537,37 +618,40 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
     }
     const int2 keys = key_range(row0, ROWS, &vis);
     const int first = keys.x / COLS * COLS;
-    /* the pipeline: each step puts the chunk fetched in the step before, fetches the next one (the
-     * K chunks of a key tile, then its V chunks, then the next tile's K chunks), and computes */
-    float4 staged[STAGE_QUADS];
-    if (first < keys.y) fetch_chunk(staged, kh, k_n, first, seqlen_k, 0, true);
+    /* the pipeline: each K chunk step puts the K chunk and the V chunk fetched in the step before and
+     * fetches the next ones (after a tile's last K chunk, the next tile's first), then computes; the
+     * last V chunk is put after the scores */
+    float4 staged_k[STAGE_QUADS], staged_v[STAGE_QUADS];
+    if (first < keys.y) fetch_chunk(staged_k, kh, k_n, first, seqlen_k, 0, true);
     for (int col0 = first; col0 < keys.y; col0 += COLS) {
         floatV s[RM * CN], t[RM * CN];
 #pragma unroll
         for (int x = 0; x < RM * CN; x++) s[x] = (floatV)(0.0f);
 #pragma unroll
         for (int dc = 0; dc < D_PAD; dc += KC) {
-            barrier(CLK_LOCAL_MEM_FENCE); /* the previous readers are done with kv_tile (and p_tile) */
-            put_chunk(kv_tile, staged, true);
+            barrier(CLK_LOCAL_MEM_FENCE); /* the previous readers are done with K^T (and V and P) */
+            put_keys(kt_tile, staged_k);
+            if (dc > 0) put_values(v_tile, staged_v, dc - KC);
             barrier(CLK_LOCAL_MEM_FENCE);
-            if (dc + KC < D_PAD) fetch_chunk(staged, kh, k_n, col0, seqlen_k, dc + KC, true);
-            else fetch_chunk(staged, vh, v_n, col0, seqlen_k, 0, false);
-            scores_transposed(q_tile + dc, kv_tile, tm, tn, s);
+            fetch_chunk(staged_v, vh, v_n, col0, seqlen_k, dc, false);
+            if (dc + KC < D_PAD) fetch_chunk(staged_k, kh, k_n, col0, seqlen_k, dc + KC, true);
+            else if (col0 + COLS < keys.y) fetch_chunk(staged_k, kh, k_n, col0 + COLS, seqlen_k, 0, true);
+            scores_transposed(q_tile, dc, kt_tile, tm, tn, s);
         }
+        put_values(v_tile, staged_v, D_PAD - KC);
         block_scores(s, t, row0, col0, tm, tn, true, &vis, mask, padding);
 #pragma unroll
         for (int i = 0; i < RM; i++) {
             float m = lane_max(s[i * CN]);
 #pragma unroll
             for (int j = 1; j < CN; j++) { const float x = lane_max(s[i * CN + j]); m = x > m ? x : m; }
-            partial[tn * ROWS + tm + TM * i] = m;
+            PARTIAL(tm + TM * i, tn) = m;
         }
-        barrier(CLK_LOCAL_MEM_FENCE); /* row partials written; every K read done */
-        put_chunk(kv_tile, staged, false);
+        barrier(CLK_LOCAL_MEM_FENCE); /* row partials and V in place */
 #pragma unroll
         for (int g = 0; g < RM / 4; g++) {
             float4 m_new = m_run[g];
-            for (int u = 0; u < TN; u++) m_new = max(m_new, row_quad(partial + u * ROWS, tm + 4 * g * TM));
+            for (int u = 0; u < TN; u++) m_new = max(m_new, row_partials(p_tile, tm + 4 * g * TM, u));
             const float4 base = select(m_new, (float4)(0.0f), m_new == (float4)(-INFINITY)); /* nothing visible yet */
             const float4 alpha = native_exp2(m_run[g] - base);
             m_run[g] = m_new;
@@ -587,28 +671,19 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
             l_run[g] = l_run[g] * alpha + (float4)(sums[0], sums[1], sums[2], sums[3]);
         }
         store_block(p_tile, tm, tn, s);
-#pragma unroll
-        for (int dc = 0; dc < D_PAD; dc += KC) {
-            if (dc > 0) {
-                barrier(CLK_LOCAL_MEM_FENCE); /* the previous chunk's readers are done */
-                put_chunk(kv_tile, staged, false);
-            }
-            barrier(CLK_LOCAL_MEM_FENCE); /* P and this V chunk in place */
-            if (dc + KC < D_PAD) fetch_chunk(staged, vh, v_n, col0, seqlen_k, dc + KC, false);
-            else if (col0 + COLS < keys.y) fetch_chunk(staged, kh, k_n, col0 + COLS, seqlen_k, 0, true);
-            tile_accumulate(p_tile, kv_tile, LDV, tm, tn, o, dc / (VW * TN));
-        }
+        barrier(CLK_LOCAL_MEM_FENCE); /* P in place */
+        tile_accumulate(p_tile, v_tile, D_PAD, tm, tn, o);
     }
     /* the row sums over all of the row's work-items; O divided by them, LSE beside it */
     barrier(CLK_LOCAL_MEM_FENCE);
 #pragma unroll
     for (int g = 0; g < RM / 4; g++)
-        for (int r = 0; r < 4; r++) partial[tn * ROWS + tm + TM * (4 * g + r)] = COMPONENT(l_run[g], r);
+        for (int r = 0; r < 4; r++) PARTIAL(tm + TM * (4 * g + r), tn) = COMPONENT(l_run[g], r);
     barrier(CLK_LOCAL_MEM_FENCE);
 #pragma unroll
     for (int g = 0; g < RM / 4; g++) {
         float4 l = (float4)(0.0f);
-        for (int u = 0; u < TN; u++) l += row_quad(partial + u * ROWS, tm + 4 * g * TM);
+        for (int u = 0; u < TN; u++) l += row_partials(p_tile, tm + 4 * g * TM, u);
         const float4 inverse = select((float4)(0.0f), 1.0f / l, l > 0.0f); /* fully hidden rows: zeros */
         const float4 value = select((float4)(-INFINITY), (m_run[g] + log2(l)) * LN2, l > 0.0f);
 #pragma unroll
@@ -689,8 +764,8 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
     const int tm = get_local_id(0) / TN, tn = get_local_id(0) % TN;
     const int row0 = get_group_id(0) * ROWS, bhk = get_group_id(1), kv_heads = heads / group;
     const int b = bhk / kv_heads, hk = bhk % kv_heads;
-    load_tile(k_tile, k + b * k_b + hk * k_h, k_n, row0, seqlen_k, ROWS);
-    load_tile(v_tile, v + b * v_b + hk * v_h, v_n, row0, seqlen_k, ROWS);
+    load_tile(k_tile, LD, 0, k + b * k_b + hk * k_h, k_n, row0, seqlen_k, ROWS);
+    load_tile(v_tile, LD, 0, v + b * v_b + hk * v_h, v_n, row0, seqlen_k, ROWS);
     floatV dk_acc[4][CHUNKS], dv_acc[4][CHUNKS];
     for (int i = 0; i < 4; i++)
 #pragma unroll
@@ -704,8 +779,8 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
         const int2 queries = query_range(row0, ROWS, &vis);
         for (int col0 = queries.x / COLS * COLS; col0 < queries.y; col0 += COLS) {
             barrier(CLK_LOCAL_MEM_FENCE);
-            load_tile(q_tile, qh, q_n, col0, seqlen_q, COLS);
-            load_tile(g_tile, gh, g_n, col0, seqlen_q, COLS);
+            load_tile(q_tile, LD, 0, qh, q_n, col0, seqlen_q, COLS);
+            load_tile(g_tile, LD, 0, gh, g_n, col0, seqlen_q, COLS);
             load_row_stats(lse_tile, lse_log2 + (long)bh * seqlen_q, col0, seqlen_q, COLS);
             load_row_stats(delta_tile, delta + (long)bh * seqlen_q, col0, seqlen_q, COLS);
             barrier(CLK_LOCAL_MEM_FENCE);
@@ -716,11 +791,11 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
             block_gradients(s, dp, t, lse_tile, delta_tile, tm, tn, false, p);
             store_block(p_tile, tm, tn, p);
             barrier(CLK_LOCAL_MEM_FENCE);
-            tile_accumulate(p_tile, g_tile, LD, tm, tn, dv_acc, 0); /* dV += P^T dO */
+            tile_accumulate(p_tile, g_tile, LD, tm, tn, dv_acc); /* dV += P^T dO */
             barrier(CLK_LOCAL_MEM_FENCE);
             store_block(p_tile, tm, tn, dp);
             barrier(CLK_LOCAL_MEM_FENCE);
-            tile_accumulate(p_tile, q_tile, LD, tm, tn, dk_acc, 0); /* dK += dS^T Q */
+            tile_accumulate(p_tile, q_tile, LD, tm, tn, dk_acc); /* dK += dS^T Q */
         }
     }
     store_rows(dk + b * dk_b + hk * dk_h, dk_n, row0, seqlen_k, tm, tn, dk_acc, scale);
@@ -746,8 +821,8 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
     mask = mask_of(mask, b, h, mask_b, mask_h);
     padding = padding_of(padding, b, seqlen_k);
     __global const elem_t *kh = k + b * k_b + hk * k_h, *vh = v + b * v_b + hk * v_h;
-    load_tile(q_tile, q + b * q_b + h * q_h, q_n, row0, seqlen_q, ROWS);
-    load_tile(g_tile, dout + b * g_b + h * g_h, g_n, row0, seqlen_q, ROWS);
+    load_tile(q_tile, LD, 0, q + b * q_b + h * q_h, q_n, row0, seqlen_q, ROWS);
+    load_tile(g_tile, LD, 0, dout + b * g_b + h * g_h, g_n, row0, seqlen_q, ROWS);
     load_row_stats(lse_tile, lse_log2 + (long)bh * seqlen_q, row0, seqlen_q, ROWS);
     load_row_stats(delta_tile, delta + (long)bh * seqlen_q, row0, seqlen_q, ROWS);
     floatV dq_acc[4][CHUNKS];
@@ -757,8 +832,8 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
     const int2 keys = key_range(row0, ROWS, &vis);
     for (int col0 = keys.x / COLS * COLS; col0 < keys.y; col0 += COLS) {
         barrier(CLK_LOCAL_MEM_FENCE);
-        load_tile(k_tile, kh, k_n, col0, seqlen_k, COLS);
-        load_tile(v_tile, vh, v_n, col0, seqlen_k, COLS);
+        load_tile(k_tile, LD, 0, kh, k_n, col0, seqlen_k, COLS);
+        load_tile(v_tile, LD, 0, vh, v_n, col0, seqlen_k, COLS);
         barrier(CLK_LOCAL_MEM_FENCE);
         float4 s[4], t[4], dp[4], p[4];
         scores_rows(q_tile, k_tile, tm, tn, s);
@@ -767,7 +842,7 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_bac
         block_gradients(s, dp, t, lse_tile, delta_tile, tm, tn, true, p);
         store_block(p_tile, tm, tn, dp);
         barrier(CLK_LOCAL_MEM_FENCE);
-        tile_accumulate(p_tile, k_tile, LD, tm, tn, dq_acc, 0); /* dQ += dS K */
+        tile_accumulate(p_tile, k_tile, LD, tm, tn, dq_acc); /* dQ += dS K */
     }
     store_rows(dq + b * dq_b + h * dq_h, dq_n, row0, seqlen_q, tm, tn, dq_acc, scale);
 }
