@@ -132,18 +132,12 @@ inline float4 load4_aligned(__global const half *p)
     const uint2 bits = *(__global const uint2 *)p;
     return vload_half4(0, (const __private half *)&bits);
 }
-inline void store4_aligned(__global half *p, float4 x)
-{
-    uint2 bits;
-    vstore_half4_rte(x, 0, (__private half *)&bits);
-    *(__global uint2 *)p = bits;
-}
 #define LOAD4(p, i) load4_aligned((p) + (i))
-#define STORE4(p, i, x) store4_aligned((p) + (i), (x))
 #else
 #define LOAD4(p, i) vload_half4(0, (p) + (i))
-#define STORE4(p, i, x) vstore_half4_rte((x), 0, (p) + (i))
 #endif
+/* stores stay vstore_half4 (outputs are written once per row; the private-copy store gave NaN under PoCL) */
+#define STORE4(p, i, x) vstore_half4_rte((x), 0, (p) + (i))
 #else
 typedef ushort elem_t;
 inline ushort float_to_bf16(float x)
