@@ -130,7 +130,9 @@ def compiler_report(queue, call, plan):
     from portattn.tiling import opencl as rules
 
     q = opencl_inputs(queue, (1, 1, 4, call.spec.head_dim), np.float16 if call.spec.dtype == "float16" else np.float32)[0]
-    options = rules.forward_grid(plan, call.spec.head_dim).options() + _Call(None, q, call.spec, NONE).options
+    state = _Call(None, q, call.spec, NONE)
+    state.align(q)  # contiguous rows, as the timed call's: the same -DALIGNED as the program that ran
+    options = rules.forward_grid(plan, call.spec.head_dim).options() + state.options
     program = cl.Program(queue.context, opencl_runtime._source())
     program.build(options=[*opencl_runtime.BUILD_FLAGS, *options, "-cl-nv-verbose"])
     log = program.get_build_info(queue.device, cl.program_build_info.LOG)

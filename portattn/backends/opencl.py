@@ -169,6 +169,7 @@ class _Call:
         self.on_device = spec.array_kind == "pyopencl"
         self.queue = q.queue if self.on_device else runtime.queue_for(label)
         self.storage = runtime.STORAGE[spec.dtype]
+        self.pool = runtime.memory_pool(self.queue.context)
         left, right = spec.window if spec.window is not None else (None, None)
         left = UNBOUNDED if left is None else left
         right = UNBOUNDED if right is None else right
@@ -223,17 +224,16 @@ class _Call:
         import pyopencl.array as cla
 
         make = cla.zeros if zero else cla.empty
-        pool = runtime.memory_pool(self.queue.context)
         if self.on_device and self.spec.layout == "bnhd":
             b, h, n, d = shape
-            return make(self.queue, (b, n, h, d), self.storage, allocator=pool).transpose((0, 2, 1, 3))
-        return make(self.queue, shape, self.storage, allocator=pool)
+            return make(self.queue, (b, n, h, d), self.storage, allocator=self.pool).transpose((0, 2, 1, 3))
+        return make(self.queue, shape, self.storage, allocator=self.pool)
 
     def scratch(self, shape):
         """A float32 array for LSE and the backward's per-row statistics."""
         import pyopencl.array as cla
 
-        return cla.empty(self.queue, shape, np.float32, allocator=runtime.memory_pool(self.queue.context))
+        return cla.empty(self.queue, shape, np.float32, allocator=self.pool)
 
     def upload(self, x):
         return runtime.to_device(x, self.queue, self.storage)

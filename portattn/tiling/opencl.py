@@ -27,7 +27,7 @@ Rules (O for OpenCL), stated where they act:
        tile's padding; must fit CL_DEVICE_LOCAL_MEM_SIZE. On GPUs the forward may stage
        K (and V, into a whole V tile) ``chunk`` head-dim columns at a time (``chunk_choices``): NVIDIA's OpenCL gives 48
        KiB, where a whole K^T tile at D = 128 leaves room for a Q tile of only 32 rows; chunks of
-       64 let it hold 64 rows (H100, D = 128: 64 x 16 tiles in chunks at 19-23 TFLOP/s,
+       32 let it hold 64 rows (H100, D = 128: 64 x 16 tiles in chunks at 19-26 TFLOP/s,
        against 15 for the best whole-row grid, 32 x 16). CPUs stage whole rows.
   * O4 private memory: float32 accumulators (16 per 4 x 4 block, 16 per float4 column piece of
        each accumulator row set) plus operands and a fixed overhead (``*_registers``); on GPUs it

@@ -206,6 +206,8 @@ def test_planned_local_memory_is_what_the_kernels_take(queue, tile):
         changes = {"block_q": rows, "block_k": cols, "head_dim_chunk": chunk, "vector_width": 4, "item_rows": 4,
                    "item_vectors": 1}
         plan = dataclasses.replace(registry()["opencl"].retile(plan, changes), target=target)
+    if tile == (64, 32, 0, "gpu"):
+        assert rules.forward_grid(plan, 128).tn == 8
     options = _Call(call.backend._label(call.spec), q, call.spec, NONE).options + ("-DALIGNED=1",)
     size = cl.kernel_work_group_info.LOCAL_MEM_SIZE
     for grid, name, planned in ((rules.forward_grid(plan, 128), "attention_forward", plan.sram_bytes),
@@ -217,5 +219,3 @@ def test_planned_local_memory_is_what_the_kernels_take(queue, tile):
             assert local == planned == grid.forward_local_bytes(), name
         else:
             assert local <= grid.backward_local_bytes() == plan.backward_sram_bytes, name
-    if tile == (64, 32, 0, "gpu"):
-        assert grid.tn == 8
