@@ -10,10 +10,16 @@ torch's CPU ``scaled_dot_product_attention`` (its flash-attention CPU kernel), f
     python benchmarks/opencl_peers.py --shapes 4,16,2048,128 --causal 0 --sweep   # one point
     python benchmarks/opencl_peers.py --memory --json memory.json      # device memory against N
 
-Timing: portattn is timed end to end (the public call on device-resident pyopencl arrays, then
-``queue.finish()``), medians of ``--reps`` after a warm-up; CUDA peers with
-``triton.testing.do_bench`` (CUDA events) where triton is present, else the same host clock;
-CPU peers with the host clock. FLOPs: 4 B H N^2 D, halved when causal.
+Timing, medians of ``--reps`` after a warm-up, two clocks for each side:
+  * device time (``opencl_s``, ``peers_s``; the ratios quoted): portattn's public call on
+    device-resident pyopencl arrays, calls enqueued back to back on a profiling queue, each bracketed
+    by markers whose profiling timestamps give its time on the device; CUDA peers with
+    ``triton.testing.do_bench`` (CUDA events: the same bracket) where triton is present. On a CPU
+    (PoCL, torch's CPU kernel: both synchronous) device time is the host clock.
+  * end to end (``opencl_host_s``, ``peers_host_s``): one call, then ``queue.finish()`` or
+    ``torch.cuda.synchronize()``, on the host clock. Each waiting call pays the driver's wake-up on
+    top of the device time.
+FLOPs: 4 B H N^2 D, halved when causal.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import json
 import platform
 import statistics
 import sys
+import time
 
 import numpy as np
 import pyopencl as cl
@@ -68,23 +75,53 @@ def opencl_inputs(queue, shape, dtype, seed=0):
     return [cla.to_device(queue, rng.standard_normal(shape).astype(dtype)) for _ in range(3)]
 
 
+def profiling_queue(queue):
+    """A queue beside ``queue`` (same context and device) whose commands record profiling timestamps."""
+    return cl.CommandQueue(queue.context, queue.device, properties=cl.command_queue_properties.PROFILING_ENABLE)
+
+
+def device_median(queue, fn, reps):
+    """Median device seconds of ``fn``'s commands on ``queue`` (a profiling queue): after a warm-up the
+    calls are enqueued back to back, so the host stays ahead of the device as it does for CUDA events,
+    each between two markers; a call's time is the span between the markers' end timestamps."""
+    fn()
+    queue.finish()
+    spans = []
+    start = time.perf_counter()
+    for _ in range(reps):
+        before = cl.enqueue_marker(queue)
+        fn()
+        spans.append((before, cl.enqueue_marker(queue)))
+    queue.finish()
+    elapsed = time.perf_counter() - start
+    try:
+        return statistics.median((after.profile.end - before.profile.end) * 1e-9 for before, after in spans)
+    except cl.RuntimeError:  # a driver without marker timestamps: the mean over the back-to-back calls
+        return elapsed / reps
+
+
 def time_opencl(queue, arrays, causal, reps, plan=None):
+    """(device seconds, end-to-end seconds) of the forward on ``arrays`` (made on a profiling queue)."""
     q, k, v = arrays
     if plan is None:
         run = lambda: portattn.attention(q, k, v, backend="opencl", causal=causal)  # noqa: E731
     else:
         call = dataclasses.replace(prepare(q, k, v, backend="opencl", causal=causal), plan=plan)
         run = lambda: call.forward(q, k, v)  # noqa: E731
-    return host_median(lambda: (run(), queue.finish()), reps)
+    host = host_median(lambda: (run(), queue.finish()), reps)
+    if queue.device.type & cl.device_type.CPU:
+        return host, host  # PoCL runs the call on the host's cores: the host clock is the device clock
+    return device_median(queue, run, reps), host
 
 
 def peers(device_kind, shape, torch_dtype, causal, reps):
-    """{peer name: seconds} for torch on the same device."""
+    """({peer name: device seconds}, {peer name: end-to-end seconds}) for torch on the same device."""
     if device_kind == "cpu":
         q, k, v = (torch.randn(shape, dtype=torch_dtype) for _ in range(3))
-        return {"torch-cpu-sdpa": host_median(lambda: scaled_dot_product_attention(q, k, v, is_causal=causal), reps)}
+        seconds = {"torch-cpu-sdpa": host_median(lambda: scaled_dot_product_attention(q, k, v, is_causal=causal), reps)}
+        return seconds, seconds
     q, k, v = (torch.randn(shape, dtype=torch_dtype, device="cuda") for _ in range(3))
-    found = {}
+    found, host = {}, {}
     for name, backends in (("sdpa-math", [SDPBackend.MATH]), ("sdpa-default", None)):
         def run(backends=backends):
             if backends is None:
@@ -93,12 +130,13 @@ def peers(device_kind, shape, torch_dtype, causal, reps):
                 return scaled_dot_product_attention(q, k, v, is_causal=causal)
         try:
             found[name] = cuda_median(run, reps)
+            host[name] = host_median(lambda run=run: (run(), torch.cuda.synchronize()), reps)
         except RuntimeError as error:  # e.g. the math path out of memory
-            found[name] = None
+            found[name] = host[name] = None
             print(f"  {name}: {error}", file=sys.stderr)
     del q, k, v
     torch.cuda.empty_cache()
-    return found
+    return found, host
 
 
 def sweep_plans(queue, call, device_kind, widths):
@@ -148,15 +186,16 @@ def run_grid(args, record, queue, device_kind):
         for shape in points:
             for causal in args.causal:
                 arrays = opencl_inputs(queue, shape, np_dtype)
-                seconds = time_opencl(queue, arrays, causal, args.reps)
+                seconds, host = time_opencl(queue, arrays, causal, args.reps)
                 call = prepare(*arrays, backend="opencl", causal=causal)
                 row = {"shape": list(shape), "dtype": dtype, "causal": causal, "mode": "fwd",
-                       "flops": flops(*shape, causal), "opencl_s": seconds, "plan": call.plan.summary()}
+                       "flops": flops(*shape, causal), "opencl_s": seconds, "opencl_host_s": host,
+                       "plan": call.plan.summary()}
                 if args.sweep:
                     plans = sweep_plans(queue, call, device_kind, args.widths)
                     row["sweep"] = []
                     for p in plans:
-                        seconds = time_opencl(queue, arrays, causal, args.reps, p)
+                        seconds = time_opencl(queue, arrays, causal, args.reps, p)[0]
                         row["sweep"].append({"block_q": p.block_q, "block_k": p.block_k, "vector_width": p.vector_width,
                                              "item_rows": p.item_rows, "item_vectors": p.item_vectors,
                                              "head_dim_chunk": p.head_dim_chunk, "threads": p.threads,
@@ -168,7 +207,7 @@ def run_grid(args, record, queue, device_kind):
                         entry["compiler"] = compiler_report(queue, call, p)
                     row["compiler"] = compiler_report(queue, call, call.plan)
                 del arrays
-                row["peers_s"] = peers(device_kind, shape, torch_dtype, causal, args.reps)
+                row["peers_s"], row["peers_host_s"] = peers(device_kind, shape, torch_dtype, causal, args.reps)
                 record["rows"].append(row)
                 print(_line(row), flush=True)
 
@@ -179,6 +218,9 @@ def _line(row):
     for name, seconds in row["peers_s"].items():
         if seconds:
             parts.append(f"{name} {row['flops'] / seconds / 1e12:.2f} ({seconds / row['opencl_s']:.2f}x)")
+    host = row["peers_host_s"].get("sdpa-math")
+    if host:
+        parts.append(f"end to end against sdpa-math {host / row['opencl_host_s']:.2f}x")
     if "sweep" in row:
         best = min(row["sweep"], key=lambda r: r["seconds"])
         parts.append(f"best swept {best['block_q']}x{best['block_k']} ({best['item_rows']}x{best['item_vectors']} per item) "
@@ -222,7 +264,7 @@ def main(argv=None):
                         help="0, 1 or both (default both)")
     args = parser.parse_args(argv)
     label = opencl_runtime.choose()
-    queue = opencl_runtime.queue_for(label)
+    queue = profiling_queue(opencl_runtime.queue_for(label))
     device = queue.device
     device_kind = "cpu" if device.type & cl.device_type.CPU else "gpu"
     record = {
@@ -235,8 +277,9 @@ def main(argv=None):
         "fp32_peak_tflops": FP32_PEAK_TFLOPS.get(device.name.strip()),
         "versions": {"torch": torch.__version__, "pyopencl": cl.VERSION_TEXT, "numpy": np.__version__,
                      "python": platform.python_version(), "portattn": portattn.__version__},
-        "timing": "portattn: end-to-end call on pyopencl arrays + queue.finish, host clock, median; "
-                  "CUDA peers: triton.testing.do_bench median; CPU peers: host clock median",
+        "timing": "opencl_s: device time of the call on pyopencl arrays (profiling markers around back-to-back calls; "
+                  "host clock on CPUs), peers_s: triton.testing.do_bench (CUDA events; host clock on CPUs); "
+                  "*_host_s: one call then queue.finish / torch.cuda.synchronize, host clock; all medians",
         "rows": [], "memory": [],
     }
     print(f"{label}: {device.name.strip()} ({device.platform.name}); peers on {record['peer_device']}", flush=True)

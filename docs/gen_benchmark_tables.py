@@ -46,8 +46,11 @@ def opencl_table(record: dict) -> str:
     device = record["opencl_device"]
     peak = f"; fp32 FMA peak {record['fp32_peak_tflops']} TFLOP/s" if record.get("fp32_peak_tflops") else ""
     peers = sorted({name for row in record["rows"] for name in row["peers_s"]})
+    # end to end (one call, then wait) against each peer timed the same way, where the record has both clocks
+    waited = [p for p in peers if any(row.get("peers_host_s", {}).get(p) and row["peers_host_s"] != row["peers_s"]
+                                      for row in record["rows"])]
     header = "| dtype | (B, H, N, D) | causal | opencl TFLOP/s | " + " | ".join(f"{p} TFLOP/s" for p in peers) + " | " + \
-        " | ".join(f"opencl / {p}" for p in peers) + " | plan |"
+        " | ".join(f"opencl / {p}" for p in peers) + "".join(f" | end to end / {p}" for p in waited) + " | plan |"
     lines = [f"`{record['command']}` -- {record['date']}, {device['name']} ({device['platform']}, driver {device['driver']}, "
              f"{device['local_mem_bytes'] // 1024} KiB local memory){peak}; peers on {record['peer_device']}; "
              + ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v), "", header,
@@ -56,6 +59,8 @@ def opencl_table(record: dict) -> str:
         ours = row["flops"] / row["opencl_s"] / 1e12
         rates = [f"{row['flops'] / row['peers_s'][p] / 1e12:.2f}" if row["peers_s"].get(p) else "-" for p in peers]
         ratios = [f"{row['peers_s'][p] / row['opencl_s']:.2f}x" if row["peers_s"].get(p) else "-" for p in peers]
+        ratios += [f"{row['peers_host_s'][p] / row['opencl_host_s']:.2f}x" if row.get("peers_host_s", {}).get(p) else "-"
+                   for p in waited]
         plan = row["plan"].split(", 1 stages")[0].split(", head dim")[0]
         chunk = " (K/V in chunks of " + row["plan"].split("staged ")[1].split(" ")[0] + ")" if "staged" in row["plan"] else ""
         lines.append(f"| {row['dtype']} | {tuple(row['shape'])} | {int(row['causal'])} | {ours:.2f} | "

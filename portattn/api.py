@@ -222,11 +222,15 @@ _PREPARED_MAX = 1024
 
 
 def _call_key(q, k, v, causal, scale, backend, layout) -> tuple | None:
-    """What the checks, the backend choice and the plan depend on; None for arrays of other kinds
-    (they take the full path, which also raises the errors for them)."""
-    if not all(arrays.is_torch(x) for x in (q, k, v)):
+    """What the checks, the backend choice and the plan depend on, for torch tensors and pyopencl arrays
+    (whose queue fixes the device); None for arrays of other kinds (they take the full path, which
+    also raises the errors for them)."""
+    if all(arrays.is_torch(x) for x in (q, k, v)):
+        metas = tuple((x.shape, x.dtype, x.device, x.requires_grad) for x in (q, k, v))
+    elif all(arrays.is_pyopencl(x) for x in (q, k, v)):
+        metas = tuple((x.shape, x.dtype, x.queue) for x in (q, k, v))
+    else:
         return None
-    metas = tuple((x.shape, x.dtype, x.device, x.requires_grad) for x in (q, k, v))
     # the types too: causal=1 hashes like causal=True but must be refused, not served from the cache
     return (metas, causal, scale, backend, layout, type(causal), type(scale))
 

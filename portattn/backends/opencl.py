@@ -251,11 +251,13 @@ class _Call:
         return host
 
     def launch(self, grid, name, groups, *args, global_size=None):
-        kernel = runtime.kernel(self.queue.context, grid.options() + self.options, name)
+        args = tuple(_buffer(a) for a in args)
+        scalar_dtypes = tuple(a.dtype if isinstance(a, np.generic) else None for a in args)  # scalars are numpy's
+        kernel = runtime.kernel(self.queue.context, grid.options() + self.options, name, scalar_dtypes)
         if global_size is not None:  # the delta kernel: one work-item per row, any work-group shape
-            kernel(self.queue, global_size, None, *(_buffer(a) for a in args))
+            kernel(self.queue, global_size, None, *args)
             return
-        kernel(self.queue, (groups[0] * grid.threads, groups[1]), (grid.threads, 1), *(_buffer(a) for a in args))
+        kernel(self.queue, (groups[0] * grid.threads, groups[1]), (grid.threads, 1), *args)
 
 
 @functools.lru_cache(maxsize=16)

@@ -102,6 +102,43 @@ def test_programs_are_built_once_per_options(queue):
     assert opencl_runtime.program.cache_info().misses == before
 
 
+def test_repeated_pyopencl_calls_reuse_checks_but_not_wrong_ones(queue):
+    """A pyopencl call's checks and plan are kept for the next call of the same shapes, dtypes and queue
+    (api._call_key); a call that differs is checked afresh, and its errors are raised, never served."""
+    from portattn import api
+
+    host = _inputs()
+    q, k, v = (cla.to_device(queue, x) for x in host)
+    portattn.attention(q, k, v, backend="opencl")
+    assert api._call_key(q, k, v, False, None, "opencl", "bhnd") in api._PREPARED
+    np.testing.assert_allclose(portattn.attention(q, k, v, backend="opencl").get(), _reference(*host), atol=2e-5)
+    wider = cla.to_device(queue, np.zeros((1, 2, 37, 32), np.float32))
+    with pytest.raises(ValueError, match="head dim"):
+        portattn.attention(q, wider, v, backend="opencl")
+    half = cla.to_device(queue, host[1].astype(np.float16))
+    with pytest.raises(TypeError, match="different dtypes"):
+        portattn.attention(q, half, v, backend="opencl")
+
+
+def test_scalar_arguments_are_declared_to_pyopencl(queue, monkeypatch):
+    """Kernels are made with their scalar argument types declared, one per argument (pyopencl then packs
+    the scalars itself: setting numpy scalars one by one cost 200 us of a call's host time)."""
+    from portattn.backends import opencl_runtime
+
+    made, original = [], opencl_runtime.kernel
+
+    def kernel(context, options, name, scalar_dtypes=None):
+        made.append((name, scalar_dtypes))
+        return original(context, options, name, scalar_dtypes)
+
+    monkeypatch.setattr(opencl_runtime, "kernel", kernel)
+    q, k, v = (cla.to_device(queue, x) for x in _inputs())
+    portattn.attention(q, k, v, backend="opencl")
+    (name, scalar_dtypes), = made
+    assert name == "attention_forward" and len(scalar_dtypes) == 33
+    assert scalar_dtypes[:5] == (None,) * 5 and set(scalar_dtypes[5:17]) == {np.dtype(np.int64)}
+
+
 # (rows x column vectors per work-item, loop order, chunk): the forward's register tiles beyond 4 x 1
 TILE_CASES = [(8, 1, "gpu", "smallest"), (4, 2, "cpu", 0), (8, 2, "gpu", 0)]
 
@@ -191,7 +228,9 @@ def test_quads_move_whole_only_when_every_row_is_aligned(queue, head_dim, aligne
 def test_planned_local_memory_is_what_the_kernels_take(queue, tile):
     """The planner's local-memory sums (O3), which decide what fits a device, equal what the compiled
     forward and backward kernels report (CL_KERNEL_LOCAL_MEM_SIZE), for the device's own plan and for
-    GPU-shaped grids (K^T in chunks; eight work-items per row, whose row partials need wider padding)."""
+    GPU-shaped grids (K^T in chunks; eight work-items per row, whose row partials need wider padding).
+    PoCL reports the declared bytes; NVIDIA's compiler adds a few of its own (4 to a kernel declaring
+    256 B, 16 to the forward), which the planner leaves room for (DRIVER_LOCAL_BYTES)."""
     from portattn.api import prepare
     from portattn.backends import opencl_runtime, registry
     from portattn.backends.opencl import _Call
@@ -210,12 +249,14 @@ def test_planned_local_memory_is_what_the_kernels_take(queue, tile):
         assert rules.forward_grid(plan, 128).tn == 8
     options = _Call(call.backend._label(call.spec), q, call.spec, NONE).options + ("-DALIGNED=1",)
     size = cl.kernel_work_group_info.LOCAL_MEM_SIZE
+    spare = 0 if queue.device.type & cl.device_type.CPU else rules.DRIVER_LOCAL_BYTES
     for grid, name, planned in ((rules.forward_grid(plan, 128), "attention_forward", plan.sram_bytes),
                                 (rules.backward_grid(plan, 128), "attention_backward_dq", None),
                                 (rules.backward_grid(plan, 128), "attention_backward_dkdv", None)):
         kernel = opencl_runtime.kernel(queue.context, grid.options() + options, name)
         local = kernel.get_work_group_info(size, queue.device)
         if planned is not None:
-            assert local == planned == grid.forward_local_bytes(), name
+            assert planned == grid.forward_local_bytes() <= local <= planned + spare, name
         else:
-            assert local <= grid.backward_local_bytes() == plan.backward_sram_bytes, name
+            assert grid.backward_local_bytes() == plan.backward_sram_bytes, name
+            assert local <= plan.backward_sram_bytes + spare, name
