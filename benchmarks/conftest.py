@@ -44,7 +44,7 @@ def inputs_for(device):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Store portattn's view of the device and the versions next to pytest-benchmark's own."""
-    from portattn.tiling import device_named
+    from portattn.devices import device_named
 
     label = bench.default_device(config.getoption("--bench-device"))
     machine_info["portattn_device"] = f"{label}: {device_named(label).describe()}"

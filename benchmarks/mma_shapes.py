@@ -26,9 +26,9 @@ def measure() -> dict:
     import triton.testing
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from portattn.backends.cupy_gpu import _include_options
+    from portattn.backends.cupy.launch import include_options
 
-    module = cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17", *_include_options()))
+    module = cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17", *include_options()))
     device = cupy.cuda.Device()
     sms = device.attributes["MultiProcessorCount"]
     blocks = sms * 8

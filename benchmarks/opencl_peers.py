@@ -44,7 +44,8 @@ from torch.nn.functional import scaled_dot_product_attention
 import portattn
 from portattn import bench
 from portattn.api import prepare
-from portattn.backends import opencl_runtime, registry
+from portattn.backends import registry
+from portattn.backends.opencl import runtime as opencl_runtime
 
 GPU_POINTS = [(4, 16, 2048, 64), (2, 16, 4096, 64), (4, 16, 2048, 128), (2, 16, 4096, 128)]
 CPU_POINTS = [(1, 8, 2048, 64), (1, 8, 1024, 128)]
@@ -163,12 +164,12 @@ def compiler_report(queue, call, plan):
     """NVIDIA's compiler report for a plan's forward (``-cl-nv-verbose``: registers, spills), else []."""
     if "NVIDIA" not in queue.device.platform.name:
         return []
-    from portattn.backends.opencl import _Call
+    from portattn.backends.opencl.launch import Call
+    from portattn.backends.opencl import plan as rules
     from portattn.extras import NONE
-    from portattn.tiling import opencl as rules
 
     q = opencl_inputs(queue, (1, 1, 4, call.spec.head_dim), np.float16 if call.spec.dtype == "float16" else np.float32)[0]
-    state = _Call(None, q, call.spec, NONE)
+    state = Call(None, q, call.spec, NONE)
     state.align(q)  # contiguous rows, as the timed call's: the same -DALIGNED as the program that ran
     options = rules.forward_grid(plan, call.spec.head_dim).options() + state.options
     program = cl.Program(queue.context, opencl_runtime._source())

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from portattn.backends.opencl import plan as opencl_rules
+from portattn.devices import CATALOG
 from portattn.spec import AttentionSpec
-from portattn.tiling import CATALOG, plan
-from portattn.tiling import opencl as opencl_rules
+from portattn.tiling import plan
 
 BATCH, HEADS, SEQLEN = 4, 16, 4096  # B * H = 64
 

@@ -5,13 +5,14 @@
 """
 
 from .api import attention, attention_varlen, explain, plan, tune
+from .devices import DeviceSpec
 from .spec import AttentionSpec
 from .status import BackendStatus, available_backends, backends
-from .tiling import DeviceSpec, TilePlan
-
-__version__ = "0.1.0"
+from .tiling import TilePlan
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "AttentionSpec",
     "BackendStatus",
     "DeviceSpec",

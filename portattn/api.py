@@ -7,53 +7,13 @@ and layout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from . import arrays, dispatch
-from . import extras as extras_mod
-from .backends import Backend
+from . import arrays, dispatch, inputs
+from .call import PreparedCall
+from .devices import DeviceSpec, device_named
 from .extras import NONE, Extras
-from .spec import AttentionSpec, default_dtype, spec_from_arrays
-from .tiling import DeviceSpec, TilePlan, device_named
+from .spec import AttentionSpec, default_dtype
+from .tiling import TilePlan
 from .tiling import plan as make_plan
-
-
-@dataclass(frozen=True)
-class PreparedCall:
-    """A validated call bound to a backend and its plan; converts arrays at the backend boundary."""
-
-    spec: AttentionSpec
-    backend: Backend
-    plan: TilePlan
-
-    def _to_backend(self, *xs):
-        return [arrays.convert(x, self.backend.compute_kind, self.spec.device) for x in xs]
-
-    def _to_caller(self, x, dtype: str | None):
-        return arrays.restore(x, self.spec.array_kind, dtype, self.spec.device)
-
-    def _extras_to_backend(self, extras: Extras) -> Extras:
-        if extras is NONE:
-            return extras
-        return extras.map_arrays(lambda x: arrays.convert(x, self.backend.compute_kind, self.spec.device))
-
-    def forward(self, q, k, v, extras: Extras = NONE):
-        """(B, H, N, D) arrays of the caller's kind in; ``(out, lse)`` of that kind out.
-
-        The LSE keeps the backend's precision (float64 for float64 inputs) so that the backward
-        pass, which recomputes P from it, loses nothing; ``attention`` hands users float32.
-        """
-        out, lse = self.backend.forward(*self._to_backend(q, k, v), self.spec, self.plan, self._extras_to_backend(extras))
-        return self._to_caller(out, self.spec.dtype), self._to_caller(lse, None)
-
-    def backward(self, grad_out, q, k, v, out, lse, extras: Extras = NONE):
-        grads = self.backend.backward(*self._to_backend(grad_out, q, k, v, out, lse), self.spec, self.plan,
-                                      self._extras_to_backend(extras))
-        return tuple(self._to_caller(g, self.spec.dtype) for g in grads)
-
-
-# the keywords of ``attention`` that describe features; their arrays become ``Extras``
-_EXTRA_ARRAYS = ("attn_mask", "alibi_slopes", "key_padding_mask", "block_mask", "dropout_seed")
 
 
 def prepare(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd", **features) -> PreparedCall:
@@ -64,11 +24,7 @@ def _prepare(q, k, v, *, backend="auto", varlen=None, **options) -> tuple[Prepar
     """Every check of a call, then its backend and plan; ``varlen`` = (cu_seqlens_q, cu_seqlens_k,
     max_seqlen_q, max_seqlen_k) for packed sequences (q, k, v then (1, total, H, D) views)."""
     dispatch.check_name(backend)
-    spec = spec_from_arrays(q, k, v, **options)
-    cu = {}
-    if varlen is not None:
-        spec, cu = _varlen_spec(spec, *varlen)
-    extras = extras_mod.from_arguments(spec, **{name: options.get(name) for name in _EXTRA_ARRAYS}, **cu)
+    spec, extras = inputs.read_call(q, k, v, varlen=varlen, **options)
     chosen = dispatch.select(spec, backend)
     return PreparedCall(spec, chosen, chosen.plan(spec)), extras
 
@@ -112,9 +68,8 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd
     configuration found by :func:`tune` for this device and shape, tuning first when none is
     remembered (opt-in: a default call runs the planner's plan and never times anything).
     """
-    features = dict(align=align, window=window, attn_mask=attn_mask, alibi_slopes=alibi_slopes, softcap=softcap,
-                    block_mask=block_mask, block_size=block_size, key_padding_mask=key_padding_mask,
-                    dropout_p=dropout_p, dropout_seed=dropout_seed, device=device)
+    given = locals()
+    features = {name: given[name] for name in inputs.FEATURE_KEYWORDS}  # the signature's feature keywords, by name
     plain = all(value is None for name, value in features.items() if name not in ("align", "dropout_p")) \
         and align == "top-left" and dropout_p == 0.0
     key = _call_key(q, k, v, causal, scale, backend, layout) if plain else None
@@ -170,34 +125,6 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return (out, arrays.restore(lse, call.spec.array_kind, "float32", call.spec.device)[0]) if return_lse else out
 
 
-def _varlen_spec(spec: AttentionSpec, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-    """The spec of a packed call (batch = sequences, lengths = the longest) and its checked offsets."""
-    totals = {"cu_seqlens_q": spec.seqlen_q, "cu_seqlens_k": spec.seqlen_k}
-    lengths = {}
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        info = arrays.describe(cu, name)
-        if info.kind != spec.array_kind or info.device != spec.device:
-            raise ValueError(f"{name} is a {info.kind} array on {info.device}; pass it like q ({spec.array_kind} on {spec.device})")
-        if info.dtype != "int32" or len(info.shape) != 1 or info.shape[0] < 2:
-            raise ValueError(f"{name} must be an int32 array of B + 1 offsets (0, len_0, len_0 + len_1, ...); "
-                             f"got dtype {info.dtype}, shape {info.shape}")
-        offsets = arrays.to_numpy(cu if info.device == "cpu" else cu.cpu() if arrays.is_torch(cu) else cu.get())
-        steps = offsets[1:].astype("int64") - offsets[:-1]
-        if offsets[0] != 0 or (steps < 0).any() or offsets[-1] != totals[name]:
-            raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {totals[name]}; "
-                             f"got {offsets.tolist()}")
-        lengths[name] = int(steps.max())
-    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences: "
-                         f"{cu_seqlens_q.shape[0] - 1} and {cu_seqlens_k.shape[0] - 1}")
-    for name, given, longest in (("max_seqlen_q", max_seqlen_q, lengths["cu_seqlens_q"]),
-                                 ("max_seqlen_k", max_seqlen_k, lengths["cu_seqlens_k"])):
-        if isinstance(given, bool) or not isinstance(given, int) or given < longest:
-            raise ValueError(f"{name} must be an int >= the longest sequence ({longest}); got {given!r}")
-    varlen = spec.with_(batch=cu_seqlens_q.shape[0] - 1, seqlen_q=max_seqlen_q, seqlen_k=max_seqlen_k, varlen=True)
-    return varlen, {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
-
-
 def tune(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd", backward=False, save=True,
          **features) -> TilePlan:
     """Time the configurations around the plan for these arrays and return (and remember) the fastest.
@@ -246,8 +173,7 @@ def explain(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd",
     """Which backend ``attention`` would use for these arguments (the same keywords), its tile plan,
     and why not the others -- including each backend's reasons for refusing a feature."""
     dispatch.check_name(backend)
-    spec = spec_from_arrays(q, k, v, causal=causal, scale=scale, layout=layout, **features)
-    extras_mod.from_arguments(spec, **{name: features.get(name) for name in _EXTRA_ARRAYS})
+    spec, _ = inputs.read_call(q, k, v, causal=causal, scale=scale, layout=layout, **features)
     return dispatch.explain(spec, backend)
 
 

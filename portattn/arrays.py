@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .devices import cuda_index
+
 
 @dataclass(frozen=True)
 class ArrayInfo:
@@ -58,7 +60,7 @@ def is_pyopencl(x) -> bool:
 @functools.lru_cache(maxsize=None)
 def opencl_label(device) -> str:
     """'opencl:P:D' for a pyopencl Device, in the numbering ``portattn info`` shows."""
-    from .tiling import probe
+    from .devices import probe
 
     for label, found in probe.opencl_devices():
         if found == device:
@@ -166,7 +168,8 @@ def _to_cupy(result, dtype: str | None, device: str):
             result = result.to(getattr(torch, dtype) if dtype is not None else torch.float32)
         out = cupy.from_dlpack(result)
     else:  # a host result (numpy or torch CPU): the one path that copies, onto the caller's GPU
-        index = int(device.split(":", 1)[1]) if device.startswith("cuda:") else cupy.cuda.runtime.getDevice()
+        current = cupy.cuda.runtime.getDevice()
+        index = cuda_index(device, current) if device.startswith("cuda") else current
         with cupy.cuda.Device(index):
             out = cupy.asarray(to_numpy(result))
     return out if dtype is None or out.dtype.name == dtype else out.astype(dtype)

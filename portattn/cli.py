@@ -72,10 +72,10 @@ def _print_default_plans(devices, registry) -> None:
 
 
 def cmd_info(args) -> int:
-    from . import __version__
     from .backends import registry
+    from .devices.probe import probe_all
     from .status import backends
-    from .tiling.probe import probe_all
+    from .version import __version__
 
     devices = probe_all()
     print(f"portattn {__version__}")
@@ -95,7 +95,7 @@ def cmd_info(args) -> int:
 
 def cmd_plan(args) -> int:
     from .api import plan
-    from .tiling import device_named
+    from .devices import device_named
 
     try:
         device = device_named(args.device)
@@ -153,7 +153,7 @@ def _bench_run(args):
     """What ``bench`` will time, from the arguments: a namespace, or ValueError/RuntimeError to report."""
     from . import bench
     from .backends import registry
-    from .tiling import device_named
+    from .devices import device_named
 
     unknown = [name for name in args.backend or () if name not in registry()]
     if unknown:
@@ -229,7 +229,7 @@ def cmd_bench(args, argv) -> int:
 def _opencl_device(label: str) -> str | None:
     """Which OpenCL device the opencl rows ran on, for the record."""
     from . import bench
-    from .backends import opencl_runtime
+    from .backends.opencl import runtime as opencl_runtime
 
     try:
         chosen = bench.opencl_label(label)

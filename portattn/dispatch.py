@@ -11,8 +11,9 @@ import functools
 from dataclasses import dataclass
 
 from .backends import Backend, registry
+from .devices import DeviceSpec
 from .spec import AttentionSpec
-from .tiling import DeviceSpec, TilePlan
+from .tiling import TilePlan
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 from .extras import NONE, Extras
 from .tiling import TilePlan
 from .tiling.planner import next_power_of_two
+from .timing import time_callable
 
 # The spaces a Triton user sweeps (the Triton tutorial's and FlexAttention's knobs).
 FORWARD_SPACE = {"block_q": (64, 128), "block_k": (32, 64, 128), "warps": (4, 8), "stages": (2, 3, 4)}
@@ -87,8 +88,6 @@ def measure(fn, device: str, *, warmup_ms: float = 10, rep_ms: float = 40) -> fl
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e-3
-    from .bench import time_callable
-
     return statistics.median(time_callable(fn, 3, warmup=1))
 
 

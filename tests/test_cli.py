@@ -7,7 +7,7 @@ import json
 import pytest
 
 from portattn.cli import main
-from portattn.tiling.probe import probe_cpu
+from portattn.devices.probe import probe_cpu
 
 
 def test_info_names_the_cpu_and_numba(capsys):
@@ -185,7 +185,7 @@ def test_process_peak_sees_a_call_that_allocates():
 
     import numpy as np
 
-    from portattn.bench import timing
+    from portattn import timing
 
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("peak RSS is measured through Linux's /proc/self/clear_refs")
@@ -200,8 +200,8 @@ def test_opencl_buffers_counts_what_a_call_creates(usable_backend):
     usable_backend("opencl")  # skips with the backend's own reasons (no pyopencl, no device)
     import numpy as np
 
-    from portattn.backends import opencl_runtime
-    from portattn.bench import timing
+    from portattn import timing
+    from portattn.backends.opencl import runtime as opencl_runtime
 
     queue = opencl_runtime.queue_for(opencl_runtime.choose())
     import pyopencl as cl

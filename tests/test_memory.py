@@ -46,6 +46,6 @@ def test_long_sequence_runs_in_linear_memory(backend, usable_backend):
 def _is_cpu_device() -> bool:
     import pyopencl as cl
 
-    from portattn.backends import opencl_runtime
+    from portattn.backends.opencl import runtime as opencl_runtime
 
     return bool(opencl_runtime.device_of(opencl_runtime.choose()).type & cl.device_type.CPU)

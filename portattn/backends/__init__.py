@@ -9,28 +9,22 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Backend, Capabilities
+from .base import REGISTRY, Backend, Capabilities, register
 
-MODULES = ("reference", "numba_cpu", "triton_gpu", "cupy_gpu", "opencl")
+MODULES = ("reference", "numba", "triton", "cupy", "opencl")
 
-_REGISTRY: dict[str, Backend] = {}
-
-
-def register(cls: type[Backend]) -> type[Backend]:
-    _REGISTRY[cls.name] = cls()
-    return cls
-
-
-_FILLED: list[bool] = []
+_ORDERED: dict[str, Backend] = {}
 
 
 def registry() -> dict[str, Backend]:
-    """Every known backend by name, in ``MODULES`` order (imported once; then a dict copy per call)."""
-    if not _FILLED:
-        for module in MODULES:
-            importlib.import_module(f"{__name__}.{module}")
-        _FILLED.append(True)
-    return dict(_REGISTRY)
+    """Every known backend by name, in ``MODULES`` order whichever was imported first (the modules are
+    imported once; then a dict copy per call)."""
+    if not _ORDERED:
+        modules = [importlib.import_module(f"{__name__}.{module}") for module in MODULES]
+        for module in modules:
+            _ORDERED.update((name, backend) for name, backend in REGISTRY.items()
+                            if type(backend).__module__ == module.__name__)
+    return dict(_ORDERED)
 
 
 __all__ = ["Backend", "Capabilities", "register", "registry"]

@@ -14,8 +14,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
+from ..devices import DeviceSpec
 from ..spec import FEATURES
-from ..tiling import DeviceSpec, TilePlan
+from ..tiling import TilePlan
 from ..tiling import plan as make_plan
 
 
@@ -30,6 +31,7 @@ class Capabilities:
     feature_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)  # feature -> how, or why not
     notes: tuple[str, ...] = ()  # e.g. "fp16/bf16 inputs are computed in fp32"
     device_choice: bool = False  # honours ``device=`` (a compute device for host arrays)
+    min_compute_capability: tuple[int, int] | None = None  # CUDA devices older than this are refused (base class)
 
 
 class Backend(ABC):
@@ -85,6 +87,8 @@ class Backend(ABC):
         if spec.compute_device is not None and not caps.device_choice:
             reasons.append(f"device={spec.compute_device!r} names a compute device, but {self.name} computes where "
                            "the data lives; drop device= or use backend='opencl'")
+        if caps.min_compute_capability is not None and spec.device_kind == "cuda" and not reasons:
+            reasons += self._compute_capability_reasons(spec)
         if spec.dtype not in caps.dtypes:
             reasons.append(f"dtype {spec.dtype} is not supported; {self.name} takes {', '.join(sorted(caps.dtypes))}")
         if not caps.min_head_dim <= spec.head_dim <= caps.max_head_dim:
@@ -98,6 +102,17 @@ class Backend(ABC):
 
     def _extra_reasons(self, spec) -> list[str]:
         """Subclasses: refusals the declared capabilities cannot express."""
+        return []
+
+    def _compute_capability_reasons(self, spec) -> list[str]:
+        """The one check of ``Capabilities.min_compute_capability``, against the probed device."""
+        wanted = self.capabilities.min_compute_capability
+        try:
+            found = self.device(spec).compute_capability
+        except (ImportError, RuntimeError) as error:
+            return [f"cannot read the compute capability of {spec.device}: {error}"]
+        if found is not None and tuple(found) < wanted:
+            return [f"{self.name} needs compute capability {wanted[0]}.{wanted[1]}+; {spec.device} is {found[0]}.{found[1]}"]
         return []
 
     def _plan_reasons(self, spec) -> list[str]:
@@ -140,3 +155,13 @@ class Backend(ABC):
         and ``extras.dropout_seed`` (varlen: indexed by each sequence's own rows and keys) --
         materialized from the same counter-based generator its kernels use, for tests and debugging."""
         raise NotImplementedError(f"{self.name} has no dropout")
+
+
+# Every backend by name, filled by ``@register`` as the backend modules are imported
+REGISTRY: dict[str, Backend] = {}
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: one instance of each backend goes into ``REGISTRY``."""
+    REGISTRY[cls.name] = cls()
+    return cls

@@ -8,10 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 from .. import reference
+from ..devices import probe
 from ..spec import FEATURES
-from ..tiling import probe
-from . import register
-from .base import Backend, Capabilities
+from .base import Backend, Capabilities, register
 
 
 @register

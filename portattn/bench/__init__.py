@@ -14,19 +14,11 @@ Every contender runs in one process on the same inputs so that ratios compare li
 
 from __future__ import annotations
 
+from ..timing import CudaEventClock, HostClock, reason, repeats_within, time_callable, time_interleaved
 from . import plot, progress
 from .contenders import Inputs, Timed, default_backends, default_device, make_inputs, opencl_label, portattn_call, portattn_timed
 from .peers import MATH_MAX_SEQLEN, known_peers, peer_names, peer_timed, warm_flex
-from .problems import (
-    BACKWARD_FLOP_FACTOR,
-    MODES,
-    QUICK_HEAD_DIMS,
-    QUICK_SEQLENS,
-    Problem,
-    default_grid,
-    flash_shape,
-    grid,
-)
+from .problems import BACKWARD_FLOP_FACTOR, MODES, QUICK_HEAD_DIMS, QUICK_SEQLENS, Problem, default_grid, flash_shape, grid
 from .report import (
     TABLE_COLUMNS,
     command_line,
@@ -40,7 +32,6 @@ from .report import (
     write_json,
 )
 from .run import Result, add_ratios, run_grid, run_problem, setup
-from .timing import CudaEventClock, HostClock, reason, repeats_within, time_callable, time_interleaved
 
 __all__ = [
     "plot",

@@ -20,9 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from . import timing
+from .. import timing
 from .problems import Problem
-
 
 # A timing on an asynchronous device (CUDA, OpenCL) runs calls back to back for at least this long
 # (timing._Clock): the host's per-call overhead then overlaps the device's work.
@@ -98,7 +97,7 @@ class Inputs:
         if label not in self._opencl:
             import pyopencl.array as cla
 
-            from ..backends import opencl_runtime
+            from ..backends.opencl import runtime as opencl_runtime
 
             if self.problem.dtype not in ("float32", "float16"):
                 raise ValueError(f"the bench feeds opencl float32/float16 pyopencl arrays; pyopencl has no {self.problem.dtype}")
@@ -157,7 +156,7 @@ def opencl_label(device: str) -> str:
     """
     import pyopencl as cl
 
-    from ..backends import opencl_runtime
+    from ..backends.opencl import runtime as opencl_runtime
 
     if device_kind(device) == "opencl":
         return device

@@ -12,7 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 
-from . import timing
+from .. import timing
 from .contenders import Inputs, Timed, device_kind, torch_device_timing
 from .problems import Problem
 

@@ -79,7 +79,7 @@ def _version(*distributions: str) -> str | None:
 
 def environment() -> dict[str, str | None]:
     """Versions of what the timings depend on (None: not installed)."""
-    from .. import __version__
+    from ..version import __version__
 
     versions = {
         "python": platform.python_version(),

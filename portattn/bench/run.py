@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import timing
+from .. import timing
 from .contenders import Inputs, Timed, device_kind, portattn_timed
 from .peers import peer_timed
 from .problems import Problem

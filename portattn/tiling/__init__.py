@@ -1,14 +1,12 @@
-"""The backend-neutral tiling planner: device descriptions in, tile plans out.
+"""The backend-neutral tiling planner: a device description and a problem in, a tile plan out.
 
-Pure Python with no framework imports (the live probes import torch, cupy or pyopencl only when
-called). ``plan(spec, device)`` is the entry point; ``catalog`` holds known devices and ``probe``
-reads the live ones.
+Pure Python with no framework imports. ``plan(spec, device)`` is the entry point; device
+descriptions (the frozen ``DeviceSpec``, the catalog, the live probes) live in ``portattn.devices``.
+Backend-specific rules (cupy's WMMA tiles, OpenCL's work-item grids) live in their backends'
+``plan.py``.
 """
 
-from .catalog import CATALOG, lookup
-from .device import DTYPE_BYTES, DeviceSpec, MatrixUnit
 from .plan import TilePlan
 from .planner import plan
-from .resolve import device_named
 
-__all__ = ["CATALOG", "DTYPE_BYTES", "DeviceSpec", "MatrixUnit", "TilePlan", "device_named", "lookup", "plan"]
+__all__ = ["TilePlan", "plan"]

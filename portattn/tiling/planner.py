@@ -45,11 +45,11 @@ CPU (a task owns ``block_q`` query rows of one head; GEMMs on tiles go through B
 from __future__ import annotations
 
 import functools
-import math
 from typing import TYPE_CHECKING
 
+from ..devices.description import DeviceSpec
+from ..spec import DTYPE_BYTES
 from . import iomodel
-from .device import DTYPE_BYTES, DeviceSpec
 from .plan import TilePlan
 
 if TYPE_CHECKING:  # the spec module imports tiling; importing it back at run time would be circular

@@ -107,8 +107,9 @@ def test_repeated_calls_reuse_the_validated_call_but_not_across_shapes(monkeypat
 
 def test_block_sparse_sweeps_keep_tiles_inside_the_sparse_blocks():
     """Rule S1 binds the tuner too: a 128-key tile over 64-key sparse blocks would read two blocks' keys."""
+    from portattn.devices import CATALOG
     from portattn.spec import AttentionSpec
-    from portattn.tiling import CATALOG, plan
+    from portattn.tiling import plan
 
     spec = AttentionSpec(1, 2, 512, 512, 64, "float16", block_size=(64, 64))
     planned = plan(spec, CATALOG["h100"])

@@ -11,9 +11,10 @@ import pytest
 import portattn
 from portattn import reference
 from portattn.backends import registry
-from portattn.backends.cupy_build import SM80_ACCUMULATOR, AccumulatorLayout, accumulator_layout
+from portattn.backends.cupy import plan as wmma
+from portattn.backends.cupy.build import SM80_ACCUMULATOR, AccumulatorLayout, accumulator_layout
+from portattn.devices import catalog
 from portattn.spec import AttentionSpec
-from portattn.tiling import catalog, wmma
 
 # ---- pure: no GPU needed ---------------------------------------------------------------------------
 
@@ -146,9 +147,9 @@ def test_unsupported_feature_is_refused_with_its_note(cupy_backend):
 
 
 def test_probed_accumulator_layout_on_this_gpu(cupy_backend):
-    from portattn.backends import cupy_gpu
+    from portattn.backends.cupy import launch as cupy_launch
 
-    layout = cupy_gpu._accumulator(torch.cuda.current_device())
+    layout = cupy_launch.accumulator(torch.cuda.current_device())
     if torch.cuda.get_device_capability() >= (8, 0):
         assert layout == SM80_ACCUMULATOR
 
@@ -193,9 +194,9 @@ def test_gqa_gradients_against_the_reference(cupy_backend):
 def test_shared_memory_softmax_path_on_this_gpu(cupy_backend, monkeypatch, causal, window, d, kvh):
     """The path Volta and Turing take (scores staged in shared memory), forced here by hiding the
     probed accumulator layout: forward and gradients against the float64 reference."""
-    from portattn.backends import cupy_gpu
+    from portattn.backends.cupy import launch as cupy_launch
 
-    monkeypatch.setattr(cupy_gpu, "_accumulator", lambda index: None)
+    monkeypatch.setattr(cupy_launch, "accumulator", lambda index: None)
     q, k, v = (x.requires_grad_() for x in _inputs(2, 4, 150, 97, d, kvh=kvh, seed=3))
     kwargs = {"window": window} if window else {}
     out = portattn.attention(q, k, v, causal=causal, backend="cupy", **kwargs)

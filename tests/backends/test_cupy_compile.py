@@ -29,10 +29,12 @@ from pathlib import Path
 
 import pytest
 
-from portattn.backends import cupy_offline
-from portattn.backends.cupy_build import KERNELS, SM80_ACCUMULATOR, Variant
+from portattn.backends.cupy import offline as cupy_offline
+from portattn.backends.cupy import plan as wmma
+from portattn.backends.cupy.build import KERNELS, SM80_ACCUMULATOR, Variant
+from portattn.devices import catalog
 from portattn.spec import AttentionSpec
-from portattn.tiling import TilePlan, catalog, wmma
+from portattn.tiling import TilePlan
 
 
 def _conformance_head_dims() -> tuple[int, ...]:
@@ -50,7 +52,7 @@ def _conformance_head_dims() -> tuple[int, ...]:
 
 HEAD_DIMS = _conformance_head_dims()  # 16, 32, 40, 64, 80, 96, 111, 128, 256
 DEVICES = {"v100": 70, "t4": 75}  # catalog key -> the sm_XX / compute_XX it is compiled for
-# The register-softmax path (REGISTER_SOFTMAX=1) runs only from sm_80 on (cupy_gpu._accumulator), so
+# The register-softmax path (REGISTER_SOFTMAX=1) runs only from sm_80 on (cupy/launch.py's accumulator), so
 # every V100 and T4 variant keeps the shared-memory softmax. Compiled for sm_75 with the H100's
 # SM80_ACCUMULATOR the register path's dK/dV spills 36-76 B at head dims >= 112 -- the reason it is
 # not enabled on Turing before a T4 run weighs it; list "t4" here to compile those variants too.

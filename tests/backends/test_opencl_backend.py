@@ -17,7 +17,7 @@ cla = pytest.importorskip("pyopencl.array")
 
 @pytest.fixture(scope="module")
 def queue(usable_backend):
-    from portattn.backends import opencl_runtime
+    from portattn.backends.opencl import runtime as opencl_runtime
 
     usable_backend("opencl")
     return opencl_runtime.queue_for(opencl_runtime.choose())
@@ -56,7 +56,7 @@ def test_bnhd_views_of_pyopencl_arrays(queue):
 
 
 def test_device_argument_and_environment_variable(queue, monkeypatch):
-    from portattn.backends import opencl_runtime
+    from portattn.backends.opencl import runtime as opencl_runtime
 
     label = opencl_runtime.choose()
     q, k, v = _inputs()
@@ -68,7 +68,7 @@ def test_device_argument_and_environment_variable(queue, monkeypatch):
 
 
 def test_unknown_devices_are_named_errors(queue, monkeypatch):
-    from portattn.backends import opencl_runtime
+    from portattn.backends.opencl import runtime as opencl_runtime
 
     q, k, v = _inputs()
     with pytest.raises(ValueError, match="matches no OpenCL device; found: opencl:"):
@@ -93,7 +93,7 @@ def test_float64_is_refused_with_its_reason(queue):
 
 
 def test_programs_are_built_once_per_options(queue):
-    from portattn.backends import opencl_runtime
+    from portattn.backends.opencl import runtime as opencl_runtime
 
     q, k, v = _inputs()
     portattn.attention(q, k, v, backend="opencl")
@@ -123,7 +123,7 @@ def test_repeated_pyopencl_calls_reuse_checks_but_not_wrong_ones(queue):
 def test_scalar_arguments_are_declared_to_pyopencl(queue, monkeypatch):
     """Kernels are made with their scalar argument types declared, one per argument (pyopencl then packs
     the scalars itself: setting numpy scalars one by one cost 200 us of a call's host time)."""
-    from portattn.backends import opencl_runtime
+    from portattn.backends.opencl import runtime as opencl_runtime
 
     made, original = [], opencl_runtime.kernel
 
@@ -150,7 +150,7 @@ def test_forward_register_tiles(queue, rows, vectors, target, chunk):
     on the diagonal tiles), forced on the default device whatever its own plan chose."""
     from portattn.api import prepare
     from portattn.backends import registry
-    from portattn.tiling import opencl as rules
+    from portattn.backends.opencl import plan as rules
 
     rng = np.random.default_rng(2)
     q = rng.standard_normal((1, 2, 37, 40)).astype(np.float32)
@@ -184,7 +184,7 @@ def test_forward_chunks_and_loop_orders(queue, head_dim, causal, cases):
     plan chose, so CI's PoCL runs the GPU code paths too."""
     from portattn.api import prepare
     from portattn.backends import registry
-    from portattn.tiling import opencl as rules
+    from portattn.backends.opencl import plan as rules
 
     rng = np.random.default_rng(1)
     q = rng.standard_normal((1, 2, 37, head_dim)).astype(np.float32)
@@ -213,12 +213,12 @@ def test_quads_move_whole_only_when_every_row_is_aligned(queue, head_dim, aligne
     of the call's arrays starts a multiple of 4 elements into its buffer; the conformance suite runs
     both kernels (D = 111 is the unaligned one), so here only the choice is checked."""
     from portattn.api import prepare
-    from portattn.backends.opencl import _Call
+    from portattn.backends.opencl.launch import Call
     from portattn.extras import NONE
 
     q, k, v = _inputs((1, 2, 37, head_dim))
     call = prepare(q, k, v, backend="opencl")
-    state = _Call(call.backend._label(call.spec), q, call.spec, NONE)
+    state = Call(call.backend._label(call.spec), q, call.spec, NONE)
     arrays = [state.upload(x) for x in (q, k, v)]
     state.align(*arrays, state.empty(q.shape))
     assert state.options[-1] == f"-DALIGNED={int(aligned)}"
@@ -232,10 +232,11 @@ def test_planned_local_memory_is_what_the_kernels_take(queue, tile):
     PoCL reports the declared bytes; NVIDIA's compiler adds a few of its own (4 to a kernel declaring
     256 B, 16 to the forward), which the planner leaves room for (DRIVER_LOCAL_BYTES)."""
     from portattn.api import prepare
-    from portattn.backends import opencl_runtime, registry
-    from portattn.backends.opencl import _Call
+    from portattn.backends import registry
+    from portattn.backends.opencl import plan as rules
+    from portattn.backends.opencl import runtime as opencl_runtime
+    from portattn.backends.opencl.launch import Call
     from portattn.extras import NONE
-    from portattn.tiling import opencl as rules
 
     q, k, v = _inputs((1, 2, 37, 128))
     call = prepare(q, k, v, backend="opencl")
@@ -247,7 +248,7 @@ def test_planned_local_memory_is_what_the_kernels_take(queue, tile):
         plan = dataclasses.replace(registry()["opencl"].retile(plan, changes), target=target)
     if tile == (64, 32, 0, "gpu"):
         assert rules.forward_grid(plan, 128).tn == 8
-    options = _Call(call.backend._label(call.spec), q, call.spec, NONE).options + ("-DALIGNED=1",)
+    options = Call(call.backend._label(call.spec), q, call.spec, NONE).options + ("-DALIGNED=1",)
     size = cl.kernel_work_group_info.LOCAL_MEM_SIZE
     spare = 0 if queue.device.type & cl.device_type.CPU else rules.DRIVER_LOCAL_BYTES
     for grid, name, planned in ((rules.forward_grid(plan, 128), "attention_forward", plan.sram_bytes),

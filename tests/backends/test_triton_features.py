@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import portattn
-from portattn import api, reference
+from portattn import api, inputs, reference
 from portattn import extras as extras_mod
-from portattn.spec import spec_from_arrays
+from portattn.inputs import spec_from_arrays
 
 torch = pytest.importorskip("torch")
 
@@ -56,8 +56,8 @@ def _expected(q, k, v, do, causal, kwargs, keep_from=None, varlen=None):
     spec = spec_from_arrays(q, k, v, causal=causal, layout=layout, **kwargs)
     cu = {}
     if varlen is not None:
-        spec, cu = api._varlen_spec(spec, *varlen)
-    extras = _numpy_extras(extras_mod.from_arguments(spec, **{n: kwargs.get(n) for n in api._EXTRA_ARRAYS}, **cu))
+        spec, cu = inputs.varlen_spec(spec, *varlen)
+    extras = _numpy_extras(inputs.extras_from_arguments(spec, **{n: kwargs.get(n) for n in inputs.EXTRA_ARRAYS}, **cu))
     keep = keep_from.dropout_keep(spec, extras) if spec.dropout_p > 0 else None
     arrays = [x.detach().cpu().double().numpy() for x in (q, k, v, do)]
     if varlen:  # (1, total, H, D) -> (1, H, total, D)
@@ -174,7 +174,7 @@ def test_dropout_is_reproducible_and_keyed_by_seed(triton_backend):
     assert torch.equal(run(5), run(5))
     assert not torch.equal(run(5), run(6))
     spec = spec_from_arrays(q, k, v, dropout_p=0.4)
-    keep = triton_backend.dropout_keep(spec, extras_mod.from_arguments(spec, dropout_seed=5))
+    keep = triton_backend.dropout_keep(spec, inputs.extras_from_arguments(spec, dropout_seed=5))
     assert keep.shape == (2, 2, 33, 70) and keep.dtype == bool
     assert abs(keep.mean() - 0.6) < 0.03
     # the counter is (key j, query i, head h, batch b): a larger problem extends the same mask
@@ -267,5 +267,5 @@ def test_capabilities_declare_every_feature(triton_backend):
     caps = triton_backend.capabilities
     assert caps.features == frozenset(FEATURES)
     assert set(caps.feature_notes) == set(FEATURES)
-    module = importlib.import_module("portattn.backends.triton_gpu")
+    module = importlib.import_module("portattn.backends.triton")
     assert module._features.__doc__

@@ -35,13 +35,13 @@ def emulation(name: str) -> str | None:
     if not backend.usable:
         return None
     if name == "triton":
-        from portattn.backends import triton_gpu
+        from portattn.backends import triton as triton_gpu
 
         return "in Triton's CPU interpreter (TRITON_INTERPRET=1)" if triton_gpu.interpreting() else None
     if name == "opencl":
         import pyopencl as cl
 
-        from portattn.backends import opencl_runtime
+        from portattn.backends.opencl import runtime as opencl_runtime
 
         try:
             device = opencl_runtime.device_of(opencl_runtime.choose())

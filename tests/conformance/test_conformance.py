@@ -14,7 +14,7 @@ import pytest
 
 import portattn
 from portattn import reference
-from portattn.spec import spec_from_arrays
+from portattn.inputs import spec_from_arrays
 
 from .cases import CASES, Case
 from .checks import amax as _amax

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import portattn
-from portattn import api, arrays, reference
-from portattn import extras as extras_mod
+from portattn import arrays, inputs, reference
 from portattn.extras import Extras
-from portattn.spec import FEATURES, spec_from_arrays
+from portattn.inputs import spec_from_arrays
+from portattn.spec import FEATURES
 
 from .checks import amax, as64, check_close, check_lse, device_for
 from .features import DTYPES, FEATURE_CASES, VARLEN_CASES, VARLEN_LENGTHS, FeatureCase, feature_kwargs
@@ -46,9 +46,9 @@ def spec_and_extras(q, k, v, causal: bool, kwargs: dict, varlen=None):
     spec = spec_from_arrays(q, k, v, causal=causal, layout="bnhd" if varlen else "bhnd", **kwargs)
     cu = {}
     if varlen is not None:
-        spec, cu = api._varlen_spec(spec, *varlen)
-    arrays = {name: kwargs.get(name) for name in api._EXTRA_ARRAYS}
-    return spec, extras_mod.from_arguments(spec, **arrays, **cu)
+        spec, cu = inputs.varlen_spec(spec, *varlen)
+    arrays = {name: kwargs.get(name) for name in inputs.EXTRA_ARRAYS}
+    return spec, inputs.extras_from_arguments(spec, **arrays, **cu)
 
 
 def _numpy_extras(extras: Extras) -> Extras:

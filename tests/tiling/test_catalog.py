@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from portattn.tiling import catalog
-from portattn.tiling.device import DTYPE_BYTES
+from portattn.devices import catalog
+from portattn.spec import DTYPE_BYTES
 
 MATRIX_DTYPES = set(DTYPE_BYTES) | {"tfloat32", "int8"}
 ENTRIES = sorted(catalog.CATALOG.items())

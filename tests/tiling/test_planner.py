@@ -3,14 +3,13 @@ C1-C4), plus pinned choices for well-known problems and the IO model's scaling l
 
 from __future__ import annotations
 
-import math
-
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from portattn.spec import AttentionSpec
-from portattn.tiling import CATALOG, DTYPE_BYTES, iomodel, plan
+from portattn.devices import CATALOG
+from portattn.spec import DTYPE_BYTES, AttentionSpec
+from portattn.tiling import iomodel, plan
 from portattn.tiling import planner as planner_mod
 
 GPU_KEYS = sorted(k for k, d in CATALOG.items() if d.kind == "gpu")

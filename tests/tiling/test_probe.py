@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from portattn.tiling import catalog, probe
-from portattn.tiling.device import DeviceSpec
+from portattn.devices import catalog, probe
+from portattn.devices.description import DeviceSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,7 @@ def _host_flags() -> set[str]:
 
 def test_importing_probe_imports_no_gpu_framework():
     code = (
-        "import sys, portattn.tiling.probe\n"
+        "import sys, portattn.devices.probe\n"
         "loaded = [m for m in ('torch', 'cupy', 'pyopencl', 'numba', 'triton') if m in sys.modules]\n"
         "print(','.join(loaded))\n"
     )
@@ -128,11 +128,11 @@ def _fake_sys(root: Path) -> Path:
 @pytest.fixture
 def fake_os(tmp_path, monkeypatch):
     """Points the probe at files under tmp_path; affinity says all four fake CPUs are usable."""
-    monkeypatch.setattr(probe, "PROC_CPUINFO", tmp_path / "cpuinfo")
-    monkeypatch.setattr(probe, "SYS_CPU_DIR", tmp_path / "sys-cpu")
-    monkeypatch.setattr(probe, "CGROUP_V2_CPU_MAX", tmp_path / "cgroup" / "cpu.max")
-    monkeypatch.setattr(probe, "CGROUP_V1_CPU_DIR", tmp_path / "cgroup-v1")
-    monkeypatch.setattr(probe, "_usable_cpus", lambda: {0, 1, 2, 3})
+    monkeypatch.setattr(probe.cpu, "PROC_CPUINFO", tmp_path / "cpuinfo")
+    monkeypatch.setattr(probe.cpu, "SYS_CPU_DIR", tmp_path / "sys-cpu")
+    monkeypatch.setattr(probe.cpu, "CGROUP_V2_CPU_MAX", tmp_path / "cgroup" / "cpu.max")
+    monkeypatch.setattr(probe.cpu, "CGROUP_V1_CPU_DIR", tmp_path / "cgroup-v1")
+    monkeypatch.setattr(probe.cpu, "_usable_cpus", lambda: {0, 1, 2, 3})
     return tmp_path
 
 
@@ -210,8 +210,8 @@ def test_probe_cpu_on_macos_reads_sysctl(fake_os, monkeypatch):
         "hw.optional.neon": "1",
     }
     monkeypatch.setattr(sys, "platform", "darwin")
-    monkeypatch.setattr(probe, "_usable_cpus", lambda: None)
-    monkeypatch.setattr(probe, "_sysctl", answers.get)
+    monkeypatch.setattr(probe.cpu, "_usable_cpus", lambda: None)
+    monkeypatch.setattr(probe.cpu, "_sysctl", answers.get)
     spec = probe.probe_cpu()
     assert (spec.name, spec.vendor, spec.compute_units) == ("Apple M2 Max", "apple", 12)
     assert spec.simd_width == 4
@@ -382,7 +382,7 @@ def test_opencl_gpu_spec_for_nvidia_reads_the_nv_extension():
     device = _fake_cl_device(name="NVIDIA H100 80GB HBM3", vendor="NVIDIA Corporation", warp_size_nv=32,
                              compute_capability_major_nv=9, compute_capability_minor_nv=0,
                              registers_per_block_nv=65536)
-    spec = probe._opencl_gpu_spec(device, "NVIDIA CUDA", FakeClError)
+    spec = probe.opencl._opencl_gpu_spec(device, "NVIDIA CUDA", FakeClError)
     assert (spec.vendor, spec.arch, spec.compute_capability, spec.simd_width) == ("nvidia", "sm_90", (9, 0), 32)
     assert spec.sram_per_block == 49152  # OpenCL's limit, not CUDA's opt-in 227 KiB
     assert spec.sram_per_unit == catalog.CATALOG["h100"].sram_per_unit
@@ -391,7 +391,7 @@ def test_opencl_gpu_spec_for_nvidia_reads_the_nv_extension():
 
 def test_opencl_gpu_spec_for_an_unknown_vendor_assumes_and_notes():
     device = _fake_cl_device(name="Mystery GPU", vendor="Mystery Inc.", version="OpenCL 2.1 mystery")
-    spec = probe._opencl_gpu_spec(device, "Mystery", FakeClError)
+    spec = probe.opencl._opencl_gpu_spec(device, "Mystery", FakeClError)
     assert (spec.kind, spec.arch, spec.simd_width, spec.matrix_units) == ("gpu", "opencl-2.1", 32, ())
     assert spec.sram_per_block == spec.sram_per_unit == 49152
     notes = " | ".join(spec.notes)

@@ -64,12 +64,12 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import planner
-from .device import DeviceSpec
-from .plan import TilePlan
+from ...devices.description import DeviceSpec
+from ...tiling import planner
+from ...tiling.plan import TilePlan
 
 if TYPE_CHECKING:
-    from ..spec import AttentionSpec
+    from ...spec import AttentionSpec
 
 GRID_SIDES = (1, 2, 4, 8, 16, 32, 64)  # O1: TM, TN (TM x TN within the work-group limit, O5)
 VECTOR_WIDTHS = (16, 8, 4)  # O1: the .cl file's VW

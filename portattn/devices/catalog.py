@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from .device import DeviceSpec, MatrixUnit
+from .description import DeviceSpec, MatrixUnit, cpu_device
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -372,46 +372,7 @@ M2_MAX = DeviceSpec(
 )
 
 
-def _cpu(
-    name: str,
-    vendor: str,
-    arch: str,
-    *,
-    cores: int,
-    lanes: int,
-    vector_registers: int,
-    l1d: int,
-    l2_per_core: int,
-    l3: int | None,
-    threads: int | None,
-    bandwidth_gbs: float | None,
-    source: str,
-    notes: tuple[str, ...],
-) -> DeviceSpec:
-    """A CPU entry, in the shape ``DeviceSpec`` gives CPUs: a core is a unit, its L2 is the SRAM."""
-    return DeviceSpec(
-        name=name,
-        vendor=vendor,
-        kind="cpu",
-        arch=arch,
-        compute_units=cores,
-        simd_width=lanes,
-        sram_per_block=l2_per_core,
-        sram_per_unit=l2_per_core,
-        registers_per_unit=vector_registers * lanes,
-        max_registers_per_thread=vector_registers * lanes,
-        max_threads_per_block=1,
-        l1_bytes=l1d,
-        l2_bytes=l2_per_core,
-        l3_bytes=l3,
-        memory_bandwidth_gbs=bandwidth_gbs,
-        hardware_threads=threads,
-        source=source,
-        notes=notes,
-    )
-
-
-GENERIC_X86_AVX2 = _cpu(
+GENERIC_X86_AVX2 = cpu_device(
     "Generic x86-64 (AVX2)",
     "x86",
     "x86-64-avx2",
@@ -433,7 +394,7 @@ GENERIC_X86_AVX2 = _cpu(
     ),
 )
 
-ZEN3_EPYC = _cpu(
+ZEN3_EPYC = cpu_device(
     "AMD EPYC 7763 (Zen 3)",
     "amd",
     "x86-64-avx2",
@@ -452,7 +413,7 @@ ZEN3_EPYC = _cpu(
     notes=("L3 is 32 MiB per 8-core CCD; l3_bytes is the socket total of eight CCDs", "no AVX-512 on Zen 3"),
 )
 
-ZEN4_EPYC = _cpu(
+ZEN4_EPYC = cpu_device(
     "AMD EPYC 9654 (Zen 4)",
     "amd",
     "x86-64-avx512",

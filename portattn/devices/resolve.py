@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from . import catalog, probe
-from .device import DeviceSpec
+from .description import DeviceSpec
 
 LIVE_PREFIXES = ("cpu", "cuda", "opencl")
+
+
+def cuda_index(device: str, current: int = 0) -> int:
+    """The N of a ``"cuda:N"`` label; ``current`` (the framework's current device) for a bare ``"cuda"``."""
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"{device!r} is not a CUDA device label; use 'cuda' or 'cuda:N'")
+    return int(index) if index else current
 
 
 def device_named(name: str) -> DeviceSpec:

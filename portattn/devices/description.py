@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
-
 
 @dataclass(frozen=True)
 class MatrixUnit:
@@ -106,3 +104,51 @@ class DeviceSpec:
             lines.append(f"  source: {self.source}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def cpu_device(
+    name: str,
+    vendor: str,
+    arch: str,
+    *,
+    cores: int,
+    lanes: int,
+    vector_registers: int,
+    l1d: int | None,
+    l2_per_core: int,
+    l3: int | None,
+    threads: int | None,
+    bandwidth_gbs: float | None,
+    source: str,
+    notes: tuple[str, ...],
+    memory_bytes: int | None = None,
+    local_memory: int | None = None,
+    max_threads_per_block: int = 1,
+) -> DeviceSpec:
+    """The one way a CPU becomes a ``DeviceSpec`` (catalog entries, the live probe, OpenCL CPU devices):
+    a core is a compute unit, its L2 the SRAM a tile should fit, ``vector_registers`` x ``lanes`` its
+    registers. An OpenCL CPU device passes its ``local_memory`` (what a work-group's ``__local``
+    buffer may take, whatever the caches) and its work-group limit as ``max_threads_per_block``."""
+    sram = l2_per_core if local_memory is None else local_memory
+    return DeviceSpec(
+        name=name,
+        vendor=vendor,
+        kind="cpu",
+        arch=arch,
+        compute_units=cores,
+        simd_width=lanes,
+        sram_per_block=sram,
+        sram_per_unit=sram,
+        registers_per_unit=vector_registers * lanes,
+        max_registers_per_thread=vector_registers * lanes,
+        max_threads_per_block=max_threads_per_block,
+        l1_bytes=l1d,
+        l2_bytes=l2_per_core,
+        l3_bytes=l3,
+        memory_bytes=memory_bytes,
+        memory_bandwidth_gbs=bandwidth_gbs,
+        hardware_threads=threads,
+        source=source,
+        notes=notes,
+    )
+

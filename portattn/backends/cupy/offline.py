@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .cupy_build import Variant
+    from .build import Variant
 
 NVRTC_MAJOR = 12  # CUDA 13 dropped compute_70 (Volta); CUDA 12 is the last toolchain that targets it
 OLDEST_ARCH = 70
@@ -138,7 +138,7 @@ def compile_ptx(variant: "Variant", arch: int, source: str | None = None) -> str
     ``source``: the .cu text to compile instead of ``cupy_build.source()`` (e.g. another revision of it)."""
     from cupy_backends.cuda.libs import nvrtc
 
-    from . import cupy_build
+    from . import build as cupy_build
 
     tools = toolchain()
     options = [f"--gpu-architecture=compute_{arch}", *(f"-I{d}" for d in tools.include_dirs), *variant.options()]

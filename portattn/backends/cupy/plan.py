@@ -33,12 +33,12 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-from . import planner
-from .device import DeviceSpec
-from .plan import TilePlan
+from ...devices.description import DeviceSpec
+from ...tiling import planner
+from ...tiling.plan import TilePlan
 
 if TYPE_CHECKING:
-    from ..spec import AttentionSpec
+    from ...spec import AttentionSpec
 
 ROWS_PER_WARP = 16  # one WMMA fragment high
 ROW_PAD = 8  # elements added to each operand row: stride becomes an odd multiple of 16 B (W4)

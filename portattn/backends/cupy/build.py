@@ -10,10 +10,10 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..tiling import TilePlan
-from ..tiling.wmma import backward_smem_bytes, q_in_registers
+from ...tiling import TilePlan
+from .plan import backward_smem_bytes, q_in_registers
 
-SOURCE_PATH = Path(__file__).with_name("cupy_kernels") / "attention.cu"
+SOURCE_PATH = Path(__file__).with_name("kernels") / "attention.cu"
 LAYOUT_SOURCE_PATH = SOURCE_PATH.with_name("fragment_layout.cu")
 KERNELS = ("attention_forward", "attention_backward_delta", "attention_backward_dkdv", "attention_backward_dq")
 

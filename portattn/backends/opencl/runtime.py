@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..tiling import probe
+from ...devices import probe
 
-SOURCE_PATH = Path(__file__).with_name("opencl_kernels") / "attention.cl"
+SOURCE_PATH = Path(__file__).with_name("kernels") / "attention.cl"
 ENVIRONMENT_VARIABLE = "PORTATTN_OPENCL_DEVICE"
 BUILD_FLAGS = ("-cl-std=CL1.2", "-cl-mad-enable")  # no fast-relaxed-math: -inf marks hidden scores
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}  # the .cl file's DTYPE

@@ -1,0 +1,100 @@
+"""``numba``: FlashAttention-2 on the CPU, compiled by Numba (kernels in kernels.py, their arguments made in launch.py).
+
+Executes the planner's CPU plan: tile sizes, worker threads and key splits come from the plan; the
+kernels never choose them. float16/bfloat16 inputs are widened to float32 (a linear-size copy) and
+computed there; float64 inputs are computed in float64.
+
+Every feature runs in the same kernels, described to them by one ``Features`` tuple (``_features``):
+the feature arrays are handed over read-only and C-contiguous in fixed dtypes, with broadcast axes
+cut back to length 1 (never expanded), and absent ones replaced by 1-element dummies -- so each
+compute dtype compiles once, and a plain call reuses a cached tuple.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...devices import probe
+from ..base import Backend, Capabilities, register
+from . import launch
+
+# How each feature is run (the capability table prints these)
+FEATURE_NOTES = {
+    "gqa": "K/V head h // group serves query head h; the backward's key pass sums a group's query heads into its own dK/dV rows",
+    "bottom_right": "query positions shifted by Nk - Nq (per sequence when varlen) in the tile and row key ranges",
+    "window": "each query tile visits only the key blocks its window reaches (the key pass only the query tiles that reach its keys)",
+    "bool_mask": "read per score inside visited tiles; a broadcast mask is indexed, never materialized",
+    "additive_mask": "added per score (in the kernels' log2 units) inside visited tiles; broadcast axes indexed, not copied",
+    "alibi": "-slope * |position - key| added per score in-kernel",
+    "softcap": "softcap * tanh(s / softcap) per score; the backward multiplies dS by 1 - tanh^2",
+    "block_sparse": "tiles whose sparse blocks are all False are skipped before any load or GEMM",
+    "key_padding": "padded keys get -inf per score inside visited tiles",
+    "varlen": "one task per (sequence, head, tile) over the packed rows; tiles past a sequence's end are skipped",
+    "decoding": "the key blocks a query tile sees are split over tasks (plan.key_splits) and merged by LSE",
+    "dropout": "counter-based (splitmix64 of seed, b, h, i, j) in-kernel; the backward redraws the same mask",
+}
+
+
+@register
+class NumbaBackend(Backend):
+    name = "numba"
+    summary = "CPUs: tiled FlashAttention-2 compiled by Numba, parallel over batch x heads x blocks, tile GEMMs in BLAS"
+    extra = "numba"
+    compute_kind = "numpy"
+    capabilities = Capabilities(
+        device_kinds=frozenset({"cpu"}),
+        dtypes=frozenset({"float64", "float32", "float16", "bfloat16"}),
+        max_head_dim=1024,
+        features=frozenset(FEATURE_NOTES),
+        feature_notes=FEATURE_NOTES,
+        notes=("float16 and bfloat16 inputs are computed in float32", "float64 inputs are computed in float64"),
+    )
+    auto_priority = {"cpu": 10}
+
+    def _check_available(self) -> list[str]:
+        return self._missing_modules((
+            ("numba", "the kernels are compiled by numba"),
+            ("scipy", "numba's np.dot calls SciPy's BLAS"),
+            ("threadpoolctl", "BLAS must be kept to one thread inside numba's threads"),
+        ))
+
+    def device(self, spec):
+        return probe.probe_cpu()
+
+    def forward(self, q, k, v, spec, plan, extras):
+        dtype = launch.compute_dtype(spec)
+        q, k, v = (np.ascontiguousarray(x, dtype=dtype) for x in (q, k, v))
+        out = np.empty_like(q)
+        lse = np.empty(q.shape[:3], dtype)
+        features = launch.features(spec, extras, dtype)
+        with launch.run_with(plan.threads):
+            launch.kernels().forward(launch.scaled(q, spec), k, v, out, lse, features, plan.block_q, plan.block_k, plan.key_splits)
+        return out, lse
+
+    def backward(self, grad_out, q, k, v, out, lse, spec, plan, extras):
+        dtype = launch.compute_dtype(spec)
+        grad_out, q, k, v, out = (np.ascontiguousarray(x, dtype=dtype) for x in (grad_out, q, k, v, out))
+        lse = np.ascontiguousarray(lse, dtype=dtype)
+        delta = np.einsum("bhnd,bhnd->bhn", grad_out, out)  # rowsum(dO * O), the softmax-Jacobian term (dropout too)
+        dq, dk, dv = np.zeros_like(q), np.empty_like(k), np.empty_like(v)
+        kernels = launch.kernels()
+        features = launch.features(spec, extras, dtype)
+        block_q, block_k = plan.backward_block_q, plan.backward_block_k
+        q_scaled, scale = launch.scaled(q, spec), dtype(spec.softmax_scale)
+        key_blocks = -(-spec.seqlen_k // block_k)
+        with launch.run_with(plan.threads):
+            if plan.backward_dq_separate:
+                kernels.backward_key_pass(q, q_scaled, k, v, grad_out, lse, delta, dq, dk, dv, scale, features,
+                                          block_q, block_k, 1, False)
+                kernels.backward_query_pass(q_scaled, k, v, grad_out, lse, delta, dq, scale, features, block_q, block_k)
+            else:  # a task owns all of a K/V head's key blocks, so it may add into that group's dQ rows
+                kernels.backward_key_pass(q, q_scaled, k, v, grad_out, lse, delta, dq, dk, dv, scale, features,
+                                          block_q, block_k, max(1, key_blocks), True)
+        return dq, dk, dv
+
+    def dropout_keep(self, spec, extras):
+        """keep[b, h, i, j] = u >= dropout_p, u = the top 53 bits of z / 2**53 with (uint64, wrapping)
+        z = mix(mix(mix(mix(seed + G*(b+1)) + G*(h+1)) + G*(i+1)) + G*(j+1)), ``mix`` splitmix64's
+        finalizer and G = 0x9E3779B97F4A7C15; varlen: b is the sequence, i and j its own row and key."""
+        keep = np.empty((spec.batch, spec.heads, spec.seqlen_q, spec.seqlen_k), np.bool_)
+        launch.kernels().dropout_keep(launch.features(spec, extras, launch.compute_dtype(spec)), keep)
+        return keep

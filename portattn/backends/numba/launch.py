@@ -1,0 +1,104 @@
+"""Launching the numba kernels: the BLAS and thread-pool settings a plan asks for, the compute dtype,
+and the one ``Features`` tuple every kernel reads (feature arrays read-only and C-contiguous, absent ones
+as cached 1-element dummies)."""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=None)
+def kernels():
+    from . import kernels as numba_kernels  # compiles on first call of each kernel, then cached on disk
+
+    return numba_kernels
+
+@functools.lru_cache(maxsize=None)
+def blas_controller():
+    import scipy.linalg.cython_blas  # noqa: F401  the BLAS numba calls: loaded first, so the controller sees it
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+@contextlib.contextmanager
+def run_with(threads: int):
+    """Numba's pool sized by the plan, and BLAS single-threaded inside it (else each worker's GEMM
+    would spawn its own BLAS threads and oversubscribe the cores)."""
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        with blas_controller().limit(limits=1, user_api="blas"):
+            yield
+    finally:
+        numba.set_num_threads(previous)
+
+LOG2E = 1.4426950408889634
+
+def compute_dtype(spec):
+    return np.float64 if spec.dtype == "float64" else np.float32
+
+def scaled(q, spec):
+    """q * scale * log2(e): the kernels' GEMM then yields scores ready for exp2 (a linear-size copy)."""
+    return q * q.dtype.type(spec.softmax_scale * LOG2E)
+
+def frozen(x, dtype, broadcast_axes: int = 0):
+    """``x`` as the kernels take it: C-contiguous, read-only, of ``dtype``, with stride-0 (broadcast)
+    axes among its first ``broadcast_axes`` cut to length 1 -- so one compiled kernel serves every
+    call, and a broadcast mask is indexed, never copied to full size (only the caller's own data
+    may be copied, to change its dtype or layout)."""
+    x = np.asarray(x)
+    index = tuple(slice(0, 1) if axis < broadcast_axes and stride == 0 and size > 1 else slice(None)
+                  for axis, (size, stride) in enumerate(zip(x.shape, x.strides)))
+    x = np.ascontiguousarray(x[index], dtype=dtype).view()
+    x.flags.writeable = False
+    return x
+
+@functools.lru_cache(maxsize=None)
+def dummy(dtype, ndim: int):
+    return frozen(np.zeros((1,) * ndim, dtype), dtype)
+
+def features(spec, extras, dtype):
+    """The kernels' ``Features`` for a call (cached for plain calls, which carry no arrays)."""
+    if not (spec.window or spec.mask or spec.alibi or spec.softcap or spec.block_size or spec.key_padding
+            or spec.varlen or spec.dropout_p):
+        return plain_features(np.dtype(dtype), spec.causal, spec.group_size, spec.align == "bottom-right")
+    left, right = spec.window if spec.window is not None else (None, None)
+    sparse_q, sparse_k = spec.block_size if spec.block_size is not None else (0, 0)
+    return kernels().Features(
+        group_size=spec.group_size,
+        causal=spec.causal,
+        bottom_right=spec.align == "bottom-right",
+        window_left=-1 if left is None else left,
+        window_right=-1 if right is None else right,
+        softcap=float(spec.softcap or 0.0),
+        alibi=spec.alibi,
+        slopes=frozen(extras.alibi_slopes, dtype, 2) if spec.alibi else dummy(dtype, 2),
+        mask_kind={None: 0, "bool": 1, "additive": 2}[spec.mask],
+        bool_mask=frozen(extras.attn_mask, np.bool_, 4) if spec.mask == "bool" else dummy(np.bool_, 4),
+        additive_mask=frozen(extras.attn_mask, dtype, 4) if spec.mask == "additive" else dummy(dtype, 4),
+        key_padding=spec.key_padding,
+        padding=frozen(extras.key_padding_mask, np.bool_) if spec.key_padding else dummy(np.bool_, 2),
+        sparse_q=sparse_q,
+        sparse_k=sparse_k,
+        block_mask=frozen(extras.block_mask, np.bool_, 2) if spec.block_size else dummy(np.bool_, 4),
+        dropout_p=float(spec.dropout_p),
+        dropout_seed=int(extras.dropout_seed or 0),
+        varlen=spec.varlen,
+        cu_q=frozen(extras.cu_seqlens_q, np.int64) if spec.varlen else dummy(np.int64, 1),
+        cu_k=frozen(extras.cu_seqlens_k, np.int64) if spec.varlen else dummy(np.int64, 1),
+        row_pass=bool(spec.softcap or spec.alibi or spec.mask or spec.key_padding),
+    )
+
+@functools.lru_cache(maxsize=None)
+def plain_features(dtype, causal: bool, group_size: int, bottom_right: bool):
+    return kernels().Features(
+        group_size=group_size, causal=causal, bottom_right=bottom_right, window_left=-1, window_right=-1,
+        softcap=0.0, alibi=False, slopes=dummy(dtype.type, 2), mask_kind=0, bool_mask=dummy(np.bool_, 4),
+        additive_mask=dummy(dtype.type, 4), key_padding=False, padding=dummy(np.bool_, 2), sparse_q=0, sparse_k=0,
+        block_mask=dummy(np.bool_, 4), dropout_p=0.0, dropout_seed=0, varlen=False, cu_q=dummy(np.int64, 1),
+        cu_k=dummy(np.int64, 1), row_pass=False,
+    )

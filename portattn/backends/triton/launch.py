@@ -1,0 +1,167 @@
+"""Launching the Triton kernels: strides, the feature arguments and constexpr flags a call's spec and
+extras give, block-sparse lists, and the LSE merge of key splits."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+from ...extras import NONE
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+@functools.lru_cache(maxsize=None)
+def kernels():
+    from . import kernels as triton_kernels  # compiled on first launch of each constexpr specialization, then cached
+
+    return triton_kernels
+
+def in_precision(q) -> str:
+    """tl.dot's input precision: IEEE float32 for float32 inputs; for 16-bit inputs Triton ignores it.
+    "upcast" (bfloat16 under the interpreter only) widens the operands first: the Triton 3.x
+    interpreter's tl.dot returns garbage for bfloat16 operands; on a GPU they go to the tensor cores."""
+    import torch
+
+    if q.dtype == torch.float32:
+        return "ieee"
+    if q.dtype == torch.bfloat16 and interpreting():
+        return "upcast"
+    return "tf32"
+
+def strides(x, varlen: bool = False):
+    """(batch, head, row, col) strides; varlen tensors are (1, H, total, D) whose rows are found from
+    cu_seqlens, so their batch stride is 0 (the kernels index batch by sequence)."""
+    strides = tuple(x.stride())
+    return (0, *strides[1:]) if varlen else strides
+
+def lse_strides(lse, varlen: bool):
+    """(batch, head) strides of a (B, H, N) float32 LSE/delta whose rows are contiguous."""
+    return (0 if varlen else lse.stride(0), lse.stride(1))
+
+def features(spec, extras, *, by_keys: bool, atomic_dq: bool = False):
+    """``feature_arguments``, cached when the call has no feature arrays (``extras is NONE``): then
+    they follow from the spec alone, and a repeated plain call must not rebuild ~30 arguments."""
+    if extras is NONE:
+        return spec_features(spec, by_keys, atomic_dq)
+    return feature_arguments(spec, extras, by_keys=by_keys, atomic_dq=atomic_dq)
+
+@functools.lru_cache(maxsize=1024)
+def spec_features(spec, by_keys: bool, atomic_dq: bool):
+    args, flags = feature_arguments(spec, NONE, by_keys=by_keys, atomic_dq=atomic_dq)
+    return tuple(args), flags
+
+def feature_arguments(spec, extras, *, by_keys: bool, atomic_dq: bool = False):
+    """The kernels' feature arguments (the list their docstring names, in order) and constexpr flags
+    for a call; every flag off (and placeholders) for a plain call, so it compiles as before.
+    ``by_keys``: block-sparse lists per sparse key block (the dK/dV pass) instead of per query block;
+    ``atomic_dq``: that pass also sums dQ."""
+    left, right = spec.window if spec.window is not None else (None, None)
+    mask = extras.attn_mask if spec.mask is not None else None
+    if mask is not None and mask.dtype == torch_module().bool:
+        mask = mask.view(torch_module().uint8)  # same strides: the kernels read bytes
+    slopes = extras.alibi_slopes if spec.alibi else None
+    pad = extras.key_padding_mask.view(torch_module().uint8) if spec.key_padding else None
+    sp_idx = sp_num = None
+    if spec.block_size is not None:
+        sp_idx, sp_num = sparse_lists(extras.block_mask, spec, by_keys)
+    dropout = spec.dropout_p > 0
+    args = [
+        spec.group_size,
+        extras.cu_seqlens_q if spec.varlen else None, extras.cu_seqlens_k if spec.varlen else None,
+        left or 0, right or 0,
+        spec.softcap * LOG2E if spec.softcap is not None else 0.0,
+        slopes, *(slopes.stride() if slopes is not None else (0, 0)),
+        mask, *(mask.stride() if mask is not None else (0, 0, 0, 0)),
+        pad, *(pad.stride() if pad is not None else (0, 0)),
+        sp_idx, sp_num, *(sp_idx.stride()[:3] if sp_idx is not None else (0, 0, 0)),
+        *(sp_num.stride()[:2] if sp_num is not None else (0, 0)),
+        *(spec.block_size or (0, 0)),
+        int(extras.dropout_seed) if dropout else 0, float(spec.dropout_p), 1.0 / (1.0 - spec.dropout_p),
+    ]
+    flags = dict(
+        GQA=spec.group_size > 1,
+        VARLEN=spec.varlen,
+        BOTTOM_RIGHT=spec.align == "bottom-right" and (spec.causal or spec.window is not None or spec.alibi),
+        HAS_LEFT=left is not None,
+        HAS_RIGHT=right is not None,
+        SOFTCAP=spec.softcap is not None,
+        ALIBI=spec.alibi,
+        MASK_KIND={None: 0, "bool": 1, "additive": 2}[spec.mask],
+        KEY_PADDING=spec.key_padding,
+        SPARSE=spec.block_size is not None,
+        # the tiles of kept blocks need the elementwise mask only where a causal/window edge or the end
+        # of the keys can cut through them (the dK/dV pass: also for the atomic dQ, which reads past-the-end keys)
+        SPARSE_MASKED=spec.block_size is not None and (
+            spec.causal or spec.window is not None or (atomic_dq if by_keys else spec.seqlen_k % spec.block_size[1] != 0)),
+        DROPOUT=dropout,
+    )
+    return args, flags
+
+def sparse_lists(block_mask, spec, by_keys: bool):
+    """Block-sparse iteration lists from a bool (B, H, QB, KB) block mask (a broadcast view): per row
+    (query block; key block when ``by_keys``) the indices of its kept blocks in increasing order,
+    padded after ``count`` (int32 (B, H, R, C) and (B, H, R)). Blocks that the causal/window rules
+    leave wholly invisible are dropped here, so the kernels never visit them. Computed once per
+    distinct (b, h) -- broadcast axes stay stride 0 -- with a stable sort of the dropped-flags."""
+    torch = torch_module()
+    distinct = tuple(slice(0, 1) if block_mask.stride(axis) == 0 else slice(None) for axis in range(2))
+    kept = block_mask[distinct]
+    reach = block_reach(spec, kept.shape[2], kept.shape[3], kept.device)
+    if reach is not None:
+        kept = kept & reach
+    if by_keys:
+        kept = kept.transpose(-1, -2)
+    kept = kept.contiguous()
+    count = kept.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort((~kept).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
+    b, h = block_mask.shape[:2]
+    return order.expand(b, h, *order.shape[2:]), count.expand(b, h, count.shape[2])
+
+def block_reach(spec, query_blocks: int, key_blocks: int, device):
+    """(QB, KB) bool: the sparse blocks that hold at least one (query, key) pair the causal and window
+    rules allow (a superset where both edges cut one block; the kernels mask inside); None if no rule."""
+    if not spec.causal and spec.window is None:
+        return None
+    torch = torch_module()
+    block_q, block_k = spec.block_size
+    rows = torch.arange(query_blocks, device=device) * block_q
+    first = rows + spec.query_offset()  # positions of each query block's first and last row
+    last = torch.clamp(rows + block_q, max=spec.seqlen_q) - 1 + spec.query_offset()
+    keys = torch.arange(key_blocks, device=device) * block_k
+    key_last = torch.clamp(keys + block_k, max=spec.seqlen_k) - 1
+    reach = torch.ones((query_blocks, key_blocks), dtype=torch.bool, device=device)
+    left, right = spec.window if spec.window is not None else (None, None)
+    if spec.causal:
+        reach &= keys[None, :] <= last[:, None]
+    if right is not None:
+        reach &= keys[None, :] <= last[:, None] + right
+    if left is not None:
+        reach &= key_last[None, :] >= first[:, None] - left
+    return reach
+
+def torch_module():
+    import torch
+
+    return torch
+
+def merge_splits(part_out, part_lse, out, lse) -> None:
+    """out = sum_s exp(lse_s - lse) * out_s, lse = logsumexp_s(lse_s); rows no split saw stay 0, -inf.
+    Linear in N: the partials are (splits, B, H, N, D)."""
+    import torch
+
+    torch.logsumexp(part_lse, dim=0, out=lse)
+    weights = torch.exp(part_lse - torch.where(torch.isinf(lse), 0.0, lse))  # exp(-inf) = 0 for empty splits
+    out.copy_((weights.unsqueeze(-1) * part_out).sum(dim=0))
+
+def on_device(x):
+    """Launch on the tensor's GPU (Triton launches on the current device); no switch when it is current."""
+    import torch
+
+    if x.device.type != "cuda" or x.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(x.device)

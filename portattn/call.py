@@ -1,0 +1,50 @@
+"""``PreparedCall``: a validated call bound to its backend and tile plan.
+
+What ``attention`` builds once per distinct call (and caches for torch and pyopencl arrays) and what
+the autograd function and the torch custom op run: arrays are converted to the backend's kind at this
+boundary and back to the caller's kind, dtype and device on the way out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import arrays
+from .backends import Backend
+from .extras import NONE, Extras
+from .spec import AttentionSpec
+from .tiling import TilePlan
+
+
+@dataclass(frozen=True)
+class PreparedCall:
+    """A validated call bound to a backend and its plan; converts arrays at the backend boundary."""
+
+    spec: AttentionSpec
+    backend: Backend
+    plan: TilePlan
+
+    def _to_backend(self, *xs):
+        return [arrays.convert(x, self.backend.compute_kind, self.spec.device) for x in xs]
+
+    def _to_caller(self, x, dtype: str | None):
+        return arrays.restore(x, self.spec.array_kind, dtype, self.spec.device)
+
+    def _extras_to_backend(self, extras: Extras) -> Extras:
+        if extras is NONE:
+            return extras
+        return extras.map_arrays(lambda x: arrays.convert(x, self.backend.compute_kind, self.spec.device))
+
+    def forward(self, q, k, v, extras: Extras = NONE):
+        """(B, H, N, D) arrays of the caller's kind in; ``(out, lse)`` of that kind out.
+
+        The LSE keeps the backend's precision (float64 for float64 inputs) so that the backward
+        pass, which recomputes P from it, loses nothing; ``attention`` hands users float32.
+        """
+        out, lse = self.backend.forward(*self._to_backend(q, k, v), self.spec, self.plan, self._extras_to_backend(extras))
+        return self._to_caller(out, self.spec.dtype), self._to_caller(lse, None)
+
+    def backward(self, grad_out, q, k, v, out, lse, extras: Extras = NONE):
+        grads = self.backend.backward(*self._to_backend(grad_out, q, k, v, out, lse), self.spec, self.plan,
+                                      self._extras_to_backend(extras))
+        return tuple(self._to_caller(g, self.spec.dtype) for g in grads)
