@@ -82,10 +82,17 @@ class OpenCLBackend(Backend):
         if missing:
             return missing
         try:
-            runtime.choose()
+            label = runtime.choose()
         except Exception as error:  # noqa: BLE001 - no ICD loader, no platform, or a bad $PORTATTN_OPENCL_DEVICE
             return [f"no usable OpenCL device: {error}"]
-        return []
+        return self._compile_reasons(label)
+
+    def _compile_reasons(self, label: str) -> list[str]:
+        problem = runtime.compile_problem(label)
+        if problem is None:
+            return []
+        name = runtime.device_of(label).name.strip()
+        return [f"the OpenCL device {label} ({name}) cannot compile kernels: {problem}"]
 
     def _label(self, spec) -> str:
         return spec.device if spec.device_kind == "opencl" else runtime.choose(spec.compute_device)
@@ -93,7 +100,7 @@ class OpenCLBackend(Backend):
     def _extra_reasons(self, spec) -> list[str]:
         if self.unavailable_reasons():
             return []
-        return self._plan_reasons(spec)
+        return self._compile_reasons(self._label(spec)) or self._plan_reasons(spec)
 
     def device(self, spec):
         return probe.probe(self._label(spec))

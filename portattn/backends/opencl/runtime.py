@@ -57,6 +57,27 @@ def choose(requested: str | None = None) -> str:
     raise ValueError(f"{source} {wanted!r} matches no OpenCL device; found: {listing}")
 
 
+# The smallest program: if a device cannot build this, it can build none of ours
+PROBE_SOURCE = "__kernel void portattn_probe(__global float *x) { x[get_global_id(0)] = 1.0f; }"
+
+
+@functools.lru_cache(maxsize=None)
+def compile_problem(label: str) -> str | None:
+    """Why the device ``label`` cannot compile OpenCL C, from its build log; None when it can. PoCL
+    built against an LLVM that does not know the host CPU fails every build this way (PoCL 3.0's
+    wheel on AMD Zen 5: "unknown target CPU 'generic'"), so the backend refuses the device up front
+    instead of failing inside the first kernel build."""
+    import pyopencl as cl
+
+    try:
+        cl.Program(queue_for(label).context, PROBE_SOURCE).build(options=list(BUILD_FLAGS))
+    except cl.Error as error:
+        text = str(error)
+        errors = [line.strip() for line in text.splitlines() if line.strip().lower().startswith("error")]
+        return errors[0] if errors else text.strip().splitlines()[0]
+    return None
+
+
 def device_of(label: str):
     return dict(devices())[label]
 
