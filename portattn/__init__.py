@@ -5,6 +5,7 @@
 """
 
 from .api import attention, attention_varlen, explain, plan, tune
+from .sdpa import scaled_dot_product_attention
 from .devices import DeviceSpec
 from .spec import AttentionSpec
 from .status import BackendStatus, available_backends, backends
@@ -23,5 +24,6 @@ __all__ = [
     "backends",
     "explain",
     "plan",
+    "scaled_dot_product_attention",
     "tune",
 ]

@@ -49,12 +49,24 @@ def is_plain(features: dict) -> bool:
 def read_call(q, k, v, *, varlen=None, **options) -> tuple[AttentionSpec, Extras]:
     """The spec and extras of one call; ``varlen`` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     max_seqlen_k) for packed sequences (q, k, v then (1, total, H, D) views)."""
+    _refuse_grad_of_features(options)
     spec = spec_from_arrays(q, k, v, **options)
     offsets = {}
     if varlen is not None:
         spec, offsets = varlen_spec(spec, *varlen)
     extras = extras_from_arguments(spec, **{name: options.get(name) for name in EXTRA_ARRAYS}, **offsets)
     return spec, extras
+
+
+def _refuse_grad_of_features(options: dict) -> None:
+    """A float attn_mask or ALiBi slopes that require grad would silently get no gradient: the kernels
+    differentiate q, k and v only. Refuse before any kernel runs."""
+    for name in ("attn_mask", "alibi_slopes"):
+        x = options.get(name)
+        if x is not None and arrays.describe(x, name).requires_grad:
+            raise ValueError(f"{name} requires grad, but portattn's backward kernels give gradients for q, k and v only "
+                             f"(not for {name}): pass {name}.detach(), or use torch's scaled_dot_product_attention "
+                             "for a learned bias")
 
 
 def spec_from_arrays(q, k, v, *, causal: bool = False, scale: float | None = None, layout: str = "bhnd",
@@ -203,7 +215,9 @@ def extras_from_arguments(spec, *, attn_mask=None, alibi_slopes=None, key_paddin
     found = {}
     if attn_mask is not None:
         found["attn_mask"] = arrays.broadcast_view(
-            attn_mask, _broadcast_shape("attn_mask", attn_mask, (b, h, nq, nk), "(Nq, Nk), (1 or B, 1 or H, Nq, Nk)"))
+            attn_mask, _broadcast_shape("attn_mask", attn_mask, (b, h, nq, nk),
+                                        "any shape that broadcasts as SDPA's does, e.g. (Nq, Nk), (Nk,), (B, 1, 1, Nk) "
+                                        "or (1 or B, 1 or H, Nq, Nk)", trailing_exact=False))
     if alibi_slopes is not None:
         shape = tuple(alibi_slopes.shape)
         if shape not in ((h,), (b, h)):
@@ -230,10 +244,14 @@ def extras_from_arguments(spec, *, attn_mask=None, alibi_slopes=None, key_paddin
     return Extras(**found) if found else NONE  # NONE by identity: backends take their fast path
 
 
-def _broadcast_shape(name: str, x, target: tuple[int, ...], accepted: str) -> tuple[int, ...]:
+def _broadcast_shape(name: str, x, target: tuple[int, ...], accepted: str, trailing_exact: bool = True) -> tuple[int, ...]:
+    """``target`` when ``x`` broadcasts to it by numpy's rule (trailing axes of size 1 or the target's);
+    ``trailing_exact``: its last two axes must be given in full (a block mask names every block)."""
     shape = tuple(x.shape)
-    ok = 2 <= len(shape) <= 4 and all(got in (1, want) for got, want in zip(shape[::-1], target[::-1]))
-    if not ok or shape[-2:] != target[-2:]:
+    ok = len(shape) <= len(target) and all(got in (1, want) for got, want in zip(shape[::-1], target[::-1]))
+    if trailing_exact:
+        ok = ok and len(shape) >= 2 and shape[-2:] == target[-2:]
+    if not ok:
         raise ValueError(f"{name} has shape {shape}; it must broadcast to {target}: give {accepted}")
     return target
 
