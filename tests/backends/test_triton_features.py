@@ -267,5 +267,5 @@ def test_capabilities_declare_every_feature(triton_backend):
     caps = triton_backend.capabilities
     assert caps.features == frozenset(FEATURES)
     assert set(caps.feature_notes) == set(FEATURES)
-    module = importlib.import_module("portattn.backends.triton")
-    assert module._features.__doc__
+    module = importlib.import_module("portattn.backends.triton.launch")
+    assert module.features.__doc__

@@ -1,0 +1,170 @@
+"""Per-call host time of small calls and kernel time of large ones, portattn against SDPA, in one process.
+
+    python benchmarks/call_overhead.py --json out.json [--label after] [--device cuda]
+
+Small calls (a (1, 8, 128, 64) causal forward, a GQA decode step) are timed back to back: 2000 calls,
+one synchronization at the end, median of 5 such runs, so the figure is what a model pays per call
+when the GPU is not the bottleneck. The breakdown times the pieces of a cached call on their own:
+the call-key lookup (validation and plan reuse), the conversions at the backend boundary, and the
+backend's launch. Large shapes are timed with ``triton.testing.do_bench`` (CUDA events), forward and
+forward+backward. Run it once per source tree (``--label before`` with the old tree on PYTHONPATH)
+and ``--compare before.json after.json`` prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+
+SMALL = {
+    "prefill (1, 8, 128, 64) causal": dict(q=(1, 8, 128, 64), kv=(1, 8, 128, 64), causal=True),
+    "decode (8, 32 / 8, 1 q, 4096 k, 128)": dict(q=(8, 32, 1, 128), kv=(8, 8, 4096, 128), causal=False),
+}
+LARGE = {
+    "(4, 16, 4096, 128) causal": dict(q=(4, 16, 4096, 128), kv=(4, 16, 4096, 128), causal=True),
+    "(16, 16, 1024, 64)": dict(q=(16, 16, 1024, 64), kv=(16, 16, 1024, 64), causal=False),
+}
+CALLS = 2000
+RUNS = 5
+
+
+def _inputs(torch, case, device, dtype, grad=False):
+    q = torch.randn(case["q"], device=device, dtype=dtype, requires_grad=grad)
+    k = torch.randn(case["kv"], device=device, dtype=dtype, requires_grad=grad)
+    v = torch.randn(case["kv"], device=device, dtype=dtype, requires_grad=grad)
+    return q, k, v
+
+
+def _back_to_back(torch, fn, calls=CALLS, runs=RUNS) -> float:
+    """Median over ``runs`` of (wall time of ``calls`` calls, one synchronize at the end) / calls."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def _host_only(fn, calls=CALLS) -> float:
+    """Median per-call seconds of a host-side step (no GPU wait)."""
+    times = []
+    for _ in range(RUNS):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def _sdpa_peers(torch):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    def peer(kind):
+        def run(q, k, v, causal):
+            if kind == "default":
+                return sdpa(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+            with sdpa_kernel(getattr(SDPBackend, kind)):
+                return sdpa(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+        return run
+
+    return {f"sdpa-{kind.lower()}": peer(kind) for kind in ("default", "CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")}
+
+
+def breakdown(torch, portattn, q, k, v, causal):
+    """Seconds per cached call spent in each piece (where this tree exposes the pieces)."""
+    from portattn import api
+
+    pieces = {}
+    key = api._call_key(q, k, v, causal, None, "triton", "bhnd")
+    call = api._PREPARED.get(key)
+    if call is None:
+        return pieces
+    pieces["call-key lookup (checks reused)"] = _host_only(lambda: api._PREPARED.get(api._call_key(q, k, v, causal, None, "triton", "bhnd")))
+    pieces["conversion to the backend's arrays"] = _host_only(lambda: call._to_backend(q, k, v))
+    from portattn.extras import NONE
+
+    pieces["backend forward (launch, enqueue only)"] = _host_only(lambda: call.backend.forward(q, k, v, call.spec, call.plan, NONE), calls=500)
+    torch.cuda.synchronize()
+    pieces["validation + plan (uncached call)"] = _host_only(lambda: api._prepare(q, k, v, causal=causal, backend="triton"), calls=200)
+    return pieces
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json")
+    parser.add_argument("--label", default="this tree")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
+    args = parser.parse_args(argv)
+    if args.compare:
+        return compare(*args.compare)
+    import torch
+    import triton
+    import triton.testing
+
+    import portattn
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    device, dtype = "cuda", torch.float16
+    record = {"label": args.label, "device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
+              "command": " ".join(["python"] + sys.argv), "portattn_file": portattn.__file__,
+              "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+                           "cuda": torch.version.cuda},
+              "small_us": {}, "breakdown_us": {}, "large_ms": {}}
+    peers = _sdpa_peers(torch)
+    for name, case in SMALL.items():
+        q, k, v = _inputs(torch, case, device, dtype)
+        row = {}
+        for backend in ("triton", "auto"):
+            row[f"portattn-{backend}"] = _back_to_back(torch, lambda b=backend: portattn.attention(q, k, v, causal=case["causal"], backend=b)) * 1e6
+        for peer, fn in peers.items():
+            try:
+                row[peer] = _back_to_back(torch, lambda fn=fn: fn(q, k, v, case["causal"])) * 1e6
+            except RuntimeError as error:  # a kernel that refuses the shape
+                row[peer] = f"refused: {str(error).splitlines()[0][:80]}"
+        record["small_us"][name] = row
+        record["breakdown_us"][name] = {piece: s * 1e6 for piece, s in breakdown(torch, portattn, q, k, v, case["causal"]).items()}
+        print(name, json.dumps(row), json.dumps(record["breakdown_us"][name]), flush=True)
+    for name, case in LARGE.items():
+        q, k, v = _inputs(torch, case, device, dtype, grad=True)
+        grad = torch.randn_like(q)
+        row = {}
+        fwd = lambda: portattn.attention(q, k, v, causal=case["causal"], backend="triton")  # noqa: E731
+        row["portattn-triton fwd"] = triton.testing.do_bench(fwd, return_mode="median")
+        row["portattn-triton fwd+bwd"] = triton.testing.do_bench(lambda: fwd().backward(grad), return_mode="median")
+        sdpa = peers["sdpa-default"]
+        row["sdpa fwd"] = triton.testing.do_bench(lambda: sdpa(q, k, v, case["causal"]), return_mode="median")
+        row["sdpa fwd+bwd"] = triton.testing.do_bench(lambda: sdpa(q, k, v, case["causal"]).backward(grad), return_mode="median")
+        record["large_ms"][name] = row
+        print(name, json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+def compare(before_path: str, after_path: str):
+    before, after = (json.load(open(p)) for p in (before_path, after_path))
+    print(f"device: {after['device']}; {before['label']} vs {after['label']}")
+    for section, unit in (("small_us", "us per call"), ("breakdown_us", "us"), ("large_ms", "ms")):
+        print(f"\n{section} ({unit})")
+        for case, row in after[section].items():
+            for name, value in row.items():
+                old = before.get(section, {}).get(case, {}).get(name)
+                if isinstance(value, float) and isinstance(old, float):
+                    print(f"  {case:40s} {name:40s} {old:10.2f} -> {value:10.2f}  ({value / old:.2f}x)")
+                else:
+                    print(f"  {case:40s} {name:40s} {old!s:>10} -> {value!s:>10}")
+
+
+if __name__ == "__main__":
+    main()
