@@ -5,6 +5,7 @@
 """
 
 from .api import attention, attention_varlen, explain, plan, tune
+from .kvcache import attention_with_kvcache
 from .sdpa import scaled_dot_product_attention
 from .devices import DeviceSpec
 from .spec import AttentionSpec
@@ -20,6 +21,7 @@ __all__ = [
     "TilePlan",
     "attention",
     "attention_varlen",
+    "attention_with_kvcache",
     "available_backends",
     "backends",
     "explain",

@@ -1,0 +1,256 @@
+"""``attention_with_kvcache``: decoding against a KV cache, contiguous or paged, in flash-attn's conventions.
+
+``flash_attn_with_kvcache`` is what inference engines call once per generated token; this module
+gives it the same arguments and meaning, on numpy arrays and torch tensors:
+
+* ``q`` is (B, Nq, H, D) -- the new queries of each sequence, usually Nq = 1.
+* the cache is contiguous, ``k_cache``/``v_cache`` (B, Nmax, H_kv, D), or paged,
+  (num_blocks, page_size, H_kv, D) with ``block_table`` (B, max_blocks) int32: sequence b's key
+  position p lives in page ``block_table[b, p // page_size]`` at row ``p % page_size``. Pages may be
+  in any order and shared by nothing else.
+* ``cache_seqlens`` (B,) int32 (or one int for every sequence): the keys already in the cache; None
+  means the whole cache (Nmax, or max_blocks * page_size).
+* ``k``/``v`` (B, Nnew, H_kv, D), when given, are written into the cache IN PLACE at positions
+  ``cache_seqlens[b] .. cache_seqlens[b] + Nnew - 1`` (across page boundaries when paged) before
+  attending; the caller advances ``cache_seqlens`` itself, as with flash-attn.
+* the attention then sees, for sequence b, its first ``L_b = cache_seqlens[b] + Nnew`` keys.
+  ``causal`` is bottom-right aligned to them: query i sits at key position ``L_b - Nq + i`` (the
+  last query sees every key), and so do ``window`` = (left, right) and ALiBi.
+
+The present keys of each sequence are gathered (contiguous: a slice; paged: the pages of its
+block-table row) into one packed batch and computed with :func:`portattn.attention_varlen`, which
+counts positions per sequence; a backend that has no varlen runs the sequences one by one. Reading
+the lengths takes one device-to-host copy of ``cache_seqlens`` per call.
+"""
+
+from __future__ import annotations
+
+import math
+
+from . import arrays
+from .api import attention, attention_varlen
+from .backends import registry
+
+
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=None, *, k=None, v=None, causal=False,
+                           window=None, softcap=None, alibi_slopes=None, scale=None, return_lse=False, backend="auto"):
+    """Attention of ``q`` (B, Nq, H, D) over each sequence's cached keys after appending ``k``/``v``
+    (module docstring). Returns (B, Nq, H, D) of q's type, dtype and device, and with ``return_lse``
+    the float32 (B, H, Nq) log-sum-exp too."""
+    ops = _Ops.of(q)
+    cache = _Cache.check(q, k_cache, v_cache, block_table, ops)
+    batch, n_query, heads, head_dim = cache.q_shape
+    old = _lengths(cache_seqlens, batch, cache.capacity, ops)
+    n_new = _check_new(k, v, cache, ops)
+    lengths = [length + n_new for length in old]
+    if max(lengths, default=0) > cache.capacity:
+        raise ValueError(f"cache_seqlens + new keys reach {max(lengths)} but the cache holds {cache.capacity} keys per "
+                         "sequence; give a larger cache (or more pages in block_table)")
+    if n_new:
+        cache.write(k, v, old, n_new)
+    keys, values = cache.gather(lengths)
+    options = dict(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+    if _runs_varlen(backend, ops, q):
+        packed_q = q.reshape(batch * n_query, heads, head_dim)
+        cu_q = ops.offsets([n_query] * batch, q)
+        cu_k = ops.offsets(lengths, q)
+        result = attention_varlen(packed_q, ops.cat(keys), ops.cat(values), cu_q, cu_k, n_query, max(max(lengths), 1),
+                                  align="bottom-right", backend=backend, return_lse=return_lse, **options)
+        if not return_lse:
+            return result.reshape(batch, n_query, heads, head_dim)
+        out, lse = result  # lse: (H, B * Nq)
+        return out.reshape(batch, n_query, heads, head_dim), ops.swap01(lse.reshape(heads, batch, n_query))
+    outs, lses = [], []
+    for b in range(batch):  # a backend without varlen: one call per sequence
+        slopes = alibi_slopes[b] if alibi_slopes is not None and len(alibi_slopes.shape) == 2 else alibi_slopes
+        result = attention(q[b:b + 1], keys[b][None], values[b][None], layout="bnhd", align="bottom-right",
+                           backend=backend, return_lse=return_lse, **{**options, "alibi_slopes": slopes})
+        out, lse = result if return_lse else (result, None)
+        outs.append(out)
+        lses.append(lse)
+    out = ops.cat(outs)
+    return (out, ops.cat(lses)) if return_lse else out
+
+
+def _runs_varlen(backend: str, ops: "_Ops", q) -> bool:
+    """Whether the packed varlen call can serve: a named backend that declares varlen, or auto with
+    some usable backend for q's device that does."""
+    known = registry()
+    if backend != "auto":
+        return backend in known and "varlen" in known[backend].capabilities.features
+    kind = arrays.describe(q, "q").device.split(":", 1)[0]
+    return any("varlen" in b.capabilities.features and b.usable and kind in b.capabilities.device_kinds
+               and b.auto_priority.get(kind) is not None for b in known.values())
+
+
+def _lengths(cache_seqlens, batch: int, capacity: int, ops: "_Ops") -> list[int]:
+    """cache_seqlens as host ints, checked."""
+    if cache_seqlens is None:
+        return [capacity] * batch
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        values = [cache_seqlens] * batch
+    else:
+        info = arrays.describe(cache_seqlens, "cache_seqlens")
+        if info.dtype != "int32" or info.shape != (batch,):
+            raise ValueError(f"cache_seqlens must be an int or an int32 array of shape (B,) = ({batch},), the keys "
+                             f"already cached per sequence; got dtype {info.dtype}, shape {info.shape}")
+        values = [int(x) for x in ops.to_list(cache_seqlens)]
+    if any(x < 0 or x > capacity for x in values):
+        raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (the cache's keys per sequence); got {values}")
+    return values
+
+
+def _check_new(k, v, cache: "_Cache", ops: "_Ops") -> int:
+    """The number of new keys per sequence (0 without k/v), after checking their shapes."""
+    if (k is None) != (v is None):
+        raise ValueError("give k and v together (the new keys and values to append), or neither")
+    if k is None:
+        return 0
+    batch, _, _, head_dim = cache.q_shape
+    for name, x, width in (("k", k, head_dim), ("v", v, head_dim)):
+        info = arrays.describe(x, name)
+        if info.kind != ops.kind or info.device != cache.device or info.dtype != cache.dtype:
+            raise ValueError(f"{name} is a {info.kind} {info.dtype} array on {info.device}; pass it like k_cache "
+                             f"({ops.kind} {cache.dtype} on {cache.device})")
+        if len(info.shape) != 4 or info.shape[0] != batch or info.shape[2:] != (cache.kv_heads, width):
+            raise ValueError(f"{name} must be (B, Nnew, H_kv, D) = ({batch}, Nnew, {cache.kv_heads}, {width}); got {info.shape}")
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+    return int(k.shape[1])
+
+
+class _Cache:
+    """The KV cache of a call: where sequence b's key p lives, writing new keys in place, gathering."""
+
+    def __init__(self, k_cache, v_cache, block_table, ops, q_shape, device, dtype):
+        self.k_cache, self.v_cache, self.ops = k_cache, v_cache, ops
+        self.q_shape, self.device, self.dtype = q_shape, device, dtype
+        self.kv_heads = int(k_cache.shape[2])
+        self.paged = block_table is not None
+        if self.paged:
+            self.page_size = int(k_cache.shape[1])
+            self.table = [[int(x) for x in row] for row in ops.to_list(block_table)]
+            self.capacity = int(block_table.shape[1]) * self.page_size
+        else:
+            self.capacity = int(k_cache.shape[1])
+
+    @classmethod
+    def check(cls, q, k_cache, v_cache, block_table, ops) -> "_Cache":
+        infos = {name: arrays.describe(x, name) for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache))}
+        for name, info in infos.items():
+            if len(info.shape) != 4:
+                shape = "(B, Nq, H, D)" if name == "q" else "(B, Nmax, H_kv, D) or paged (num_blocks, page_size, H_kv, D)"
+                raise ValueError(f"{name} must be 4-D {shape}, got shape {info.shape}")
+            if info.kind != ops.kind or info.device != infos["q"].device or info.dtype != infos["q"].dtype:
+                raise ValueError(f"q, k_cache and v_cache must be the same kind of array with one dtype on one device; "
+                                 f"{name} is a {info.kind} {info.dtype} array on {info.device}, q a {infos['q'].kind} "
+                                 f"{infos['q'].dtype} array on {infos['q'].device}")
+        batch, _, heads, head_dim = infos["q"].shape
+        k_shape, v_shape = infos["k_cache"].shape, infos["v_cache"].shape
+        if k_shape != v_shape:
+            raise ValueError(f"k_cache and v_cache must have the same shape; got {k_shape} and {v_shape}")
+        if k_shape[3] != head_dim:
+            raise ValueError(f"k_cache has head dim {k_shape[3]} but q has {head_dim}; they must match")
+        if k_shape[2] < 1 or heads % k_shape[2]:
+            raise ValueError(f"q has {heads} heads and the cache {k_shape[2]}: the query heads must be a multiple of the "
+                             "cache's K/V heads (GQA/MQA)")
+        if block_table is not None:
+            table = arrays.describe(block_table, "block_table")
+            if table.dtype != "int32" or len(table.shape) != 2 or table.shape[0] != batch:
+                raise ValueError(f"block_table must be int32 (B, max_blocks) = ({batch}, max_blocks); got dtype "
+                                 f"{table.dtype}, shape {table.shape}")
+            if not 1 <= k_shape[1] <= 256:
+                raise ValueError(f"page size (k_cache.shape[1]) must be 1 to 256, got {k_shape[1]}")
+        elif k_shape[0] != batch:
+            raise ValueError(f"a contiguous cache must have one row per sequence: k_cache is {k_shape}, q has batch {batch}"
+                             " (pass block_table for a paged cache)")
+        cache = cls(k_cache, v_cache, block_table, ops, infos["q"].shape, infos["q"].device, infos["q"].dtype)
+        if cache.paged:
+            pages = int(k_shape[0])
+            bad = sorted({p for row in cache.table for p in row if not 0 <= p < pages})
+            if bad:
+                raise ValueError(f"block_table names pages {bad[:8]} outside the cache's {pages} pages")
+        return cache
+
+    def _where(self, b: int, positions: range):
+        """(first index, second index) into the cache of sequence b's key positions."""
+        if not self.paged:
+            return b, slice(positions.start, positions.stop)
+        pages = [self.table[b][p // self.page_size] for p in positions]
+        rows = [p % self.page_size for p in positions]
+        return self.ops.index(pages, self.k_cache), self.ops.index(rows, self.k_cache)
+
+    def write(self, k, v, old: list[int], n_new: int) -> None:
+        for b, start in enumerate(old):
+            where = self._where(b, range(start, start + n_new))
+            self.k_cache[where] = k[b]
+            self.v_cache[where] = v[b]
+
+    def gather(self, lengths: list[int]):
+        """Each sequence's present keys and values, (L_b, H_kv, D) each."""
+        keys, values = [], []
+        for b, length in enumerate(lengths):
+            if not self.paged:
+                keys.append(self.k_cache[b, :length])
+                values.append(self.v_cache[b, :length])
+                continue
+            used = self.ops.index(self.table[b][:math.ceil(length / self.page_size)], self.k_cache)
+            flat = (-1, self.kv_heads, self.k_cache.shape[3])
+            keys.append(self.k_cache[used].reshape(flat)[:length])
+            values.append(self.v_cache[used].reshape(flat)[:length])
+        return keys, values
+
+
+class _Ops:
+    """The few array operations this module needs, for numpy arrays and torch tensors alike."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    @classmethod
+    def of(cls, q) -> "_Ops":
+        kind = arrays.describe(q, "q").kind
+        if kind not in ("numpy", "torch"):
+            raise TypeError(f"attention_with_kvcache takes numpy arrays or torch tensors; q is a {kind} array")
+        return cls(kind)
+
+    def to_list(self, x) -> list:
+        return x.tolist()  # numpy and torch alike; a CUDA tensor is copied to the host here
+
+    def index(self, values: list[int], like):
+        if self.kind == "torch":
+            import torch
+
+            return torch.tensor(values, dtype=torch.long, device=like.device)
+        import numpy as np
+
+        return np.asarray(values, dtype=np.int64)
+
+    def offsets(self, lengths: list[int], like):
+        """int32 (B + 1,) running sums of ``lengths``, on ``like``'s device."""
+        running = [0]
+        for n in lengths:
+            running.append(running[-1] + n)
+        if self.kind == "torch":
+            import torch
+
+            return torch.tensor(running, dtype=torch.int32, device=like.device)
+        import numpy as np
+
+        return np.asarray(running, dtype=np.int32)
+
+    def cat(self, parts: list):
+        if self.kind == "torch":
+            import torch
+
+            return torch.cat(parts)
+        import numpy as np
+
+        return np.concatenate(parts)
+
+    def swap01(self, x):
+        if self.kind == "torch":
+            return x.transpose(0, 1).contiguous()
+        import numpy as np
+
+        return np.ascontiguousarray(x.transpose(1, 0, 2))

@@ -1,0 +1,158 @@
+"""``attention_with_kvcache``: paged against contiguous against the float64 reference, on every usable
+backend, with the cache edge cases decoding meets: empty and one-key caches, pages out of order, odd
+page counts, sequences ending on a page boundary, new keys crossing a page, page sizes 1 to 256.
+
+The expected values never go through the function under test: each sequence's keys are appended by
+hand to a float64 copy, and plain ``attention`` (reference backend, bottom-right causal) computes it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import portattn
+
+BACKENDS = ["numba", "triton", "opencl", "cupy", "reference"]
+TOLERANCE = {"float64": 1e-10, "float32": 3e-5, "float16": 3e-3}
+
+
+def _expected(q, cache_k, cache_v, old, new_k, new_v, causal, window=None, softcap=None):
+    outs, lses = [], []
+    for b, length in enumerate(old):
+        keys = np.concatenate([cache_k[b, :length], new_k[b]]) if new_k is not None else cache_k[b, :length]
+        values = np.concatenate([cache_v[b, :length], new_v[b]]) if new_v is not None else cache_v[b, :length]
+        out, lse = portattn.attention(q[b:b + 1].astype(np.float64), keys[None].astype(np.float64),
+                                      values[None].astype(np.float64), layout="bnhd", causal=causal, align="bottom-right",
+                                      window=window, softcap=softcap, backend="reference", return_lse=True)
+        outs.append(out)
+        lses.append(lse)
+    return np.concatenate(outs), np.concatenate(lses)
+
+
+def _paged(contiguous: np.ndarray, page_size: int, rng, spare_pages: int = 3):
+    """The same cache as pages in a shuffled order, with unused pages in between, and its block table."""
+    batch, capacity = contiguous.shape[:2]
+    per_sequence = -(-capacity // page_size)
+    total = batch * per_sequence + spare_pages
+    order = rng.permutation(total)[: batch * per_sequence].reshape(batch, per_sequence).astype(np.int32)
+    pages = rng.standard_normal((total, page_size, *contiguous.shape[2:])).astype(contiguous.dtype)
+    padded = np.zeros((batch, per_sequence * page_size, *contiguous.shape[2:]), contiguous.dtype)
+    padded[:, :capacity] = contiguous
+    for b in range(batch):
+        for i, page in enumerate(order[b]):
+            pages[page] = padded[b, i * page_size:(i + 1) * page_size]
+    return pages, order
+
+
+def _as_contiguous(pages, table, capacity):
+    batch = table.shape[0]
+    return np.stack([np.concatenate([pages[p] for p in table[b]])[:capacity] for b in range(batch)])
+
+
+CASES = {
+    # name: (page_size, capacity, cache_seqlens, new keys, Nq)
+    "decode-one-new-key": (16, 48, [17, 0, 32], 1, 1),  # 32 + 1: the new key opens a page
+    "empty-and-one-key": (4, 12, [0, 1, 0], 0, 1),  # a sequence with no key at all: zeros, LSE -inf
+    "ends-on-page-boundary": (8, 32, [8, 16, 24], 0, 2),
+    "new-keys-cross-a-page": (5, 30, [3, 9, 4], 4, 4),  # 3 + 4 crosses from page 0 into page 1
+    "page-size-1": (1, 20, [7, 3, 11], 2, 1),
+    "page-size-256": (256, 300, [255, 40, 1], 3, 3),
+    "odd-pages-several-queries": (7, 35, [12, 20, 5], 3, 16),
+}
+
+
+def _backend_or_skip(usable_backend, name, dtype):
+    backend = usable_backend(name)
+    if dtype not in backend.capabilities.dtypes and not (name == "triton" and dtype == "float32"):
+        pytest.skip(f"{name} does not take {dtype}")
+    return backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_paged_and_contiguous_match_the_reference(usable_backend, backend, case, causal):
+    dtype = "float64" if backend == "reference" else "float16" if backend == "cupy" else "float32"
+    _backend_or_skip(usable_backend, backend, dtype)
+    page_size, capacity, old, n_new, n_query = CASES[case]
+    rng = np.random.default_rng(len(case))
+    batch, heads, kv_heads, dim = len(old), 4, 2, 32
+    q = rng.standard_normal((batch, n_query, heads, dim)).astype(dtype)
+    cache_k, cache_v = (rng.standard_normal((batch, capacity, kv_heads, dim)).astype(dtype) for _ in range(2))
+    new_k, new_v = ((rng.standard_normal((batch, n_new, kv_heads, dim)).astype(dtype) for _ in range(2))
+                    if n_new else (None, None))
+    expected, expected_lse = _expected(q, cache_k, cache_v, old, new_k, new_v, causal)
+    seqlens = np.asarray(old, np.int32)
+    device = "cuda" if backend in ("triton", "cupy") and _cuda() else None
+
+    pages_k, table = _paged(cache_k, page_size, rng)
+    pages_v = pages_k.copy()
+    for b in range(batch):
+        for i, page in enumerate(table[b]):
+            pages_v[page] = np.pad(cache_v[b], ((0, table.shape[1] * page_size - capacity), (0, 0), (0, 0)))[
+                i * page_size:(i + 1) * page_size]
+    runs = {"contiguous": (cache_k.copy(), cache_v.copy(), None), "paged": (pages_k, pages_v, table)}
+    for layout, (ck, cv, bt) in runs.items():
+        args = [q, ck, cv, seqlens, bt, new_k, new_v]
+        if device:
+            import torch
+
+            args = [None if a is None else torch.from_numpy(a).to(device) for a in args]
+        out, lse = portattn.attention_with_kvcache(*args[:5], k=args[5], v=args[6], causal=causal, return_lse=True,
+                                                   backend=backend)
+        if device:
+            out, lse, ck_after = out.cpu().numpy(), lse.cpu().numpy(), args[1].cpu().numpy()
+            cv_after = args[2].cpu().numpy()
+        else:
+            ck_after, cv_after = ck, cv
+        tol = TOLERANCE[dtype]
+        np.testing.assert_allclose(out.astype(np.float64), expected, atol=tol, rtol=tol, err_msg=layout)
+        finite = np.isfinite(expected_lse)
+        assert (np.isfinite(lse) == finite).all(), layout
+        np.testing.assert_allclose(lse[finite], expected_lse[finite], atol=tol, rtol=tol, err_msg=layout)
+        if n_new:  # the new keys were written in place, where the cache keeps position p
+            seen = ck_after if bt is None else _as_contiguous(ck_after, bt, capacity)
+            seen_v = cv_after if bt is None else _as_contiguous(cv_after, bt, capacity)
+            for b, start in enumerate(old):
+                np.testing.assert_array_equal(seen[b, start:start + n_new], new_k[b], err_msg=layout)
+                np.testing.assert_array_equal(seen_v[b, start:start + n_new], new_v[b], err_msg=layout)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def test_window_and_softcap_follow_the_keys_present():
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 3, 2, 16))
+    cache_k, cache_v = rng.standard_normal((2, 2, 30, 2, 16))
+    new_k, new_v = rng.standard_normal((2, 2, 2, 2, 16))
+    old = [10, 25]
+    expected, _ = _expected(q, cache_k, cache_v, old, new_k, new_v, True, window=(4, 0), softcap=5.0)
+    out = portattn.attention_with_kvcache(q, cache_k.copy(), cache_v.copy(), np.asarray(old, np.int32), k=new_k, v=new_v,
+                                          causal=True, window=(4, 0), softcap=5.0, backend="reference")
+    np.testing.assert_allclose(out, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(cache_seqlens=np.asarray([31, 0], np.int32)), "cache_seqlens must lie in"),
+    (dict(cache_seqlens=np.asarray([3, 0], np.int64)), "cache_seqlens must be an int or an int32"),
+    (dict(cache_seqlens=np.asarray([29, 0], np.int32), k=np.zeros((2, 2, 1, 8)), v=np.zeros((2, 2, 1, 8))), "reach 31"),
+    (dict(k=np.zeros((2, 1, 1, 8))), "give k and v together"),
+    (dict(k=np.zeros((2, 1, 2, 8)), v=np.zeros((2, 1, 2, 8))), "must be \\(B, Nnew, H_kv, D\\)"),
+    (dict(block_table=np.zeros((2, 3), np.int64)), "block_table must be int32"),
+    (dict(block_table=np.full((2, 3), 9, np.int32)), "outside the cache's 2 pages"),
+])
+def test_bad_cache_arguments_are_named_before_any_kernel(change, message):
+    q = np.zeros((2, 1, 2, 8))
+    cache = np.zeros((2, 30, 1, 8))
+    args = dict(cache_seqlens=np.asarray([3, 0], np.int32), block_table=None, k=None, v=None)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        portattn.attention_with_kvcache(q, cache, cache.copy(), args.pop("cache_seqlens"), args.pop("block_table"),
+                                        backend="reference", **args)
