@@ -23,7 +23,7 @@ def prepare(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd",
 def _prepare(q, k, v, *, backend="auto", varlen=None, **options) -> tuple[PreparedCall, Extras]:
     """Every check of a call, then its backend and plan; ``varlen`` = (cu_seqlens_q, cu_seqlens_k,
     max_seqlen_q, max_seqlen_k) for packed sequences (q, k, v then (1, total, H, D) views)."""
-    dispatch.check_name(backend)
+    backend = dispatch.check_name(backend)
     spec, extras = inputs.read_call(q, k, v, varlen=varlen, **options)
     chosen = dispatch.select(spec, backend)
     return PreparedCall(spec, chosen, chosen.plan(spec)), extras
@@ -158,6 +158,8 @@ def _call_key(q, k, v, causal, scale, backend, layout) -> tuple | None:
         metas = tuple((x.shape, x.dtype, x.queue) for x in (q, k, v))
     else:
         return None
+    if not all(isinstance(x, (bool, int, float, str, type(None))) for x in (causal, scale, backend, layout)):
+        return None  # e.g. a list where a flag belongs: the full path names the argument
     # the types too: causal=1 hashes like causal=True but must be refused, not served from the cache
     return (metas, causal, scale, backend, layout, type(causal), type(scale))
 

@@ -118,7 +118,11 @@ def to_torch(x, device: str = "cpu"):
         return x
     if is_cupy(x):
         return torch.from_dlpack(x)  # zero copy, strides kept (transposed bnhd views stay views)
-    return torch.from_numpy(np.asarray(x)).to(device)
+    x = np.asarray(x)
+    if any(stride < 0 for stride in x.strides) or not x.dtype.isnative:
+        # torch.from_numpy takes neither negative strides (a reversed view) nor a foreign byte order
+        x = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
+    return torch.from_numpy(x).to(device)
 
 
 def to_opencl_host(x):

@@ -198,6 +198,10 @@ def cmd_bench(args, argv) -> int:
         print(f"  not timed: {name}: {why}")
     if run.opencl_device:
         print(f"opencl runs on {run.opencl_device}")
+    if not run.backends:
+        print(f"no portattn backend can run on {run.label}, so there is nothing to time; `portattn info` says why "
+              "(on a CPU: pip install 'portattn[numba]')", file=sys.stderr)
+        return 1
     if "torch-flex" in run.peers and args.flex_workers > 0:
         print(f"compiling FlexAttention for {len(run.problems)} problem(s) in {args.flex_workers} worker processes first", flush=True)
         bench.warm_flex(run.problems, run.label, args.flex_workers)
@@ -262,7 +266,10 @@ def _fail(error: Exception) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .version import __version__
+
     parser = argparse.ArgumentParser(prog="portattn", description="Portable exact attention: devices, tile plans and timings.")
+    parser.add_argument("--version", action="version", version=f"portattn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     info = commands.add_parser("info", help="devices found, backend status and the plans auto would use")

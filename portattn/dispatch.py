@@ -38,18 +38,21 @@ def _format_refusals(refused: list[Candidate]) -> str:
     return "\n".join(f"  {c.name}: " + "; ".join(c.reasons) for c in refused)
 
 
-def check_name(requested: str) -> None:
+def check_name(requested: str) -> str:
+    """The backend name as registered (names are case-insensitive: "Numba" is "numba"); ValueError
+    listing the known ones for anything else."""
     backends = registry()
-    if not isinstance(requested, str) or (requested != "auto" and requested not in backends):
+    name = requested.strip().lower() if isinstance(requested, str) else None
+    if name is None or (name != "auto" and name not in backends):
         raise ValueError(f"unknown backend {requested!r}; use 'auto' or one of: {', '.join(backends)}")
+    return name
 
 
 def select(spec: AttentionSpec, requested: str = "auto") -> Backend:
     """The backend for ``spec``. Cached per (spec, name): a backend's availability is fixed for the
     process and its refusals depend on the spec alone, so a repeated call (a training step) costs a
     dictionary lookup, not a round of capability checks."""
-    check_name(requested)
-    return _select(spec, requested)
+    return _select(spec, check_name(requested))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -105,7 +108,7 @@ class Explanation:
 
 
 def explain(spec: AttentionSpec, requested: str = "auto") -> Explanation:
-    check_name(requested)
+    requested = check_name(requested)
     ranked = tuple(candidates(spec))
     try:
         backend = select(spec, requested)

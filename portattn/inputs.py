@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from . import arrays
 from .extras import NONE, Extras
-from .spec import DEFAULT_BLOCK_SIZE, DTYPES, LAYOUTS, AttentionSpec
+from .spec import DEFAULT_BLOCK_SIZE, DTYPES, LAYOUTS, WINDOW_UNBOUNDED_FROM, AttentionSpec
 
 # The keywords of ``attention`` beyond q, k, v and the core options, with their defaults
 FEATURE_KEYWORDS = {
@@ -81,7 +81,7 @@ def spec_from_arrays(q, k, v, *, causal: bool = False, scale: float | None = Non
     Raises ``TypeError`` for unsupported array types or dtypes and ``ValueError`` for everything
     else, each naming the argument and what would work.
     """
-    if layout not in LAYOUTS:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
         known = "; ".join(f"{name!r} {meaning}" for name, meaning in LAYOUTS.items())
         raise ValueError(f"unknown layout {layout!r}; use {known}")
     if not isinstance(causal, bool):
@@ -92,7 +92,8 @@ def spec_from_arrays(q, k, v, *, causal: bool = False, scale: float | None = Non
     _check_same(infos, "dtype", "dtypes", "cast them to one dtype")
     for name, info in infos.items():
         if len(info.shape) != 4:
-            raise ValueError(f"{name} must be 4-D {LAYOUTS[layout]}, got shape {info.shape} ({len(info.shape)}-D)")
+            raise ValueError(f"{name} must be 4-D {LAYOUTS[layout]}, got shape {info.shape} ({len(info.shape)}-D); "
+                             "portattn.scaled_dot_product_attention takes SDPA's other ranks (2-D, 3-D, 5-D, ...)")
     batch, heads, seqlen_q, head_dim = _bhnd(infos["q"].shape, layout)
     kb, kh, seqlen_k, kd = _bhnd(infos["k"].shape, layout)
     vb, vh, vn, vd = _bhnd(infos["v"].shape, layout)
@@ -104,8 +105,10 @@ def spec_from_arrays(q, k, v, *, causal: bool = False, scale: float | None = Non
         raise ValueError(f"k and v must have the same number of heads in layout {layout!r} {axis}: got {kh} and {vh}")
     if vn != seqlen_k:
         raise ValueError(f"k and v must have the same sequence length: k has {seqlen_k} keys, v has {vn} values")
-    if batch == 0 or heads == 0 or head_dim == 0 or kh == 0:
+    if batch == 0 or heads == 0 or head_dim == 0:
         raise ValueError(f"q has an empty batch, head or head_dim axis (shape {infos['q'].shape}); B, H and D must be >= 1")
+    if kh == 0:
+        raise ValueError(f"k and v have 0 heads (k has shape {infos['k'].shape}, v {infos['v'].shape}); they need >= 1 head")
     dtype = infos["q"].dtype
     if dtype not in DTYPES:
         raise TypeError(f"q, k, v have dtype {dtype}; portattn takes {', '.join(DTYPES)}")
@@ -170,7 +173,10 @@ def _as_window(window):
         return None
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise ValueError(f"window must be (left, right), e.g. (256, 0); got {window!r}")
-    return tuple(None if side is None or (isinstance(side, int) and not isinstance(side, bool) and side == -1) else side
+    # -1 is flash-attention's "unbounded"; so is any side long enough to reach every key (and no int32
+    # arithmetic in a kernel can overflow on it)
+    return tuple(None if side is None or (isinstance(side, int) and not isinstance(side, bool)
+                                          and (side == -1 or side >= WINDOW_UNBOUNDED_FROM)) else side
                  for side in window)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 LAYOUTS = {
-    "bhnd": "(batch, heads, seqlen, head_dim), as torch's scaled_dot_product_attention",
+    "bhnd": "(batch, heads, seqlen, head_dim), as torch's scaled_dot_product_attention takes 4-D inputs",
     "bnhd": "(batch, seqlen, heads, head_dim), as flash-attention",
 }
 DTYPES = tuple(DTYPE_BYTES)  # "float64", "float32", "float16", "bfloat16"
@@ -25,6 +25,10 @@ ALIGNMENTS = {
     "bottom-right": "query i sits at key position i + Nk - Nq: the last query sees the last key (flash-attention, KV-cache decoding)",
 }
 MASK_KINDS = ("bool", "additive")
+# scale and softcap multiply float32 scores (by log2(e) too): beyond this they overflow to inf
+FLOAT32_LIMIT = 1e37
+# a window side this long reaches past any key a sequence can have: treated as unbounded
+WINDOW_UNBOUNDED_FROM = 1 << 29
 DEFAULT_BLOCK_SIZE = (128, 128)  # block-sparse granularity when none is given (FlexAttention's default)
 DECODING_MAX_QUERIES = 16  # Nq up to this against a longer key set is a decoding call
 
@@ -162,12 +166,15 @@ def check_options(spec: AttentionSpec) -> None:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     if spec.dtype not in DTYPES:
         raise TypeError(f"dtype {spec.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    if spec.layout not in LAYOUTS:
+    if not isinstance(spec.layout, str) or spec.layout not in LAYOUTS:
         known = "; ".join(f"{name!r} {meaning}" for name, meaning in LAYOUTS.items())
         raise ValueError(f"unknown layout {spec.layout!r}; use {known}")
     if spec.scale is not None:
         if isinstance(spec.scale, bool) or not isinstance(spec.scale, (int, float)) or not math.isfinite(spec.scale):
             raise ValueError(f"scale must be a finite number or None (for 1/sqrt(head_dim)), got {spec.scale!r}")
+        if abs(spec.scale) > FLOAT32_LIMIT:  # the kernels scale scores in float32: inf - inf would be NaN
+            raise ValueError(f"scale {spec.scale!r} overflows the float32 scores every backend computes; "
+                             f"use |scale| <= {FLOAT32_LIMIT:g}")
     _check_features(spec)
     if spec.compute_device is not None and not (
             isinstance(spec.compute_device, str) and re.fullmatch(r"opencl(:\d+:\d+)?", spec.compute_device)):
@@ -179,7 +186,7 @@ def _check_features(spec: AttentionSpec) -> None:
     if not isinstance(spec.kv_heads, int) or spec.kv_heads < 1 or spec.heads % spec.kv_heads:
         raise ValueError(f"k and v have {spec.kv_heads} heads and q has {spec.heads}: the query heads must be a "
                          "multiple of the key/value heads (GQA/MQA), e.g. 8 query heads over 8, 4, 2 or 1 K/V heads")
-    if spec.align not in ALIGNMENTS:
+    if not isinstance(spec.align, str) or spec.align not in ALIGNMENTS:
         known = "; ".join(f"{name!r}: {meaning}" for name, meaning in ALIGNMENTS.items())
         raise ValueError(f"unknown causal alignment {spec.align!r}; use {known}")
     if spec.window is not None:
@@ -192,8 +199,8 @@ def _check_features(spec: AttentionSpec) -> None:
         raise ValueError(f"unknown mask kind {spec.mask!r}; use one of {MASK_KINDS}")
     if spec.softcap is not None:
         if isinstance(spec.softcap, bool) or not isinstance(spec.softcap, (int, float)) or not spec.softcap > 0 \
-                or not math.isfinite(spec.softcap):
-            raise ValueError(f"softcap must be a positive finite number (e.g. 50.0) or None, got {spec.softcap!r}")
+                or not math.isfinite(spec.softcap) or spec.softcap > FLOAT32_LIMIT:
+            raise ValueError(f"softcap must be a positive finite number (e.g. 50.0) or None, at most {FLOAT32_LIMIT:g} (its float32 scores overflow beyond), got {spec.softcap!r}")
     if spec.block_size is not None:
         ok = isinstance(spec.block_size, tuple) and len(spec.block_size) == 2 and all(
             isinstance(b, int) and not isinstance(b, bool) and b >= 16 and b & (b - 1) == 0 for b in spec.block_size)

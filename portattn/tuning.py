@@ -4,7 +4,7 @@ The planner's plan is a prediction; ``tune`` checks it. It sweeps the configurat
 would try -- forward ``block_q`` x ``block_k`` x warps x stages, and, when asked, the backward's
 owned/streamed blocks, warps, stages and fused-or-separate dQ -- on the caller's own arrays, and
 remembers the winner for this (backend, device, problem) in memory and in a JSON file
-(``$PORTATTN_TUNE_CACHE``, default ``~/.cache/portattn/tuned.json``). ``attention(...,
+(``$PORTATTN_TUNE_CACHE``, default ``tuned.json`` in platformdirs' user cache folder). ``attention(...,
 autotune=True)`` uses a remembered winner or tunes on the spot; a default call never tunes.
 
 Configurations that do not fit the device (too much shared memory) fail to launch; they are
@@ -132,7 +132,13 @@ def best(trials: list[Trial]) -> Trial:
 
 
 def cache_path() -> Path:
-    return Path(os.environ.get("PORTATTN_TUNE_CACHE", Path.home() / ".cache" / "portattn" / "tuned.json"))
+    """``$PORTATTN_TUNE_CACHE``, else ``tuned.json`` in the platform's user cache folder (platformdirs:
+    ``$XDG_CACHE_HOME/portattn`` or ``~/.cache/portattn`` on Linux, ``~/Library/Caches/portattn`` on macOS)."""
+    if os.environ.get("PORTATTN_TUNE_CACHE"):
+        return Path(os.environ["PORTATTN_TUNE_CACHE"])
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("portattn", appauthor=False)) / "tuned.json"
 
 
 _MEMORY: dict[str, dict] = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
+import threading
 
 import numpy as np
 
@@ -37,6 +39,32 @@ def run_with(threads: int):
         numba.set_num_threads(previous)
 
 LOG2E = 1.4426950408889634
+
+
+_WARM: set = set()  # compute dtypes whose kernels this process has run (compiled or loaded from the cache)
+COMPILE_NOTICE_SECONDS = 2.0
+
+
+@contextlib.contextmanager
+def compile_notice(dtype):
+    """Say why a first call is slow: numba compiles each kernel once per dtype (about 10-20 s, then
+    cached on disk next to the kernels). Printed only if the call is still running after
+    ``COMPILE_NOTICE_SECONDS``, so a cached start stays quiet."""
+    if dtype in _WARM:
+        yield
+        return
+    name = np.dtype(dtype).name
+    timer = threading.Timer(COMPILE_NOTICE_SECONDS, lambda: print(
+        f"portattn: numba is compiling its {name} kernels (once per dtype; cached on disk for later runs) ...",
+        file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        _WARM.add(dtype)
+
 
 def compute_dtype(spec):
     return np.float64 if spec.dtype == "float64" else np.float32

@@ -1,0 +1,90 @@
+"""Inputs a generated probe found mishandled: each gets a clear error or the right answer, never a
+NaN, an unhashable-type crash or a backend's internal exception."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import portattn
+
+
+def _qkv(shape=(1, 2, 9, 16), seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
+
+
+@pytest.mark.parametrize("option", [dict(scale=1e300), dict(softcap=1e300), dict(scale=-1e39)])
+def test_scales_that_overflow_float32_scores_are_refused(option):
+    with pytest.raises(ValueError, match="float32"):
+        portattn.attention(*_qkv(), backend="numba", **option)
+
+
+@pytest.mark.parametrize("window", [(2**31, 0), (0, 2**40), (2**29, 2**29)])
+def test_huge_windows_are_unbounded(window):
+    q, k, v = _qkv()
+    got = portattn.attention(q, k, v, window=window, backend="numba")
+    left, right = window
+    expected = portattn.attention(q, k, v, window=(None if left >= 2**29 else left, None if right >= 2**29 else right),
+                                  backend="reference")
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("option", [dict(layout=["bhnd"]), dict(align=["top-left"]), dict(backend=["numba"]),
+                                    dict(causal=[True]), dict(scale=[0.25])])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_lists_where_values_belong_name_the_argument(option, kind):
+    q, k, v = _qkv()
+    if kind == "torch":
+        torch = pytest.importorskip("torch")
+        q, k, v = (torch.from_numpy(x) for x in (q, k, v))
+    name = next(iter(option))
+    with pytest.raises((ValueError, TypeError)) as error:
+        portattn.attention(q, k, v, **option)
+    assert "unhashable" not in str(error.value) and (name in str(error.value) or "backend" in str(error.value))
+
+
+def test_kv_without_heads_blames_k_and_v():
+    q = np.zeros((1, 2, 4, 8), np.float32)
+    kv = np.zeros((1, 0, 4, 8), np.float32)
+    with pytest.raises(ValueError, match=r"k and v have 0 heads \(k has shape \(1, 0, 4, 8\)"):
+        portattn.attention(q, kv, kv)
+
+
+def test_three_d_inputs_point_to_the_sdpa_entry():
+    q = np.zeros((2, 4, 8), np.float32)
+    with pytest.raises(ValueError, match="scaled_dot_product_attention takes"):
+        portattn.attention(q, q, q)
+
+
+def test_backend_names_are_case_insensitive():
+    q, k, v = _qkv()
+    np.testing.assert_array_equal(portattn.attention(q, k, v, backend="Numba"), portattn.attention(q, k, v, backend="numba"))
+
+
+@pytest.mark.parametrize("view", ["reversed", "big-endian"])
+def test_triton_takes_numpy_views_other_backends_take(usable_backend, view):
+    usable_backend("triton")
+    q, k, v = _qkv()
+    if view == "reversed":
+        q = q[:, :, ::-1]
+    else:
+        q = q.astype(">f4")
+    np.testing.assert_allclose(portattn.attention(q, k, v, backend="triton"),
+                               portattn.attention(np.ascontiguousarray(q, np.float32), k, v, backend="reference"), atol=2e-5)
+
+
+def test_version_flag(capsys):
+    from portattn.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"portattn {portattn.__version__}"
+
+
+def test_tuning_cache_follows_xdg_cache_home(monkeypatch, tmp_path):
+    from portattn import tuning
+
+    monkeypatch.delenv("PORTATTN_TUNE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert tuning.cache_path() == tmp_path / "portattn" / "tuned.json"
