@@ -53,8 +53,10 @@ def _pyopencl_array():
 
 
 def is_pyopencl(x) -> bool:
-    module = _pyopencl_array()
-    return module is not None and isinstance(x, module.Array)
+    # while another thread is still importing pyopencl.array, the module is in sys.modules without its
+    # Array class yet: no pyopencl array can exist before that import finishes, so x is none
+    array_type = getattr(_pyopencl_array(), "Array", None)
+    return array_type is not None and isinstance(x, array_type)
 
 
 @functools.lru_cache(maxsize=None)

@@ -88,3 +88,27 @@ def test_tuning_cache_follows_xdg_cache_home(monkeypatch, tmp_path):
     monkeypatch.delenv("PORTATTN_TUNE_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert tuning.cache_path() == tmp_path / "portattn" / "tuned.json"
+
+
+def test_first_calls_from_many_threads_at_once():
+    """Eight threads making a process's first calls together (registry fill, pyopencl's import racing)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import threading, numpy as np, portattn\n"
+        "q = np.random.randn(1, 2, 33, 16).astype('float32')\n"
+        "errors = []\n"
+        "def run():\n"
+        "    try:\n"
+        "        portattn.attention(q, q, q, backend='numba')\n"
+        "        import pyopencl.array  # noqa: F401  imported mid-flight by one thread, as a first opencl use would\n"
+        "    except Exception as error:\n"
+        "        errors.append(repr(error))\n"
+        "threads = [threading.Thread(target=run) for _ in range(8)]\n"
+        "[t.start() for t in threads]\n[t.join() for t in threads]\n"
+        "print(errors)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
