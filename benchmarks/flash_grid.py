@@ -222,7 +222,7 @@ def precompile(jobs, workers):
 
 def _config(p, backward):
     fields = tuning.BACKWARD_SPACE if backward else tuning.FORWARD_SPACE
-    return {name: getattr(p, name) for name in fields}
+    return {name: p.value(name) for name in fields}
 
 
 def run_sweep(args, record):

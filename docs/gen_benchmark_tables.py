@@ -98,9 +98,12 @@ def peers_table(record: dict) -> str:
 def _config(config: dict) -> str:
     if "block_q" in config:
         return f"{config['block_q']}x{config['block_k']} w{config['warps']} s{config['stages']}"
-    dq = "sep" if config["backward_dq_separate"] else "atomic"
-    return (f"{config['backward_block_k']}x{config['backward_block_q']} w{config['backward_warps']} "
-            f"s{config['backward_stages']} dQ {dq}")
+    def backward(name):  # "backward.<field>"; records written before the BackwardPlan type say "backward_<field>"
+        return config[f"backward.{name}"] if f"backward.{name}" in config else config[f"backward_{name}"]
+
+    dq = "sep" if backward("dq_separate") else "atomic"
+    return (f"{backward('block_k')}x{backward('block_q')} w{backward('warps')} "
+            f"s{backward('stages')} dQ {dq}")
 
 
 def sweep_table(record: dict) -> str:

@@ -34,7 +34,7 @@ def main() -> None:
             print(
                 f"| {key} | {dtype} | {head_dim} | {p.block_q} x {p.block_k} | {warps} | {p.stages} | "
                 f"{p.sram_bytes / 1024:.0f} | {regs} | {p.work_units} | "
-                f"{p.backward_block_k} x {p.backward_block_q}, {p.backward_warps}, {p.backward_stages} |"
+                f"{p.backward.block_k} x {p.backward.block_q}, {p.backward.warps}, {p.backward.stages} |"
             )
 
 
@@ -61,7 +61,7 @@ def opencl() -> None:
                 continue
             print(f"| {key} | {dtype} | {head_dim} | {p.block_q} x {p.block_k} | {p.vector_width} | "
                   f"{p.head_dim_chunk or 'all'} | {p.threads} | {p.sram_bytes / 1024:.0f} | "
-                  f"{p.backward_block_k} x {p.backward_block_q} |")
+                  + (f"{p.backward.block_k} x {p.backward.block_q} |" if p.backward else "none fits |"))
 
 
 if __name__ == "__main__":

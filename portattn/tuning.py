@@ -27,17 +27,20 @@ from .tiling import TilePlan
 from .tiling.planner import next_power_of_two
 from .timing import time_callable
 
-# The spaces a Triton user sweeps (the Triton tutorial's and FlexAttention's knobs).
+# The spaces a Triton user sweeps (the Triton tutorial's and FlexAttention's knobs), keyed by the
+# names ``TilePlan.value`` / ``TilePlan.with_changes`` take: ``backward.<field>`` for the backward's.
 FORWARD_SPACE = {"block_q": (64, 128), "block_k": (32, 64, 128), "warps": (4, 8), "stages": (2, 3, 4)}
 BACKWARD_SPACE = {
-    "backward_block_k": (64, 128),  # keys a dK/dV program owns (queries a dQ program owns)
-    "backward_block_q": (32, 64),  # queries it streams per step (keys, in the dQ pass)
-    "backward_warps": (4, 8),
-    "backward_stages": (2, 3),
-    "backward_dq_separate": (True, False),
+    "backward.block_k": (64, 128),  # keys a dK/dV program owns (queries a dQ program owns)
+    "backward.block_q": (32, 64),  # queries it streams per step (keys, in the dQ pass)
+    "backward.warps": (4, 8),
+    "backward.stages": (2, 3),
+    "backward.dq_separate": (True, False),
 }
 _FORWARD_FIELDS = tuple(FORWARD_SPACE)
 _BACKWARD_FIELDS = tuple(BACKWARD_SPACE)
+# cache files written before the backward had a type of its own name its fields "backward_<field>"
+_LEGACY_NAMES = {name.replace(".", "_"): name for name in _BACKWARD_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,13 @@ class Trial:
     error: str | None = None
 
     def config(self, fields) -> dict:
-        return {name: getattr(self.plan, name) for name in fields}
+        return {name: self.plan.value(name) for name in fields}
 
 
 def candidates(plan: TilePlan, space: dict, retile=None) -> list[TilePlan]:
     """``plan`` itself first, then every point of ``space`` applied to it (no repeats). ``retile``
     (a backend's ``retile``) applies a point, or drops it (None) when the backend's kernels cannot run it."""
-    retile = retile or (lambda p, changes: dataclasses.replace(p, **changes))
+    retile = retile or (lambda p, changes: p.with_changes(changes))
     plans = [plan]
     for values in itertools.product(*space.values()):
         other = retile(plan, dict(zip(space, values)))
@@ -79,7 +82,7 @@ def _respects_sparsity(plan: TilePlan, spec) -> bool:
     block_q, block_k = spec.block_size
     smallest = min(block_q, block_k)  # the backward's dQ pass swaps the roles of queries and keys
     return (plan.block_q <= block_q and plan.block_k <= block_k
-            and max(plan.backward_block_q, plan.backward_block_k) <= smallest)
+            and (plan.backward is None or max(plan.backward.block_q, plan.backward.block_k) <= smallest))
 
 
 def measure(fn, device: str, *, warmup_ms: float = 10, rep_ms: float = 40) -> float:
@@ -163,13 +166,15 @@ def remembered(call) -> TilePlan | None:
     if entry is None:
         return None
     _MEMORY[key] = entry
+    entry = {_LEGACY_NAMES.get(name, name): value for name, value in entry.items()}
     fields = {name: entry[name] for name in _FORWARD_FIELDS + _BACKWARD_FIELDS if name in entry}
     return call.backend.retile(call.plan, fields)
 
 
 def _remember(call, plan: TilePlan, save: bool) -> None:
     key = cache_key(call)
-    entry = {name: getattr(plan, name) for name in _FORWARD_FIELDS + _BACKWARD_FIELDS}
+    fields = _FORWARD_FIELDS + (_BACKWARD_FIELDS if plan.backward is not None else ())
+    entry = {name: plan.value(name) for name in fields}
     _MEMORY[key] = entry
     if save:
         path = cache_path()

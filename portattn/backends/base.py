@@ -122,7 +122,7 @@ class Backend(ABC):
             plan = self.plan(spec)
         except ValueError as error:
             return [str(error)]
-        if spec.requires_grad and not plan.backward_warps:
+        if spec.requires_grad and plan.backward is None:
             return [f"inputs require grad but no backward tiling fits: {plan.reasons[-1]}"]
         return []
 
@@ -135,9 +135,14 @@ class Backend(ABC):
 
     def retile(self, plan: TilePlan, changes: Mapping[str, object]) -> TilePlan | None:
         """``plan`` with some tile fields changed (an autotuning candidate, or a remembered winner), or
-        None when this backend's kernels cannot run that configuration. Backends whose plans derive
-        figures from the tiles (shared memory, threads) recompute them here."""
-        return dataclasses.replace(plan, **changes)
+        None when this backend's kernels cannot run that configuration (backward fields changed on a plan
+        without a backward, for one). ``changes`` names fields as ``TilePlan.with_changes`` takes them
+        (``"block_q"``, ``"backward.block_q"``). Backends whose plans derive figures from the tiles (shared
+        memory, threads) recompute them here."""
+        try:
+            return plan.with_changes(changes)
+        except ValueError:
+            return None
 
     @abstractmethod
     def forward(self, q, k, v, spec, plan: TilePlan, extras):

@@ -49,8 +49,7 @@ from typing import TYPE_CHECKING
 
 from ..devices.description import DeviceSpec
 from ..spec import DTYPE_BYTES
-from . import iomodel
-from .plan import TilePlan
+from .plan import BackwardTiling, ForwardTiling, TilePlan, assemble_plan
 
 if TYPE_CHECKING:  # the spec module imports tiling; importing it back at run time would be circular
     from ..spec import AttentionSpec
@@ -211,25 +210,15 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
     if splits > 1:
         reasons.append(f"G8 key loop split {splits} ways so {work * splits} units fill {device.compute_units} compute units")
 
-    bwd = _plan_gpu_backward(spec, device, head_dim, e, stage_options, fma=unit is None)
-    return _finish(
-        spec,
-        device,
-        target="gpu",
-        block_q=block_q,
-        block_k=block_k,
-        head_dim=head_dim,
-        warps=warps,
-        threads=threads,
-        stages=stages,
-        splits=splits,
-        work=work,
-        sram_bytes=sram(block_q, block_k, stages),
-        registers=registers(block_q, block_k, threads),
-        backward=bwd,
-        matrix_unit=f"{unit.name} {unit.m}x{unit.n}x{unit.k}" if unit else None,
-        reasons=reasons + [bwd[-1]],
+    backward, why_backward = _plan_gpu_backward(spec, device, head_dim, e, stage_options, fma=unit is None)
+    forward = ForwardTiling(
+        block_q=block_q, block_k=block_k, head_dim_padded=head_dim, warps=warps, threads=threads, stages=stages,
+        work_units=work * splits, sram_bytes=sram(block_q, block_k, stages),
+        registers_per_thread=registers(block_q, block_k, threads), key_splits=splits,
     )
+    return assemble_plan(spec, device, target="gpu", forward=forward, backward=backward,
+                         reasons=reasons + [why_backward],
+                         matrix_unit=f"{unit.name} {unit.m}x{unit.n}x{unit.k}" if unit else None)
 
 
 def _fma_per_thread(rows: int, cols: int, head_dim: int, threads: int) -> int:
@@ -256,11 +245,12 @@ def _preferred_tile(spec, head_dim: int, e: int) -> tuple[int, int, str]:
                          f"64 x {block_k} tiles ({GPU_SHORT_KV_TILE_BYTES // 1024} KiB of K/V per stage) preferred")
 
 
-def _plan_gpu_backward(spec, device: DeviceSpec, head_dim: int, e: int, stage_options, fma: bool) -> tuple:
+def _plan_gpu_backward(spec, device: DeviceSpec, head_dim: int, e: int, stage_options,
+                       fma: bool) -> tuple[BackwardTiling, str]:
     """Backward blocks (B1-B3): a block owns ``block_k`` keys (dK, dV accumulate in registers) and
     streams query blocks of ``block_q``; the dQ pass mirrors it (owns ``block_k`` queries, streams
     ``block_q`` keys). The G4/G5 checks apply with the dK, dV, S and dP accumulators, and G10 when
-    ``fma`` (no matrix unit).
+    ``fma`` (no matrix unit). Returns the tiling and its reason.
 
     * B1 owned keys: 64 first -- one warpgroup's MMA rows, and dK, dV for d <= 128 stay in registers
       over 4 warps; then 128, 32, 16.
@@ -296,9 +286,11 @@ def _plan_gpu_backward(spec, device: DeviceSpec, head_dim: int, e: int, stage_op
                             f"{stages} stage(s) (~{regs} registers, {sram(block_q, block_k, stages) / 1024:.0f} KiB SRAM); "
                             "dQ in a pass of its own over query blocks (no atomics)"
                         )
-                        return block_q, block_k, sram(block_q, block_k, stages), True, warps, stages, why
+                        return BackwardTiling(block_q=block_q, block_k=block_k, warps=warps, stages=stages,
+                                              dq_separate=True, sram_bytes=sram(block_q, block_k, stages)), why
     stages = min(stage_options)
-    return 16, 16, sram(16, 16, stages), True, 4, stages, "backward: no tile meets G4/G5; the smallest 16x16 is used and will spill"
+    return (BackwardTiling(block_q=16, block_k=16, warps=4, stages=stages, dq_separate=True, sram_bytes=sram(16, 16, stages)),
+            "backward: no tile meets G4/G5; the smallest 16x16 is used and will spill")
 
 
 def _plan_cpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
@@ -349,45 +341,9 @@ def _plan_cpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
         f"C4 backward: tasks own {bwd_k} keys, stream {bwd_q} queries; dQ "
         + ("in its own pass (too few heads to give each task whole heads)" if dq_separate else "summed in the same pass (each head is one task's)")
     )
-    return _finish(
-        spec,
-        device,
-        target="cpu",
-        block_q=block_q,
-        block_k=block_k,
-        head_dim=head_dim,
-        warps=1,
-        threads=threads,
-        stages=1,
-        splits=splits,
-        work=work,
-        sram_bytes=working_set(block_q, block_k),
-        registers=0,
-        backward=(bwd_q, bwd_k, bwd_sram, dq_separate, 1, 1, why_bwd),
-        matrix_unit=None,
-        reasons=reasons + [why_bwd],
+    forward = ForwardTiling(
+        block_q=block_q, block_k=block_k, head_dim_padded=head_dim, warps=1, threads=threads, stages=1,
+        work_units=work * splits, sram_bytes=working_set(block_q, block_k), registers_per_thread=0, key_splits=splits,
     )
-
-
-def _finish(spec, device, *, target, block_q, block_k, head_dim, warps, threads, stages, splits, work, sram_bytes,
-            registers, backward, matrix_unit, reasons) -> TilePlan:
-    """Attach the IO model's traffic figures and build the plan."""
-    batch_heads = spec.batch * spec.heads
-    e = DTYPE_BYTES[spec.dtype]
-    bwd_q, bwd_k, bwd_sram, dq_separate, bwd_warps, bwd_stages, _ = backward
-    traffic = iomodel.forward_bytes(
-        batch_heads=batch_heads, seqlen_q=spec.seqlen_q, seqlen_k=spec.seqlen_k, head_dim=spec.head_dim,
-        element_bytes=e, block_q=block_q, causal=spec.causal, key_splits=splits,
-    )
-    bound = iomodel.lower_bound_bytes(
-        batch_heads=batch_heads, seqlen_q=spec.seqlen_q, seqlen_k=spec.seqlen_k, head_dim=spec.head_dim,
-        element_bytes=e, sram_bytes=device.sram_per_block,
-    )
-    return TilePlan(
-        device=device.name, target=target, block_q=block_q, block_k=block_k, head_dim_padded=head_dim,
-        warps=warps, threads=threads, stages=stages, key_splits=splits, work_units=work * splits,
-        sram_bytes=sram_bytes, registers_per_thread=registers, backward_block_q=bwd_q, backward_block_k=bwd_k,
-        backward_work_units=batch_heads * _blocks(spec.seqlen_k, bwd_k), backward_sram_bytes=bwd_sram,
-        backward_dq_separate=dq_separate, backward_warps=bwd_warps, backward_stages=bwd_stages, hbm_bytes=traffic, hbm_bytes_lower_bound=bound,
-        matrix_unit=matrix_unit, reasons=tuple(reasons),
-    )
+    backward = BackwardTiling(block_q=bwd_q, block_k=bwd_k, warps=1, stages=1, dq_separate=dq_separate, sram_bytes=bwd_sram)
+    return assemble_plan(spec, device, target="cpu", forward=forward, backward=backward, reasons=reasons + [why_bwd])

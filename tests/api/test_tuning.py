@@ -18,8 +18,8 @@ from portattn import api, tuning
 torch = pytest.importorskip("torch", reason="tuning runs on torch tensors")
 
 SMALL_FORWARD = {"block_q": (16, 32), "block_k": (16,), "warps": (4,), "stages": (2,)}
-SMALL_BACKWARD = {"backward_block_k": (16,), "backward_block_q": (16,), "backward_warps": (4,), "backward_stages": (2,),
-                  "backward_dq_separate": (True, False)}
+SMALL_BACKWARD = {"backward.block_k": (16,), "backward.block_q": (16,), "backward.warps": (4,), "backward.stages": (2,),
+                  "backward.dq_separate": (True, False)}
 
 
 def _triton_device() -> str:
@@ -59,11 +59,11 @@ def test_tune_remembers_the_winner_and_autotune_uses_it(triton_backend, small_sp
     tuned = portattn.tune(q, k, v, causal=True, backend="triton", backward=True)
     # the winner is the plan or a point of the (patched) spaces
     assert (tuned.block_q, tuned.block_k) in {(16, 16), (32, 16), (planned.block_q, planned.block_k)}
-    assert (tuned.backward_block_q, tuned.backward_block_k) in {(16, 16), (planned.backward_block_q, planned.backward_block_k)}
+    assert (tuned.backward.block_q, tuned.backward.block_k) in {(16, 16), (planned.backward.block_q, planned.backward.block_k)}
     saved = json.loads(small_spaces.read_text())
     (key, entry), = saved.items()
     assert key.startswith("triton|") and "fp32-causal-1x2x40x32" in key
-    assert entry["block_q"] == tuned.block_q and entry["backward_dq_separate"] == tuned.backward_dq_separate
+    assert entry["block_q"] == tuned.block_q and entry["backward.dq_separate"] == tuned.backward.dq_separate
 
     out = portattn.attention(q, k, v, causal=True, backend="triton", autotune=True)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -116,4 +116,4 @@ def test_block_sparse_sweeps_keep_tiles_inside_the_sparse_blocks():
     kept = [p for p in tuning.candidates(planned, {**tuning.FORWARD_SPACE, **tuning.BACKWARD_SPACE})
             if tuning._respects_sparsity(p, spec)]
     assert planned in kept and len(kept) > 1
-    assert all(p.block_q <= 64 and p.block_k <= 64 and p.backward_block_k <= 64 for p in kept)
+    assert all(p.block_q <= 64 and p.block_k <= 64 and p.backward.block_k <= 64 for p in kept)

@@ -64,19 +64,19 @@ def test_wmma_plans_fit_the_device(device, head_dim):
     assert plan.stages in ((1, 2) if dev.has_async_copy else (1,))  # W6; W7 may trade a stage for residency
     assert plan.registers_per_thread <= wmma.MAX_REGISTERS
     if pad <= 128:  # W5: the backward fits registers up to head dim 128
-        assert plan.backward_warps > 0
-        assert plan.backward_sram_bytes == wmma.backward_smem_bytes(pad, plan.backward_warps, plan.backward_block_q,
-                                                                     plan.backward_stages) <= dev.sram_per_block
+        assert plan.backward is not None
+        assert plan.backward.sram_bytes == wmma.backward_smem_bytes(pad, plan.backward.warps, plan.backward.block_q,
+                                                                     plan.backward.stages) <= dev.sram_per_block
     else:
-        assert plan.backward_warps == 0 and "W4/W5 backward: no tiling" in plan.reasons[-1]
+        assert plan.backward is None and "W4/W5 backward: no tiling" in plan.reasons[-1]
 
 
 def test_wmma_plan_prefers_two_resident_four_warp_blocks_on_the_h100():
     plan = wmma.plan(_spec(128), catalog.lookup("h100"))
     assert (plan.block_q, plan.block_k, plan.warps, plan.stages) == (64, 64, 4, 2)
     assert 2 * plan.sram_bytes <= catalog.lookup("h100").sram_per_unit
-    assert 2 * plan.backward_sram_bytes <= catalog.lookup("h100").sram_per_unit
-    assert plan.backward_block_q == 32  # W7: 32 streamed rows above head dim 64
+    assert 2 * plan.backward.sram_bytes <= catalog.lookup("h100").sram_per_unit
+    assert plan.backward.block_q == 32  # W7: 32 streamed rows above head dim 64
 
 
 def test_autotuning_sweeps_only_tiles_the_kernels_can_run():
@@ -90,9 +90,9 @@ def test_autotuning_sweeps_only_tiles_the_kernels_can_run():
         assert p.block_q == 16 * p.warps and p.threads == 32 * p.warps and p.stages <= 2
         assert p.sram_bytes == wmma.forward_smem_bytes(p.head_dim_padded, p.warps, p.block_k, p.stages)
     for p in tuning.candidates(plan, tuning.BACKWARD_SPACE, backend.retile):
-        assert p.backward_dq_separate and p.backward_block_k == 16 * p.backward_warps and p.backward_stages <= 2
-        assert p.backward_sram_bytes == wmma.backward_smem_bytes(p.head_dim_padded, p.backward_warps,
-                                                                 p.backward_block_q, p.backward_stages)
+        assert p.backward.dq_separate and p.backward.block_k == 16 * p.backward.warps and p.backward.stages <= 2
+        assert p.backward.sram_bytes == wmma.backward_smem_bytes(p.head_dim_padded, p.backward.warps,
+                                                                 p.backward.block_q, p.backward.stages)
     assert backend.retile(plan, {"block_q": 128, "warps": 4}) is None  # 32 rows per warp: not these kernels
 
 

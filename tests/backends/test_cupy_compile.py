@@ -140,7 +140,7 @@ def _enumerate() -> tuple[list[Case], list[str]]:
     for case in cases.values():
         p = case.plan
         base = _variant_id(case.device, case.variant.head_dim, p) + ("-reg" if case.variant.accumulator else "")
-        name = base if base not in named else f"{base}-b{p.backward_warps}n{p.backward_block_q}"
+        name = base if base not in named else f"{base}-b{p.backward.warps}n{p.backward.block_q}"
         suffix = 2
         while name in named:
             name, suffix = f"{base}-{suffix}", suffix + 1
@@ -222,7 +222,7 @@ def _reports(builds: _Builds, case: Case) -> dict:
 
 def _backward_estimate(plan: TilePlan) -> int:
     try:
-        return wmma.backward_registers(plan.head_dim_padded, plan.backward_block_q)  # streamed tile: block_n
+        return wmma.backward_registers(plan.head_dim_padded, plan.backward.block_q)  # streamed tile: block_n
     except TypeError:  # the one-argument form (no block_n)
         return wmma.backward_registers(plan.head_dim_padded)
 
@@ -230,7 +230,7 @@ def _backward_estimate(plan: TilePlan) -> int:
 def _where(case: Case) -> str:
     p = case.plan
     return (f"{case.id} (sm_{case.arch}, planned for {case.problem}; forward {p.warps} warps x {p.block_k} keys, "
-            f"backward {p.backward_warps} warps x {p.backward_block_q}; {' '.join(case.variant.options())})")
+            f"backward {p.backward.warps} warps x {p.backward.block_q}; {' '.join(case.variant.options())})")
 
 
 parametrize = pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
@@ -272,7 +272,7 @@ def test_forward_registers(builds, case):
 @parametrize
 def test_backward_registers(builds, case):
     reports = _reports(builds, case)
-    if not case.plan.backward_warps:
+    if case.plan.backward is None:
         unlaunched = ", ".join(f"{name} {reports[name].registers} registers, {reports[name].spill_stores} B spill stores"
                                for name in ("attention_backward_dkdv", "attention_backward_dq"))
         pytest.skip(f"no backward planned (head dim {case.plan.head_dim_padded}): the backward kernels are compiled at "
@@ -284,7 +284,7 @@ def test_backward_registers(builds, case):
 def test_spills(builds, case):
     reports = _reports(builds, case)
     launched = {"attention_forward": case.plan.registers_per_thread, "attention_backward_delta": None}
-    if case.plan.backward_warps:
+    if case.plan.backward is not None:
         # the dQ kernel holds one accumulator set where dK/dV holds two: the dK/dV estimate bounds it
         launched["attention_backward_dkdv"] = launched["attention_backward_dq"] = _backward_estimate(case.plan)
     accepted, refused = [], []
@@ -323,7 +323,7 @@ def _table() -> None:
             continue
         r, p = build.reports, case.plan
         f, kv, dq = r["attention_forward"], r["attention_backward_dkdv"], r["attention_backward_dq"]
-        b = _backward_estimate(p) if p.backward_warps else None
+        b = _backward_estimate(p) if p.backward is not None else None
         print(f"{case.id:22} {f.registers:>3} / {p.registers_per_thread:>3}   {f.registers / p.registers_per_thread:5.2f} "
               f"{f.spill_stores:>5} | {kv.registers:>3} / {b if b else '-':>3}   "
               f"{kv.registers / b if b else float('nan'):5.2f} {kv.spill_stores:>5} | {dq.registers:>3} {dq.spill_stores:>5} | "

@@ -246,8 +246,8 @@ def test_tiles_larger_than_sparse_blocks_mask_key_by_key():
     blocks = rng.random((2, 4, 4, 4)) > 0.5
     q, k, v = (rng.standard_normal((2, 4, 64, D)).astype(np.float32) for _ in range(3))
     call, extras = api._prepare(q, k, v, backend="numba", block_mask=blocks, block_size=16, causal=True)
-    big = dataclasses.replace(call, plan=dataclasses.replace(call.plan, block_q=64, block_k=64, backward_block_q=32,
-                                                             backward_block_k=64))
+    big = dataclasses.replace(call, plan=call.plan.with_changes({"block_q": 64, "block_k": 64, "backward.block_q": 32,
+                                                                 "backward.block_k": 64}))
     out, lse = big.forward(q, k, v, extras)
     want_out, want_lse = reference.attention_forward(q, k, v, scale=call.spec.softmax_scale, spec=call.spec, extras=extras)
     assert _max_error(out, want_out) < 2e-4 and _max_error(lse, want_lse) < 2e-4

@@ -259,5 +259,5 @@ def test_planned_local_memory_is_what_the_kernels_take(queue, tile):
         if planned is not None:
             assert planned == grid.forward_local_bytes() <= local <= planned + spare, name
         else:
-            assert grid.backward_local_bytes() == plan.backward_sram_bytes, name
-            assert local <= plan.backward_sram_bytes + spare, name
+            assert grid.backward_local_bytes() == plan.backward.sram_bytes, name
+            assert local <= plan.backward.sram_bytes + spare, name

@@ -4,7 +4,6 @@ mask, varlen, the fused atomic dQ, and that skipped tiles are never read (NaN pl
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 
 import numpy as np
@@ -225,7 +224,7 @@ def test_fused_atomic_dq(triton_backend, kwargs):
     kwargs = dict(kwargs)
     causal = kwargs.pop("causal", False)
     call, extras = api._prepare(q, k, v, causal=causal, backend="triton", **_on_device(kwargs))
-    plan = dataclasses.replace(call.plan, backward_dq_separate=False)
+    plan = call.plan.with_changes({"backward.dq_separate": False})
     out, lse = triton_backend.forward(q, k, v, call.spec, plan, extras)
     grads = triton_backend.backward(do64.float().to(_device()), q, k, v, out, lse, call.spec, plan, extras)
     _, _, want = _expected(q, k, v, do64.float(), causal, kwargs)

@@ -99,8 +99,8 @@ def check_common(p, spec, device) -> None:
     assert p.reasons and all(isinstance(r, str) and r.strip() for r in p.reasons)
     assert p.head_dim_padded >= spec.head_dim
     assert p.block_q >= 1 and p.block_k >= 1
-    assert p.backward_block_q >= 1 and p.backward_block_k >= 1
-    assert p.backward_work_units == spec.batch * spec.heads * cdiv(spec.seqlen_k, p.backward_block_k)
+    assert p.backward.block_q >= 1 and p.backward.block_k >= 1
+    assert p.backward.work_units == spec.batch * spec.heads * cdiv(spec.seqlen_k, p.backward.block_k)
     # the traffic figure is the IO model's for exactly these blocks
     e = DTYPE_BYTES[spec.dtype]
     bh = spec.batch * spec.heads
@@ -135,7 +135,7 @@ def test_gpu_plan_fits_and_follows_rules(key, spec):
     assert p.sram_bytes <= device.sram_per_block
     assert 0 < p.registers_per_thread <= device.max_registers_per_thread
     assert p.threads == p.warps * device.simd_width <= device.max_threads_per_block
-    assert p.backward_sram_bytes <= device.sram_per_block
+    assert p.backward.sram_bytes <= device.sram_per_block
     # G2 / G3
     rows = documented_rows_per_warp(device, spec.dtype)
     assert p.block_q % rows == 0
@@ -200,7 +200,7 @@ def test_cpu_plan_fits_and_follows_rules(key, spec):
     # backward fits too, unless even a 16x16 backward tile does not
     d = p.head_dim_padded
     if 4 * (4 * 16 * d + 2 * 16 * d + 2 * 16 * 16) <= cache:
-        assert p.backward_sram_bytes <= cache, (p.backward_block_q, p.backward_block_k, p.backward_sram_bytes)
+        assert p.backward.sram_bytes <= cache, (p.backward.block_q, p.backward.block_k, p.backward.sram_bytes)
     # C2: at least 4 tasks per thread whenever the smallest fitting tile gives that many
     query_work = spec.batch * spec.heads * cdiv(spec.seqlen_q, p.block_q)
     if spec.batch * spec.heads * cdiv(spec.seqlen_q, 16) >= planner_mod.CPU_TASKS_PER_THREAD * threads and (
@@ -210,8 +210,8 @@ def test_cpu_plan_fits_and_follows_rules(key, spec):
     # C3
     check_key_splits(p, spec, threads)
     # C4
-    assert p.backward_dq_separate == (spec.batch * spec.heads < 2 * threads)
-    assert p.backward_block_q <= p.block_q  # C4 halves it when the backward tiles overflow L2
+    assert p.backward.dq_separate == (spec.batch * spec.heads < 2 * threads)
+    assert p.backward.block_q <= p.block_q  # C4 halves it when the backward tiles overflow L2
     check_common(p, spec, device)
 
 
@@ -237,8 +237,8 @@ def test_h100_short_causal_loop_uses_64_row_tiles(head_dim, block_k):
 def test_h100_backward_follows_b1_b2(head_dim, expected):
     spec = AttentionSpec(batch=4, heads=2048 // head_dim, seqlen_q=4096, seqlen_k=4096, head_dim=head_dim, dtype="float16")
     p = plan(spec, CATALOG["h100"])
-    assert (p.backward_block_q, p.backward_block_k, p.backward_warps, p.backward_stages) == expected
-    assert p.backward_dq_separate
+    assert (p.backward.block_q, p.backward.block_k, p.backward.warps, p.backward.stages) == expected
+    assert p.backward.dq_separate
 
 
 def test_h100_fp16_d128_uses_8_warps():
@@ -262,7 +262,7 @@ def test_h100_fp32_tiles_bound_the_fma_work_per_thread(head_dim, seqlen):
     p = plan(spec, CATALOG["h100"])
     d = p.head_dim_padded
     assert p.block_q * p.block_k * d // (p.warps * 32) <= planner_mod.GPU_FMA_PER_THREAD
-    assert p.backward_block_q * p.backward_block_k * d // (p.backward_warps * 32) <= planner_mod.GPU_FMA_PER_THREAD
+    assert p.backward.block_q * p.backward.block_k * d // (p.backward.warps * 32) <= planner_mod.GPU_FMA_PER_THREAD
     assert any(r.startswith("G10") for r in p.reasons)
 
 

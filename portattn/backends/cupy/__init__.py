@@ -109,21 +109,24 @@ class CupyBackend(Backend):
     def retile(self, plan, changes):
         """Swept tiles the WMMA kernels can run (W3: 16 rows per warp; W6: at most 2 stages; dQ in its own
         kernel; W5: registers), with shared memory and threads recomputed (W4); None otherwise."""
-        new = dataclasses.replace(plan, **changes)
+        new = super().retile(plan, changes)
+        if new is None:
+            return None
+        b = new.backward
         forward_ok = (new.block_q == wmma.ROWS_PER_WARP * new.warps and 1 <= new.stages <= 2 and new.block_k % 16 == 0
                       and wmma.forward_registers(new.head_dim_padded, new.block_k) <= wmma.MAX_REGISTERS)
-        backward_ok = not new.backward_warps or (
-            new.backward_block_k == wmma.ROWS_PER_WARP * new.backward_warps and 1 <= new.backward_stages <= 2
-            and new.backward_dq_separate and new.backward_block_q % 16 == 0
-            and wmma.backward_registers(new.head_dim_padded, new.backward_block_q) <= wmma.MAX_REGISTERS)
+        backward_ok = b is None or (
+            b.block_k == wmma.ROWS_PER_WARP * b.warps and 1 <= b.stages <= 2
+            and b.dq_separate and b.block_q % 16 == 0
+            and wmma.backward_registers(new.head_dim_padded, b.block_q) <= wmma.MAX_REGISTERS)
         if not (forward_ok and backward_ok):
             return None
         pad = new.head_dim_padded
         return dataclasses.replace(
             new, threads=32 * new.warps, sram_bytes=wmma.forward_smem_bytes(pad, new.warps, new.block_k, new.stages),
             registers_per_thread=wmma.forward_registers(pad, new.block_k),
-            backward_sram_bytes=(wmma.backward_smem_bytes(pad, new.backward_warps, new.backward_block_q, new.backward_stages)
-                                 if new.backward_warps else 0),
+            backward=(dataclasses.replace(b, sram_bytes=wmma.backward_smem_bytes(pad, b.warps, b.block_q, b.stages))
+                      if b is not None else None),
         )
 
     def forward(self, q, k, v, spec, plan, extras):
@@ -160,15 +163,15 @@ class CupyBackend(Backend):
         delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
         run = launch.Launcher(q, spec, plan, (q, k, v, out, grad_out))
         scale = spec.softmax_scale
-        owned = wmma.ROWS_PER_WARP * plan.backward_warps
-        threads = 32 * plan.backward_warps
+        owned = wmma.ROWS_PER_WARP * plan.backward.warps
+        threads = 32 * plan.backward.warps
         run("attention_backward_delta", (-(-seqlen_q // launch.DELTA_ROWS_PER_BLOCK), batch * heads), 32 * launch.DELTA_ROWS_PER_BLOCK,
                0, out, grad_out, delta, *launch.strides(out), *launch.strides(grad_out), launch.i32(heads), launch.i32(seqlen_q))
         common = (q, k, v, grad_out, lse, delta)
-        run("attention_backward_dkdv", (-(-seqlen_k // owned), batch * kv_heads), threads, plan.backward_sram_bytes,
+        run("attention_backward_dkdv", (-(-seqlen_k // owned), batch * kv_heads), threads, plan.backward.sram_bytes,
                *common, dk, dv, *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(grad_out), *launch.strides(dk),
                *launch.strides(dv), *launch.sizes(spec), launch.f32(scale), launch.f32(scale * LOG2E))
-        run("attention_backward_dq", (-(-seqlen_q // owned), batch * heads), threads, plan.backward_sram_bytes,
+        run("attention_backward_dq", (-(-seqlen_q // owned), batch * heads), threads, plan.backward.sram_bytes,
                *common, dq, *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(grad_out), *launch.strides(dq),
                *launch.sizes(spec), launch.f32(scale), launch.f32(scale * LOG2E))
         return dq, dk, dv

@@ -89,9 +89,10 @@ class Variant:
 
     def defines(self) -> dict[str, object]:
         p = self.plan
-        # a plan with no backward (backward_warps == 0) still compiles the backward kernels at the
+        # a plan with no backward (backward None) still compiles the backward kernels at the
         # smallest legal size; they are never launched
-        backward = (p.backward_warps, p.backward_block_q, p.backward_stages) if p.backward_warps else (1, 16, 1)
+        b = p.backward
+        backward = (b.warps, b.block_q, b.stages) if b is not None else (1, 16, 1)
         return {
             "HEAD_DIM": self.head_dim,
             "HEAD_DIM_PAD": p.head_dim_padded,

@@ -34,8 +34,7 @@ import functools
 from typing import TYPE_CHECKING
 
 from ...devices.description import DeviceSpec
-from ...tiling import planner
-from ...tiling.plan import TilePlan
+from ...tiling.plan import BackwardTiling, ForwardTiling, TilePlan, assemble_plan
 
 if TYPE_CHECKING:
     from ...spec import AttentionSpec
@@ -121,9 +120,9 @@ def _blocks(n: int, block: int) -> int:
 @functools.lru_cache(maxsize=1024)
 def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
     """W1-W7 for one problem on one device, as a ``TilePlan``: ``warps``/``block_k``/``stages`` are the
-    forward's, ``sram_bytes`` its exact shared memory; ``backward_warps`` x 16 rows are owned and
-    ``backward_block_q`` streamed by both backward kernels (``backward_warps == 0``: no backward fits,
-    and the last reason says why). Raises ValueError when no forward tiling fits."""
+    forward's, ``sram_bytes`` its exact shared memory; ``backward.warps`` x 16 rows are owned and
+    ``backward.block_q`` streamed by both backward kernels (``backward`` None: no backward fits, and
+    the last reason says why). Raises ValueError when no forward tiling fits."""
     pad = padded_head_dim(spec.head_dim)
     stages_options = (2, 1) if device.has_async_copy else (1,)  # W6
     limit = device.sram_per_block
@@ -158,18 +157,17 @@ def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
         f"W5 forward ~{registers} registers per thread"
         + (" (Q operand fragments held in registers)" if q_in_registers(pad) else " (Q fragments re-read from shared memory)"),
     ]
-    backward = _plan_backward(pad, device, stages_options)
-    reasons.append(backward[-1])
-    return planner._finish(
-        spec, device, target="gpu", block_q=ROWS_PER_WARP * warps, block_k=block_k, head_dim=pad, warps=warps,
-        threads=32 * warps, stages=stages, splits=1, work=query_blocks[warps], sram_bytes=smem, registers=registers,
-        backward=backward, matrix_unit=f"wmma.m16n16k16 over {unit.name}" if unit else "wmma.m16n16k16",
-        reasons=reasons,
-    )
+    backward, why_backward = _plan_backward(pad, device, stages_options)
+    reasons.append(why_backward)
+    forward = ForwardTiling(block_q=ROWS_PER_WARP * warps, block_k=block_k, head_dim_padded=pad, warps=warps,
+                            threads=32 * warps, stages=stages, work_units=query_blocks[warps], sram_bytes=smem,
+                            registers_per_thread=registers)
+    return assemble_plan(spec, device, target="gpu", forward=forward, backward=backward, reasons=reasons,
+                         matrix_unit=f"wmma.m16n16k16 over {unit.name}" if unit else "wmma.m16n16k16")
 
 
-def _plan_backward(pad: int, device: DeviceSpec, stages_options) -> tuple:
-    """(streamed rows, owned rows, shared memory, dQ separate, warps, stages, why) as ``planner._finish`` takes it.
+def _plan_backward(pad: int, device: DeviceSpec, stages_options) -> tuple[BackwardTiling | None, str]:
+    """The backward tiling (``block_q`` streamed rows, ``block_k`` owned rows) and its reason; None when none fits.
 
     W7 for the backward: tiles of at least ``MIN_TILE_SIDE`` a side, then ``MIN_RESIDENT_WARPS`` resident warps (on the H100 at head dim 128 a
     64-row streamed tile in 2 stages took 130 KiB, leaving one 4-warp block per SM, and ran at 0.7x
@@ -196,9 +194,10 @@ def _plan_backward(pad: int, device: DeviceSpec, stages_options) -> tuple:
         registers = backward_registers(pad, min(BACKWARD_BLOCK_N))
         why = (f"W4/W5 backward: no tiling; dK and dV accumulators for head dim {pad} need ~{registers} registers "
                f"per thread (limit {MAX_REGISTERS}), or no tile fits {device.sram_per_block} B of shared memory per block")
-        return 16, 16, 0, True, 0, 0, why  # backward_warps == 0 marks "none"
+        return None, why
     _, warps, block_n, stages, smem, registers, resident = max(candidates)
     why = (f"W3-W7 backward: {warps} warps own {ROWS_PER_WARP * warps} keys (dK/dV) or queries (dQ) and stream {block_n}, "
            f"{stages} stage(s), {smem} B shared memory ({resident} block(s) per SM), ~{registers} registers; "
            "dQ in a kernel of its own (no atomics)")
-    return block_n, ROWS_PER_WARP * warps, smem, True, warps, stages, why
+    return BackwardTiling(block_q=block_n, block_k=ROWS_PER_WARP * warps, warps=warps, stages=stages, dq_separate=True,
+                          sram_bytes=smem), why

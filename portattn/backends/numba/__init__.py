@@ -78,11 +78,11 @@ class NumbaBackend(Backend):
         dq, dk, dv = np.zeros_like(q), np.empty_like(k), np.empty_like(v)
         kernels = launch.kernels()
         features = launch.features(spec, extras, dtype)
-        block_q, block_k = plan.backward_block_q, plan.backward_block_k
+        block_q, block_k = plan.backward.block_q, plan.backward.block_k
         q_scaled, scale = launch.scaled(q, spec), dtype(spec.softmax_scale)
         key_blocks = -(-spec.seqlen_k // block_k)
         with launch.run_with(plan.threads), launch.compile_notice(dtype):
-            if plan.backward_dq_separate:
+            if plan.backward.dq_separate:
                 kernels.backward_key_pass(q, q_scaled, k, v, grad_out, lse, delta, dq, dk, dv, scale, features,
                                           block_q, block_k, 1, False)
                 kernels.backward_query_pass(q_scaled, k, v, grad_out, lse, delta, dq, scale, features, block_q, block_k)

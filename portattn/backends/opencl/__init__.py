@@ -110,15 +110,18 @@ class OpenCLBackend(Backend):
 
     def retile(self, plan, changes):
         """Swept tiles that are O1 grids, with local memory and registers recomputed; None otherwise."""
-        new = dataclasses.replace(plan, **changes)
+        new = super().retile(plan, changes)
+        if new is None:
+            return None
         head_dim = plan.head_dim_padded  # the sweep keeps the problem; padding follows the grid
         forward = rules.forward_grid(new, head_dim)
         backward = rules.backward_grid(new, head_dim)
         if forward is None or backward is None:
             return None
-        return dataclasses.replace(new, threads=forward.threads, stages=1, backward_stages=1, backward_dq_separate=True,
-                                   head_dim_padded=forward.head_dim_padded, sram_bytes=forward.forward_local_bytes(),
-                                   backward_sram_bytes=backward.backward_local_bytes())
+        return dataclasses.replace(new, threads=forward.threads, stages=1, head_dim_padded=forward.head_dim_padded,
+                                   sram_bytes=forward.forward_local_bytes(),
+                                   backward=dataclasses.replace(new.backward, stages=1, dq_separate=True,
+                                                                sram_bytes=backward.backward_local_bytes()))
 
     # ------------------------------------------------------------------------------------------
 

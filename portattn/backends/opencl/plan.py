@@ -65,8 +65,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ...devices.description import DeviceSpec
-from ...tiling import planner
-from ...tiling.plan import TilePlan
+from ...tiling.plan import BackwardTiling, ForwardTiling, TilePlan, assemble_plan
 
 if TYPE_CHECKING:
     from ...spec import AttentionSpec
@@ -81,6 +80,28 @@ CPU_GROUPS_PER_CORE = 4
 DRIVER_LOCAL_BYTES = 64  # O3: room for what a driver adds to a kernel's local memory (NVIDIA's OpenCL: 4-16 B)
 MIN_CHUNK = 32  # O3: fewer head-dim columns per chunk would cost more barriers than they save
 CPU_ROWS = 128  # O6: PoCL, 2-core AVX-512, (1, 8, 2048, 64) fp32: 128 x 16 tiles 91 GFLOP/s, 64 x 16 68, 32 x 32 36
+
+
+@dataclass(frozen=True)
+class OpenCLPlan(TilePlan):
+    """A `TilePlan` with the OpenCL forward's work-item tile: the fields ``forward_grid`` builds the forward's
+    `Grid` from besides ``block_q`` x ``block_k`` (the backward's grid is fixed at float4 and 4 x 1)."""
+
+    vector_width: int  # O1: lanes of a work-item's score vectors
+    head_dim_chunk: int  # O3: head-dim columns of K/V the forward stages at a time; 0 = all
+    item_rows: int  # O1: score rows of a forward work-item's register tile
+    item_vectors: int  # O1: score column vectors of a forward work-item's register tile
+
+    @classmethod
+    def extend(cls, plan: TilePlan, *, vector_width: int, head_dim_chunk: int, item_rows: int,
+               item_vectors: int) -> OpenCLPlan:
+        """``plan`` (as ``assemble_plan`` built it) with the OpenCL fields."""
+        shared = {f.name: getattr(plan, f.name) for f in dataclasses.fields(TilePlan)}
+        return cls(**shared, vector_width=vector_width, head_dim_chunk=head_dim_chunk, item_rows=item_rows,
+                   item_vectors=item_vectors)
+
+    def _launch_notes(self) -> str:
+        return f", K/V staged {self.head_dim_chunk} head-dim columns at a time" if self.head_dim_chunk else ""
 
 
 @dataclass(frozen=True)
@@ -239,11 +260,12 @@ def _choose(spec, device: DeviceSpec, vw: int, program: int, local_of, registers
 
 
 @functools.lru_cache(maxsize=1024)
-def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
+def plan(spec: "AttentionSpec", device: DeviceSpec) -> OpenCLPlan:
     """O1-O6 for one problem on one OpenCL device. ``block_q`` x ``block_k`` is the forward's score
-    tile (TM = block_q / 4, TN = block_k / 4); the backward program's grid owns ``backward_block_k``
-    rows (keys in dK/dV, queries in dQ) and streams ``backward_block_q`` (TM = backward_block_k / 4,
-    TN = backward_block_q / 4). Raises ValueError when no grid's local memory fits the device."""
+    tile (TM = block_q / 4, TN = block_k / 4); the backward program's grid owns ``backward.block_k``
+    rows (keys in dK/dV, queries in dQ) and streams ``backward.block_q`` (TM = backward.block_k / 4,
+    TN = backward.block_q / 4); ``backward`` is None when no grid fits. Raises ValueError when no
+    grid's local memory fits the device."""
     batch_heads = spec.batch * spec.heads
     vw = forward_vector_width(device)
     forward = _choose(spec, device, vw, 0, Grid.forward_local_bytes, Grid.forward_registers,
@@ -268,7 +290,7 @@ def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
     if backward is None:
         why = (f"O3 backward: no grid of head dim {spec.head_dim} fits {device.sram_per_block} B of local memory "
                "(K, V, Q and dO tiles at once)")
-        back = (16, 16, 0, True, 0, 0, why)
+        back = None
     else:
         bgrid, blocal, bregisters, _ = backward
         spill = (f"; over the {device.max_registers_per_thread}-register limit, the compiler spills"
@@ -276,26 +298,26 @@ def plan(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
         why = (f"O1-O4 backward: {bgrid.tm} x {bgrid.tn} work-items own {bgrid.rows} keys (dK/dV) or queries (dQ) and "
                f"stream {bgrid.cols}, {blocal} B local memory, ~{bregisters} private floats{spill}; dQ in a kernel of "
                "its own (no atomics)")
-        back = (bgrid.cols, bgrid.rows, blocal, True, 1, 1, why)
-    reasons.append(back[-1])
+        back = BackwardTiling(block_q=bgrid.cols, block_k=bgrid.rows, warps=1, stages=1, dq_separate=True,
+                              sram_bytes=blocal)
+    reasons.append(why)
     reasons.append("O7 tile products loop over keys outside accumulator pieces (GPU: accumulators in registers)"
                    if device.kind != "cpu" else
                    "O7 tile products loop over accumulator pieces outside keys (PoCL keeps accumulators in memory)")
     warps = max(1, grid.threads // device.simd_width) if device.kind == "gpu" else 1
-    plan = planner._finish(
-        spec, device, target="gpu" if device.kind == "gpu" else "cpu", block_q=grid.rows, block_k=grid.cols,
-        head_dim=grid.head_dim_padded, warps=warps, threads=grid.threads, stages=1, splits=1, work=groups,
-        sram_bytes=local, registers=registers if device.kind == "gpu" else 0, backward=back,
-        matrix_unit=None, reasons=reasons,
-    )
-    return dataclasses.replace(plan, vector_width=vw, head_dim_chunk=grid.kc, item_rows=grid.rm, item_vectors=grid.cn)
+    tiling = ForwardTiling(block_q=grid.rows, block_k=grid.cols, head_dim_padded=grid.head_dim_padded, warps=warps,
+                           threads=grid.threads, stages=1, work_units=groups, sram_bytes=local,
+                           registers_per_thread=registers if device.kind == "gpu" else 0)
+    shared = assemble_plan(spec, device, target="gpu" if device.kind == "gpu" else "cpu", forward=tiling, backward=back,
+                           reasons=reasons)
+    return OpenCLPlan.extend(shared, vector_width=vw, head_dim_chunk=grid.kc, item_rows=grid.rm, item_vectors=grid.cn)
 
 
-def forward_grid(plan: TilePlan, head_dim: int) -> Grid | None:
+def forward_grid(plan: OpenCLPlan, head_dim: int) -> Grid | None:
     return grid_of(plan.block_q, plan.block_k, head_dim, plan.vector_width or 4, 0, plan.head_dim_chunk,
                    plan.target == "gpu", plan.item_rows or 4, plan.item_vectors or 1)
 
 
 def backward_grid(plan: TilePlan, head_dim: int) -> Grid | None:
-    return (grid_of(plan.backward_block_k, plan.backward_block_q, head_dim, 4, 1, gpu=plan.target == "gpu")
-            if plan.backward_warps else None)
+    b = plan.backward
+    return grid_of(b.block_k, b.block_q, head_dim, 4, 1, gpu=plan.target == "gpu") if b is not None else None

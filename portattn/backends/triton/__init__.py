@@ -2,9 +2,9 @@
 
 Executes the planner's GPU plan as given: forward ``block_q`` x ``block_k`` with ``warps`` warps and
 ``stages`` pipeline stages, the key loop split ``key_splits`` ways (merged by LSE) when the plan says
-so; backward with ``backward_warps`` and ``backward_stages``: dK/dV programs own
-``backward_block_k`` keys and stream ``backward_block_q`` queries, then dQ in a mirrored pass of its
-own (``backward_dq_separate``) or, when the plan says so, summed in the dK/dV pass by float32 atomic
+so; backward with ``backward.warps`` and ``backward.stages``: dK/dV programs own
+``backward.block_k`` keys and stream ``backward.block_q`` queries, then dQ in a mirrored pass of its
+own (``backward.dq_separate``) or, when the plan says so, summed in the dK/dV pass by float32 atomic
 adds. ``head_dim_padded`` is the kernels' ``BLOCK_D``; the padding is masked. Inputs are read through their strides (no copies);
 outputs are (B, H, N, D) contiguous in the input dtype, the LSE float32.
 
@@ -168,10 +168,10 @@ class TritonBackend(Backend):
         delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
         # dK/dV programs own block_k keys and stream block_q queries; the dQ pass mirrors them
         # (owns block_k queries, streams block_q keys), so one pair of sizes serves both passes
-        block_q, block_k = plan.backward_block_q, plan.backward_block_k
-        common = dict(HEAD_DIM=head_dim, BLOCK_D=plan.head_dim_padded, num_warps=plan.backward_warps,
-                      num_stages=plan.backward_stages)
-        atomic = not plan.backward_dq_separate
+        block_q, block_k = plan.backward.block_q, plan.backward.block_k
+        common = dict(HEAD_DIM=head_dim, BLOCK_D=plan.head_dim_padded, num_warps=plan.backward.warps,
+                      num_stages=plan.backward.stages)
+        atomic = not plan.backward.dq_separate
         # fused dQ: float32 partial sums added atomically by every key block, scaled and cast once
         dq_acc = torch.zeros((batch, heads, seqlen_q, plan.head_dim_padded) if atomic else (1, 1, 1, 1),
                              dtype=torch.float32, device=q.device)
