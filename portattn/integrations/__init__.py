@@ -1,0 +1,1 @@
+"""Adapters that plug portattn into other libraries; each module imports its library only when used."""
