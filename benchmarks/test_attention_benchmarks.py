@@ -75,3 +75,41 @@ def test_attention(benchmark, device, inputs_for, runner, problem):
                                 flops=problem.flops)
     benchmark.pedantic(one_call, rounds=ROUNDS.get(device.split(":", 1)[0], 5), warmup_rounds=2, iterations=1)
     benchmark.extra_info["gflops"] = problem.flops / benchmark.stats.stats.median / 1e9
+
+
+# The small-call host time: a (1, 8, 128, 64) causal forward, where a GPU kernel takes a few us and the
+# per-call glue (the call cache, dispatch, array conversions, the launch) is what a call costs. A round is
+# SMALL_CALLS calls back to back then the device's sync; extra_info keeps the per-call time in us.
+SMALL_CALLS = 200
+SMALL_PATHS = ["eager", "torch-op", "compiled", "sdpa"]
+
+
+@pytest.mark.parametrize("path", SMALL_PATHS)
+def test_small_call(benchmark, device, path):
+    """``eager``: ``portattn.attention`` (auto backend); ``torch-op``: the same call through the custom op
+    ``portattn::attention_forward`` (what traced code runs, ``portattn/torch_ops.py``); ``compiled``:
+    ``portattn.attention`` under ``torch.compile(fullgraph=True)``; ``sdpa``: torch's
+    ``scaled_dot_product_attention``, the peer."""
+    import torch
+
+    from portattn import attention, torch_ops
+
+    problem = bench.Problem(1, 8, 128, 64, True, default_dtype(device.split(":", 1)[0]), "fwd")
+    q, k, v, _ = (torch.as_tensor(x, device=device) for x in bench.make_inputs(problem, device))
+    fn = {
+        "eager": lambda: attention(q, k, v, causal=True),
+        "torch-op": lambda: torch_ops.attention(q, k, v, causal=True),
+        "compiled": torch.compile(lambda: attention(q, k, v, causal=True), fullgraph=True),
+        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+    }[path]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def calls():
+        for _ in range(SMALL_CALLS):
+            fn()
+        sync()
+
+    benchmark.group = f"small-call-{problem.label()}"
+    benchmark.extra_info.update(path=path, device=device, dtype=problem.dtype, calls_per_round=SMALL_CALLS)
+    benchmark.pedantic(calls, rounds=10, warmup_rounds=2, iterations=1)
+    benchmark.extra_info["per_call_us"] = benchmark.stats.stats.median / SMALL_CALLS * 1e6

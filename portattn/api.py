@@ -7,6 +7,8 @@ and layout.
 
 from __future__ import annotations
 
+import sys
+
 from . import arrays, dispatch, inputs
 from .call import PreparedCall
 from .devices import DeviceSpec, device_named
@@ -68,6 +70,14 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd
     configuration found by :func:`tune` for this device and shape, tuning first when none is
     remembered (opt-in: a default call runs the planner's plan and never times anything).
     """
+    if _traced(q):  # torch.compile / torch.export tracing, or fake tensors: the torch custom op (torch_ops.py)
+        from .torch_ops import attention as traced_attention
+
+        return traced_attention(q, k, v, causal=causal, scale=scale, backend=backend, layout=layout,
+                                return_lse=return_lse, autotune=autotune, align=align, window=window,
+                                attn_mask=attn_mask, alibi_slopes=alibi_slopes, softcap=softcap, block_mask=block_mask,
+                                block_size=block_size, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                                dropout_seed=dropout_seed, device=device)
     given = locals()
     features = {name: given[name] for name in inputs.FEATURE_KEYWORDS}  # the signature's feature keywords, by name
     plain = all(value is None for name, value in features.items() if name not in ("align", "dropout_p")) \
@@ -152,8 +162,10 @@ def _call_key(q, k, v, causal, scale, backend, layout) -> tuple | None:
     """What the checks, the backend choice and the plan depend on, for torch tensors and pyopencl arrays
     (whose queue fixes the device); None for arrays of other kinds (they take the full path, which
     also raises the errors for them)."""
-    if all(arrays.is_torch(x) for x in (q, k, v)):
-        metas = tuple((x.shape, x.dtype, x.device, x.requires_grad) for x in (q, k, v))
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor):
+        metas = (q.shape, q.dtype, q.device, q.requires_grad, k.shape, k.dtype, k.device, k.requires_grad,
+                 v.shape, v.dtype, v.device, v.requires_grad)  # flat: this runs on every call
     elif all(arrays.is_pyopencl(x) for x in (q, k, v)):
         metas = tuple((x.shape, x.dtype, x.queue) for x in (q, k, v))
     else:
@@ -164,10 +176,20 @@ def _call_key(q, k, v, causal, scale, backend, layout) -> tuple | None:
     return (metas, causal, scale, backend, layout, type(causal), type(scale))
 
 
-def _grad_enabled() -> bool:
-    import torch  # only reached with torch tensors, so torch is already imported
+def _traced(q) -> bool:
+    """True when ``q`` is a torch tensor that torch.compile or torch.export is tracing, or a tensor subclass
+    (a fake or functional tensor): then the call goes through the custom op ``portattn::attention_forward``."""
+    # every torch tensor's class derives from torch._C.TensorBase (not sys.modules: Dynamo would trace that dict)
+    base = type(q).__mro__[-2:][0]
+    if base.__name__ != "TensorBase" or base.__module__ != "torch._C":
+        return False
+    import torch  # a torch tensor exists: torch is imported already
 
-    return torch.is_grad_enabled()
+    return torch.compiler.is_compiling() or type(q) is not torch.Tensor and type(q) is not torch.nn.Parameter
+
+
+def _grad_enabled() -> bool:
+    return sys.modules["torch"].is_grad_enabled()  # only reached with torch tensors, so torch is imported
 
 
 def explain(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd", return_lse=False,

@@ -1,12 +1,18 @@
 """One ``torch.autograd.Function`` over any backend: its forward kernel saves O and the LSE, and
 its backward kernel recomputes the scores from them -- no N x N matrix is ever kept for autograd.
 
-Imported only when a torch tensor that requires grad reaches ``attention``.
+Imported only when a torch tensor that requires grad reaches ``attention``. The backward kernels
+have no backward of their own: differentiating a gradient (``create_graph=True``, then backward
+through the result) raises ``NOT_TWICE`` rather than giving a silently wrong or missing result.
 """
 
 from __future__ import annotations
 
 import torch
+
+NOT_TWICE = ("portattn's backward is not differentiable twice: its gradients come from backward kernels that have "
+             "no backward (double backward, gradient penalties and Hessian-vector products through attention need "
+             "a differentiable implementation such as torch.nn.functional.scaled_dot_product_attention)")
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -23,5 +29,21 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         # grad_lse is ignored: the LSE is returned for inspection and marked non-differentiable
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.call.backward(grad_out, q, k, v, out, lse, ctx.extras)
+        with torch.no_grad():
+            dq, dk, dv = ctx.call.backward(grad_out, q, k, v, out, lse, ctx.extras)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (grad_out, q, k, v)):  # create_graph=True
+            dq, dk, dv = NotTwice.apply(dq, dk, dv, grad_out, q, k, v)
         return dq, dk, dv, None, None
+
+
+class NotTwice(torch.autograd.Function):
+    """``(dq, dk, dv, *inputs) -> (dq, dk, dv)`` with a backward that raises ``NOT_TWICE``: the gradients
+    stay connected to what they were computed from, so differentiating them reaches the error."""
+
+    @staticmethod
+    def forward(ctx, dq, dk, dv, *inputs):
+        return dq.view_as(dq), dk.view_as(dk), dv.view_as(dv)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(NOT_TWICE)

@@ -7,12 +7,14 @@ boundary and back to the caller's kind, dtype and device on the way out.
 
 from __future__ import annotations
 
+import functools
+import sys
 from dataclasses import dataclass
 
 from . import arrays
 from .backends import Backend
 from .extras import NONE, Extras
-from .spec import AttentionSpec
+from .spec import DTYPE_BYTES, AttentionSpec
 from .tiling import TilePlan
 
 
@@ -25,10 +27,32 @@ class PreparedCall:
     plan: TilePlan
 
     def _to_backend(self, *xs):
-        return [arrays.convert(x, self.backend.compute_kind, self.spec.device) for x in xs]
+        convert = self._converters[0]
+        return [convert(x) for x in xs]
 
     def _to_caller(self, x, dtype: str | None):
-        return arrays.restore(x, self.spec.array_kind, dtype, self.spec.device)
+        return self._converters[1](x, dtype)
+
+    @functools.cached_property
+    def _converters(self):
+        """(to the backend's kind, back to the caller's) -- ``arrays.convert`` and ``arrays.restore``, or the
+        direct calls they come down to for torch tensors (a repeated small call is mostly this glue)."""
+        spec, kind = self.spec, self.backend.compute_kind
+        if spec.array_kind == "torch" and kind in ("numpy", "torch") and spec.dtype != "bfloat16":
+            torch = sys.modules["torch"]  # a torch caller: imported
+            dtypes = {name: getattr(torch, name) for name in DTYPE_BYTES}
+
+            def to_caller(x, dtype):
+                if not isinstance(x, torch.Tensor):
+                    x = torch.from_numpy(x)
+                return x if dtype is None or x.dtype is dtypes[dtype] else x.to(dtypes[dtype])
+
+            if kind == "numpy":  # CPU tensors (the only kind a numpy backend is given): shared-memory views
+                return (lambda x: x.detach().numpy()), to_caller
+            return (lambda x: x), to_caller
+        device = spec.device
+        return ((lambda x: arrays.convert(x, kind, device)),
+                (lambda x, dtype: arrays.restore(x, spec.array_kind, dtype, device)))
 
     def _extras_to_backend(self, extras: Extras) -> Extras:
         if extras is NONE:

@@ -3,7 +3,6 @@ and the one ``Features`` tuple every kernel reads (feature arrays read-only and 
 as cached 1-element dummies)."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
 import threading
@@ -24,19 +23,47 @@ def blas_controller():
 
     return ThreadpoolController()
 
-@contextlib.contextmanager
-def run_with(threads: int):
+class run_with:
     """Numba's pool sized by the plan, and BLAS single-threaded inside it (else each worker's GEMM
-    would spawn its own BLAS threads and oversubscribe the cores)."""
-    import numba
+    would spawn its own BLAS threads and oversubscribe the cores); both restored on exit.
 
-    previous = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    try:
-        with blas_controller().limit(limits=1, user_api="blas"):
-            yield
-    finally:
-        numba.set_num_threads(previous)
+    threadpoolctl's ``limit(limits=1, user_api="blas")`` without its per-call ``info()`` dictionaries
+    (about 10 us of a small call): the BLAS controllers are found once and read and set directly, and
+    a library already at one thread is left alone."""
+
+    __slots__ = ("threads", "previous", "changed", "set")
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def __enter__(self):
+        import numba
+
+        self.previous = numba.get_num_threads()
+        threads = max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        self.set = threads != self.previous
+        if self.set:
+            numba.set_num_threads(threads)
+        self.changed = [(lib, n) for lib in blas_libraries() if (n := lib.num_threads) is not None and n != 1]
+        for lib, _ in self.changed:
+            lib.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        import numba
+
+        for lib, n in self.changed:
+            lib.set_num_threads(n)
+        for cls in {type(lib) for lib, _ in self.changed}:  # as threadpoolctl's limiter ends: OpenBLAS's pool
+            getattr(cls, "clear_controlling_thread", lambda: None)()  # may be limited by other threads again
+        if self.set:
+            numba.set_num_threads(self.previous)
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def blas_libraries() -> tuple:
+    return tuple(blas_controller().select(user_api="blas").lib_controllers)
 
 LOG2E = 1.4426950408889634
 
