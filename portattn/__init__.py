@@ -5,9 +5,9 @@
 """
 
 from .api import attention, attention_varlen, explain, plan, tune
+from .devices import DeviceSpec
 from .kvcache import attention_with_kvcache
 from .sdpa import scaled_dot_product_attention
-from .devices import DeviceSpec
 from .spec import AttentionSpec
 from .status import BackendStatus, available_backends, backends
 from .tiling import TilePlan

@@ -3,6 +3,7 @@ and the one ``Features`` tuple every kernel reads (feature arrays read-only and 
 as cached 1-element dummies)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import threading
