@@ -216,6 +216,24 @@ def test_llama_training_gradients(name):
         torch.testing.assert_close(p.grad, grads[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
+def test_llama_compiles_fullgraph_forward_and_backward(name):
+    """torch.compile(model, fullgraph=True) of a Llama with portattn inside: no graph break, the same
+    logits on a left-padded batch and the same parameter gradients as SDPA."""
+    if not name.endswith("numba"):
+        pytest.skip("one CPU backend is enough to show the compiled model; the op is backend-neutral")
+    ref, ours = _pair(transformers.LlamaForCausalLM, transformers.LlamaConfig(**TINY), name)
+    ids, mask = _batch([8, 5], 8)
+    compiled = torch.compile(ours, fullgraph=True)
+    _close(_logits(compiled, ids, mask), _logits(ref, ids, mask), where=mask.bool())
+    labels = ids.masked_fill(mask == 0, -100)
+    ref.train(), ours.train()
+    ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    compiled(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    grads = {key: p.grad for key, p in ref.named_parameters()}
+    for key, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, grads[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+
+
 def test_llama_attention_dropout_in_training_only(name):
     config = transformers.LlamaConfig(**TINY, attention_dropout=0.5)
     ref, ours = _pair(transformers.LlamaForCausalLM, config, name)
@@ -264,3 +282,31 @@ def test_qwen2_moe_sliding_layers_that_do_not_pass_sliding_window(name):
     ids, mask = _batch([12, 7], 12)
     got = _refusals_xfail(lambda: _logits(ours, ids, mask))
     _close(got, _logits(ref, ids, mask), mask.bool())
+
+
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+def test_llama_on_a_gpu(usable_backend, backend):
+    """The GPU backends in a real model: left-padded logits, greedy generation with a KV cache and
+    parameter gradients against SDPA, on CUDA (triton in float32 IEEE products; cupy in float16,
+    its narrowest dtype, against SDPA in float16)."""
+    usable_backend(backend)
+    if not torch.cuda.is_available():
+        pytest.skip(f"{backend} in a model needs a CUDA device (the interpreter is covered by the CPU tests)")
+    dtype = torch.float32 if backend == "triton" else torch.float16
+    name = integration.register(backend=backend, name=f"portattn-{backend}")
+    ref, ours = _pair(transformers.LlamaForCausalLM, transformers.LlamaConfig(**TINY), name)
+    ref, ours = ref.to("cuda", dtype), ours.to("cuda", dtype)
+    ids, mask = (x.cuda() for x in _batch([8, 5], 8))
+    tol = dict(rtol=1e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(_logits(ours, ids, mask)[mask.bool()], _logits(ref, ids, mask)[mask.bool()], **tol)
+    options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    if dtype == torch.float32:
+        assert torch.equal(ours.generate(ids, attention_mask=mask, **options), ref.generate(ids, attention_mask=mask, **options))
+    labels = ids.masked_fill(mask == 0, -100)
+    ref.train(), ours.train()
+    ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    grads = {key: p.grad for key, p in ref.named_parameters()}
+    for key, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, grads[key], **({"rtol": 1e-3, "atol": 1e-4} if dtype == torch.float32 else tol),
+                                   msg=lambda m, key=key: f"{key}: {m}")
