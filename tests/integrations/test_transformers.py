@@ -291,7 +291,7 @@ def test_llama_on_a_gpu(usable_backend, backend):
     its narrowest dtype, against SDPA in float16)."""
     usable_backend(backend)
     if not torch.cuda.is_available():
-        pytest.skip(f"{backend} in a model needs a CUDA device (the interpreter is covered by the CPU tests)")
+        pytest.skip(f"{backend} in a model needs a CUDA device (numba and opencl cover the CPU)")
     dtype = torch.float32 if backend == "triton" else torch.float16
     name = integration.register(backend=backend, name=f"portattn-{backend}")
     ref, ours = _pair(transformers.LlamaForCausalLM, transformers.LlamaConfig(**TINY), name)
