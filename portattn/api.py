@@ -78,8 +78,11 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd
                                 attn_mask=attn_mask, alibi_slopes=alibi_slopes, softcap=softcap, block_mask=block_mask,
                                 block_size=block_size, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
                                 dropout_seed=dropout_seed, device=device)
-    given = locals()
-    features = {name: given[name] for name in inputs.FEATURE_KEYWORDS}  # the signature's feature keywords, by name
+    # inputs.FEATURE_KEYWORDS names these (tests/api/test_api.py checks that the two agree); spelled out,
+    # not read from locals(), which torch.compile cannot trace
+    features = dict(align=align, window=window, attn_mask=attn_mask, alibi_slopes=alibi_slopes, softcap=softcap,
+                    block_mask=block_mask, block_size=block_size, key_padding_mask=key_padding_mask,
+                    dropout_p=dropout_p, dropout_seed=dropout_seed, device=device)
     plain = all(value is None for name, value in features.items() if name not in ("align", "dropout_p")) \
         and align == "top-left" and dropout_p == 0.0
     key = _call_key(q, k, v, causal, scale, backend, layout) if plain else None
@@ -179,9 +182,9 @@ def _call_key(q, k, v, causal, scale, backend, layout) -> tuple | None:
 def _traced(q) -> bool:
     """True when ``q`` is a torch tensor that torch.compile or torch.export is tracing, or a tensor subclass
     (a fake or functional tensor): then the call goes through the custom op ``portattn::attention_forward``."""
-    # every torch tensor's class derives from torch._C.TensorBase (not sys.modules: Dynamo would trace that dict)
-    base = type(q).__mro__[-2:][0]
-    if base.__name__ != "TensorBase" or base.__module__ != "torch._C":
+    # a class defined in torch (torch.Tensor, Parameter, FakeTensor, ...): read off the type, which Dynamo
+    # folds to a constant (not sys.modules: Dynamo would guard on that dict)
+    if type(q).__module__.split(".", 1)[0] != "torch":
         return False
     import torch  # a torch tensor exists: torch is imported already
 

@@ -123,3 +123,17 @@ def test_import_needs_only_numpy():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "numba: unavailable: numba is not installed" in result.stdout
     assert "['reference']" in result.stdout
+
+
+def test_attention_s_feature_keywords_are_the_input_path_s():
+    """``attention`` spells its feature keywords out; they must be exactly inputs.FEATURE_KEYWORDS, with
+    the same defaults."""
+    import inspect
+
+    from portattn import inputs
+
+    parameters = inspect.signature(portattn.attention).parameters
+    for name, default in inputs.FEATURE_KEYWORDS.items():
+        assert name in parameters and parameters[name].default == default, name
+    core = {"q", "k", "v", "causal", "scale", "backend", "layout", "return_lse", "autotune"}
+    assert set(parameters) - core == set(inputs.FEATURE_KEYWORDS)

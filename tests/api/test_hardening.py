@@ -64,7 +64,8 @@ def test_backend_names_are_case_insensitive():
 
 @pytest.mark.parametrize("view", ["reversed", "big-endian"])
 def test_triton_takes_numpy_views_other_backends_take(usable_backend, view):
-    usable_backend("triton")
+    if "cpu" not in usable_backend("triton").capabilities.device_kinds:
+        pytest.skip("triton on a GPU computes CUDA tensors only; host arrays reach it under TRITON_INTERPRET=1")
     q, k, v = _qkv()
     if view == "reversed":
         q = q[:, :, ::-1]

@@ -206,7 +206,7 @@ def test_compiled_calls_are_checked_while_traced(kwargs, message):
 def test_the_traced_path_forwards_every_keyword():
     """``portattn.attention`` hands every keyword it has to ``torch_ops.attention`` when traced."""
     source = inspect.getsource(portattn.api.attention)
-    hook = source[source.index("if _traced(q):"):source.index("given = locals()")]
+    hook = source[source.index("if _traced(q):"):source.index("features = dict(")]
     keywords = [name for name, p in inspect.signature(portattn.attention).parameters.items() if p.kind == p.KEYWORD_ONLY]
     missing = [name for name in keywords if f"{name}={name}" not in hook]
     assert not missing, f"portattn.attention's traced path drops {missing}"
