@@ -18,6 +18,7 @@ Run ``python tests/backends/test_cupy_compile.py`` for the measured table (recal
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -149,6 +150,53 @@ def _enumerate() -> tuple[list[Case], list[str]]:
 
 
 CASES, REFUSED = _enumerate()
+
+# The score-mask variants (attn_mask bool / additive, key_padding_mask: compile-time MASK, MASK_FLOAT32,
+# KEY_PADDING) on the two code paths they change: Volta's shared-memory softmax (sm_70; Turing runs the same
+# source) and the register softmax that sm_80+ runs (SM80_ACCUMULATOR), each beside the plain variant of the
+# same plan and dtype. Head dims 40 (element-by-element loads), 64 and 128 (the most registers); the problem
+# is 2 x 8 heads x 1000 queries and keys, causal with a window (every Visibility check in play too).
+MASK_DEVICES = {"v100": (70, None), "a100": (80, SM80_ACCUMULATOR)}
+MASK_HEAD_DIMS = (40, 64, 128)
+MASK_KINDS = {  # id -> Variant fields
+    "plain": {},
+    "bool": {"mask": "bool"},
+    "additive": {"mask": "additive"},  # read in the inputs' dtype
+    "additive32-padding": {"mask": "additive", "mask_float32": True, "key_padding": True},
+    "padding": {"key_padding": True},
+}
+BF16_MASK_KINDS = ("plain", "additive")  # sm_80 only: a bfloat16 mask read as it is
+
+
+def _mask_cases() -> list[Case]:
+    cases = []
+    for device, (arch, layout) in MASK_DEVICES.items():
+        for head_dim in MASK_HEAD_DIMS:
+            spec = AttentionSpec(batch=2, heads=8, seqlen_q=1000, seqlen_k=1000, head_dim=head_dim, dtype="float16",
+                                 causal=True, device="cuda:0")
+            plan = wmma.plan(spec, catalog.lookup(device))
+            for bf16 in (False, True) if arch >= 80 and head_dim >= 64 else (False,):
+                for kind, fields in MASK_KINDS.items():
+                    if bf16 and kind not in BF16_MASK_KINDS:
+                        continue
+                    variant = Variant(head_dim=head_dim, plan=plan, causal=True, bf16=bf16, window=True,
+                                      vector_loads=head_dim % 8 == 0, accumulator=layout, **fields)
+                    cases.append(Case(f"{device}-d{head_dim}-{kind}" + ("-bf16" if bf16 else ""), device, arch, variant,
+                                      spec.label()))
+    return cases
+
+
+MASK_CASES = _mask_cases()
+PLAIN_OF = {case.id: next(c for c in MASK_CASES if c.device == case.device and c.variant == dataclasses.replace(
+    case.variant, mask=None, mask_float32=False, key_padding=False)) for case in MASK_CASES}
+# What a mask may add to a kernel's spill stores over the plain variant of its plan (which the checks above
+# hold to SPILL_TRADE_BYTES on sm_70/sm_75; on sm_80 the plain bfloat16 variants already spill 24 B (d64) and
+# 48 B (d128) in dK/dV at the cap). Measured with CUDA 12.9 ptxas: on sm_70 a mask costs the kernels 0-15
+# registers (the forward at d128 goes from 240 to the cap, spilling 4-8 B); on sm_80, where the register
+# softmax stages a tile's masks in shared memory first (stage_bias in the .cu file), -66..+40 registers and
+# at most 12 B more spilled (the d40 forward: 128 registers, 12 B). Read straight from global memory per
+# fragment element instead, the masked dK/dV kernel went from 168 registers to the cap.
+MASK_SPILL_BYTES = SPILL_TRADE_BYTES
 
 UNAVAILABLE = cupy_offline.unavailable_reason()
 pytestmark = pytest.mark.skipif(UNAVAILABLE is not None,
@@ -309,6 +357,49 @@ def test_spills(builds, case):
     assert not refused, f"spills in {_where(case)}:\n  " + "\n  ".join(refused)
 
 
+mask_parametrize = pytest.mark.parametrize("case", MASK_CASES, ids=[case.id for case in MASK_CASES])
+
+
+@mask_parametrize
+def test_mask_variant_compiles(builds, case):
+    """Every kernel of a score-mask variant compiles for sm_70 and sm_80, at or under 255 registers, a
+    launched kernel spilling at most MASK_SPILL_BYTES more than the plain variant, the forward in its band."""
+    reports = _reports(builds, case)
+    assert set(KERNELS) <= set(reports), sorted(reports)
+    launched = KERNELS if case.plan.backward is not None else ("attention_forward", "attention_backward_delta")
+    plain = _reports(builds, PLAIN_OF[case.id])
+    for name in launched:
+        report = reports[name]
+        assert report.registers <= MAX_REGISTERS, f"{report}: {_where(case)}"
+        assert report.spill_stores <= plain[name].spill_stores + MASK_SPILL_BYTES, (
+            f"{report} (the plain variant spills {plain[name].spill_stores} B): {_where(case)}")
+    _assert_in_band(reports["attention_forward"], case.plan.registers_per_thread, FORWARD_BAND, case)
+    if case.plan.backward is not None:  # the lower end of the band: no kernel lost its accumulators
+        dkdv = reports["attention_backward_dkdv"]
+        assert dkdv.registers >= BACKWARD_BAND[0] * _backward_estimate(case.plan), f"{dkdv}: {_where(case)}"
+    extra = {name: reports[name].registers - plain[name].registers for name in launched}
+    if any(reports[name].spill_stores for name in launched):
+        warnings.warn(f"{case.id}: registers vs plain {extra}, spills "
+                      f"{ {name: reports[name].spill_stores for name in launched} }", stacklevel=1)
+
+
+def test_plain_variant_has_no_mask_parameters(builds):
+    """A call without masks compiles the kernels it always had: the mask and padding pointers and strides
+    (5 + 3 parameters) exist only in the variants that use them."""
+    import re
+
+    plain = next(case for case in MASK_CASES if case.id == "v100-d64-plain")
+    both = next(case for case in MASK_CASES if case.id == "v100-d64-additive32-padding")
+    counts = {}
+    for case in (plain, both):
+        ptx = cupy_offline.compile_ptx(case.variant, case.arch)
+        counts[case.id] = {name: len(set(re.findall(rf"\b{name}_param_(\d+)", ptx))) for name in KERNELS}
+    assert counts[plain.id]["attention_forward"] == 27, counts
+    for name in KERNELS:
+        wanted = counts[plain.id][name] + (0 if name == "attention_backward_delta" else 8)
+        assert counts[both.id][name] == wanted, (name, counts)
+
+
 def _table() -> None:
     """The measured registers and spills of every case against the plan's estimates, and compile times."""
     pool = _Builds(_workers())
@@ -329,7 +420,24 @@ def _table() -> None:
               f"{kv.registers / b if b else float('nan'):5.2f} {kv.spill_stores:>5} | {dq.registers:>3} {dq.spill_stores:>5} | "
               f"{r['attention_backward_delta'].registers:>5} | {build.seconds:.1f}s")
     print(f"{len(CASES)} variants in {time.perf_counter() - start:.1f}s on {_workers()} threads")
+    _mask_table(pool)
     pool.executor.shutdown()
+
+
+def _mask_table(pool: _Builds) -> None:
+    """The score-mask variants: registers / spill stores per kernel, and the registers added to the plain variant."""
+    pool.prefetch(MASK_CASES)
+    print(f"\n{'mask variant':30} {'forward':>14} {'dkdv':>14} {'dq':>14}")
+    for case in MASK_CASES:
+        build, plain = pool.get(case), pool.get(PLAIN_OF[case.id])
+        if build.reports is None or plain.reports is None:
+            print(f"{case.id:30} FAILED: {(build.error or plain.error).splitlines()[0]}")
+            continue
+        cells = []
+        for name in ("attention_forward", "attention_backward_dkdv", "attention_backward_dq"):
+            r, extra = build.reports[name], build.reports[name].registers - plain.reports[name].registers
+            cells.append(f"{r.registers:>3}/{r.spill_stores:<3} ({extra:+d})")
+        print(f"{case.id:30} " + " ".join(f"{c:>14}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ streams K/V tiles of ``block_k`` keys (``stages`` deep with cp.async on sm_80+, 
 Volta/Turing), online softmax in float32, causal whole-tile skipping. Backward: a delta kernel, a
 dK/dV kernel that owns keys and streams query tiles (GQA: over every query head of the group, summed
 in registers), and a dQ kernel that owns queries and streams key tiles -- no atomics, deterministic.
+``attn_mask`` (bool or additive) and ``key_padding_mask`` are compile-time variants of the same kernels
+(``MASK``, ``KEY_PADDING``): read per score in place through their strides, forward and backward; a
+call without them compiles to the kernels it always had.
 
 MMA_CHOICE -- WMMA 16x16x16 rather than inline ``mma.sync.m8n8k4``, measured: on the H100
 ``benchmarks/mma_shapes.py`` runs WMMA at 431 TFLOP/s and m8n8k4 at 15.6 (28x slower: from sm_80 on
@@ -34,18 +37,21 @@ from . import plan as wmma
 LOG2E = 1.4426950408889634
 MIN_COMPUTE_CAPABILITY = (7, 0)
 BF16_COMPUTE_CAPABILITY = (8, 0)
-_SUPPORTED = frozenset({"gqa", "bottom_right", "window"})
+_SUPPORTED = frozenset({"gqa", "bottom_right", "window", "bool_mask", "additive_mask", "key_padding"})
 _FEATURE_NOTES = {
     "gqa": "query head h reads K/V head h // group in place; the dK/dV kernel loops over the group's query heads "
            "(sums in registers, no repeat, no atomics)",
     "bottom_right": "query positions shifted by Nk - Nq in the causal mask and the causal tile range",
     "window": "each block's visible key range (queries for dK/dV) is computed and only it is loaded; edge tiles are masked",
-    "bool_mask": "not implemented in the WMMA kernels yet; use triton (sm_80+) or numba",
-    "additive_mask": "not implemented in the WMMA kernels yet; use triton (sm_80+) or numba",
+    "bool_mask": "read per score in place through the broadcast view's strides (stride 0 on broadcast axes, never "
+                 "expanded), forward and backward; tiles are still skipped by causal/window alone",
+    "additive_mask": "added per score in float32, read in place in the inputs' dtype or float32 (other dtypes are "
+                     "converted over the stored elements only); broadcast axes read with stride 0",
     "alibi": "not implemented in the WMMA kernels yet; use triton (sm_80+) or numba",
     "softcap": "not implemented in the WMMA kernels yet; use triton (sm_80+) or numba",
     "block_sparse": "not implemented in the WMMA kernels yet; use triton (sm_80+) or numba",
-    "key_padding": "not implemented in the WMMA kernels yet; use triton (sm_80+) or numba",
+    "key_padding": "padded keys get -inf per score (the (B, Nk) mask read through its strides); a row with no "
+                   "visible key gives O = 0 and LSE = -inf",
     "varlen": "not implemented in the WMMA kernels yet; use triton (sm_80+) or numba",
     "decoding": "no key-split kernel: a few queries would leave most SMs idle; use triton (sm_80+) or numba",
     "dropout": "not implemented in the WMMA kernels yet; use triton (sm_80+) or numba",
@@ -139,11 +145,12 @@ class CupyBackend(Backend):
             lse.fill_(float("-inf"))
             return out, lse
         q, k, v = (launch.rows_contiguous(x) for x in (q, k, v))
-        run = launch.Launcher(q, spec, plan, (q, k, v))
+        run = launch.Launcher(q, spec, plan, (q, k, v), extras)
         run(
             "attention_forward", (-(-seqlen_q // plan.block_q), batch * heads), plan.threads, plan.sram_bytes,
             q, k, v, out, lse, *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(out),
             launch.i64(lse.stride(0)), launch.i64(lse.stride(1)), *launch.sizes(spec), launch.f32(spec.softmax_scale * LOG2E),
+            *run.masks,
         )
         return out, lse
 
@@ -161,7 +168,7 @@ class CupyBackend(Backend):
         q, k, v, out = (launch.rows_contiguous(x) for x in (q, k, v, out))
         lse = lse.to(torch.float32).contiguous()
         delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
-        run = launch.Launcher(q, spec, plan, (q, k, v, out, grad_out))
+        run = launch.Launcher(q, spec, plan, (q, k, v, out, grad_out), extras)
         scale = spec.softmax_scale
         owned = wmma.ROWS_PER_WARP * plan.backward.warps
         threads = 32 * plan.backward.warps
@@ -170,10 +177,10 @@ class CupyBackend(Backend):
         common = (q, k, v, grad_out, lse, delta)
         run("attention_backward_dkdv", (-(-seqlen_k // owned), batch * kv_heads), threads, plan.backward.sram_bytes,
                *common, dk, dv, *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(grad_out), *launch.strides(dk),
-               *launch.strides(dv), *launch.sizes(spec), launch.f32(scale), launch.f32(scale * LOG2E))
+               *launch.strides(dv), *launch.sizes(spec), launch.f32(scale), launch.f32(scale * LOG2E), *run.masks)
         run("attention_backward_dq", (-(-seqlen_q // owned), batch * heads), threads, plan.backward.sram_bytes,
                *common, dq, *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(grad_out), *launch.strides(dq),
-               *launch.sizes(spec), launch.f32(scale), launch.f32(scale * LOG2E))
+               *launch.sizes(spec), launch.f32(scale), launch.f32(scale * LOG2E), *run.masks)
         return dq, dk, dv
 
 

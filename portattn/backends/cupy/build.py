@@ -16,6 +16,7 @@ from .plan import backward_smem_bytes, q_in_registers
 SOURCE_PATH = Path(__file__).with_name("kernels") / "attention.cu"
 LAYOUT_SOURCE_PATH = SOURCE_PATH.with_name("fragment_layout.cu")
 KERNELS = ("attention_forward", "attention_backward_delta", "attention_backward_dkdv", "attention_backward_dq")
+MASK_CODES = {None: 0, "bool": 1, "additive": 2}  # the .cu file's MASK
 
 
 @functools.lru_cache(maxsize=1)
@@ -86,6 +87,9 @@ class Variant:
     vector_loads: bool  # 16-byte global loads: head dim, row strides and base pointers in 8-element units
     accumulator: AccumulatorLayout | None = None  # probed on the device; None: shared-memory softmax
     window: bool = False  # sliding-window bounds (their values are run-time arguments)
+    mask: str | None = None  # attn_mask kind: None, "bool" or "additive" (spec.mask); read per score through strides
+    mask_float32: bool = False  # an additive mask's values are float32 (else the inputs' dtype)
+    key_padding: bool = False  # key_padding_mask (B, Nk), read per score
 
     def defines(self) -> dict[str, object]:
         p = self.plan
@@ -109,6 +113,9 @@ class Variant:
             "WINDOW": int(self.window),
             "BF16": int(self.bf16),
             "VECTOR_LOADS": int(self.vector_loads),
+            "MASK": MASK_CODES[self.mask],
+            "MASK_FLOAT32": int(self.mask == "additive" and self.mask_float32),
+            "KEY_PADDING": int(self.key_padding),
             **(self.accumulator.defines() if self.accumulator else {"REGISTER_SOFTMAX": 0}),
         }
 

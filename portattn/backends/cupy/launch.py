@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+from ...extras import NONE
 from .build import KERNELS, LAYOUT_SOURCE_PATH, Variant, accumulator_layout, source
 
 UNBOUNDED = 1 << 29  # a window side with no bound: farther than any key (and no int overflow in the bounds arithmetic)
@@ -11,15 +12,20 @@ UNBOUNDED = 1 << 29  # a window side with no bound: farther than any key (and no
 DELTA_ROWS_PER_BLOCK = 4  # the delta kernel: one warp per row
 
 class Launcher:
-    """Launches the kernels of one call's variant on the tensors' device and torch's current stream."""
+    """Launches the kernels of one call's variant on the tensors' device and torch's current stream.
 
-    def __init__(self, q, spec, plan, tensors):
+    ``masks``: the attn_mask and key_padding_mask arguments that the forward, dK/dV and dQ kernels
+    take last (none for a call without them: those kernels then have the parameters they always had)."""
+
+    def __init__(self, q, spec, plan, tensors, extras=NONE):
         import torch
 
         self.index = q.device.index if q.device.index is not None else torch.cuda.current_device()
         vector = spec.head_dim % 8 == 0 and all(vector_friendly(x) for x in tensors)
+        self.masks, mask_float32 = score_masks(spec, extras, q.dtype)
         variant = Variant(spec.head_dim, plan, spec.causal, q.dtype == torch.bfloat16, vector, accumulator(self.index),
-                          window=spec.window is not None)
+                          window=spec.window is not None, mask=spec.mask, mask_float32=mask_float32,
+                          key_padding=spec.key_padding)
         self.options = variant.options()  # the module's cache key, built once for the call's launches
         self.stream = torch.cuda.current_stream(q.device).cuda_stream
 
@@ -146,6 +152,32 @@ def sizes(spec):
     left, right = spec.window if spec.window is not None else (None, None)
     bounds = (UNBOUNDED if left is None else left, UNBOUNDED if right is None else right)
     return tuple(cupy.int32(x) for x in (spec.heads, spec.group_size, spec.seqlen_q, spec.seqlen_k, spec.query_offset(), *bounds))
+
+def score_masks(spec, extras, dtype):
+    """The kernels' mask arguments, and whether an additive mask is read as float32.
+
+    ``attn_mask`` arrives as the API's (B, H, Nq, Nk) broadcast view and is passed as it is -- its data
+    and its four strides in elements, 0 on every broadcast axis -- so a (B, 1, Nq, Nk) or (B, 1, 1, Nk)
+    mask is read in place and never expanded. Bool is read as bytes; an additive mask in the inputs'
+    dtype (a model's own float16/bfloat16 mask) or in float32 is read as it is; any other float dtype
+    (float64, float16 with bfloat16 inputs) is converted to float32 over its stored elements only (its
+    broadcast axes cut to length 1, then broadcast again). ``key_padding_mask`` (B, Nk) bool: its data
+    and two strides."""
+    import torch
+
+    args, float32 = (), False
+    if spec.mask is not None:
+        mask = extras.attn_mask
+        if spec.mask == "additive" and mask.dtype != dtype:
+            float32 = True
+            if mask.dtype != torch.float32:
+                stored = mask[tuple(slice(0, 1) if step == 0 else slice(None) for step in mask.stride())]
+                mask = stored.to(torch.float32).expand(mask.shape)
+        args += (mask, *(i64(step) for step in mask.stride()))
+    if spec.key_padding:
+        padding = extras.key_padding_mask
+        args += (padding, i64(padding.stride(0)), i64(padding.stride(1)))
+    return args, float32
 
 def i64(value):
     import cupy

@@ -44,10 +44,13 @@ FEATURE_NOTES = {
     "block_sparse": "not implemented in the OpenCL kernels yet; use numba or triton",
     "key_padding": "padded keys get -inf per score inside visited tiles",
     "varlen": "not implemented in the OpenCL kernels yet; use numba or triton",
-    "decoding": "no key-split kernel: a few query rows would give one work-group per head; use numba or triton",
+    "decoding": "runs as any other call, without key splits: one work-group per (query tile, batch x head) walks "
+                "all of its keys (plan.key_splits == 1), so a few queries occupy batch x heads work-groups; "
+                "numba and triton split the key loop",
     "dropout": "no counter-based generator in the OpenCL kernels yet; use numba or triton",
 }
-_SUPPORTED = frozenset({"gqa", "bottom_right", "window", "bool_mask", "additive_mask", "alibi", "softcap", "key_padding"})
+_SUPPORTED = frozenset({"gqa", "bottom_right", "window", "bool_mask", "additive_mask", "alibi", "softcap", "key_padding",
+                        "decoding"})
 assert set(FEATURE_NOTES) == set(FEATURES)
 
 

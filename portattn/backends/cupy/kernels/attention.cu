@@ -11,6 +11,9 @@
 //   CAUSAL, WINDOW (sliding-window bounds, passed at run time), BF16, VECTOR_LOADS (16-byte global loads: head dim, row strides and pointers are multiples
 //   of 8 elements), FWD_SMEM_BYTES / BWD_SMEM_BYTES (the planner's figures: static_asserts below
 //   check that this file lays shared memory out exactly as portattn/tiling/wmma.py predicts).
+//   MASK (0 none, 1 bool attn_mask, 2 additive), MASK_FLOAT32 (an additive mask's values are float32,
+//   else the inputs' dtype), KEY_PADDING: the score masks (ScoreMask below); with all three 0 the
+//   kernels take no mask arguments and compile to the code they had before masks existed.
 //
 // Why WMMA and not inline mma.sync.m8n8k4: portattn/backends/cupy_gpu.py (MMA_CHOICE) and
 // benchmarks/mma_shapes.py, which times both. In short: on the H100 WMMA runs 28x faster (it compiles
@@ -114,6 +117,87 @@ struct Visibility {
     }
 };
 
+// The scores' own masks (portattn/extras.py has the semantics): attn_mask -- MASK 1: a byte per score,
+// nonzero = attend; MASK 2: a value added to the score -- and key_padding_mask (KEY_PADDING: a byte per
+// (batch, key), nonzero = a real key). Both are read in place through their strides in elements, as
+// the API hands them over: the mask is a (B, H, Nq, Nk) broadcast view whose broadcast axes (batch,
+// head, and also query or key for masks such as (B, 1, 1, Nk)) have stride 0, never expanded. Every
+// tile of a variant with a mask is checked per score; which tiles are loaded is still decided by
+// Visibility alone.
+#define SCORE_MASK (MASK || KEY_PADDING)
+#if SCORE_MASK
+#if MASK == 2 && MASK_FLOAT32
+typedef float mask_t;
+#elif MASK == 2
+typedef elem_t mask_t;  // the inputs' dtype: a model's float16/bfloat16 mask is read as it is, not converted
+#else
+typedef unsigned char mask_t;  // bool: one byte, 0 or 1
+#endif
+__device__ __forceinline__ float mask_value(float x) { return x; }
+__device__ __forceinline__ float mask_value(elem_t x) { return to_float(x); }
+
+struct ScoreMask {
+#if MASK
+    const mask_t *mask;
+    long mask_sb, mask_sh, mask_sq, mask_sk;
+#endif
+#if KEY_PADDING
+    const unsigned char *padding;
+    long padding_sb, padding_sk;
+#endif
+    // the masks of one (batch, head): `apply` then indexes them by query and key alone
+    __device__ __forceinline__ ScoreMask at(int batch, int head) const {
+        ScoreMask moved = *this;
+#if MASK
+        moved.mask += batch * mask_sb + head * mask_sh;
+#endif
+#if KEY_PADDING
+        moved.padding += batch * padding_sb;
+#endif
+        return moved;
+    }
+    // x = s * scale_log2 of a (query, key) that exists -> its score in log2 units; -INFINITY where masked
+    __device__ __forceinline__ float apply(float x, int query, int key) const {
+#if KEY_PADDING
+        if (!padding[key * padding_sk]) return -INFINITY;
+#endif
+#if MASK == 1
+        if (!mask[query * mask_sq + key * mask_sk]) return -INFINITY;
+#elif MASK == 2
+        x += mask_value(mask[query * mask_sq + key * mask_sk]) * LOG2E;  // an additive -inf hides the key
+#endif
+        return x;
+    }
+};
+
+// The score of (query, key) in log2 units from x = s * scale_log2, -INFINITY where hidden. `cut`: the
+// tile reaches past the queries or keys or across a causal/window edge (Visibility::cuts); then those
+// are checked first, so the masks are only read where the query and the key exist.
+__device__ __forceinline__ float masked_score(float x, int query, int key, bool cut, const Visibility &vis,
+                                              const ScoreMask &masks) {
+    return cut && vis.hidden(query, key) ? -INFINITY : masks.apply(x, query, key);
+}
+#endif
+
+// The masks as the forward, dK/dV and dQ kernels' last parameters (none without them), and the
+// ScoreMask made of those parameters.
+#if MASK
+#define MASK_PARAMS , const mask_t *__restrict__ mask, long mask_sb, long mask_sh, long mask_sq, long mask_sk
+#define MASK_FIELDS mask, mask_sb, mask_sh, mask_sq, mask_sk,
+#else
+#define MASK_PARAMS
+#define MASK_FIELDS
+#endif
+#if KEY_PADDING
+#define PADDING_PARAMS , const unsigned char *__restrict__ padding, long padding_sb, long padding_sk
+#define PADDING_FIELDS padding, padding_sb, padding_sk,
+#else
+#define PADDING_PARAMS
+#define PADDING_FIELDS
+#endif
+#define SCORE_MASK_PARAMS MASK_PARAMS PADDING_PARAMS
+#define SCORE_MASK_FROM_PARAMS (ScoreMask{MASK_FIELDS PADDING_FIELDS})
+
 typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, elem_t, wmma::row_major> frag_a;
 typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, elem_t, wmma::row_major> frag_b_row;
 typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, elem_t, wmma::col_major> frag_b_col;
@@ -180,6 +264,25 @@ __device__ __forceinline__ float row_sum_across_lanes(float x) {
     for (int s = 0; s < ACC_SHUFFLE_COUNT; ++s) x += __shfl_xor_sync(0xffffffffu, x, ACC_SHUFFLE[s]);
     return x;
 }
+
+#if SCORE_MASK
+// The register softmax leaves a warp's float32 score scratch unused after the layout probe, so there the
+// warp first stages its tile's masks as one bias per score (log2 units: 0 or the additive value where
+// visible, -inf where hidden; `bias(row, col)`), its lanes walking the key axis (coalesced reads of a
+// row-major mask). Each accumulator element then adds its bias from shared memory: read straight from
+// global memory by the fragment layout, ptxas would hoist a tile's worth of scattered loads into
+// registers (measured on sm_80: the dK/dV kernel at 255 registers). Two reads in flight per lane: more
+// take the bfloat16 forward from 168 to 255 registers (ptxas 12.9, sm_80, d64).
+template <int COLUMNS, bool KEYS_ARE_ROWS, class Bias>
+__device__ __forceinline__ void stage_bias(float *scores, int lane, Bias bias) {
+#pragma unroll 2
+    for (int i = lane; i < 16 * COLUMNS; i += 32) {
+        const int row = KEYS_ARE_ROWS ? i % 16 : i / COLUMNS, col = KEYS_ARE_ROWS ? i / 16 : i % COLUMNS;
+        scores[row * (COLUMNS + 4) + col] = bias(row, col);
+    }
+    __syncwarp();
+}
+#endif
 #endif
 
 // acc[c] (16 x 16 each, COLUMNS/16 of them) = rows(16 x D) @ tile(COLUMNS x D)^T. The head-dim loop
@@ -293,7 +396,7 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
                   long q_sb, long q_sh, long q_sn, long k_sb, long k_sh, long k_sn, long v_sb, long v_sh, long v_sn,
                   long o_sb, long o_sh, long o_sn, long lse_sb, long lse_sh,
                   int heads, int group, int seqlen_q, int seqlen_k, int query_offset, int window_left, int window_right,
-                  float scale_log2) {
+                  float scale_log2 SCORE_MASK_PARAMS) {
     extern __shared__ __align__(128) char smem[];
     elem_t *q_tile = reinterpret_cast<elem_t *>(smem);
     elem_t *kv_tiles = reinterpret_cast<elem_t *>(smem + FWD_Q_BYTES);
@@ -309,6 +412,9 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
 
     // the key tiles any row of this block sees (causal, window): the others are never loaded
     const Visibility vis{seqlen_q, seqlen_k, query_offset, window_left, window_right};
+#if SCORE_MASK
+    const ScoreMask masks = SCORE_MASK_FROM_PARAMS.at(batch, head);
+#endif
     const int2 keys = vis.key_range(q_start, q_start + FWD_ROWS - 1);
     const int first_tile = keys.x / FWD_BLOCK_K;
     const int tiles = keys.y > keys.x ? (keys.y + FWD_BLOCK_K - 1) / FWD_BLOCK_K - first_tile : 0;
@@ -379,20 +485,33 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
 #endif
         const int key_base = (first_tile + t) * FWD_BLOCK_K;
         // a causal or window edge, or the end of the keys, cuts this warp's tile: mask per element
+#if SCORE_MASK  // every score is masked; the end of the queries counts too, where the mask's rows end
+        const bool masked = vis.cuts(warp_query, warp_query + 15, key_base, key_base + FWD_BLOCK_K - 1);
+#else
         const bool masked = vis.cuts_keys(warp_query, warp_query + 15, key_base, key_base + FWD_BLOCK_K - 1);
+#endif
 
 #if REGISTER_SOFTMAX
         float tile_max[ACC_ROWS];
 #pragma unroll
         for (int r = 0; r < ACC_ROWS; ++r) tile_max[r] = -INFINITY;
+#if SCORE_MASK
+        stage_bias<FWD_BLOCK_K, false>(scratch.scores, lane, [&](int row, int col) {
+            return masked_score(0.f, warp_query + row, key_base + col, masked, vis, masks);
+        });
+#endif
 #pragma unroll
         for (int c = 0; c < FWD_BLOCK_K / 16; ++c)
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 float x = s_acc[c].x[i] * scale_log2;
+#if SCORE_MASK
+                x += scratch.scores[row_of[i] * SLD + c * 16 + col_of[i]];  // -inf where hidden
+#else
                 if (masked) {
                     if (vis.key_hidden(warp_query + row_of[i], key_base + c * 16 + col_of[i])) x = -INFINITY;
                 }
+#endif
                 s_acc[c].x[i] = x;
                 tile_max[ACC_SLOT[i]] = fmaxf(tile_max[ACC_SLOT[i]], x);
             }
@@ -421,7 +540,7 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
 #else
         // shared-memory softmax: the scores are staged, and each lane owns half a row, float4 at a time
         stage_scores<FWD_BLOCK_K>(scratch.scores, s_acc);
-        const float *s_row = scratch.scores + my_row * SLD + my_half * (FWD_BLOCK_K / 2);
+        float *s_row = scratch.scores + my_row * SLD + my_half * (FWD_BLOCK_K / 2);
         float tile_max = -INFINITY;
 #pragma unroll
         for (int c = 0; c < FWD_BLOCK_K / 2; c += 4) {
@@ -430,9 +549,17 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 int key = key_base + my_half * (FWD_BLOCK_K / 2) + c + e;
+#if SCORE_MASK  // the masked score, written back below: the second pass reads it instead of the masks again
+                s[e] = masked_score(s[e] * scale_log2, my_query, key, masked, vis, masks);
+                tile_max = fmaxf(tile_max, s[e]);
+#else
                 bool hidden = masked && vis.key_hidden(my_query, key);
                 tile_max = fmaxf(tile_max, hidden ? -INFINITY : s[e] * scale_log2);
+#endif
             }
+#if SCORE_MASK
+            *reinterpret_cast<float4 *>(s_row + c) = make_float4(s[0], s[1], s[2], s[3]);  // this lane's own scores
+#endif
         }
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 16));
         const float new_max = fmaxf(row_max, tile_max);
@@ -445,9 +572,13 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
             float s[4] = {s4.x, s4.y, s4.z, s4.w};
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
+#if SCORE_MASK
+                const float p = exp2f(s[e] - base);  // 0 where hidden (-inf)
+#else
                 int key = key_base + my_half * (FWD_BLOCK_K / 2) + c + e;
                 bool hidden = masked && vis.key_hidden(my_query, key);
                 const float p = hidden ? 0.f : exp2f(s[e] * scale_log2 - base);
+#endif
                 tile_sum += p;
                 p_row[c + e] = from_float(p);
             }
@@ -571,11 +702,22 @@ struct TileContext {
     int row_base, col_base;  // positions of the warp tile's first row and first column
     bool masked;
     Visibility vis;
+#if SCORE_MASK
+    ScoreMask masks;  // moved to the tile's (batch, query head)
+#endif
 
     template <bool TRANSPOSED>
     __device__ __forceinline__ bool hidden(int row, int col) const {
         return masked && (TRANSPOSED ? vis.hidden(col_base + col, row_base + row) : vis.hidden(row_base + row, col_base + col));
     }
+#if SCORE_MASK
+    // x = s * scale_log2 -> the score in log2 units, -INFINITY where hidden (masked_score)
+    template <bool TRANSPOSED>
+    __device__ __forceinline__ float score(int row, int col, float x) const {
+        return TRANSPOSED ? masked_score(x, col_base + col, row_base + row, masked, vis, masks)
+                          : masked_score(x, row_base + row, col_base + col, masked, vis, masks);
+    }
+#endif
 };
 
 // Visit each element of a warp's 16 x COLUMNS tile: fn(row, col, slot, value, prob), with `value`
@@ -613,9 +755,20 @@ template <bool TRANSPOSED>
 __device__ __forceinline__ void probabilities(frag_acc (&acc)[BWD_BLOCK_N / 16], WarpScratch<BWD_BLOCK_N> &scratch,
                                               const float *col_lse, const float *row_lse, const TileContext &tile,
                                               float scale_log2, const int row_of[8], const int col_of[8], int lane) {
+#if SCORE_MASK && REGISTER_SOFTMAX
+    stage_bias<BWD_BLOCK_N, TRANSPOSED>(scratch.scores, lane, [&](int row, int col) {
+        return tile.template score<TRANSPOSED>(row, col, 0.f);
+    });
+#endif
     for_each_element<BWD_BLOCK_N>(acc, scratch, row_of, col_of, lane, [&](int row, int col, int slot, float s, elem_t &p) {
         const float lse_log2 = TRANSPOSED ? col_lse[col] : row_lse[slot];
+#if SCORE_MASK && REGISTER_SOFTMAX  // the staged bias: -inf where hidden, so P = 0
+        p = from_float(exp2f(s * scale_log2 + scratch.scores[row * WarpScratch<BWD_BLOCK_N>::SLD + col] - lse_log2));
+#elif SCORE_MASK
+        p = from_float(exp2f(tile.template score<TRANSPOSED>(row, col, s * scale_log2) - lse_log2));  // 0 where hidden
+#else
         p = from_float(tile.template hidden<TRANSPOSED>(row, col) ? 0.f : exp2f(s * scale_log2 - lse_log2));
+#endif
     });
 }
 
@@ -654,7 +807,7 @@ attention_backward_dkdv(const elem_t *__restrict__ q, const elem_t *__restrict__
                         long q_sb, long q_sh, long q_sn, long k_sb, long k_sh, long k_sn, long v_sb, long v_sh, long v_sn,
                         long g_sb, long g_sh, long g_sn, long dk_sb, long dk_sh, long dk_sn, long dv_sb, long dv_sh, long dv_sn,
                         int heads, int group, int seqlen_q, int seqlen_k, int query_offset, int window_left,
-                        int window_right, float scale, float scale_log2) {
+                        int window_right, float scale, float scale_log2 SCORE_MASK_PARAMS) {
     extern __shared__ __align__(128) char smem[];
     elem_t *k_tile = reinterpret_cast<elem_t *>(smem);
     elem_t *v_tile = reinterpret_cast<elem_t *>(smem + tile_bytes(BWD_ROWS));
@@ -673,6 +826,9 @@ attention_backward_dkdv(const elem_t *__restrict__ q, const elem_t *__restrict__
 
     // the query blocks that see any of these keys (causal, window): the others are never loaded
     const Visibility vis{seqlen_q, seqlen_k, query_offset, window_left, window_right};
+#if SCORE_MASK
+    const ScoreMask masks = SCORE_MASK_FROM_PARAMS;  // moved to each step's query head below
+#endif
     const int2 queries = vis.query_range(k_start, k_start + BWD_ROWS - 1);
     const int first_query = queries.x / BWD_BLOCK_N * BWD_BLOCK_N;
     const int blocks_per_head = queries.y > queries.x ? (queries.y - first_query + BWD_BLOCK_N - 1) / BWD_BLOCK_N : 0;
@@ -716,7 +872,11 @@ attention_backward_dkdv(const elem_t *__restrict__ q, const elem_t *__restrict__
         Stage stage(stages, s % BWD_STAGES);
         const int q_start = first_query + (s % blocks_per_head) * BWD_BLOCK_N;
         // mask where a causal or window edge, or the end of the queries or keys, cuts this warp's tile
-        const TileContext tile{warp_key, q_start, vis.cuts(q_start, q_start + BWD_BLOCK_N - 1, warp_key, warp_key + 15), vis};
+        const TileContext tile{warp_key, q_start, vis.cuts(q_start, q_start + BWD_BLOCK_N - 1, warp_key, warp_key + 15), vis
+#if SCORE_MASK
+                               , masks.at(batch, kv_head * group + s / blocks_per_head)
+#endif
+        };
         frag_acc acc[BWD_BLOCK_N / 16];
         rows_times_tile_t<BWD_BLOCK_N>(acc, k_rows, stage.first);  // S^T = K Q^T
         probabilities<true>(acc, scratch, stage.lse, nullptr, tile, scale_log2, row_of, col_of, lane);
@@ -748,7 +908,7 @@ attention_backward_dq(const elem_t *__restrict__ q, const elem_t *__restrict__ k
                       long q_sb, long q_sh, long q_sn, long k_sb, long k_sh, long k_sn, long v_sb, long v_sh, long v_sn,
                       long g_sb, long g_sh, long g_sn, long dq_sb, long dq_sh, long dq_sn,
                       int heads, int group, int seqlen_q, int seqlen_k, int query_offset, int window_left,
-                      int window_right, float scale, float scale_log2) {
+                      int window_right, float scale, float scale_log2 SCORE_MASK_PARAMS) {
     extern __shared__ __align__(128) char smem[];
     elem_t *q_tile = reinterpret_cast<elem_t *>(smem);
     elem_t *g_tile = reinterpret_cast<elem_t *>(smem + tile_bytes(BWD_ROWS));
@@ -767,6 +927,9 @@ attention_backward_dq(const elem_t *__restrict__ q, const elem_t *__restrict__ k
 
     // the key blocks any of these queries sees (causal, window): the others are never loaded
     const Visibility vis{seqlen_q, seqlen_k, query_offset, window_left, window_right};
+#if SCORE_MASK
+    const ScoreMask masks = SCORE_MASK_FROM_PARAMS.at(batch, head);
+#endif
     const int2 keys = vis.key_range(q_start, q_start + BWD_ROWS - 1);
     const int first_block = keys.x / BWD_BLOCK_N;
     const int steps = keys.y > keys.x ? (keys.y + BWD_BLOCK_N - 1) / BWD_BLOCK_N - first_block : 0;
@@ -818,7 +981,11 @@ attention_backward_dq(const elem_t *__restrict__ q, const elem_t *__restrict__ k
         Stage stage(stages, s % BWD_STAGES);
         const int key_base = (first_block + s) * BWD_BLOCK_N;
         const TileContext tile{warp_query, key_base, vis.cuts(warp_query, warp_query + 15, key_base, key_base + BWD_BLOCK_N - 1),
-                               vis};
+                               vis
+#if SCORE_MASK
+                               , masks
+#endif
+        };
         frag_acc acc[BWD_BLOCK_N / 16];
         rows_times_tile_t<BWD_BLOCK_N>(acc, q_rows, stage.first);  // S = Q K^T
         probabilities<false>(acc, scratch, nullptr, row_lse, tile, scale_log2, row_of, col_of, lane);
