@@ -37,7 +37,7 @@ from . import plan as wmma
 LOG2E = 1.4426950408889634
 MIN_COMPUTE_CAPABILITY = (7, 0)
 BF16_COMPUTE_CAPABILITY = (8, 0)
-_SUPPORTED = frozenset({"gqa", "bottom_right", "window", "bool_mask", "additive_mask", "key_padding"})
+_SUPPORTED = frozenset({"gqa", "bottom_right", "window", "bool_mask", "additive_mask", "key_padding", "decoding"})
 _FEATURE_NOTES = {
     "gqa": "query head h reads K/V head h // group in place; the dK/dV kernel loops over the group's query heads "
            "(sums in registers, no repeat, no atomics)",
@@ -53,7 +53,7 @@ _FEATURE_NOTES = {
     "key_padding": "padded keys get -inf per score (the (B, Nk) mask read through its strides); a row with no "
                    "visible key gives O = 0 and LSE = -inf",
     "varlen": "not implemented in the WMMA kernels yet; use triton (sm_80+) or numba",
-    "decoding": "no key-split kernel: a few queries would leave most SMs idle; use triton (sm_80+) or numba",
+    "decoding": "run by the ordinary kernels with one key split (no split-KV kernel yet): correct, but a few queries per head keep few SMs busy; triton (sm_80+) splits the key loop",
     "dropout": "not implemented in the WMMA kernels yet; use triton (sm_80+) or numba",
 }
 assert set(_FEATURE_NOTES) == set(FEATURES)
