@@ -105,6 +105,8 @@ def main(argv=None):
     parser.add_argument("--json")
     parser.add_argument("--label", default="this tree")
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
+    parser.add_argument("--small-only", action="store_true", help="only the back-to-back small calls (no kernel timing)")
+    parser.add_argument("--calls", type=int, default=CALLS, help=f"calls per timed run (default {CALLS})")
     args = parser.parse_args(argv)
     if args.compare:
         return compare(*args.compare)
@@ -126,16 +128,17 @@ def main(argv=None):
         q, k, v = _inputs(torch, case, device, dtype)
         row = {}
         for backend in ("triton", "auto"):
-            row[f"portattn-{backend}"] = _back_to_back(torch, lambda b=backend: portattn.attention(q, k, v, causal=case["causal"], backend=b)) * 1e6
+            row[f"portattn-{backend}"] = _back_to_back(
+                torch, lambda b=backend: portattn.attention(q, k, v, causal=case["causal"], backend=b), args.calls) * 1e6
         for peer, fn in peers.items():
             try:
-                row[peer] = _back_to_back(torch, lambda fn=fn: fn(q, k, v, case["causal"])) * 1e6
+                row[peer] = _back_to_back(torch, lambda fn=fn: fn(q, k, v, case["causal"]), args.calls) * 1e6
             except RuntimeError as error:  # a kernel that refuses the shape
                 row[peer] = f"refused: {str(error).splitlines()[0][:80]}"
         record["small_us"][name] = row
         record["breakdown_us"][name] = {piece: s * 1e6 for piece, s in breakdown(torch, portattn, q, k, v, case["causal"]).items()}
         print(name, json.dumps(row), json.dumps(record["breakdown_us"][name]), flush=True)
-    for name, case in LARGE.items():
+    for name, case in ({} if args.small_only else LARGE).items():
         q, k, v = _inputs(torch, case, device, dtype, grad=True)
         grad = torch.randn_like(q)
         row = {}

@@ -1,4 +1,4 @@
-"""``triton``: FlashAttention-2 on NVIDIA Ampere/Ada/Hopper GPUs, in Triton (kernels in triton_kernels.py).
+"""``triton``: FlashAttention-2 on NVIDIA Ampere/Ada/Hopper GPUs, in Triton (kernels in kernels.py).
 
 Executes the planner's GPU plan as given: forward ``block_q`` x ``block_k`` with ``warps`` warps and
 ``stages`` pipeline stages, the key loop split ``key_splits`` ways (merged by LSE) when the plan says
@@ -8,13 +8,15 @@ own (``backward.dq_separate``) or, when the plan says so, summed in the dK/dV pa
 adds. ``head_dim_padded`` is the kernels' ``BLOCK_D``; the padding is masked. Inputs are read through their strides (no copies);
 outputs are (B, H, N, D) contiguous in the input dtype, the LSE float32.
 
-Features (``spec.FEATURES``, all of them, forward and backward; ``_features`` turns a call's spec and
-extras into the kernels' feature arguments and constexpr flags, so a plain call compiles to the same
-code as before, and a plain forward launches ``attention_forward``, the featureless entry with half
-the arguments, since Triton's launcher costs Python time per argument): GQA without repeating K/V (the dK/dV program of a K/V head loops over its query
-heads), bottom-right alignment, sliding windows (whole key blocks outside the range are never
-visited), bool/additive masks and key padding read through their (broadcast) strides, ALiBi,
-softcap, block-sparse masks (turned here into compacted per-block lists of kept blocks, cut by the
+Every tensor is passed as one argument, ``launch.view`` = (tensor, strides). Features
+(``spec.FEATURES``, all of them, forward and backward; ``launch.features`` turns a call's spec and
+extras into the kernels' ``Features`` tuple, one argument, and their constexpr flags, so a plain
+call compiles to the same code as before, and a plain forward launches ``attention_forward``, the
+featureless entry without the tuple and the flags, since Triton's launcher costs Python time per
+argument): GQA without repeating K/V (the dK/dV program of a K/V head loops over its query heads),
+bottom-right alignment, sliding windows (whole key blocks outside the range are never visited),
+bool/additive masks and key padding read through their (broadcast) strides, ALiBi, softcap,
+block-sparse masks (turned here into compacted per-block lists of kept blocks, cut by the
 causal/window rules, that the kernels loop over), varlen (cu_seqlens offsets; batch strides 0),
 decoding (key splits merged by LSE, with every feature) and dropout (Philox keyed by the seed on the
 counter (key j, query i, head h, batch b); ``dropout_keep`` materializes that mask).
@@ -24,7 +26,7 @@ in IEEE float32 (``input_precision="ieee"``), not tf32 -- slower, but within the
 bounds of the conformance suite, which tf32's 10-bit mantissa is not.
 
 Interpreter mode: with ``TRITON_INTERPRET=1`` in the environment (read when availability is first
-checked, and it must be set before triton_kernels is first imported, since ``triton.jit`` decides at
+checked, and it must be set before kernels.py is first imported, since ``triton.jit`` decides at
 decoration time), the backend runs the same kernels through Triton's CPU interpreter on CPU torch
 tensors. It then plans for the catalog's H100 (``catalog.lookup("h100")``) -- the device the
 interpreter stands in for -- and runs that plan unchanged, so the kernels are tested with the block
@@ -133,21 +135,21 @@ class TritonBackend(Backend):
         # one split writes O and LSE directly; several write float32 partials merged below
         part_out = out[None] if splits == 1 else torch.empty((splits, *out.shape), dtype=torch.float32, device=q.device)
         part_lse = lse[None] if splits == 1 else torch.empty((splits, *lse.shape), dtype=torch.float32, device=q.device)
-        args, flags = launch.features(spec, extras, by_keys=False)
+        features, flags = launch.features(spec, extras, by_keys=False)
         varlen = spec.varlen
         grid = (-(-spec.seqlen_q // plan.block_q), spec.batch * heads, splits)
-        common = (
-            q, k, v, part_out, part_lse,
-            *launch.strides(q, varlen), *launch.strides(k, varlen), *launch.strides(v, varlen), *launch.strides(part_out[0], varlen),
-            part_out.stride(0), *launch.lse_strides(lse, varlen), part_lse.stride(0),
+        common = (  # O and LSE: their (split) partials, one more stride each
+            launch.view(q, varlen), launch.view(k, varlen), launch.view(v, varlen),
+            (part_out, (*launch.strides(part_out[0], varlen), part_out.stride(0))),
+            (part_lse, (*launch.lse_strides(lse, varlen), part_lse.stride(0))),
             heads, spec.seqlen_q, spec.seqlen_k, spec.softmax_scale * LOG2E, keys_per_split,
         )
         meta = dict(HEAD_DIM=head_dim, BLOCK_M=plan.block_q, BLOCK_N=plan.block_k, BLOCK_D=plan.head_dim_padded,
-                      CAUSAL=spec.causal, IN_PRECISION=launch.in_precision(q), num_warps=plan.warps, num_stages=plan.stages)
+                    CAUSAL=spec.causal, IN_PRECISION=launch.in_precision(q), num_warps=plan.warps, num_stages=plan.stages)
         with launch.on_device(q):
             if any(flags.values()):
-                kernels.attention_forward_features[grid](*common, *args, **flags, **meta)
-            else:  # the same program with every feature off, launched with half the arguments
+                kernels.attention_forward_features[grid](*common, features, **flags, **meta)
+            else:  # the same program with every feature off, launched without the features and their flags
                 kernels.attention_forward[grid](*common, **meta)
         if splits > 1:
             launch.merge_splits(part_out, part_lse, out, lse)
@@ -179,29 +181,27 @@ class TritonBackend(Backend):
         scale = spec.softmax_scale
         precision = launch.in_precision(q)
         varlen = spec.varlen
-        key_args, key_flags = launch.features(spec, extras, by_keys=True, atomic_dq=atomic)
+        key_features, key_flags = launch.features(spec, extras, by_keys=True, atomic_dq=atomic)
+        # q, k, v, dO and the LSE as both passes read them (delta: a pointer with the LSE's strides)
+        reads = (launch.view(q, varlen), launch.view(k, varlen), launch.view(v, varlen), launch.view(grad_out, varlen),
+                 (lse, launch.lse_strides(lse, varlen)), delta)
         with launch.on_device(q):
             kernels.attention_backward_delta[(-(-seqlen_q // block_k), batch * heads)](
-                out, grad_out, delta, *launch.strides(out), *launch.strides(grad_out), heads, seqlen_q,
+                launch.view(out), launch.view(grad_out), delta, heads, seqlen_q,
                 HEAD_DIM=head_dim, BLOCK_M=block_k, BLOCK_D=plan.head_dim_padded,
             )
             kernels.attention_backward_dkdv[(-(-spec.seqlen_k // block_k), spec.batch * kv_heads)](
-                q, k, v, grad_out, lse, delta, dk, dv, dq_acc,
-                *launch.strides(q, varlen), *launch.strides(k, varlen), *launch.strides(v, varlen), *launch.strides(grad_out, varlen),
-                *launch.strides(dk, varlen), *launch.strides(dv, varlen), *launch.strides(dq_acc, varlen)[:3], *launch.lse_strides(lse, varlen),
-                heads, spec.seqlen_q, spec.seqlen_k, scale, scale * LOG2E, *key_args,
+                *reads, launch.view(dk, varlen), launch.view(dv, varlen), (dq_acc, launch.strides(dq_acc, varlen)[:3]),
+                heads, spec.seqlen_q, spec.seqlen_k, scale, scale * LOG2E, key_features,
                 BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=spec.causal, DQ_ATOMIC=atomic, IN_PRECISION=precision,
                 **key_flags, **common,
             )
             if atomic:
                 dq = (dq_acc[..., :head_dim] * scale).to(q.dtype)
             else:
-                args, flags = launch.features(spec, extras, by_keys=False)
+                features, flags = launch.features(spec, extras, by_keys=False)
                 kernels.attention_backward_dq[(-(-spec.seqlen_q // block_k), spec.batch * heads)](
-                    q, k, v, grad_out, lse, delta, dq,
-                    *launch.strides(q, varlen), *launch.strides(k, varlen), *launch.strides(v, varlen), *launch.strides(grad_out, varlen),
-                    *launch.strides(dq, varlen), *launch.lse_strides(lse, varlen),
-                    heads, spec.seqlen_q, spec.seqlen_k, scale, scale * LOG2E, *args,
+                    *reads, launch.view(dq, varlen), heads, spec.seqlen_q, spec.seqlen_k, scale, scale * LOG2E, features,
                     BLOCK_M=block_k, BLOCK_N=block_q, CAUSAL=spec.causal, IN_PRECISION=precision, **flags, **common,
                 )
         return dq, dk, dv

@@ -46,14 +46,21 @@ Conventions shared by all kernels:
   products; the conformance bounds for float32 do not admit tf32's 2^-11 rounding), ignored by
   Triton for float16/bfloat16, whose products are exact in the float32 accumulator anyway.
 
-Feature arguments (the same list, in the same order, in the three attention kernels; each read only
-when its flag is set, so the default specialization -- every flag off -- compiles to the plain
-FlashAttention-2 loops): ``GROUP`` (GQA), ``CU_Q``, ``CU_K`` (varlen), ``WIN_LEFT``, ``WIN_RIGHT``
-(window sides, for ``HAS_LEFT``/``HAS_RIGHT``), ``SOFTCAP2`` (softcap * log2 e), ``SLOPES`` and its
-(b, h) strides (ALiBi), ``MASK`` and its (b, h, i, j) strides (``MASK_KIND`` 1 bool as uint8, 2
-additive), ``KPAD`` and its (b, j) strides (key padding, uint8), ``SP_IDX`` (b, h, row, entry) /
-``SP_NUM`` (b, h, row) and the sparse block sizes, constexpr (block-sparse), ``SEED``, ``DROP_P``,
-``DROP_SCALE`` = 1 / (1 - p) (dropout).
+Arguments: every tensor is one argument, a view ``(pointer, strides)`` (a Triton tuple, unpacked
+first thing in the kernel). The feature values of a call are one more, ``F``, a ``Features``
+named tuple (GQA group, varlen cu_seqlens, window sides, softcap, the ALiBi slopes, the mask, the
+key padding and the block-sparse lists with their strides, dropout's seed, p and 1 / (1 - p)); each
+entry is read only when its feature's ``tl.constexpr`` flag is set, and a pointer whose feature is
+off is None, so the default specialization -- every flag off -- compiles to the plain
+FlashAttention-2 loops. ``_preamble`` (program ids, varlen offsets, query offset) and
+``_head_features`` (per (batch, head): ALiBi slope, mask and key-padding pointers, as the
+``HeadFeatures`` tuple the tiles read) are the one preamble of the forward, dK/dV and dQ kernels;
+``_sparse_list`` / ``_sparse_tile`` their block-sparse loop. The forward with every feature off is
+also ``attention_forward``, a kernel with only the plain arguments (Triton's launcher costs host time
+per argument). Tuples need Triton 3.4+; what keeps 3.4-3.6 compiling them: view arguments are
+unpacked before any loop (a tuple argument nested two deep loses its constexpr entries across a
+loop there, hence the flat ``Features``), no helper returns a tuple holding None (0 stands for an
+absent pointer), and no assignment unpacks into a nested target.
 
 Block sizes, warps and stages are launch parameters chosen by the planner; nothing here picks them.
 Each distinct set of constexprs compiles once and is cached by ``triton.jit``.
@@ -61,12 +68,50 @@ Each distinct set of constexprs compiles once and is cached by ``triton.jit``.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import triton
 import triton.language as tl
 
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
 TWO_LOG2E = tl.constexpr(2.8853900817779268)
+
+
+class Features(NamedTuple):
+    """A call's feature values, passed to the attention kernels as one argument (a Triton tuple, read
+    by field name inside them). Each feature's entries are read only under its constexpr flag; with
+    the flag off they are None (a pointer: no kernel parameter at all) or zeros. Flat on purpose:
+    Triton 3.5/3.6 lose the constexpr-specialized entries (an int equal to 1) of a tuple nested in a
+    tuple argument once a loop has run (the GQA loop of the dK/dV kernel reads this one)."""
+
+    group: int  # GQA: query heads per K/V head
+    cu_q: Any  # varlen: int32 (B + 1,) cu_seqlens of the queries and the keys
+    cu_k: Any
+    win_left: int  # window: keys before / after the query's position (HAS_LEFT / HAS_RIGHT)
+    win_right: int
+    softcap2: float  # softcap * log2 e
+    slopes: Any  # ALiBi: the (B, H) slopes and their strides
+    slopes_stride_b: int
+    slopes_stride_h: int
+    mask: Any  # attn_mask (bool read as uint8, or additive) and its strides
+    mask_stride_b: int
+    mask_stride_h: int
+    mask_stride_i: int
+    mask_stride_j: int
+    kpad: Any  # key_padding_mask as uint8 (B, Nk) and its strides
+    kpad_stride_b: int
+    kpad_stride_j: int
+    sparse_idx: Any  # block-sparse: int32 (B, H, rows, entries) kept-block indices, per row in order
+    sparse_idx_stride_b: int
+    sparse_idx_stride_h: int
+    sparse_idx_stride_row: int
+    sparse_num: Any  # ... and their counts, int32 (B, H, rows)
+    sparse_num_stride_b: int
+    sparse_num_stride_h: int
+    seed: int  # dropout: the Philox key, p and 1 / (1 - p)
+    drop_p: float
+    drop_scale: float
 
 
 @triton.jit
@@ -142,16 +187,39 @@ def _both(a, b):
     return out
 
 
+
+
+class HeadFeatures(NamedTuple):
+    """What the tiles of one (batch, query head) read of a call's ``Features``: made once per head by
+    ``_head_features`` and passed, one tuple, down to ``_scores`` and the dropout test. Pointers and
+    the slope are 0 where their feature is off."""
+
+    off: Any  # key position of query 0 (bottom-right alignment; 0 otherwise)
+    win_left: Any  # window sides (HAS_LEFT / HAS_RIGHT)
+    win_right: Any
+    softcap2: Any  # softcap * log2 e
+    slope2: Any  # this head's ALiBi slope * log2 e
+    mask: Any  # attn_mask at this (batch, head), and its (i, j) strides
+    mask_stride_i: Any
+    mask_stride_j: Any
+    kpad: Any  # key_padding_mask at this batch, and its key stride
+    kpad_stride_j: Any
+    seed: Any  # dropout: seed, p, 1 / (1 - p), and the counter's batch and head words (int32)
+    drop_p: Any
+    drop_scale: Any
+    b: Any
+    h: Any
+
+
 @triton.jit
-def _scores(qk, rows, cols, n_q, n_k, off, win_left, win_right, softcap2, slope2,
-            mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj,
-            MASKED: tl.constexpr, CHECK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr,
-            HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
-            KEY_PADDING: tl.constexpr):
+def _scores(qk, rows, cols, n_q, n_k, S, MASKED: tl.constexpr, CHECK_KEYS: tl.constexpr, CAUSAL: tl.constexpr,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+            MASK_KIND: tl.constexpr, KEY_PADDING: tl.constexpr):
     """The scores of one tile, log2 domain: ``qk`` = scale * log2(e) * q.k for query indices ``rows``
     and key indices ``cols`` (broadcastable 2-D int32 tensors: (M, 1) x (1, N) in the forward and dQ
     pass, (1, M) x (N, 1) in the transposed dK/dV pass), modified in the order the semantics give
-    (softcap, ALiBi, additive mask), with -inf wherever the key is not visible.
+    (softcap, ALiBi, additive mask), with -inf wherever the key is not visible. ``S``: the head's
+    ``HeadFeatures``.
 
     Returns ``(s, t)``: ``t = tanh(raw / softcap)`` for the backward's softcap derivative (``qk``
     itself, unused, without softcap). ``MASKED`` applies the geometric rules (key range, causal,
@@ -160,13 +228,13 @@ def _scores(qk, rows, cols, n_q, n_k, off, win_left, win_right, softcap2, slope2
     the end only make dK/dV rows that are never stored (but on with the atomic dQ, which reads them)."""
     t = qk
     if SOFTCAP:  # softcap * tanh(raw / softcap), in log2 units: C tanh(qk / C) with C = softcap * log2 e
-        t = _tanh(qk / softcap2)
-        qk = softcap2 * t
+        t = _tanh(qk / S.softcap2)
+        qk = S.softcap2 * t
     if ALIBI:  # slope2 = slope * log2 e
-        qk = qk - slope2 * tl.abs(rows + off - cols).to(tl.float32)
+        qk = qk - S.slope2 * tl.abs(rows + S.off - cols).to(tl.float32)
     if MASK_KIND != 0:
         in_bounds = (rows < n_q) & (cols < n_k)
-        mask_ptrs = mask_ptr + rows.to(tl.int64) * stride_mi + cols * stride_mj
+        mask_ptrs = S.mask + rows.to(tl.int64) * S.mask_stride_i + cols * S.mask_stride_j
     if MASK_KIND == 2:
         qk = qk + tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
     if MASKED:
@@ -174,20 +242,19 @@ def _scores(qk, rows, cols, n_q, n_k, off, win_left, win_right, softcap2, slope2
         if CHECK_KEYS:
             visible = cols < n_k
         if CAUSAL:
-            visible = _both(visible, cols <= rows + off)
+            visible = _both(visible, cols <= rows + S.off)
         if HAS_LEFT:
-            visible = _both(visible, cols >= rows + off - win_left)
+            visible = _both(visible, cols >= rows + S.off - S.win_left)
         if HAS_RIGHT:
-            visible = _both(visible, cols <= rows + off + win_right)
+            visible = _both(visible, cols <= rows + S.off + S.win_right)
         qk = tl.where(visible, qk, float("-inf"))
     if KEY_PADDING:
-        real = tl.load(kpad_ptr + cols * stride_pj, mask=cols < n_k, other=0)
+        real = tl.load(S.kpad + cols * S.kpad_stride_j, mask=cols < n_k, other=0)
         qk = tl.where(real != 0, qk, float("-inf"))
     if MASK_KIND == 1:
         allowed = tl.load(mask_ptrs, mask=in_bounds, other=0)
         qk = tl.where(allowed != 0, qk, float("-inf"))
     return qk, t
-
 
 @triton.jit
 def _key_bounds(start_m, n_q, n_k, off, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -260,26 +327,107 @@ def _query_bounds(start_n, n_q, n_k, off, win_left, win_right, BLOCK_M: tl.const
 
 
 # ---------------------------------------------------------------------------------------------
+# the preamble the three attention kernels share: the program's block, batch, head and sequence,
+# then each head's feature values, and the block-sparse lists
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _preamble(F, H, N_Q, N_K, BLOCK: tl.constexpr, BY_KEYS: tl.constexpr, CAUSAL: tl.constexpr, GQA: tl.constexpr,
+              VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
+    """What an attention program works out first from its program ids (grid axis 0: blocks of
+    ``BLOCK`` rows, of queries, or of keys when ``BY_KEYS`` (the dK/dV pass); axis 1: batch x heads,
+    K/V heads when ``BY_KEYS``). Returns ``(start, off_b, off_h, off_hk, q_start, k_start, n_q, n_k,
+    n_seen, off)``: the block's first row; the batch index (sequence, when varlen), query head and
+    K/V head, int64 (``off_h`` is the K/V head too when ``BY_KEYS``); the sequence's first rows in the
+    packed tensors (varlen; 0 otherwise) and lengths; the other side's length, or 0 for a block past
+    its sequence's end (no work); and ``off``, the key position of query 0."""
+    block = tl.program_id(0)
+    if CAUSAL and not BY_KEYS:  # the last query blocks see the most keys: launch them first so the grid ends on short work
+        block = tl.num_programs(0) - 1 - block
+    start = block * BLOCK
+    bh = tl.program_id(1)
+    heads = H
+    if GQA and BY_KEYS:
+        heads = H // F.group
+    off_b = (bh // heads).to(tl.int64)
+    off_h = (bh % heads).to(tl.int64)
+    off_hk = off_h
+    if GQA and not BY_KEYS:
+        off_hk = off_h // F.group
+    n_q = N_Q
+    n_k = N_K
+    q_start = 0
+    k_start = 0
+    if BY_KEYS:
+        n_seen = N_Q
+    else:
+        n_seen = N_K
+    if VARLEN:  # this sequence's rows: batch strides are 0, the row offsets come from cu_seqlens
+        q_start = tl.load(F.cu_q + off_b)
+        k_start = tl.load(F.cu_k + off_b)
+        n_q = tl.load(F.cu_q + off_b + 1) - q_start
+        n_k = tl.load(F.cu_k + off_b + 1) - k_start
+        if BY_KEYS:
+            n_seen = tl.where(start < n_k, n_q, 0)
+        else:
+            n_seen = tl.where(start < n_q, n_k, 0)
+    off = 0
+    if BOTTOM_RIGHT:
+        off = n_k - n_q
+    return start, off_b, off_h, off_hk, q_start, k_start, n_q, n_k, n_seen, off
+
+
+@triton.jit
+def _head_features(F, off, off_b, off_h, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, KEY_PADDING: tl.constexpr):
+    """The ``HeadFeatures`` of query head ``off_h`` of batch (sequence) ``off_b``: its ALiBi slope
+    loaded, the mask and key-padding pointers moved to it."""
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(F.slopes + off_b * F.slopes_stride_b + off_h * F.slopes_stride_h).to(tl.float32) * LOG2E
+    mask = 0
+    if MASK_KIND != 0:
+        mask = F.mask + off_b * F.mask_stride_b + off_h * F.mask_stride_h
+    kpad = 0
+    if KEY_PADDING:
+        kpad = F.kpad + off_b * F.kpad_stride_b
+    return HeadFeatures(off, F.win_left, F.win_right, F.softcap2, slope2, mask, F.mask_stride_i, F.mask_stride_j, kpad,
+                        F.kpad_stride_j, F.seed, F.drop_p, F.drop_scale, off_b.to(tl.int32), off_h.to(tl.int32))
+
+
+@triton.jit
+def _sparse_list(F, off_b, off_h, row):
+    """Block-sparse: a pointer to the kept-block list of sparse row ``row`` (a query block; a key
+    block in the dK/dV pass) of this batch and head, and its length."""
+    idx_ptr = F.sparse_idx + off_b * F.sparse_idx_stride_b + off_h * F.sparse_idx_stride_h + row * F.sparse_idx_stride_row
+    count = tl.load(F.sparse_num + off_b * F.sparse_num_stride_b + off_h * F.sparse_num_stride_h + row)
+    return idx_ptr, count
+
+
+@triton.jit
+def _sparse_tile(idx_ptr, t, TILES: tl.constexpr, SPARSE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """The first row of tile ``t`` of a kept-block list (``TILES`` tiles of ``BLOCK`` rows a block)."""
+    return tl.load(idx_ptr + t // TILES) * SPARSE_BLOCK + (t % TILES) * BLOCK
+
+
+# ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-               start_n, n_q, n_k, qk_scale,
-               off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj,
-               seed, drop_p, off_b, off_h,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-               MASKED: tl.constexpr, EVEN_D: tl.constexpr, IN_PRECISION: tl.constexpr,
-               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-               MASK_KIND: tl.constexpr, KEY_PADDING: tl.constexpr, DROPOUT: tl.constexpr):
+              start_n, n_q, n_k, qk_scale, S,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+              MASKED: tl.constexpr, EVEN_D: tl.constexpr, IN_PRECISION: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+              MASK_KIND: tl.constexpr, KEY_PADDING: tl.constexpr, DROPOUT: tl.constexpr):
     """One key tile at ``start_n`` of the online softmax (see ``_fwd_inner``)."""
     CAN_EMPTY: tl.constexpr = MASKED or KEY_PADDING or MASK_KIND != 0
     cols = start_n + offs_n
     k = _load_rows(k_ptrs + start_n * stride_kn, cols, n_k, offs_d, HEAD_DIM, MASKED, EVEN_D)
     qk = _mma(q, tl.trans(k), None, IN_PRECISION) * qk_scale
-    qk, _t = _scores(qk, offs_m[:, None], cols[None, :], n_q, n_k, off, win_left, win_right, softcap2, slope2,
-                     mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj,
+    qk, _t = _scores(qk, offs_m[:, None], cols[None, :], n_q, n_k, S,
                      MASKED, True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING)
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     if CAN_EMPTY:
@@ -288,7 +436,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, of
     p = tl.math.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        p = tl.where(_dropout_keep(seed, off_b, off_h, offs_m[:, None], cols[None, :], drop_p), p, 0.0)
+        p = tl.where(_dropout_keep(S.seed, S.b, S.h, offs_m[:, None], cols[None, :], S.drop_p), p, 0.0)
     v = _load_rows(v_ptrs + start_n * stride_vn, cols, n_k, offs_d, HEAD_DIM, MASKED, EVEN_D)
     acc = acc * alpha[:, None]
     acc = _mma(p.to(v.dtype), v, acc, IN_PRECISION)
@@ -298,9 +446,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, of
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-               start, stop, n_q, n_k, qk_scale,
-               off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj,
-               seed, drop_p, off_b, off_h,
+               start, stop, n_q, n_k, qk_scale, S,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                MASKED: tl.constexpr, EVEN_D: tl.constexpr, IN_PRECISION: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -314,43 +460,34 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, o
     is that of the undropped weights); the 1 / (1 - p) is applied once, at the end."""
     for start_n in range(start, stop, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                                  start_n, n_q, n_k, qk_scale, off, win_left, win_right, softcap2, slope2, mask_ptr,
-                                  stride_mi, stride_mj, kpad_ptr, stride_pj, seed, drop_p, off_b, off_h, HEAD_DIM,
-                                  BLOCK_N, CAUSAL, MASKED, EVEN_D, IN_PRECISION, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
-                                  MASK_KIND, KEY_PADDING, DROPOUT)
+                                  start_n, n_q, n_k, qk_scale, S, HEAD_DIM, BLOCK_N, CAUSAL, MASKED, EVEN_D,
+                                  IN_PRECISION, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _fwd_span(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-              s, e, lo, a, c, hi, n_q, n_k, qk_scale,
-              off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj,
-              seed, drop_p, off_b, off_h,
+              s, e, bounds, n_q, n_k, qk_scale, S,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
               IN_PRECISION: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
               ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, KEY_PADDING: tl.constexpr, DROPOUT: tl.constexpr):
     """The keys [s, e) (a key split; s a multiple of BLOCK_N) cut to the block's visible range
-    (lo, a, c, hi) of ``_key_bounds``: masked edge tiles, unmasked interior."""
+    ``bounds`` = (lo, a, c, hi) of ``_key_bounds``: masked edge tiles, unmasked interior."""
+    lo, a, c, hi = bounds
     if HAS_LEFT:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                                   tl.maximum(lo, s), tl.minimum(a, e), n_q, n_k, qk_scale,
-                                   off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj,
-                                   kpad_ptr, stride_pj, seed, drop_p, off_b, off_h,
+                                   tl.maximum(lo, s), tl.minimum(a, e), n_q, n_k, qk_scale, S,
                                    HEAD_DIM, BLOCK_N, CAUSAL, True, EVEN_D, IN_PRECISION,
                                    HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
         start = tl.maximum(a, s)
     else:
         start = s
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                               start, tl.minimum(c, e), n_q, n_k, qk_scale,
-                               off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj,
-                               kpad_ptr, stride_pj, seed, drop_p, off_b, off_h,
+                               start, tl.minimum(c, e), n_q, n_k, qk_scale, S,
                                HEAD_DIM, BLOCK_N, CAUSAL, False, EVEN_D, IN_PRECISION,
                                HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                               tl.maximum(c, s), tl.minimum(hi, e), n_q, n_k, qk_scale,
-                               off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj,
-                               kpad_ptr, stride_pj, seed, drop_p, off_b, off_h,
+                               tl.maximum(c, s), tl.minimum(hi, e), n_q, n_k, qk_scale, S,
                                HEAD_DIM, BLOCK_N, CAUSAL, True, EVEN_D, IN_PRECISION,
                                HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
     return acc, l_i, m_i
@@ -358,60 +495,43 @@ def _fwd_span(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, of
 
 @triton.jit
 def attention_forward_features(
-    Q, K, V, O, LSE,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od, stride_os,
-    stride_lb, stride_lh, stride_ls,
-    H, N_Q, N_K, qk_scale, KEYS_PER_SPLIT,
-    GROUP, CU_Q, CU_K, WIN_LEFT, WIN_RIGHT, SOFTCAP2, SLOPES, stride_ab, stride_ah,
-    MASK, stride_mb, stride_mh, stride_mi, stride_mj, KPAD, stride_pb, stride_pj,
-    SP_IDX, SP_NUM, stride_sib, stride_sih, stride_sir, stride_snb, stride_snh, SPARSE_Q: tl.constexpr, SPARSE_K: tl.constexpr,
-    SEED, DROP_P, DROP_SCALE,
+    Q, K, V, O, LSE, H, N_Q, N_K, qk_scale, KEYS_PER_SPLIT, F,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, IN_PRECISION: tl.constexpr,
     GQA: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
-    KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, SPARSE_MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+    KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, SPARSE_MASKED: tl.constexpr, SPARSE_Q: tl.constexpr,
+    SPARSE_K: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (batch, head), over keys [split * KEYS_PER_SPLIT,
     (split + 1) * KEYS_PER_SPLIT) (a multiple of BLOCK_N). Grid (cdiv(N_Q, BLOCK_M), B * H, splits).
+    Q, K, V are (B, H, N, D) views, O a (splits, B, H, N_Q, D) view with strides (b, h, n, d, split)
+    and LSE a (splits, B, H, N_Q) one with strides (b, h, split); F the call's ``Features``.
 
     With one split, O and LSE are the results; with several (flash-decoding, when the plan splits
-    the key loop to fill the device) they are per-split partials, ``stride_os`` / ``stride_ls``
-    apart, that the caller merges by log-sum-exp -- every feature only narrows which keys a split
-    visits, so the merge is unchanged.
+    the key loop to fill the device) they are per-split partials that the caller merges by
+    log-sum-exp -- every feature only narrows which keys a split visits, so the merge is unchanged.
     """
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    block = tl.program_id(0)
-    if CAUSAL:  # the last query blocks see the most keys: launch them first so the grid ends on short work
-        block = tl.num_programs(0) - 1 - block
-    start_m = block * BLOCK_M
-    bh = tl.program_id(1)
+    Q, stride_q = Q
+    K, stride_k = K
+    V, stride_v = V
+    O, stride_o = O
+    LSE, stride_l = LSE
+    stride_qb, stride_qh, stride_qn, stride_qd = stride_q
+    stride_kb, stride_kh, stride_kn, stride_kd = stride_k
+    stride_vb, stride_vh, stride_vn, stride_vd = stride_v
+    stride_ob, stride_oh, stride_on, stride_od, stride_os = stride_o
+    stride_lb, stride_lh, stride_ls = stride_l
+    start_m, off_b, off_h, off_hk, q_start, k_start, n_q, n_k, n_k_seen, off = _preamble(
+        F, H, N_Q, N_K, BLOCK_M, False, CAUSAL, GQA, VARLEN, BOTTOM_RIGHT)
     split = tl.program_id(2)
-    off_b = (bh // H).to(tl.int64)
-    off_h = (bh % H).to(tl.int64)
-    off_hk = off_h
-    if GQA:
-        off_hk = off_h // GROUP
-    n_q = N_Q
-    n_k = N_K
-    n_k_seen = N_K
-    if VARLEN:  # this sequence's rows: batch strides are 0, the row offsets come from cu_seqlens
-        q_start = tl.load(CU_Q + off_b)
-        k_start = tl.load(CU_K + off_b)
-        n_q = tl.load(CU_Q + off_b + 1) - q_start
-        n_k = tl.load(CU_K + off_b + 1) - k_start
-        n_k_seen = tl.where(start_m < n_q, n_k, 0)  # a block past the sequence's last query: no work
+    if VARLEN:
         Q += q_start.to(tl.int64) * stride_qn
         O += q_start.to(tl.int64) * stride_on
         LSE += q_start.to(tl.int64)
         K += k_start.to(tl.int64) * stride_kn
         V += k_start.to(tl.int64) * stride_vn
-    off = 0
-    if BOTTOM_RIGHT:
-        off = n_k - n_q
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -425,16 +545,7 @@ def attention_forward_features(
                    EVEN_D)
     k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-
-    slope2 = 0.0
-    if ALIBI:
-        slope2 = tl.load(SLOPES + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * LOG2E
-    mask_ptr = MASK
-    if MASK_KIND != 0:
-        mask_ptr = MASK + off_b * stride_mb + off_h * stride_mh
-    kpad_ptr = KPAD
-    if KEY_PADDING:
-        kpad_ptr = KPAD + off_b * stride_pb
+    S = _head_features(F, off, off_b, off_h, ALIBI, MASK_KIND, KEY_PADDING)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -445,33 +556,28 @@ def attention_forward_features(
         # block's sparse row (the host already dropped blocks the causal/window range rules out);
         # key splits share out the list's tiles instead of key ranges
         TILES: tl.constexpr = SPARSE_K // BLOCK_N
-        row = start_m // SPARSE_Q
-        idx_ptr = SP_IDX + off_b * stride_sib + off_h * stride_sih + row * stride_sir
-        tiles = tl.load(SP_NUM + off_b * stride_snb + off_h * stride_snh + row) * TILES
+        idx_ptr, count = _sparse_list(F, off_b, off_h, start_m // SPARSE_Q)
+        tiles = count * TILES
         per_split = tl.cdiv(tiles, tl.num_programs(2))
         first = split * per_split
         for t in range(first, tl.minimum(first + per_split, tiles)):
-            start_n = tl.load(idx_ptr + t // TILES) * SPARSE_K + (t % TILES) * BLOCK_N
+            start_n = _sparse_tile(idx_ptr, t, TILES, SPARSE_K, BLOCK_N)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                                      start_n, n_q, n_k, qk_scale, off, WIN_LEFT, WIN_RIGHT, SOFTCAP2, slope2,
-                                      mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj, SEED, DROP_P, bh // H, bh % H,
-                                      HEAD_DIM, BLOCK_N, CAUSAL, SPARSE_MASKED, EVEN_D, IN_PRECISION,
-                                      HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
+                                      start_n, n_q, n_k, qk_scale, S, HEAD_DIM, BLOCK_N, CAUSAL, SPARSE_MASKED, EVEN_D,
+                                      IN_PRECISION, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
     else:
-        lo, a, c, hi = _key_bounds(start_m, n_q, n_k_seen, off, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N,
-                                   CAUSAL, HAS_LEFT, HAS_RIGHT)
+        bounds = _key_bounds(start_m, n_q, n_k_seen, off, S.win_left, S.win_right, BLOCK_M, BLOCK_N,
+                             CAUSAL, HAS_LEFT, HAS_RIGHT)
         s = split * KEYS_PER_SPLIT  # this split's keys: [s, s + KEYS_PER_SPLIT), cut to what is visible
         e = s + KEYS_PER_SPLIT
         acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                                  s, e, lo, a, c, hi, n_q, n_k, qk_scale, off, WIN_LEFT, WIN_RIGHT, SOFTCAP2, slope2,
-                                  mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj, SEED, DROP_P, bh // H, bh % H,
-                                  HEAD_DIM, BLOCK_N, CAUSAL, EVEN_D, IN_PRECISION,
+                                  s, e, bounds, n_q, n_k, qk_scale, S, HEAD_DIM, BLOCK_N, CAUSAL, EVEN_D, IN_PRECISION,
                                   HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that saw no key: O = 0
     if DROPOUT:
-        out = out * DROP_SCALE
+        out = out * S.drop_scale
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     _store_rows(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty),
                 offs_m, n_q, offs_d, HEAD_DIM, EVEN_D)
@@ -480,34 +586,19 @@ def attention_forward_features(
 
 @triton.jit
 def attention_forward(
-    Q, K, V, O, LSE,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od, stride_os,
-    stride_lb, stride_lh, stride_ls,
-    H, N_Q, N_K, qk_scale, KEYS_PER_SPLIT,
+    Q, K, V, O, LSE, H, N_Q, N_K, qk_scale, KEYS_PER_SPLIT,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, IN_PRECISION: tl.constexpr,
 ):
     """The forward of a call with no features: ``attention_forward_features`` called (inlined) with
-    every feature off. A kernel of its own so that a plain launch passes 29 arguments, not 60 --
-    Triton's launcher handles each argument in Python on every call, which costs short sequences
-    ~20% (H100, N = 512)."""
+    every feature off. A kernel of its own so that a plain launch passes neither the ``Features``
+    tuple nor the 14 flags -- Triton's launcher handles each argument in Python on every call, which
+    cost short sequences ~20% (H100, N = 512) when the features were 30 arguments of their own."""
     attention_forward_features(
-        Q, K, V, O, LSE,
-        stride_qb, stride_qh, stride_qn, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd,
-        stride_ob, stride_oh, stride_on, stride_od, stride_os,
-        stride_lb, stride_lh, stride_ls,
-        H, N_Q, N_K, qk_scale, KEYS_PER_SPLIT,
-        1, None, None, 0, 0, 0.0, None, 0, 0,
-        None, 0, 0, 0, 0, None, 0, 0,
-        None, None, 0, 0, 0, 0, 0, 0, 0,
-        0, 0.0, 1.0,
+        Q, K, V, O, LSE, H, N_Q, N_K, qk_scale, KEYS_PER_SPLIT,
+        Features(1, None, None, 0, 0, 0.0, None, 0, 0, None, 0, 0, 0, 0, None, 0, 0, None, 0, 0, 0, None, 0, 0, 0, 0.0, 1.0),
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, IN_PRECISION,
-        False, False, False, False, False, False, False, 0, False, False, False, False,
+        False, False, False, False, False, False, False, 0, False, False, False, 0, 0, False,
     )
 
 
@@ -517,14 +608,14 @@ def attention_forward(
 
 
 @triton.jit
-def attention_backward_delta(
-    O, DO, DELTA,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    H, N_Q,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+def attention_backward_delta(O, DO, DELTA, H, N_Q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
+    """O, DO: (B, H, N_Q, D) views; DELTA a contiguous float32 (B, H, N_Q)."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    O, stride_o = O
+    DO, stride_do = DO
+    stride_ob, stride_oh, stride_on, stride_od = stride_o
+    stride_dob, stride_doh, stride_don, stride_dod = stride_do
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
@@ -547,13 +638,11 @@ def attention_backward_delta(
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don, stride_dqn,
-                offs_n, offs_m, offs_d, start_m, n_q, n_k, qk_scale,
-                off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj,
-                seed, drop_p, drop_scale, off_b, off_h,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-                EVEN_D: tl.constexpr, DQ_ATOMIC: tl.constexpr, IN_PRECISION: tl.constexpr,
-                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                MASK_KIND: tl.constexpr, KEY_PADDING: tl.constexpr, DROPOUT: tl.constexpr):
+               offs_n, offs_m, offs_d, start_m, n_q, n_k, qk_scale, S,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+               EVEN_D: tl.constexpr, DQ_ATOMIC: tl.constexpr, IN_PRECISION: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+               MASK_KIND: tl.constexpr, KEY_PADDING: tl.constexpr, DROPOUT: tl.constexpr):
     """One query tile at ``start_m`` (see ``_dkdv_inner``)."""
     rows = start_m + offs_m
     row_ok = rows < n_q
@@ -561,20 +650,19 @@ def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, strid
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # a row that sees no key: P = 0
     qkT = _mma(k, tl.trans(q), None, IN_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-    sT, tT = _scores(qkT, rows[None, :], offs_n[:, None], n_q, n_k, off, win_left, win_right, softcap2, slope2,
-                     mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj,
+    sT, tT = _scores(qkT, rows[None, :], offs_n[:, None], n_q, n_k, S,
                      MASKED, DQ_ATOMIC, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING)
     pT = tl.math.exp2(sT - lse2[None, :])
     do = _load_rows(do_ptrs + start_m * stride_don, rows, n_q, offs_d, HEAD_DIM, True, EVEN_D)
     if DROPOUT:  # dV sees the dropped, rescaled P; dP is dropped the same way (dS = P * (dP' - delta))
-        keepT = _dropout_keep(seed, off_b, off_h, rows[None, :], offs_n[:, None], drop_p)
-        dv = _mma(tl.where(keepT, pT * drop_scale, 0.0).to(do.dtype), do, dv, IN_PRECISION)
+        keepT = _dropout_keep(S.seed, S.b, S.h, rows[None, :], offs_n[:, None], S.drop_p)
+        dv = _mma(tl.where(keepT, pT * S.drop_scale, 0.0).to(do.dtype), do, dv, IN_PRECISION)
     else:
         dv = _mma(pT.to(do.dtype), do, dv, IN_PRECISION)
     delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
     dpT = _mma(v, tl.trans(do), None, IN_PRECISION)
     if DROPOUT:
-        dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+        dpT = tl.where(keepT, dpT * S.drop_scale, 0.0)
     dsT = pT * (dpT - delta[None, :])
     if SOFTCAP:  # d(softcap * tanh(raw / softcap)) / d raw = 1 - tanh^2
         dsT = dsT * (1.0 - tT * tT)
@@ -588,9 +676,7 @@ def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, strid
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don, stride_dqn,
-                offs_n, offs_m, offs_d, start, stop, n_q, n_k, qk_scale,
-                off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj,
-                seed, drop_p, drop_scale, off_b, off_h,
+                offs_n, offs_m, offs_d, start, stop, n_q, n_k, qk_scale, S,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
                 EVEN_D: tl.constexpr, DQ_ATOMIC: tl.constexpr, IN_PRECISION: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -600,100 +686,81 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, stri
     there and they add exactly zero to dK and dV without a mask."""
     for start_m in range(start, stop, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
-                            stride_dqn, offs_n, offs_m, offs_d, start_m, n_q, n_k, qk_scale, off, win_left, win_right,
-                            softcap2, slope2, mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj, seed, drop_p,
-                            drop_scale, off_b, off_h, HEAD_DIM, BLOCK_M, CAUSAL, MASKED, EVEN_D, DQ_ATOMIC,
-                            IN_PRECISION, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
+                            stride_dqn, offs_n, offs_m, offs_d, start_m, n_q, n_k, qk_scale, S, HEAD_DIM, BLOCK_M,
+                            CAUSAL, MASKED, EVEN_D, DQ_ATOMIC, IN_PRECISION, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
+                            MASK_KIND, KEY_PADDING, DROPOUT)
     return dk, dv
 
 
 @triton.jit
 def _dkdv_span(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don, stride_dqn,
-               offs_n, offs_m, offs_d, s, e, lo, a, c, hi, n_q, n_k, qk_scale,
-               off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj,
-               seed, drop_p, drop_scale, off_b, off_h,
+               offs_n, offs_m, offs_d, s, e, bounds, n_q, n_k, qk_scale, S,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
                DQ_ATOMIC: tl.constexpr, IN_PRECISION: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                MASK_KIND: tl.constexpr, KEY_PADDING: tl.constexpr, DROPOUT: tl.constexpr):
-    """The query rows [s, e) cut to ``_query_bounds``' (lo, a, c, hi): masked tiles on the edges,
-    unmasked ones inside."""
+    """The query rows [s, e) cut to ``bounds`` = (lo, a, c, hi) of ``_query_bounds``: masked tiles on
+    the edges, unmasked ones inside."""
     LEAD: tl.constexpr = CAUSAL or HAS_RIGHT or DQ_ATOMIC
+    lo, a, c, hi = bounds
     if LEAD:
         dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
                              stride_dqn, offs_n, offs_m, offs_d, tl.maximum(lo, s), tl.minimum(a, e), n_q, n_k, qk_scale,
-                             off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj,
-                             kpad_ptr, stride_pj, seed, drop_p, drop_scale, off_b, off_h,
-                             HEAD_DIM, BLOCK_M, CAUSAL, True, EVEN_D, DQ_ATOMIC, IN_PRECISION,
+                             S, HEAD_DIM, BLOCK_M, CAUSAL, True, EVEN_D, DQ_ATOMIC, IN_PRECISION,
                              HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
         start = tl.maximum(a, s)
     else:
         start = s
     dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
                          stride_dqn, offs_n, offs_m, offs_d, start, tl.minimum(c, e), n_q, n_k, qk_scale,
-                         off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj,
-                         kpad_ptr, stride_pj, seed, drop_p, drop_scale, off_b, off_h,
-                         HEAD_DIM, BLOCK_M, CAUSAL, False, EVEN_D, DQ_ATOMIC, IN_PRECISION,
+                         S, HEAD_DIM, BLOCK_M, CAUSAL, False, EVEN_D, DQ_ATOMIC, IN_PRECISION,
                          HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
     if HAS_LEFT:
         dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
                              stride_dqn, offs_n, offs_m, offs_d, tl.maximum(c, s), tl.minimum(hi, e), n_q, n_k, qk_scale,
-                             off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj,
-                             kpad_ptr, stride_pj, seed, drop_p, drop_scale, off_b, off_h,
-                             HEAD_DIM, BLOCK_M, CAUSAL, True, EVEN_D, DQ_ATOMIC, IN_PRECISION,
+                             S, HEAD_DIM, BLOCK_M, CAUSAL, True, EVEN_D, DQ_ATOMIC, IN_PRECISION,
                              HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_head(dk, dv, k, v, off_b, off_h, start_n, offs_n, offs_m, offs_d, lo, a, c, hi, n_q, n_k, qk_scale,
-               Q, DO, LSE, DELTA, DQ_ACC,
-               stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don, stride_dod,
-               stride_dqab, stride_dqah, stride_dqan, stride_lb, stride_lh, H,
-               off, WIN_LEFT, WIN_RIGHT, SOFTCAP2, SLOPES, stride_ab, stride_ah,
-               MASK, stride_mb, stride_mh, stride_mi, stride_mj, KPAD, stride_pb, stride_pj,
-               SP_IDX, SP_NUM, stride_sib, stride_sih, stride_sir, stride_snb, stride_snh,
-               SPARSE_Q: tl.constexpr, SPARSE_K: tl.constexpr, SEED, DROP_P, DROP_SCALE,
+def _dkdv_head(dk, dv, k, v, off_b, off_h, start_n, offs_n, offs_m, offs_d, bounds, n_q, n_k, qk_scale,
+               Q, DO, LSE, DELTA, DQ_ACC, off, F,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
                DQ_ATOMIC: tl.constexpr, IN_PRECISION: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                MASK_KIND: tl.constexpr, KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, SPARSE_MASKED: tl.constexpr,
-               DROPOUT: tl.constexpr):
-    """The contribution of query head ``off_h`` to the dK, dV of this program's keys."""
+               SPARSE_Q: tl.constexpr, SPARSE_K: tl.constexpr, DROPOUT: tl.constexpr):
+    """The contribution of query head ``off_h`` to the dK, dV of this program's keys. Q, DO, DQ_ACC
+    (strides (b, h, n, d) / (b, h, n)) and LSE ((b, h)) are views, DELTA a pointer with LSE's
+    strides, all already moved to the sequence's first row."""
+    Q, stride_q = Q
+    DO, stride_do = DO
+    DQ_ACC, stride_dqa = DQ_ACC
+    LSE, stride_l = LSE
+    stride_qb, stride_qh, stride_qn, stride_qd = stride_q
+    stride_dob, stride_doh, stride_don, stride_dod = stride_do
+    stride_dqab, stride_dqah, stride_dqan = stride_dqa
+    stride_lb, stride_lh = stride_l
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
     do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
     dq_ptrs = DQ_ACC + off_b * stride_dqab + off_h * stride_dqah + offs_m[:, None] * stride_dqan + offs_d[None, :]
     lse_ptr = LSE + off_b * stride_lb + off_h * stride_lh
     delta_ptr = DELTA + off_b * stride_lb + off_h * stride_lh
-    slope2 = 0.0
-    if ALIBI:
-        slope2 = tl.load(SLOPES + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * LOG2E
-    mask_ptr = MASK
-    if MASK_KIND != 0:
-        mask_ptr = MASK + off_b * stride_mb + off_h * stride_mh
-    kpad_ptr = KPAD
-    if KEY_PADDING:
-        kpad_ptr = KPAD + off_b * stride_pb
-    b32 = off_b.to(tl.int32)
-    h32 = off_h.to(tl.int32)
+    S = _head_features(F, off, off_b, off_h, ALIBI, MASK_KIND, KEY_PADDING)
     if SPARSE:  # a flat loop over the tiles of the kept query blocks of this key block's sparse column
         TILES: tl.constexpr = SPARSE_Q // BLOCK_M
-        col = start_n // SPARSE_K
-        idx_ptr = SP_IDX + off_b * stride_sib + off_h * stride_sih + col * stride_sir
-        tiles = tl.load(SP_NUM + off_b * stride_snb + off_h * stride_snh + col) * TILES
+        idx_ptr, count = _sparse_list(F, off_b, off_h, start_n // SPARSE_K)
+        tiles = count * TILES
         for t in range(0, tiles):
-            start_m = tl.load(idx_ptr + t // TILES) * SPARSE_Q + (t % TILES) * BLOCK_M
+            start_m = _sparse_tile(idx_ptr, t, TILES, SPARSE_Q, BLOCK_M)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
-                                stride_dqan, offs_n, offs_m, offs_d, start_m, n_q, n_k, qk_scale, off, WIN_LEFT,
-                                WIN_RIGHT, SOFTCAP2, slope2, mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj, SEED,
-                                DROP_P, DROP_SCALE, b32, h32, HEAD_DIM, BLOCK_M, CAUSAL, SPARSE_MASKED, EVEN_D,
-                                DQ_ATOMIC, IN_PRECISION, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING,
-                                DROPOUT)
+                                stride_dqan, offs_n, offs_m, offs_d, start_m, n_q, n_k, qk_scale, S, HEAD_DIM, BLOCK_M,
+                                CAUSAL, SPARSE_MASKED, EVEN_D, DQ_ATOMIC, IN_PRECISION, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
     else:
         dk, dv = _dkdv_span(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
-                            stride_dqan, offs_n, offs_m, offs_d, 0, hi, lo, a, c, hi,
-                            n_q, n_k, qk_scale, off, WIN_LEFT, WIN_RIGHT, SOFTCAP2, slope2, mask_ptr, stride_mi,
-                            stride_mj, kpad_ptr, stride_pj, SEED, DROP_P, DROP_SCALE, b32, h32,
+                            stride_dqan, offs_n, offs_m, offs_d, 0, bounds[3], bounds, n_q, n_k, qk_scale, S,
                             HEAD_DIM, BLOCK_M, CAUSAL, EVEN_D, DQ_ATOMIC, IN_PRECISION,
                             HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
     return dk, dv
@@ -701,59 +768,43 @@ def _dkdv_head(dk, dv, k, v, off_b, off_h, start_n, offs_n, offs_m, offs_d, lo, 
 
 @triton.jit
 def attention_backward_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_dqab, stride_dqah, stride_dqan, stride_lb, stride_lh,
-    H, N_Q, N_K, sm_scale, qk_scale,
-    GROUP, CU_Q, CU_K, WIN_LEFT, WIN_RIGHT, SOFTCAP2, SLOPES, stride_ab, stride_ah,
-    MASK, stride_mb, stride_mh, stride_mi, stride_mj, KPAD, stride_pb, stride_pj,
-    SP_IDX, SP_NUM, stride_sib, stride_sih, stride_sir, stride_snb, stride_snh, SPARSE_Q: tl.constexpr, SPARSE_K: tl.constexpr,
-    SEED, DROP_P, DROP_SCALE,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, H, N_Q, N_K, sm_scale, qk_scale, F,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, IN_PRECISION: tl.constexpr,
     GQA: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
-    KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, SPARSE_MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+    KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, SPARSE_MASKED: tl.constexpr, SPARSE_Q: tl.constexpr,
+    SPARSE_K: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    """Grid (cdiv(N_K, BLOCK_N), B * H_kv). ``DQ_ACC``: a float32 (B, H, N_Q, BLOCK_D) buffer of zeros
-    when ``DQ_ATOMIC`` (unscaled dQ is added into it), else unused. With GQA the program sums the
-    contributions of its K/V head's GROUP query heads."""
+    """Grid (cdiv(N_K, BLOCK_N), B * H_kv). Views: Q, K, V, DO, DK, DV (b, h, n, d); LSE (b, h),
+    and DELTA a pointer with LSE's strides; DQ_ACC (b, h, n) -- a float32 (B, H, N_Q, BLOCK_D) buffer of zeros when ``DQ_ATOMIC``
+    (unscaled dQ is added into it), else unused. With GQA the program sums the contributions of its
+    K/V head's GROUP query heads. F: the call's ``Features``."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    if GQA:
-        kv_heads = H // GROUP
-        off_b = (bh // kv_heads).to(tl.int64)
-        off_hk = (bh % kv_heads).to(tl.int64)
-    else:
-        off_b = (bh // H).to(tl.int64)
-        off_hk = (bh % H).to(tl.int64)
-    n_q = N_Q
-    n_k = N_K
-    n_q_seen = N_Q
+    Q, stride_q = Q
+    K, stride_k = K
+    V, stride_v = V
+    DO, stride_do = DO
+    LSE, stride_l = LSE
+    DK, stride_dk = DK
+    DV, stride_dv = DV
+    DQ_ACC, stride_dqa = DQ_ACC
+    stride_kb, stride_kh, stride_kn, stride_kd = stride_k
+    stride_vb, stride_vh, stride_vn, stride_vd = stride_v
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd = stride_dk
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd = stride_dv
+    start_n, off_b, _off_h, off_hk, q_start, k_start, n_q, n_k, n_q_seen, off = _preamble(
+        F, H, N_Q, N_K, BLOCK_N, True, CAUSAL, GQA, VARLEN, BOTTOM_RIGHT)
     if VARLEN:
-        q_start = tl.load(CU_Q + off_b)
-        k_start = tl.load(CU_K + off_b)
-        n_q = tl.load(CU_Q + off_b + 1) - q_start
-        n_k = tl.load(CU_K + off_b + 1) - k_start
-        n_q_seen = tl.where(start_n < n_k, n_q, 0)  # a block past the sequence's last key: no work
-        Q += q_start.to(tl.int64) * stride_qn
-        DO += q_start.to(tl.int64) * stride_don
-        DQ_ACC += q_start.to(tl.int64) * stride_dqan
+        Q += q_start.to(tl.int64) * stride_q[2]
+        DO += q_start.to(tl.int64) * stride_do[2]
+        DQ_ACC += q_start.to(tl.int64) * stride_dqa[2]
         LSE += q_start.to(tl.int64)
         DELTA += q_start.to(tl.int64)
         K += k_start.to(tl.int64) * stride_kn
         V += k_start.to(tl.int64) * stride_vn
         DK += k_start.to(tl.int64) * stride_dkn
         DV += k_start.to(tl.int64) * stride_dvn
-    off = 0
-    if BOTTOM_RIGHT:
-        off = n_k - n_q
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -762,34 +813,24 @@ def attention_backward_dkdv(
                    offs_n, n_k, offs_d, HEAD_DIM, True, EVEN_D)
     v = _load_rows(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                    offs_n, n_k, offs_d, HEAD_DIM, True, EVEN_D)
-    lo, a, c, hi = _query_bounds(start_n, n_q_seen, n_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N,
-                                 CAUSAL, HAS_LEFT, HAS_RIGHT, DQ_ATOMIC)
+    bounds = _query_bounds(start_n, n_q_seen, n_k, off, F.win_left, F.win_right, BLOCK_M, BLOCK_N,
+                           CAUSAL, HAS_LEFT, HAS_RIGHT, DQ_ATOMIC)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if GQA:  # the query heads sharing this K/V head, one after another: dK, dV summed in registers
-        for g in range(0, GROUP):
-            dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_hk * GROUP + g, start_n, offs_n, offs_m, offs_d, lo, a, c, hi,
-                                n_q, n_k, qk_scale, Q, DO, LSE, DELTA, DQ_ACC,
-                                stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don, stride_dod,
-                                stride_dqab, stride_dqah, stride_dqan, stride_lb, stride_lh, H,
-                                off, WIN_LEFT, WIN_RIGHT, SOFTCAP2, SLOPES, stride_ab, stride_ah,
-                                MASK, stride_mb, stride_mh, stride_mi, stride_mj, KPAD, stride_pb, stride_pj,
-                                SP_IDX, SP_NUM, stride_sib, stride_sih, stride_sir, stride_snb, stride_snh,
-                                SPARSE_Q, SPARSE_K, SEED, DROP_P, DROP_SCALE,
-                                HEAD_DIM, BLOCK_M, CAUSAL, EVEN_D, DQ_ATOMIC, IN_PRECISION,
-                                HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, SPARSE, SPARSE_MASKED, DROPOUT)
+        for g in range(0, F.group):
+            dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_hk * F.group + g, start_n, offs_n, offs_m, offs_d, bounds,
+                                n_q, n_k, qk_scale, (Q, stride_q), (DO, stride_do), (LSE, stride_l), DELTA,
+                                (DQ_ACC, stride_dqa), off, F, HEAD_DIM, BLOCK_M, CAUSAL, EVEN_D, DQ_ATOMIC,
+                                IN_PRECISION, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, SPARSE,
+                                SPARSE_MASKED, SPARSE_Q, SPARSE_K, DROPOUT)
     else:
-        dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_hk, start_n, offs_n, offs_m, offs_d, lo, a, c, hi,
-                            n_q, n_k, qk_scale, Q, DO, LSE, DELTA, DQ_ACC,
-                            stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don, stride_dod,
-                            stride_dqab, stride_dqah, stride_dqan, stride_lb, stride_lh, H,
-                            off, WIN_LEFT, WIN_RIGHT, SOFTCAP2, SLOPES, stride_ab, stride_ah,
-                            MASK, stride_mb, stride_mh, stride_mi, stride_mj, KPAD, stride_pb, stride_pj,
-                            SP_IDX, SP_NUM, stride_sib, stride_sih, stride_sir, stride_snb, stride_snh,
-                            SPARSE_Q, SPARSE_K, SEED, DROP_P, DROP_SCALE,
-                            HEAD_DIM, BLOCK_M, CAUSAL, EVEN_D, DQ_ATOMIC, IN_PRECISION,
-                            HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, SPARSE, SPARSE_MASKED, DROPOUT)
+        dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_hk, start_n, offs_n, offs_m, offs_d, bounds,
+                            n_q, n_k, qk_scale, (Q, stride_q), (DO, stride_do), (LSE, stride_l), DELTA,
+                            (DQ_ACC, stride_dqa), off, F, HEAD_DIM, BLOCK_M, CAUSAL, EVEN_D, DQ_ATOMIC,
+                            IN_PRECISION, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, SPARSE,
+                            SPARSE_MASKED, SPARSE_Q, SPARSE_K, DROPOUT)
 
     dk *= sm_scale
     _store_rows(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -805,26 +846,23 @@ def attention_backward_dkdv(
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-              start_n, n_q, n_k, qk_scale,
-              off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj,
-              seed, drop_p, drop_scale, off_b, off_h,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-              MASKED: tl.constexpr, EVEN_D: tl.constexpr, IN_PRECISION: tl.constexpr,
-              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-              MASK_KIND: tl.constexpr, KEY_PADDING: tl.constexpr, DROPOUT: tl.constexpr):
+             start_n, n_q, n_k, qk_scale, S,
+             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+             MASKED: tl.constexpr, EVEN_D: tl.constexpr, IN_PRECISION: tl.constexpr,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+             MASK_KIND: tl.constexpr, KEY_PADDING: tl.constexpr, DROPOUT: tl.constexpr):
     """One key tile at ``start_n`` of the dQ pass."""
     cols = start_n + offs_n
     k = _load_rows(k_ptrs + start_n * stride_kn, cols, n_k, offs_d, HEAD_DIM, MASKED, EVEN_D)
     qk = _mma(q, tl.trans(k), None, IN_PRECISION) * qk_scale
-    s, t = _scores(qk, offs_m[:, None], cols[None, :], n_q, n_k, off, win_left, win_right, softcap2, slope2,
-                   mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj,
+    s, t = _scores(qk, offs_m[:, None], cols[None, :], n_q, n_k, S,
                    MASKED, True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING)
     p = tl.math.exp2(s - lse2[:, None])
     v = _load_rows(v_ptrs + start_n * stride_vn, cols, n_k, offs_d, HEAD_DIM, MASKED, EVEN_D)
     dp = _mma(do, tl.trans(v), None, IN_PRECISION)
     if DROPOUT:
-        keep = _dropout_keep(seed, off_b, off_h, offs_m[:, None], cols[None, :], drop_p)
-        dp = tl.where(keep, dp * drop_scale, 0.0)
+        keep = _dropout_keep(S.seed, S.b, S.h, offs_m[:, None], cols[None, :], S.drop_p)
+        dp = tl.where(keep, dp * S.drop_scale, 0.0)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
@@ -834,93 +872,70 @@ def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-              start, stop, n_q, n_k, qk_scale,
-              off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj,
-              seed, drop_p, drop_scale, off_b, off_h,
+              start, stop, n_q, n_k, qk_scale, S,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
               MASKED: tl.constexpr, EVEN_D: tl.constexpr, IN_PRECISION: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
               MASK_KIND: tl.constexpr, KEY_PADDING: tl.constexpr, DROPOUT: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d, start_n,
-                      n_q, n_k, qk_scale, off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj,
-                      kpad_ptr, stride_pj, seed, drop_p, drop_scale, off_b, off_h, HEAD_DIM, BLOCK_N, CAUSAL, MASKED,
-                      EVEN_D, IN_PRECISION, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
+                      n_q, n_k, qk_scale, S, HEAD_DIM, BLOCK_N, CAUSAL, MASKED, EVEN_D, IN_PRECISION,
+                      HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
     return dq
 
 
 @triton.jit
 def _dq_span(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-             s, e, lo, a, c, hi, n_q, n_k, qk_scale,
-             off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj,
-             seed, drop_p, drop_scale, off_b, off_h,
+             s, e, bounds, n_q, n_k, qk_scale, S,
              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
              IN_PRECISION: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
              ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, KEY_PADDING: tl.constexpr, DROPOUT: tl.constexpr):
-    """As ``_fwd_span``: keys [s, e) cut to (lo, a, c, hi)."""
+    """As ``_fwd_span``: keys [s, e) cut to ``bounds`` = (lo, a, c, hi)."""
+    lo, a, c, hi = bounds
     if HAS_LEFT:
         dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                       tl.maximum(lo, s), tl.minimum(a, e), n_q, n_k, qk_scale,
-                       off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj,
-                       seed, drop_p, drop_scale, off_b, off_h, HEAD_DIM, BLOCK_N, CAUSAL, True, EVEN_D, IN_PRECISION,
-                       HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
+                       tl.maximum(lo, s), tl.minimum(a, e), n_q, n_k, qk_scale, S, HEAD_DIM, BLOCK_N, CAUSAL, True,
+                       EVEN_D, IN_PRECISION, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
         start = tl.maximum(a, s)
     else:
         start = s
     dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                   start, tl.minimum(c, e), n_q, n_k, qk_scale,
-                   off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj,
-                   seed, drop_p, drop_scale, off_b, off_h, HEAD_DIM, BLOCK_N, CAUSAL, False, EVEN_D, IN_PRECISION,
-                   HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
+                   start, tl.minimum(c, e), n_q, n_k, qk_scale, S, HEAD_DIM, BLOCK_N, CAUSAL, False,
+                   EVEN_D, IN_PRECISION, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
     dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                   tl.maximum(c, s), tl.minimum(hi, e), n_q, n_k, qk_scale,
-                   off, win_left, win_right, softcap2, slope2, mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj,
-                   seed, drop_p, drop_scale, off_b, off_h, HEAD_DIM, BLOCK_N, CAUSAL, True, EVEN_D, IN_PRECISION,
-                   HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
+                   tl.maximum(c, s), tl.minimum(hi, e), n_q, n_k, qk_scale, S, HEAD_DIM, BLOCK_N, CAUSAL, True,
+                   EVEN_D, IN_PRECISION, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
     return dq
 
 
 @triton.jit
 def attention_backward_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    stride_lb, stride_lh,
-    H, N_Q, N_K, sm_scale, qk_scale,
-    GROUP, CU_Q, CU_K, WIN_LEFT, WIN_RIGHT, SOFTCAP2, SLOPES, stride_ab, stride_ah,
-    MASK, stride_mb, stride_mh, stride_mi, stride_mj, KPAD, stride_pb, stride_pj,
-    SP_IDX, SP_NUM, stride_sib, stride_sih, stride_sir, stride_snb, stride_snh, SPARSE_Q: tl.constexpr, SPARSE_K: tl.constexpr,
-    SEED, DROP_P, DROP_SCALE,
+    Q, K, V, DO, LSE, DELTA, DQ, H, N_Q, N_K, sm_scale, qk_scale, F,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, IN_PRECISION: tl.constexpr,
     GQA: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
-    KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, SPARSE_MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+    KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, SPARSE_MASKED: tl.constexpr, SPARSE_Q: tl.constexpr,
+    SPARSE_K: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    """Grid (cdiv(N_Q, BLOCK_M), B * H)."""
+    """Grid (cdiv(N_Q, BLOCK_M), B * H). Views: Q, K, V, DO, DQ (b, h, n, d), LSE (b, h); DELTA a
+    pointer with LSE's strides. F: the call's ``Features``."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    block = tl.program_id(0)
-    if CAUSAL:  # longest rows first, as in the forward
-        block = tl.num_programs(0) - 1 - block
-    start_m = block * BLOCK_M
-    bh = tl.program_id(1)
-    off_b = (bh // H).to(tl.int64)
-    off_h = (bh % H).to(tl.int64)
-    off_hk = off_h
-    if GQA:
-        off_hk = off_h // GROUP
-    n_q = N_Q
-    n_k = N_K
-    n_k_seen = N_K
+    Q, stride_q = Q
+    K, stride_k = K
+    V, stride_v = V
+    DO, stride_do = DO
+    LSE, stride_l = LSE
+    DQ, stride_dq = DQ
+    stride_qb, stride_qh, stride_qn, stride_qd = stride_q
+    stride_kb, stride_kh, stride_kn, stride_kd = stride_k
+    stride_vb, stride_vh, stride_vn, stride_vd = stride_v
+    stride_dob, stride_doh, stride_don, stride_dod = stride_do
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd = stride_dq
+    stride_lb, stride_lh = stride_l
+    start_m, off_b, off_h, off_hk, q_start, k_start, n_q, n_k, n_k_seen, off = _preamble(
+        F, H, N_Q, N_K, BLOCK_M, False, CAUSAL, GQA, VARLEN, BOTTOM_RIGHT)
     if VARLEN:
-        q_start = tl.load(CU_Q + off_b)
-        k_start = tl.load(CU_K + off_b)
-        n_q = tl.load(CU_Q + off_b + 1) - q_start
-        n_k = tl.load(CU_K + off_b + 1) - k_start
-        n_k_seen = tl.where(start_m < n_q, n_k, 0)
         Q += q_start.to(tl.int64) * stride_qn
         DO += q_start.to(tl.int64) * stride_don
         DQ += q_start.to(tl.int64) * stride_dqn
@@ -928,9 +943,6 @@ def attention_backward_dq(
         DELTA += q_start.to(tl.int64)
         K += k_start.to(tl.int64) * stride_kn
         V += k_start.to(tl.int64) * stride_vn
-    off = 0
-    if BOTTOM_RIGHT:
-        off = n_k - n_q
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -945,37 +957,23 @@ def attention_backward_dq(
     delta = tl.load(DELTA + off_b * stride_lb + off_h * stride_lh + offs_m, mask=row_ok, other=0.0)
     k_ptrs = K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-
-    slope2 = 0.0
-    if ALIBI:
-        slope2 = tl.load(SLOPES + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * LOG2E
-    mask_ptr = MASK
-    if MASK_KIND != 0:
-        mask_ptr = MASK + off_b * stride_mb + off_h * stride_mh
-    kpad_ptr = KPAD
-    if KEY_PADDING:
-        kpad_ptr = KPAD + off_b * stride_pb
+    S = _head_features(F, off, off_b, off_h, ALIBI, MASK_KIND, KEY_PADDING)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if SPARSE:  # as the forward: a flat loop over the tiles of the kept key blocks
         TILES: tl.constexpr = SPARSE_K // BLOCK_N
-        row = start_m // SPARSE_Q
-        idx_ptr = SP_IDX + off_b * stride_sib + off_h * stride_sih + row * stride_sir
-        tiles = tl.load(SP_NUM + off_b * stride_snb + off_h * stride_snh + row) * TILES
+        idx_ptr, count = _sparse_list(F, off_b, off_h, start_m // SPARSE_Q)
+        tiles = count * TILES
         for t in range(0, tiles):
-            start_n = tl.load(idx_ptr + t // TILES) * SPARSE_K + (t % TILES) * BLOCK_N
+            start_n = _sparse_tile(idx_ptr, t, TILES, SPARSE_K, BLOCK_N)
             dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                          start_n, n_q, n_k, qk_scale, off, WIN_LEFT, WIN_RIGHT, SOFTCAP2, slope2, mask_ptr, stride_mi,
-                          stride_mj, kpad_ptr, stride_pj, SEED, DROP_P, DROP_SCALE, bh // H, bh % H, HEAD_DIM, BLOCK_N,
-                          CAUSAL, SPARSE_MASKED, EVEN_D, IN_PRECISION, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND,
-                          KEY_PADDING, DROPOUT)
+                          start_n, n_q, n_k, qk_scale, S, HEAD_DIM, BLOCK_N, CAUSAL, SPARSE_MASKED, EVEN_D,
+                          IN_PRECISION, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
     else:
-        lo, a, c, hi = _key_bounds(start_m, n_q, n_k_seen, off, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N,
-                                   CAUSAL, HAS_LEFT, HAS_RIGHT)
+        bounds = _key_bounds(start_m, n_q, n_k_seen, off, S.win_left, S.win_right, BLOCK_M, BLOCK_N,
+                             CAUSAL, HAS_LEFT, HAS_RIGHT)
         dq = _dq_span(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                      0, hi, lo, a, c, hi, n_q, n_k, qk_scale,
-                      off, WIN_LEFT, WIN_RIGHT, SOFTCAP2, slope2, mask_ptr, stride_mi, stride_mj, kpad_ptr, stride_pj,
-                      SEED, DROP_P, DROP_SCALE, bh // H, bh % H, HEAD_DIM, BLOCK_N, CAUSAL, EVEN_D, IN_PRECISION,
+                      0, bounds[3], bounds, n_q, n_k, qk_scale, S, HEAD_DIM, BLOCK_N, CAUSAL, EVEN_D, IN_PRECISION,
                       HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING, DROPOUT)
     dq *= sm_scale
     _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,

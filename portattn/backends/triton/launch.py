@@ -1,5 +1,5 @@
-"""Launching the Triton kernels: strides, the feature arguments and constexpr flags a call's spec and
-extras give, block-sparse lists, and the LSE merge of key splits."""
+"""Launching the Triton kernels: tensor views (tensor, strides), the ``Features`` tuple and constexpr
+flags a call's spec and extras give, block-sparse lists, and the LSE merge of key splits."""
 from __future__ import annotations
 
 import contextlib
@@ -39,38 +39,41 @@ def strides(x, varlen: bool = False):
     strides = tuple(x.stride())
     return (0, *strides[1:]) if varlen else strides
 
+def view(x, varlen: bool = False):
+    """A (batch, head, row, col) tensor as the kernels take it: one argument, (tensor, strides)."""
+    return x, strides(x, varlen)
+
 def lse_strides(lse, varlen: bool):
     """(batch, head) strides of a (B, H, N) float32 LSE/delta whose rows are contiguous."""
     return (0 if varlen else lse.stride(0), lse.stride(1))
 
 def features(spec, extras, *, by_keys: bool, atomic_dq: bool = False):
     """``feature_arguments``, cached when the call has no feature arrays (``extras is NONE``): then
-    they follow from the spec alone, and a repeated plain call must not rebuild ~30 arguments."""
+    they follow from the spec alone, and a repeated plain call must not rebuild them."""
     if extras is NONE:
         return spec_features(spec, by_keys, atomic_dq)
     return feature_arguments(spec, extras, by_keys=by_keys, atomic_dq=atomic_dq)
 
 @functools.lru_cache(maxsize=1024)
 def spec_features(spec, by_keys: bool, atomic_dq: bool):
-    args, flags = feature_arguments(spec, NONE, by_keys=by_keys, atomic_dq=atomic_dq)
-    return tuple(args), flags
+    return feature_arguments(spec, NONE, by_keys=by_keys, atomic_dq=atomic_dq)
 
 def feature_arguments(spec, extras, *, by_keys: bool, atomic_dq: bool = False):
-    """The kernels' feature arguments (the list their docstring names, in order) and constexpr flags
-    for a call; every flag off (and placeholders) for a plain call, so it compiles as before.
+    """The kernels' ``Features`` tuple (kernels.py) and constexpr flags (the sparse block sizes among
+    them) for a call; every flag off, and placeholders, for a plain call, so it compiles as before.
     ``by_keys``: block-sparse lists per sparse key block (the dK/dV pass) instead of per query block;
     ``atomic_dq``: that pass also sums dQ."""
+    torch = torch_module()
     left, right = spec.window if spec.window is not None else (None, None)
     mask = extras.attn_mask if spec.mask is not None else None
-    if mask is not None and mask.dtype == torch_module().bool:
-        mask = mask.view(torch_module().uint8)  # same strides: the kernels read bytes
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)  # same strides: the kernels read bytes
     slopes = extras.alibi_slopes if spec.alibi else None
-    pad = extras.key_padding_mask.view(torch_module().uint8) if spec.key_padding else None
-    sp_idx = sp_num = None
-    if spec.block_size is not None:
-        sp_idx, sp_num = sparse_lists(extras.block_mask, spec, by_keys)
+    pad = extras.key_padding_mask.view(torch.uint8) if spec.key_padding else None
+    sparse = spec.block_size is not None
+    sp_idx, sp_num = sparse_lists(extras.block_mask, spec, by_keys) if sparse else (None, None)
     dropout = spec.dropout_p > 0
-    args = [
+    values = kernels().Features(
         spec.group_size,
         extras.cu_seqlens_q if spec.varlen else None, extras.cu_seqlens_k if spec.varlen else None,
         left or 0, right or 0,
@@ -78,11 +81,10 @@ def feature_arguments(spec, extras, *, by_keys: bool, atomic_dq: bool = False):
         slopes, *(slopes.stride() if slopes is not None else (0, 0)),
         mask, *(mask.stride() if mask is not None else (0, 0, 0, 0)),
         pad, *(pad.stride() if pad is not None else (0, 0)),
-        sp_idx, sp_num, *(sp_idx.stride()[:3] if sp_idx is not None else (0, 0, 0)),
-        *(sp_num.stride()[:2] if sp_num is not None else (0, 0)),
-        *(spec.block_size or (0, 0)),
+        sp_idx, *(sp_idx.stride()[:3] if sparse else (0, 0, 0)),
+        sp_num, *(sp_num.stride()[:2] if sparse else (0, 0)),
         int(extras.dropout_seed) if dropout else 0, float(spec.dropout_p), 1.0 / (1.0 - spec.dropout_p),
-    ]
+    )
     flags = dict(
         GQA=spec.group_size > 1,
         VARLEN=spec.varlen,
@@ -93,14 +95,16 @@ def feature_arguments(spec, extras, *, by_keys: bool, atomic_dq: bool = False):
         ALIBI=spec.alibi,
         MASK_KIND={None: 0, "bool": 1, "additive": 2}[spec.mask],
         KEY_PADDING=spec.key_padding,
-        SPARSE=spec.block_size is not None,
+        SPARSE=sparse,
         # the tiles of kept blocks need the elementwise mask only where a causal/window edge or the end
         # of the keys can cut through them (the dK/dV pass: also for the atomic dQ, which reads past-the-end keys)
-        SPARSE_MASKED=spec.block_size is not None and (
+        SPARSE_MASKED=sparse and (
             spec.causal or spec.window is not None or (atomic_dq if by_keys else spec.seqlen_k % spec.block_size[1] != 0)),
+        SPARSE_Q=spec.block_size[0] if sparse else 0,
+        SPARSE_K=spec.block_size[1] if sparse else 0,
         DROPOUT=dropout,
     )
-    return args, flags
+    return values, flags
 
 def sparse_lists(block_mask, spec, by_keys: bool):
     """Block-sparse iteration lists from a bool (B, H, QB, KB) block mask (a broadcast view): per row
