@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conformance.checks import check_close_finite as _close  # tests/ is on sys.path (pytest's rootdir)
 
 import portattn
 from portattn import reference
@@ -328,16 +329,6 @@ def _reference_all(q, k, v, grad, spec, extras):
     return out, lse, grads
 
 
-def _close(name, got, want, tol):
-    got = got.detach().cpu().double().numpy()
-    want = np.asarray(want, np.float64)
-    assert got.shape == want.shape, (name, got.shape, want.shape)
-    assert not np.isnan(got).any(), f"{name} has NaN"
-    finite = np.isfinite(want)
-    assert (np.isfinite(got) == finite).all(), f"{name}: infinities differ ({(~finite).sum()} expected)"
-    if finite.any():
-        err = np.abs(got[finite] - want[finite]).max() / max(1.0, np.abs(want[finite]).max())
-        assert err <= tol, f"{name}: error {err:.2e} > {tol:.0e}"
 
 
 MASK_TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}

@@ -42,3 +42,18 @@ def check_lse(got, want: np.ndarray, bound: float) -> None:
     if (~empty).any():
         error = float((np.abs(got[~empty] - want[~empty]) / np.maximum(1.0, np.abs(want[~empty]))).max())
         assert error <= bound, f"lse: relative error {error:.3g} exceeds the bound {bound:.3g}"
+
+
+def check_close_finite(name: str, got, want, tol: float) -> None:
+    """``got`` (a tensor) against ``want`` where ``want`` is finite, relative to max(1, |want|); no NaN
+    anywhere, and infinities (a row that sees no key) exactly where ``want`` has them."""
+    got = got.detach().cpu().double().numpy()
+    want = np.asarray(want, np.float64)
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    assert not np.isnan(got).any(), f"{name} has NaN"
+    finite = np.isfinite(want)
+    assert (np.isfinite(got) == finite).all(), f"{name}: infinities differ ({(~finite).sum()} expected)"
+    if finite.any():
+        err = np.abs(got[finite] - want[finite]).max() / max(1.0, np.abs(want[finite]).max())
+        assert err <= tol, f"{name}: error {err:.2e} > {tol:.0e}"
+

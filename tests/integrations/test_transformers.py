@@ -83,6 +83,13 @@ def _close(ours, ref, where=None):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=2e-5)
 
 
+def _same_gradients(ours, ref, rtol=1e-4, atol=1e-5):
+    """Every parameter's gradient in ``ours`` equals the one in ``ref`` (same weights, same loss)."""
+    grads = {key: p.grad for key, p in ref.named_parameters()}
+    for key, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, grads[key], rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
+
+
 def _logits(model, ids, mask):
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask).logits
@@ -211,9 +218,7 @@ def test_llama_training_gradients(name):
     ref.train(), ours.train()
     ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     _refusals_xfail(lambda: ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward())
-    grads = {key: p.grad for key, p in ref.named_parameters()}
-    for key, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, grads[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+    _same_gradients(ours, ref)
 
 
 def test_llama_compiles_fullgraph_forward_and_backward(name):
@@ -229,9 +234,7 @@ def test_llama_compiles_fullgraph_forward_and_backward(name):
     ref.train(), ours.train()
     ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     compiled(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-    grads = {key: p.grad for key, p in ref.named_parameters()}
-    for key, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, grads[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+    _same_gradients(ours, ref)
 
 
 def test_llama_attention_dropout_in_training_only(name):
@@ -306,7 +309,4 @@ def test_llama_on_a_gpu(usable_backend, backend):
     ref.train(), ours.train()
     ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-    grads = {key: p.grad for key, p in ref.named_parameters()}
-    for key, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, grads[key], **({"rtol": 1e-3, "atol": 1e-4} if dtype == torch.float32 else tol),
-                                   msg=lambda m, key=key: f"{key}: {m}")
+    _same_gradients(ours, ref, **({"rtol": 1e-3, "atol": 1e-4} if dtype == torch.float32 else tol))
