@@ -18,11 +18,13 @@ def _backends():
 
 def summary_rows() -> list[tuple[str, ...]]:
     """One row per backend: where it runs, dtypes, head dims, backward, when auto picks it."""
-    rows = [("backend", "devices", "dtypes", "head dims", "backward", "auto on")]
+    rows = [("backend", "devices", "min compute capability", "dtypes", "head dims", "backward", "auto on")]
     for name, backend in _backends().items():
         caps = backend.declared_capabilities()
         auto = ", ".join(f"{kind} (rank {rank})" for kind, rank in sorted(backend.auto_priority.items())) or "never"
-        rows.append((name, ", ".join(sorted(caps.device_kinds)), ", ".join(d for d in DTYPES if d in caps.dtypes),
+        cc = caps.min_compute_capability
+        rows.append((name, ", ".join(sorted(caps.device_kinds)), f"sm_{cc[0]}{cc[1]}" if cc else "-",
+                     ", ".join(d for d in DTYPES if d in caps.dtypes),
                      f"{caps.min_head_dim}..{caps.max_head_dim}", "yes" if caps.backward else "no", auto))
     return rows
 

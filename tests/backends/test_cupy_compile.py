@@ -1,9 +1,9 @@
 """Every kernel variant the WMMA planner emits for Volta (V100, sm_70) and Turing (T4, sm_75), compiled
-without a GPU: CUDA 12's NVRTC to PTX, then ``ptxas -v`` (``portattn/backends/cupy_offline.py``).
+without a GPU: CUDA 12's NVRTC to PTX, then ``ptxas -v`` (``portattn/backends/cupy/offline.py``).
 
 A compile alone proves the shared-memory layout: ``attention.cu`` ``static_assert``s that its layout
 equals the plan's ``FWD_SMEM_BYTES``/``BWD_SMEM_BYTES``. On top of that each variant is checked for
-  * all four kernels of ``cupy_build.KERNELS`` assembled, none over 255 registers;
+  * all four kernels of ``build.KERNELS`` assembled, none over 255 registers;
   * forward registers within a calibrated band of the plan's estimate (``plan.registers_per_thread``,
     ``wmma.forward_registers``), and the dK/dV kernel's within one of ``wmma.backward_registers``;
   * spills: none, except the two kinds explained at ``SPILL_TRADE_BYTES`` (each one reported as a warning).

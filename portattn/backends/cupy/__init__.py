@@ -1,7 +1,7 @@
 """``cupy``: FlashAttention-2 in hand-written CUDA C++ on tensor cores through WMMA, for Volta and later.
 
-The kernels (``cupy_kernels/attention.cu``) are compiled at run time by ``cupy.RawModule`` with the
-plan of ``portattn/tiling/wmma.py`` as compile-time constants (``cupy_build.Variant``), one module
+The kernels (``kernels/attention.cu``) are compiled at run time by ``cupy.RawModule`` with the
+plan of ``portattn/backends/cupy/plan.py`` as compile-time constants (``build.Variant``), one module
 per (device, variant), cached. Forward: a block of ``warps`` warps owns 16 query rows per warp and
 streams K/V tiles of ``block_k`` keys (``stages`` deep with cp.async on sm_80+, through registers on
 Volta/Turing), online softmax in float32, causal whole-tile skipping. Backward: a delta kernel, a

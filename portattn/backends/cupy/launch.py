@@ -52,7 +52,7 @@ REGISTER_SOFTMAX_COMPUTE_CAPABILITY = (8, 0)
 @functools.lru_cache(maxsize=None)
 def accumulator(index: int):
     """The device's WMMA accumulator layout, read once by fragment_layout.cu: the register softmax
-    where it has the structure that needs (``cupy_build.accumulator_layout``), else None.
+    where it has the structure that needs (``build.accumulator_layout``), else None.
 
     Only from sm_80 on, where it was measured (H100, fp16, N = 4096: the forward at 1.31x (D = 128)
     and 1.43x (D = 64) the shared-memory softmax's speed). Before that the shared-memory softmax stays: Volta's quad-pair layout is

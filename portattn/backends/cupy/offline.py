@@ -1,10 +1,10 @@
 """Compile the ``cupy`` backend's kernels without a GPU: NVRTC to PTX, then ``ptxas -v`` for registers and spills.
 
-On a GPU, ``cupy.RawModule`` compiles ``cupy_kernels/attention.cu`` at run time for the device it runs
+On a GPU, ``cupy.RawModule`` compiles ``kernels/attention.cu`` at run time for the device it runs
 on. CI has no GPU and no driver, yet the kernels must be checked for the oldest architectures the
 backend claims, Volta (sm_70) and Turing (sm_75): that they compile for every variant the planner
 emits, and that the registers and spills ``ptxas`` reports agree with the plan's register estimates
-(``portattn/tiling/wmma.py``, rule W5).
+(``portattn/backends/cupy/plan.py``, rule W5).
 
 Why CUDA 12 exactly: NVRTC itself needs no driver, and the PyPI wheels ``nvidia-cuda-nvrtc-cu12``
 (the compiler library), ``nvidia-cuda-nvcc-cu12`` (the ``ptxas`` binary and the device headers such as
@@ -135,7 +135,7 @@ def toolchain() -> Toolchain:
 def compile_ptx(variant: "Variant", arch: int, source: str | None = None) -> str:
     """NVRTC: the variant's module as PTX for ``compute_<arch>``. Raises ``OfflineCompileError`` with the log.
 
-    ``source``: the .cu text to compile instead of ``cupy_build.source()`` (e.g. another revision of it)."""
+    ``source``: the .cu text to compile instead of ``build.source()`` (e.g. another revision of it)."""
     from cupy_backends.cuda.libs import nvrtc
 
     from . import build as cupy_build

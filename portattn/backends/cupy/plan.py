@@ -2,7 +2,7 @@
 
 A Triton kernel's tiles are free powers of two and its compiler places the data; a raw CUDA kernel
 fixes who holds what, so its plan can say exactly how many bytes of shared memory each kernel takes.
-The kernels in ``portattn/backends/cupy_kernels/attention.cu`` give each warp 16 rows (one WMMA
+The kernels in ``portattn/backends/cupy/kernels/attention.cu`` give each warp 16 rows (one WMMA
 fragment high) and lay shared memory out as the functions below compute; the .cu file
 ``static_assert``s that its own layout arithmetic equals the figure planned here, and the CI test
 ``tests/backends/test_cupy_compile.py`` assembles every planned variant for sm_70/sm_75 with

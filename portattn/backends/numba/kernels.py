@@ -19,7 +19,7 @@ change single scores (softcap, ALiBi, attn_mask, key padding) take a per-row pas
 same mask without storing it. Masked scores inside a visited row are -inf; float32's fast ``exp2``
 turns them into 2**-125 (~1e-38) rather than 0, far below float32's resolution.
 
-Callers must run these with BLAS limited to one thread (see numba_cpu.py): numba's worker threads
+Callers must run these with BLAS limited to one thread (see launch.py): numba's worker threads
 already use every core, and a multi-threaded BLAS inside each of them oversubscribes the machine.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 class Features(NamedTuple):
     """Everything beyond q, k and v that the kernels need, as one numba-typed argument.
 
-    numba_cpu.py builds it: arrays are read-only, C-contiguous and of fixed dtypes, with 1-element
+    launch.py builds it: arrays are read-only, C-contiguous and of fixed dtypes, with 1-element
     dummies for absent features, so every call of one compute dtype runs the same compiled kernels
     (numba specializes on types, not values). Axes the API broadcast are cut back to length 1 and
     indexed through ``_bc``, so a broadcast mask is never materialized.

@@ -1,13 +1,13 @@
 """``opencl``: FlashAttention-2 in portable OpenCL C, for any OpenCL 1.2 device -- AMD, Intel, Apple and
 mobile GPUs, NVIDIA's OpenCL driver, and CPUs through PoCL.
 
-The kernels (``opencl_kernels/attention.cl``) use nothing beyond OpenCL 1.2 core: float32
+The kernels (``kernels/attention.cl``) use nothing beyond OpenCL 1.2 core: float32
 arithmetic on float4 register tiles, float16 storage read and written with ``vload_half`` /
 ``vstore_half`` (no ``cl_khr_fp16`` needed), bfloat16 as 16-bit patterns widened by a shift. The
 sub-group and fp16 extensions are not used: the one step they would speed up, the row max across a
 work-group row, is a local-memory exchange once per key tile, and every device has that.
 
-The plan (``portattn/tiling/opencl.py``, rules O1-O6) is read from the device's local memory size,
+The plan (``portattn/backends/opencl/plan.py``, rules O1-O6) is read from the device's local memory size,
 work-group limit, compute units and vector width; it reaches the compiler as ``-D`` options with
 the call's dtype and features, and each (context, options) program is built once
 (``opencl_runtime.program``). Forward: one work-group per (query tile, batch x head) streams the

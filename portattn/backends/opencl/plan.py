@@ -1,6 +1,6 @@
 """Planner rules for the OpenCL kernels (the ``opencl`` backend): work-item register tiles, exact local memory.
 
-The kernels in ``portattn/backends/opencl_kernels/attention.cl`` run on any OpenCL 1.2 device --
+The kernels in ``portattn/backends/opencl/kernels/attention.cl`` run on any OpenCL 1.2 device --
 GPUs of every vendor without their matrix units, and CPUs through PoCL -- so they are FMA kernels
 in the SGEMM style: a work-group is a ``TM x TN`` grid of work-items, each owning an ``RM x CN VW``
 block of the score tile (4 x 4 in every plan so far) and float4 pieces of the accumulator rows. The plan fixes the grid of each program

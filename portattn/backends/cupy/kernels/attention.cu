@@ -1,7 +1,7 @@
 // FlashAttention-2 forward and backward on NVIDIA tensor cores through WMMA 16x16x16 fragments,
 // laid out for Volta (sm_70) and running unchanged on Turing, Ampere and Hopper.
 //
-// Compiled at run time by cupy.RawModule (portattn/backends/cupy_gpu.py) with the tile plan as
+// Compiled at run time by cupy.RawModule (portattn/backends/cupy/__init__.py) with the tile plan as
 // compile-time constants (-D...):
 //   HEAD_DIM      the true head dim; HEAD_DIM_PAD: it rounded up to 16 (padding columns are zero)
 //   FWD_WARPS, FWD_BLOCK_K, FWD_STAGES          forward: a block owns 16*FWD_WARPS query rows
@@ -10,12 +10,12 @@
 //   Q_IN_REGISTERS  keep the forward's Q operand fragments in registers (head dims <= 128)
 //   CAUSAL, WINDOW (sliding-window bounds, passed at run time), BF16, VECTOR_LOADS (16-byte global loads: head dim, row strides and pointers are multiples
 //   of 8 elements), FWD_SMEM_BYTES / BWD_SMEM_BYTES (the planner's figures: static_asserts below
-//   check that this file lays shared memory out exactly as portattn/tiling/wmma.py predicts).
+//   check that this file lays shared memory out exactly as portattn/backends/cupy/plan.py predicts).
 //   MASK (0 none, 1 bool attn_mask, 2 additive), MASK_FLOAT32 (an additive mask's values are float32,
 //   else the inputs' dtype), KEY_PADDING: the score masks (ScoreMask below); with all three 0 the
 //   kernels take no mask arguments and compile to the code they had before masks existed.
 //
-// Why WMMA and not inline mma.sync.m8n8k4: portattn/backends/cupy_gpu.py (MMA_CHOICE) and
+// Why WMMA and not inline mma.sync.m8n8k4: portattn/backends/cupy/__init__.py (MMA_CHOICE) and
 // benchmarks/mma_shapes.py, which times both. In short: on the H100 WMMA runs 28x faster (it compiles
 // to the native m16n8k16 instruction; m8n8k4 is emulated from sm_80 on), and on Volta a WMMA product
 // is executed as the same m8n8k4 quad-pair steps (HMMA.884) that inline PTX would issue.
@@ -385,7 +385,7 @@ constexpr int FWD_Q_BYTES = tile_bytes(FWD_ROWS);
 constexpr int FWD_KV_BYTES = max_of(FWD_STAGES * 2 * tile_bytes(FWD_BLOCK_K), staging_bytes(FWD_WARPS));
 constexpr int FWD_SCRATCH_BYTES = FWD_WARPS * scratch_bytes(FWD_BLOCK_K);
 static_assert(FWD_Q_BYTES + FWD_KV_BYTES + FWD_SCRATCH_BYTES == FWD_SMEM_BYTES,
-              "forward shared memory differs from the plan (portattn/tiling/wmma.py)");
+              "forward shared memory differs from the plan (portattn/backends/cupy/plan.py)");
 static_assert(FWD_BLOCK_K % 16 == 0 && (FWD_BLOCK_K / 2) % 4 == 0, "block_k: whole fragments, 4-float row pieces");
 
 // One block: 16*FWD_WARPS query rows of one (batch, head); warp w owns rows 16w..16w+15.
@@ -675,7 +675,7 @@ constexpr int BWD_STREAM_BYTES = max_of(BWD_STAGES * (2 * tile_bytes(BWD_BLOCK_N
                                         staging_bytes(BWD_WARPS));
 constexpr int BWD_SCRATCH_BYTES = BWD_WARPS * scratch_bytes(BWD_BLOCK_N);
 static_assert(BWD_OWN_BYTES + BWD_STREAM_BYTES + BWD_SCRATCH_BYTES == BWD_SMEM_BYTES,
-              "backward shared memory differs from the plan (portattn/tiling/wmma.py)");
+              "backward shared memory differs from the plan (portattn/backends/cupy/plan.py)");
 static_assert(BWD_BLOCK_N % 16 == 0 && (BWD_BLOCK_N / 2) % 4 == 0, "streamed block: whole fragments");
 
 // One stage of the streamed side: two operand tiles and, for query tiles, their LSE and delta.

@@ -1,6 +1,6 @@
 // Which (row, column) of a 16x16 float32 WMMA accumulator each lane's 8 elements hold, read on the
 // device itself: WMMA leaves the layout unspecified and it differs between architectures.
-// portattn/backends/cupy_build.py turns the answer into the register-softmax constants of
+// portattn/backends/cupy/build.py turns the answer into the register-softmax constants of
 // attention.cu (or keeps its shared-memory softmax when the layout has no usable structure).
 #include <mma.h>
 using namespace nvcuda;

@@ -1,6 +1,6 @@
 /* portattn: FlashAttention-2 in OpenCL C 1.2 (core only), float32 arithmetic.
  *
- * Compile-time constants (-D build options from the plan, portattn/tiling/opencl.py):
+ * Compile-time constants (-D build options from the plan, portattn/backends/opencl/plan.py):
  *   PROGRAM    0: the forward kernel; 1: the backward kernels (each program is built on its own).
  *   TM, TN, VW the work-group is a TM x TN grid of work-items (TM * TN of them); a score tile is
  *              ROWS x COLS = (RM TM) x (CN VW TN). Work-item (tm, tn) owns the scores of rows
