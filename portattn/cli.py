@@ -219,7 +219,7 @@ def cmd_bench(args, argv) -> int:
     results = bench.run_grid(run.problems, run.backends, run.peers, device=run.label, repeats=run.repeats, warmup=run.warmup,
                              budget_s=args.budget, progress=bench.progress.ProgressBar(), after=save)
     wall = time.perf_counter() - started
-    print(bench.format_table(results, run.unit))
+    print(bench.format_table(results, run.unit, plans=args.plans))
     print(f"vs best peer: {run.unit} over the best peer's on the same problem (>1 = faster). peak mem: {run.methods['memory']}.")
     print(f"time: {run.methods['timing']}. wall time {wall:.1f} s")
     record = save(results, complete=True, wall_s=round(wall, 1))
@@ -250,7 +250,7 @@ def _bench_redraw(args) -> int:
     record, results = bench.read_json(args.from_json)
     unit = record.get("unit") or bench.unit_for(record.get("device", {}).get("kind", "cpu"))
     print(f"{args.from_json}: {record.get('command', '?')} -- {record.get('date', '?')}, {record.get('device', {}).get('name', '?')}")
-    print(bench.format_table(results, unit))
+    print(bench.format_table(results, unit, plans=args.plans))
     for path in bench.plot.plot(record, results, args.plot) if args.plot else ():
         print(f"wrote {path}")
     return 0
@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "a table. Default grid: on GPUs flash-attention's (B*N = 16384, H = 2048/D, fp16, N 512..16384, "
                     "D 64 and 128, both masks, fwd and fwd+bwd); on CPUs B=1, H=8, fp32, N 512..4096, D 64 and 128, "
                     "both masks, fwd.")
+    bench.add_argument("--plans", action="store_true", help="add each row's tile plan to the table (wide); --json always has it")
     bench.add_argument("--quick", action="store_true", help="about a minute: N in {512, 1024, 2048}, D=64, no mask, forward")
     bench.add_argument("--device", default=None, help="live device: cpu, cuda[:N], opencl:P:D (default: cuda:0 when torch sees a GPU, else cpu)")
     bench.add_argument("--seqlen", type=int, nargs="+", default=None)
