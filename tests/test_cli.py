@@ -81,7 +81,7 @@ def test_bench_json_plot_and_redraw_from_json(tmp_path, capsys):
         (64, False), (128, False), (64, True), (128, True)}
 
     again = tmp_path / "again.png"
-    assert main(["bench", "--from-json", str(saved), "--plot", str(again)]) == 0
+    assert main(["bench", "--from-json", str(saved), "--plot", str(again), "--plans"]) == 0
     out = capsys.readouterr().out
     assert "numba" in out and "GFLOP/s" in out and "block " in out
     assert (tmp_path / "again-d16-full-fwd.png").exists() and (tmp_path / "again-d16-causal-fwd.png").exists()
@@ -98,7 +98,7 @@ def test_bench_shows_why_a_backend_refuses_and_goes_on(capsys):
     pytest.importorskip("numba", reason="the numba backend needs numba (pip install 'portattn[numba]')")
     # cupy takes CUDA tensors only: on CPU inputs it refuses, here and on a GPU machine alike
     argv = ["bench", "--device", "cpu", "--seqlen", "64", "--head-dim", "16", "--no-causal", "--repeats", "2", "--no-peers",
-            "--backend", "numba", "cupy"]
+            "--backend", "numba", "cupy", "--plans"]
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     cupy = [line for line in lines if line.startswith("cupy ")]
