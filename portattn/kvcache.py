@@ -17,9 +17,12 @@ gives it the same arguments and meaning, on numpy arrays and torch tensors:
   ``causal`` is bottom-right aligned to them: query i sits at key position ``L_b - Nq + i`` (the
   last query sees every key), and so do ``window`` = (left, right) and ALiBi.
 
-The present keys of each sequence are gathered (contiguous: a slice; paged: the pages of its
-block-table row) into one packed batch and computed with :func:`portattn.attention_varlen`, which
-counts positions per sequence; a backend that has no varlen runs the sequences one by one. Reading
+A contiguous cache whose sequences all hold the same number of keys is attended in place (a view of
+its first L rows). Otherwise the present keys of each sequence are gathered (contiguous: a slice;
+paged: the pages of its block-table row) into one packed batch and computed with
+:func:`portattn.attention_varlen`, which counts positions per sequence; a backend that has no varlen
+runs the sequences one by one. Paged caches are gathered on every call: a kernel that reads pages
+through the block table is not written yet. Reading
 the lengths takes one device-to-host copy of ``cache_seqlens`` per call.
 """
 
@@ -48,8 +51,13 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=
                          "sequence; give a larger cache (or more pages in block_table)")
     if n_new:
         cache.write(k, v, old, n_new)
-    keys, values = cache.gather(lengths)
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+    if not cache.paged and len(set(lengths)) == 1:
+        # every sequence has the same keys present: the cache rows are one (B, L, H_kv, D) view, no gather
+        present = lengths[0] if lengths else 0
+        return attention(q, k_cache[:, :present], v_cache[:, :present], layout="bnhd", align="bottom-right",
+                         backend=backend, return_lse=return_lse, **options)
+    keys, values = cache.gather(lengths)
     if _runs_varlen(backend, ops, q):
         packed_q = q.reshape(batch * n_query, heads, head_dim)
         cu_q = ops.offsets([n_query] * batch, q)

@@ -59,6 +59,7 @@ CASES = {
     "page-size-1": (1, 20, [7, 3, 11], 2, 1),
     "page-size-256": (256, 300, [255, 40, 1], 3, 3),
     "odd-pages-several-queries": (7, 35, [12, 20, 5], 3, 16),
+    "same-lengths": (16, 40, [20, 20, 20], 1, 2),  # contiguous: attended in place, no gather
 }
 
 
