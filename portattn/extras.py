@@ -17,9 +17,11 @@ same shapes whatever the caller passed:
 The semantics every backend implements (and ``portattn.reference`` spells out in float64): query i
 sits at key position ``p = i + spec.query_offset()``; key j is visible iff it exists (j < Nk of
 its sequence), ``j <= p`` when causal, ``p - left <= j <= p + right`` inside a window, the key
-padding, bool mask and block mask allow it, and its score is finite. The score is
+padding, bool mask and block mask allow it, and its score is not -inf (an additive -inf hides it). The score is
 ``s = scale * q.k``, then ``softcap * tanh(s / softcap)``, then ``- slope * |p - j|`` (ALiBi), then
-``+ attn_mask`` (additive). A row with no visible key gets O = 0 and LSE = -inf. Dropout keeps a
+``+ attn_mask`` (additive). A row with no visible key gets O = 0 and LSE = -inf; a row with a NaN
+score (a NaN in q, in a visible key, or in the additive mask) gets NaN in O and the LSE, never a
+quiet zero. Dropout keeps a
 weight with probability 1 - p and scales it by 1 / (1 - p); the LSE is that of the undropped weights.
 """
 

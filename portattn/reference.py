@@ -68,8 +68,10 @@ def _softmax(scores):
     weights = np.exp(scores - safe_max)
     row_sum = weights.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        probs = np.where(row_sum > 0, weights / np.where(row_sum > 0, row_sum, 1.0), 0.0)
-        lse = np.where(row_sum > 0, safe_max + np.log(row_sum), -np.inf)[..., 0]
+        # a NaN score (a NaN in q, k or the mask) makes its row NaN, weights and LSE: honest, not zeros
+        empty = np.where(np.isnan(row_sum), np.nan, 0.0)
+        probs = np.where(row_sum > 0, weights / np.where(row_sum > 0, row_sum, 1.0), empty)
+        lse = np.where(row_sum > 0, safe_max + np.log(row_sum), np.where(np.isnan(row_sum), np.nan, -np.inf))[..., 0]
     return probs, lse
 
 

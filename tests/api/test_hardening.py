@@ -113,3 +113,33 @@ def test_first_calls_from_many_threads_at_once():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba", "triton", "opencl", "cupy"])
+@pytest.mark.parametrize("where", ["q", "k", "mask"])
+def test_a_nan_makes_its_rows_nan_out_and_lse(usable_backend, backend, where):
+    """The math, not a quiet zero: a NaN in q spoils its row, in a key every row that sees it, in the
+    additive mask its entry's row -- in O and in the LSE alike; the other rows are untouched."""
+    torch = pytest.importorskip("torch")
+    usable_backend(backend)
+    device = "cuda" if backend in ("triton", "cupy") and torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if backend == "cupy" else torch.float64 if backend == "reference" else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=generator, dtype=torch.float64) for _ in range(3))
+    mask = torch.zeros(9, 9, dtype=torch.float64)
+    spoiled = {"q": [3], "k": list(range(5, 9)), "mask": [2]}[where]  # causal: key 5 is seen by queries 5..8
+    if where == "q":
+        q[0, 1, 3, 4] = float("nan")
+    elif where == "k":
+        k[0, 1, 5, 7] = float("nan")
+    else:
+        mask[2, 1] = float("nan")
+    args = [x.to(device, dtype) for x in (q, k, v)]
+    out, lse = portattn.attention(*args, causal=True, attn_mask=mask.to(device, dtype), backend=backend, return_lse=True)
+    clean = [i for i in range(9) if i not in spoiled]
+    assert torch.isnan(out[0, 1, spoiled]).all() and torch.isnan(lse[0, 1, spoiled]).all()
+    assert torch.isfinite(out[0, 1, clean]).all() and torch.isfinite(lse[0, 1, clean]).all()
+    if where == "mask":  # the (Nq, Nk) mask is every head's: the other head's row 2 is spoiled too
+        assert torch.isnan(out[0, 0, spoiled]).all() and torch.isfinite(out[0, 0, clean]).all()
+    else:
+        assert torch.isfinite(out[0, 0]).all() and torch.isfinite(lse[0, 0]).all()  # the other head

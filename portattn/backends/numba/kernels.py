@@ -266,7 +266,10 @@ def _feature_row(row, c_lo, c_hi, feat, b, h, i, position, j0, slope_log2, check
             or (feat.key_padding and not padding_row[j]) \
             or (check_blocks and not block_row[j // feat.sparse_k])
         row[c] = -np.inf if hidden else s
-        if row[c] > -np.inf and (not found or row[c] > top):
+        if row[c] != row[c]:  # a NaN score: the row's max, and so its O and LSE, are NaN (the math, not zeros)
+            top = row[c]
+            found = True
+        elif row[c] > -np.inf and (not found or row[c] > top):
             top = row[c]
             found = True
     return top, found

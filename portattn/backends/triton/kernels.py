@@ -579,6 +579,7 @@ def attention_forward_features(
     if DROPOUT:
         out = out * S.drop_scale
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    lse = tl.where(l_i != l_i, l_i, lse)  # a NaN score (NaN in q, k or the mask): the LSE is NaN too, as O is
     _store_rows(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty),
                 offs_m, n_q, offs_d, HEAD_DIM, EVEN_D)
     tl.store(LSE + offs_m, lse, mask=offs_m < n_q)

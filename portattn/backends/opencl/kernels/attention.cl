@@ -679,7 +679,8 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
         float4 l = (float4)(0.0f);
         for (int u = 0; u < TN; u++) l += row_partials(p_tile, tm + 4 * g * TM, u);
         const float4 inverse = select((float4)(0.0f), 1.0f / l, l > 0.0f); /* fully hidden rows: zeros */
-        const float4 value = select((float4)(-INFINITY), (m_run[g] + log2(l)) * LN2, l > 0.0f);
+        const float4 seen = select((float4)(-INFINITY), (m_run[g] + log2(l)) * LN2, l > 0.0f);
+        const float4 value = select(seen, (float4)(NAN), isnan(l)); /* a NaN score: NaN LSE, as O */
 #pragma unroll
         for (int r = 0; r < 4; r++) {
             const int i = 4 * g + r, row = row0 + tm + TM * i;
