@@ -40,12 +40,6 @@ def check_feature_names(features: dict) -> None:
                         + ", ".join(FEATURE_KEYWORDS))
 
 
-def is_plain(features: dict) -> bool:
-    """True when every feature keyword has its default (the call can take the cached fast path)."""
-    return all(features.get(name, default) is default or features.get(name, default) == default
-               and type(features.get(name, default)) is type(default) for name, default in FEATURE_KEYWORDS.items())
-
-
 def read_call(q, k, v, *, varlen=None, **options) -> tuple[AttentionSpec, Extras]:
     """The spec and extras of one call; ``varlen`` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     max_seqlen_k) for packed sequences (q, k, v then (1, total, H, D) views)."""
