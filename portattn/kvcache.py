@@ -18,21 +18,20 @@ gives it the same arguments and meaning, on numpy arrays and torch tensors:
   last query sees every key), and so do ``window`` = (left, right) and ALiBi.
 
 A contiguous cache whose sequences all hold the same number of keys is attended in place (a view of
-its first L rows). Otherwise the present keys of each sequence are gathered (contiguous: a slice;
-paged: the pages of its block-table row) into one packed batch and computed with
-:func:`portattn.attention_varlen`, which counts positions per sequence; a backend that has no varlen
-runs the sequences one by one. Paged caches are gathered on every call: a kernel that reads pages
-through the block table is not written yet. Reading
+its first L rows). Otherwise the present keys of every sequence are gathered in one indexed copy into
+a (B, H_kv, Lmax, D) buffer, right-aligned: sequence b's keys fill its last L_b rows, so bottom-right
+alignment on Lmax puts each query at its own sequence's position (causal, window and ALiBi distances
+are those of the sequence), and a key-padding mask hides the rows in front. One batched call on any
+backend with key padding. Paged caches are gathered on every call: a kernel that reads pages through
+the block table is not written yet. Reading
 the lengths takes one device-to-host copy of ``cache_seqlens`` per call.
 """
 
 from __future__ import annotations
 
-import math
 
 from . import arrays
-from .api import attention, attention_varlen
-from .backends import registry
+from .api import attention
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=None, *, k=None, v=None, causal=False,
@@ -57,38 +56,14 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=
         present = lengths[0] if lengths else 0
         return attention(q, k_cache[:, :present], v_cache[:, :present], layout="bnhd", align="bottom-right",
                          backend=backend, return_lse=return_lse, **options)
-    keys, values = cache.gather(lengths)
-    if _runs_varlen(backend, ops, q):
-        packed_q = q.reshape(batch * n_query, heads, head_dim)
-        cu_q = ops.offsets([n_query] * batch, q)
-        cu_k = ops.offsets(lengths, q)
-        result = attention_varlen(packed_q, ops.cat(keys), ops.cat(values), cu_q, cu_k, n_query, max(max(lengths), 1),
-                                  align="bottom-right", backend=backend, return_lse=return_lse, **options)
-        if not return_lse:
-            return result.reshape(batch, n_query, heads, head_dim)
-        out, lse = result  # lse: (H, B * Nq)
-        return out.reshape(batch, n_query, heads, head_dim), ops.swap01(lse.reshape(heads, batch, n_query))
-    outs, lses = [], []
-    for b in range(batch):  # a backend without varlen: one call per sequence
-        slopes = alibi_slopes[b] if alibi_slopes is not None and len(alibi_slopes.shape) == 2 else alibi_slopes
-        result = attention(q[b:b + 1], keys[b][None], values[b][None], layout="bnhd", align="bottom-right",
-                           backend=backend, return_lse=return_lse, **{**options, "alibi_slopes": slopes})
-        out, lse = result if return_lse else (result, None)
-        outs.append(out)
-        lses.append(lse)
-    out = ops.cat(outs)
-    return (out, ops.cat(lses)) if return_lse else out
-
-
-def _runs_varlen(backend: str, ops: "_Ops", q) -> bool:
-    """Whether the packed varlen call can serve: a named backend that declares varlen, or auto with
-    some usable backend for q's device that does."""
-    known = registry()
-    if backend != "auto":
-        return backend in known and "varlen" in known[backend].capabilities.features
-    kind = arrays.describe(q, "q").device.split(":", 1)[0]
-    return any("varlen" in b.capabilities.features and b.usable and kind in b.capabilities.device_kinds
-               and b.auto_priority.get(kind) is not None for b in known.values())
+    keys, values, present = cache.gather_left_padded(lengths)
+    # (B, H_kv, Lmax, D) with sequence b's keys in its last L_b rows: bottom-right alignment on Lmax then
+    # puts every query at its own sequence's position, and the key padding hides the rows before them
+    result = attention(ops.swap12(q), keys, values, align="bottom-right", key_padding_mask=present,
+                       backend=backend, return_lse=return_lse, **options)
+    out, lse = result if return_lse else (result, None)
+    out = ops.swap12(out)
+    return (out, lse) if return_lse else out
 
 
 def _lengths(cache_seqlens, batch: int, capacity: int, ops: "_Ops") -> list[int]:
@@ -137,6 +112,7 @@ class _Cache:
         self.paged = block_table is not None
         if self.paged:
             self.page_size = int(k_cache.shape[1])
+            self.block_table = block_table
             self.table = [[int(x) for x in row] for row in ops.to_list(block_table)]
             self.capacity = int(block_table.shape[1]) * self.page_size
         else:
@@ -194,19 +170,25 @@ class _Cache:
             self.k_cache[where] = k[b]
             self.v_cache[where] = v[b]
 
-    def gather(self, lengths: list[int]):
-        """Each sequence's present keys and values, (L_b, H_kv, D) each."""
-        keys, values = [], []
-        for b, length in enumerate(lengths):
-            if not self.paged:
-                keys.append(self.k_cache[b, :length])
-                values.append(self.v_cache[b, :length])
-                continue
-            used = self.ops.index(self.table[b][:math.ceil(length / self.page_size)], self.k_cache)
-            flat = (-1, self.kv_heads, self.k_cache.shape[3])
-            keys.append(self.k_cache[used].reshape(flat)[:length])
-            values.append(self.v_cache[used].reshape(flat)[:length])
-        return keys, values
+    def gather_left_padded(self, lengths: list[int]):
+        """Each sequence's present keys and values in one indexed copy, right-aligned: (B, H_kv, Lmax, D)
+        views whose row Lmax - L_b + p holds sequence b's key p, and the (B, Lmax) bool mask of the rows
+        that hold a key (the rows in front are zeros, never stale cache memory)."""
+        ops = self.ops
+        longest = max(lengths, default=0)
+        start = ops.index([longest - n for n in lengths], self.k_cache)[:, None]  # (B, 1)
+        position = ops.index(list(range(longest)), self.k_cache)[None, :] - start  # (B, Lmax); < 0: in front
+        present = position >= 0
+        position = position.clip(min=0)
+        sequence = ops.index(list(range(len(lengths))), self.k_cache)[:, None]
+        if self.paged:
+            table = ops.as_index(self.block_table, self.k_cache)
+            where = (table[sequence, position // self.page_size], position % self.page_size)
+        else:
+            where = (sequence, position)
+        keys, values = self.k_cache[where], self.v_cache[where]  # (B, Lmax, H_kv, D) copies
+        keys[~present], values[~present] = 0, 0
+        return ops.swap12(keys), ops.swap12(values), present
 
 
 class _Ops:
@@ -234,31 +216,16 @@ class _Ops:
 
         return np.asarray(values, dtype=np.int64)
 
-    def offsets(self, lengths: list[int], like):
-        """int32 (B + 1,) running sums of ``lengths``, on ``like``'s device."""
-        running = [0]
-        for n in lengths:
-            running.append(running[-1] + n)
+    def as_index(self, x, like):
+        """An int32 index array (block_table) as int64 on ``like``'s device."""
         if self.kind == "torch":
             import torch
 
-            return torch.tensor(running, dtype=torch.int32, device=like.device)
+            return x.to(device=like.device, dtype=torch.long)
         import numpy as np
 
-        return np.asarray(running, dtype=np.int32)
+        return np.asarray(x, dtype=np.int64)
 
-    def cat(self, parts: list):
-        if self.kind == "torch":
-            import torch
-
-            return torch.cat(parts)
-        import numpy as np
-
-        return np.concatenate(parts)
-
-    def swap01(self, x):
-        if self.kind == "torch":
-            return x.transpose(0, 1).contiguous()
-        import numpy as np
-
-        return np.ascontiguousarray(x.transpose(1, 0, 2))
+    def swap12(self, x):
+        """(B, N, H, D) <-> (B, H, N, D), a view."""
+        return x.transpose(1, 2) if self.kind == "torch" else x.transpose(0, 2, 1, 3)
