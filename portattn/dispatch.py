@@ -8,6 +8,7 @@ error names the backends that would have worked.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 from .backends import Backend, registry
@@ -68,12 +69,32 @@ def _select(spec: AttentionSpec, requested: str) -> Backend:
             raise ValueError(f"backend {requested!r} cannot run {spec.label()}:\n{listing}\nbackends that can: {alternatives}")
         return backends[requested]
     eligible = [c for c in ranked if c.can_run and c.priority is not None]
+    if not eligible and LAST_RESORT in able:
+        _warn_last_resort(spec, [c for c in ranked if not c.can_run])
+        return backends[LAST_RESORT]
     if not eligible:
         raise ValueError(
             f"no backend can run {spec.label()} on {spec.device} automatically:\n{_format_refusals([c for c in ranked if not c.can_run])}"
             + (f"\nusable only by name: {', '.join(able)}" if able else "")
         )
     return backends[max(eligible, key=lambda c: c.priority).name]
+
+
+# What auto runs when nothing faster can (a numpy-only install): exact but slow, so it says so, once
+LAST_RESORT = "reference"
+_WARNED: list[bool] = []
+
+
+def _warn_last_resort(spec: AttentionSpec, refused: list[Candidate]) -> None:
+    if _WARNED:
+        return
+    _WARNED.append(True)
+    extras = sorted({extra for c in refused for extra in [registry()[c.name].extra] if extra})
+    warnings.warn(
+        f"portattn: no fast backend can run {spec.label()} here, so backend='auto' computes it with the float64 "
+        f"reference backend (exact, but slow and O(N^2) in memory). Install one: "
+        + ", ".join(f"pip install 'portattn[{extra}]'" for extra in extras)
+        + "; `portattn info` lists each backend's reasons.", RuntimeWarning, stacklevel=4)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """``reference``: the float64 NumPy oracle as a backend, so tests and users can call it by name.
 
-Exact but O(N^2) in memory and slow; ``auto`` never picks it.
+Exact but O(N^2) in memory and slow; ``auto`` takes it only as the last resort, when no other backend
+can run a call (a numpy-only install), and warns once (``dispatch.LAST_RESORT``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from .base import Backend, Capabilities, register
 @register
 class ReferenceBackend(Backend):
     name = "reference"
-    summary = "any CPU: float64 NumPy with the full score matrix; the test oracle, never chosen by auto"
+    summary = "any CPU: float64 NumPy with the full score matrix; the test oracle; auto takes it only when nothing else can run a call, with a warning"
     extra = None
     compute_kind = "numpy"
     capabilities = Capabilities(

@@ -143,3 +143,31 @@ def test_a_nan_makes_its_rows_nan_out_and_lse(usable_backend, backend, where):
         assert torch.isnan(out[0, 0, spoiled]).all() and torch.isfinite(out[0, 0, clean]).all()
     else:
         assert torch.isfinite(out[0, 0]).all() and torch.isfinite(lse[0, 0]).all()  # the other head
+
+
+def test_a_numpy_only_install_falls_back_to_the_reference_with_one_warning():
+    """With only numpy (no numba, torch, triton, cupy, pyopencl importable), attention still answers,
+    through the reference backend, and says once which extra to install; bench says nothing can be timed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings\n"
+        "for name in ('numba', 'scipy', 'torch', 'triton', 'cupy', 'pyopencl', 'threadpoolctl'):\n"
+        "    sys.modules[name] = None\n"
+        "import numpy as np, portattn\n"
+        "q = np.random.default_rng(0).standard_normal((1, 2, 7, 8)).astype('float32')\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    out = portattn.attention(q, q, q)\n"
+        "    portattn.attention(q, q, q, causal=True)\n"
+        "expected = portattn.attention(q, q, q, backend='reference')\n"
+        "assert np.allclose(out, expected), 'wrong answer'\n"
+        "messages = [str(w.message) for w in seen if 'reference backend' in str(w.message)]\n"
+        "assert len(messages) == 1 and \"pip install 'portattn[numba]'\" in messages[0], messages\n"
+        "from portattn.cli import main\n"
+        "sys.exit(0 if main(['bench', '--quick']) == 1 else 3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "nothing to time" in done.stderr
