@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 
 from ...extras import NONE
 
@@ -162,10 +163,17 @@ def merge_splits(part_out, part_lse, out, lse) -> None:
     weights = torch.exp(part_lse - torch.where(torch.isinf(lse), 0.0, lse))  # exp(-inf) = 0 for empty splits
     out.copy_((weights.unsqueeze(-1) * part_out).sum(dim=0))
 
+INTERPRETER_TURN = threading.RLock()  # a lock is a context manager: `with on_device(x):` takes it
+
+
 def on_device(x):
     """Launch on the tensor's GPU (Triton launches on the current device); no switch when it is current."""
     import torch
 
-    if x.device.type != "cuda" or x.device.index == torch.cuda.current_device():
+    if x.device.type != "cuda":
+        # Triton's interpreter swaps triton.language's functions while it runs a kernel: two threads
+        # interpreting at once break each other ("Did you forget to add @triton.jit?"), so they take turns
+        return INTERPRETER_TURN
+    if x.device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(x.device)
