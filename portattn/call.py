@@ -7,8 +7,10 @@ boundary and back to the caller's kind, dtype and device on the way out.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+import threading
 from dataclasses import dataclass
 
 from . import arrays
@@ -65,10 +67,38 @@ class PreparedCall:
         The LSE keeps the backend's precision (float64 for float64 inputs) so that the backward
         pass, which recomputes P from it, loses nothing; ``attention`` hands users float32.
         """
-        out, lse = self.backend.forward(*self._to_backend(q, k, v), self.spec, self.plan, self._extras_to_backend(extras))
+        with _first_call_notice(self, "forward"):
+            out, lse = self.backend.forward(*self._to_backend(q, k, v), self.spec, self.plan, self._extras_to_backend(extras))
         return self._to_caller(out, self.spec.dtype), self._to_caller(lse, None)
 
     def backward(self, grad_out, q, k, v, out, lse, extras: Extras = NONE):
-        grads = self.backend.backward(*self._to_backend(grad_out, q, k, v, out, lse), self.spec, self.plan,
-                                      self._extras_to_backend(extras))
+        with _first_call_notice(self, "backward"):
+            grads = self.backend.backward(*self._to_backend(grad_out, q, k, v, out, lse), self.spec, self.plan,
+                                          self._extras_to_backend(extras))
         return tuple(self._to_caller(g, self.spec.dtype) for g in grads)
+
+
+# (id of a prepared call, pass) pairs that have run once; a prepared call lives in api's cache, so its id is stable
+_RUN: set[tuple[int, str]] = set()
+NOTICE_AFTER_S = 1.0
+
+
+@contextlib.contextmanager
+def _first_call_notice(call: PreparedCall, what: str):
+    """Say why a first call is slow: numba, Triton, CuPy and OpenCL compile their kernels on first use
+    (once per configuration; numba and Triton keep them on disk). Printed only when the first call of
+    a prepared call is still running after ``NOTICE_AFTER_S``, so warm and cached starts stay quiet."""
+    key = (id(call), what)
+    if key in _RUN:
+        yield
+        return
+    timer = threading.Timer(NOTICE_AFTER_S, lambda: print(
+        f"portattn: the first {call.backend.name} {what} for {call.spec.label()} has taken over {NOTICE_AFTER_S:g} s: "
+        f"{call.backend.name} compiles its kernels on first use (once per configuration) ...", file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        _RUN.add(key)

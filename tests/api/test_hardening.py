@@ -184,3 +184,27 @@ def test_a_numpy_only_install_falls_back_to_the_reference_with_one_warning():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "nothing to time" in done.stderr
+
+
+def test_a_slow_first_call_says_the_backend_is_compiling(monkeypatch, capfd):
+    """A first call that runs past NOTICE_AFTER_S (a compile) says so once; the next call is quiet."""
+    import time as clock
+
+    from portattn import call as call_module
+    from portattn.backends import registry
+
+    reference = type(registry()["reference"])
+    real = reference.forward
+
+    def slow(self, *args):
+        clock.sleep(0.3)
+        return real(self, *args)
+
+    monkeypatch.setattr(call_module, "NOTICE_AFTER_S", 0.05)
+    monkeypatch.setattr(reference, "forward", slow)
+    q = np.zeros((1, 1, 5, 8))
+    prepared = portattn.api.prepare(q, q, q, backend="reference")
+    prepared.forward(q, q, q)
+    assert "the first reference forward for fp64-full-1x1x5x8 has taken over 0.05 s" in capfd.readouterr().err
+    prepared.forward(q, q, q)
+    assert "has taken over" not in capfd.readouterr().err

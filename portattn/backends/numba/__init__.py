@@ -66,7 +66,7 @@ class NumbaBackend(Backend):
         out = np.empty_like(q)
         lse = np.empty(q.shape[:3], dtype)
         features = launch.features(spec, extras, dtype)
-        with launch.run_with(plan.threads), launch.compile_notice(dtype):
+        with launch.run_with(plan.threads):
             launch.kernels().forward(launch.scaled(q, spec), k, v, out, lse, features, plan.block_q, plan.block_k, plan.key_splits)
         return out, lse
 
@@ -81,7 +81,7 @@ class NumbaBackend(Backend):
         block_q, block_k = plan.backward.block_q, plan.backward.block_k
         q_scaled, scale = launch.scaled(q, spec), dtype(spec.softmax_scale)
         key_blocks = -(-spec.seqlen_k // block_k)
-        with launch.run_with(plan.threads), launch.compile_notice(dtype):
+        with launch.run_with(plan.threads):
             if plan.backward.dq_separate:
                 kernels.backward_key_pass(q, q_scaled, k, v, grad_out, lse, delta, dq, dk, dv, scale, features,
                                           block_q, block_k, 1, False)

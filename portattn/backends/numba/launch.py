@@ -3,10 +3,7 @@ and the one ``Features`` tuple every kernel reads (feature arrays read-only and 
 as cached 1-element dummies)."""
 from __future__ import annotations
 
-import contextlib
 import functools
-import sys
-import threading
 
 import numpy as np
 
@@ -68,30 +65,6 @@ def blas_libraries() -> tuple:
 
 LOG2E = 1.4426950408889634
 
-
-_WARM: set = set()  # compute dtypes whose kernels this process has run (compiled or loaded from the cache)
-COMPILE_NOTICE_SECONDS = 2.0
-
-
-@contextlib.contextmanager
-def compile_notice(dtype):
-    """Say why a first call is slow: numba compiles each kernel once per dtype (about 10-20 s, then
-    cached on disk next to the kernels). Printed only if the call is still running after
-    ``COMPILE_NOTICE_SECONDS``, so a cached start stays quiet."""
-    if dtype in _WARM:
-        yield
-        return
-    name = np.dtype(dtype).name
-    timer = threading.Timer(COMPILE_NOTICE_SECONDS, lambda: print(
-        f"portattn: numba is compiling its {name} kernels (once per dtype; cached on disk for later runs) ...",
-        file=sys.stderr, flush=True))
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-        _WARM.add(dtype)
 
 
 def compute_dtype(spec):
