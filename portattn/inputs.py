@@ -43,24 +43,12 @@ def check_feature_names(features: dict) -> None:
 def read_call(q, k, v, *, varlen=None, **options) -> tuple[AttentionSpec, Extras]:
     """The spec and extras of one call; ``varlen`` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     max_seqlen_k) for packed sequences (q, k, v then (1, total, H, D) views)."""
-    _refuse_grad_of_features(options)
     spec = spec_from_arrays(q, k, v, **options)
     offsets = {}
     if varlen is not None:
         spec, offsets = varlen_spec(spec, *varlen)
     extras = extras_from_arguments(spec, **{name: options.get(name) for name in EXTRA_ARRAYS}, **offsets)
     return spec, extras
-
-
-def _refuse_grad_of_features(options: dict) -> None:
-    """A float attn_mask or ALiBi slopes that require grad would silently get no gradient: the kernels
-    differentiate q, k and v only. Refuse before any kernel runs."""
-    for name in ("attn_mask", "alibi_slopes"):
-        x = options.get(name)
-        if x is not None and arrays.describe(x, name).requires_grad:
-            raise ValueError(f"{name} requires grad, but portattn's backward kernels give gradients for q, k and v only "
-                             f"(not for {name}): pass {name}.detach(), or use torch's scaled_dot_product_attention "
-                             "for a learned bias")
 
 
 def spec_from_arrays(q, k, v, *, causal: bool = False, scale: float | None = None, layout: str = "bhnd",
@@ -153,11 +141,16 @@ def spec_from_arrays(q, k, v, *, causal: bool = False, scale: float | None = Non
 
 
 def _companion(name: str, x, q_info):
-    """A feature array must be the same kind of array as q, on q's device."""
+    """A feature array must be the same kind of array as q, on q's device, and not require grad: the
+    kernels differentiate q, k and v only, so a float mask or ALiBi slopes would silently get none."""
     info = arrays.describe(x, name)
     if info.kind != q_info.kind or info.device != q_info.device:
         raise ValueError(f"{name} is a {info.kind} array on {info.device} but q is a {q_info.kind} array on "
                          f"{q_info.device}; pass it as the same kind of array on the same device")
+    if info.requires_grad:
+        raise ValueError(f"{name} requires grad, but portattn's backward kernels give gradients for q, k and v only "
+                         f"(not for {name}): pass {name}.detach(), or use torch's scaled_dot_product_attention "
+                         "for a learned bias")
     return info
 
 
