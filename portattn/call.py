@@ -83,15 +83,20 @@ _RUN: set[tuple[int, str]] = set()
 NOTICE_AFTER_S = 1.0
 
 
-@contextlib.contextmanager
+_QUIET = contextlib.nullcontext()  # one shared context for every call after the first: nothing to build per call
+
+
 def _first_call_notice(call: PreparedCall, what: str):
     """Say why a first call is slow: numba, Triton, CuPy and OpenCL compile their kernels on first use
     (once per configuration; numba and Triton keep them on disk). Printed only when the first call of
-    a prepared call is still running after ``NOTICE_AFTER_S``, so warm and cached starts stay quiet."""
+    a prepared call is still running after ``NOTICE_AFTER_S``, so warm and cached starts stay quiet;
+    later calls pay one set lookup."""
     key = (id(call), what)
-    if key in _RUN:
-        yield
-        return
+    return _QUIET if key in _RUN else _timed_notice(call, what, key)
+
+
+@contextlib.contextmanager
+def _timed_notice(call: PreparedCall, what: str, key: tuple[int, str]):
     timer = threading.Timer(NOTICE_AFTER_S, lambda: print(
         f"portattn: the first {call.backend.name} {what} for {call.spec.label()} has taken over {NOTICE_AFTER_S:g} s: "
         f"{call.backend.name} compiles its kernels on first use (once per configuration) ...", file=sys.stderr, flush=True))
