@@ -56,32 +56,25 @@ def assert_close(got, want, atol=1e-5, rtol=1e-5):
         torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
 
 
-def _opencl_builds():
-    """opencl's kernels build here (a PoCL without a known host CPU refuses every program)."""
+def _usable(name):  # a backend by name, or a skip with its own reasons (as conftest's usable_backend)
     from portattn.backends import registry
 
-    if not registry()["opencl"].usable:
-        return "opencl is not usable here: " + "; ".join(registry()["opencl"].unavailable_reasons())
-    try:
-        portattn.attention(*qkv(grad=False), backend="opencl")
-    except Exception as error:  # noqa: BLE001 - no device, no build: a skip with the reason
-        return f"opencl kernels do not run here: {str(error).splitlines()[0]}"
-    return None
+    backend = registry()[name]
+    if not backend.usable:
+        pytest.skip(f"{name} is not usable here: " + "; ".join(backend.unavailable_reasons()))
+    return name
 
 
 CPU_BACKENDS = ["numba", "opencl", "triton"]  # triton: its CPU interpreter (TRITON_INTERPRET=1 without a GPU)
 
 
 def _cpu_backend(name):
-    if name == "opencl" and (why := _opencl_builds()):
-        pytest.skip(why)
     if name == "triton":
         from portattn.backends.triton import launch
 
         if not launch.interpreting():
             pytest.skip("triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1, set without a GPU)")
-        _cuda_backend(name)
-    return name
+    return _usable(name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,19 +337,10 @@ def test_the_op_checks_too():
 CUDA_BACKENDS = ["triton", "cupy"]
 
 
-def _cuda_backend(name):  # a backend by name, or a skip with its reasons
-    from portattn.backends import registry
-
-    backend = registry()[name]
-    if not backend.usable:
-        pytest.skip(f"{name} is not usable here: " + "; ".join(backend.unavailable_reasons()))
-    return name
-
-
 @needs_cuda
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_cuda_fullgraph_compile_matches_eager(backend):
-    backend = _cuda_backend(backend)
+    backend = _usable(backend)
     torch.manual_seed(0)
     block = Block(d=64, causal=True, backend=backend).to("cuda", torch.float16)
     q, k, v = qkv(h=4, nq=256, d=64, dtype=torch.float16, device="cuda")
@@ -369,7 +353,7 @@ def test_cuda_fullgraph_compile_matches_eager(backend):
 @needs_cuda
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_cuda_graph_capture_and_replay(backend):
-    backend = _cuda_backend(backend)
+    backend = _usable(backend)
     fn = lambda q, k, v: portattn.attention(q, k, v, causal=True, backend=backend)  # noqa: E731
     static = [x.detach().clone() for x in qkv(h=8, nq=128, d=64, dtype=torch.float16, device="cuda")]
     side = torch.cuda.Stream()
@@ -393,7 +377,7 @@ def test_cuda_graph_capture_and_replay(backend):
 @needs_cuda
 def test_cuda_compile_reduce_overhead():
     """mode="reduce-overhead": inductor's CUDA graphs around the op."""
-    backend = _cuda_backend("triton")
+    backend = _usable("triton")
     fn = lambda q, k, v: portattn.attention(q, k, v, causal=True, backend=backend)  # noqa: E731
     torch._dynamo.reset()
     compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
@@ -406,6 +390,6 @@ def test_cuda_compile_reduce_overhead():
 @needs_cuda
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_cuda_opcheck(backend):
-    backend = _cuda_backend(backend)
+    backend = _usable(backend)
     q, k, v = qkv(h=4, nq=64, d=64, dtype=torch.float16, device="cuda")
     opcheck(torch.ops.portattn.attention_forward.default, _op_args(q, k, v, causal=True, backend=backend))
