@@ -40,28 +40,21 @@ def _inputs(torch, case, device, dtype, grad=False):
     return q, k, v
 
 
-def _back_to_back(torch, fn, calls=CALLS, runs=RUNS) -> float:
-    """Median over ``runs`` of (wall time of ``calls`` calls, one synchronize at the end) / calls."""
-    for _ in range(20):
+def _per_call(fn, calls=CALLS, sync=None, warmup=0) -> float:
+    """Median over RUNS of the wall time of ``calls`` back-to-back calls, over ``calls``: ``sync`` (the
+    GPU's synchronize) runs once before and once after each batch, none between calls. Self-contained,
+    not portattn.timing, so that the same script times the tree before this round too."""
+    for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
-
-
-def _host_only(fn, calls=CALLS) -> float:
-    """Median per-call seconds of a host-side step (no GPU wait)."""
     times = []
     for _ in range(RUNS):
+        if sync:
+            sync()
         start = time.perf_counter()
         for _ in range(calls):
             fn()
+        if sync:
+            sync()
         times.append((time.perf_counter() - start) / calls)
     return statistics.median(times)
 
@@ -90,13 +83,13 @@ def breakdown(torch, portattn, q, k, v, causal):
     call = api._PREPARED.get(key)
     if call is None:
         return pieces
-    pieces["call-key lookup (checks reused)"] = _host_only(lambda: api._PREPARED.get(api._call_key(q, k, v, causal, None, "triton", "bhnd")))
-    pieces["conversion to the backend's arrays"] = _host_only(lambda: call._to_backend(q, k, v))
+    pieces["call-key lookup (checks reused)"] = _per_call(lambda: api._PREPARED.get(api._call_key(q, k, v, causal, None, "triton", "bhnd")))
+    pieces["conversion to the backend's arrays"] = _per_call(lambda: call._to_backend(q, k, v))
     from portattn.extras import NONE
 
-    pieces["backend forward (launch, enqueue only)"] = _host_only(lambda: call.backend.forward(q, k, v, call.spec, call.plan, NONE), calls=500)
+    pieces["backend forward (launch, enqueue only)"] = _per_call(lambda: call.backend.forward(q, k, v, call.spec, call.plan, NONE), calls=500)
     torch.cuda.synchronize()
-    pieces["validation + plan (uncached call)"] = _host_only(lambda: api._prepare(q, k, v, causal=causal, backend="triton"), calls=200)
+    pieces["validation + plan (uncached call)"] = _per_call(lambda: api._prepare(q, k, v, causal=causal, backend="triton"), calls=200)
     return pieces
 
 
@@ -128,11 +121,13 @@ def main(argv=None):
         q, k, v = _inputs(torch, case, device, dtype)
         row = {}
         for backend in ("triton", "auto"):
-            row[f"portattn-{backend}"] = _back_to_back(
-                torch, lambda b=backend: portattn.attention(q, k, v, causal=case["causal"], backend=b), args.calls) * 1e6
+            row[f"portattn-{backend}"] = _per_call(
+                lambda b=backend: portattn.attention(q, k, v, causal=case["causal"], backend=b), args.calls,
+                torch.cuda.synchronize, warmup=20) * 1e6
         for peer, fn in peers.items():
             try:
-                row[peer] = _back_to_back(torch, lambda fn=fn: fn(q, k, v, case["causal"]), args.calls) * 1e6
+                row[peer] = _per_call(lambda fn=fn: fn(q, k, v, case["causal"]), args.calls, torch.cuda.synchronize,
+                                      warmup=20) * 1e6
             except RuntimeError as error:  # a kernel that refuses the shape
                 row[peer] = f"refused: {str(error).splitlines()[0][:80]}"
         record["small_us"][name] = row

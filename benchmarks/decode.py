@@ -16,7 +16,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 
 BATCHES = (1, 4, 8)
 KEYS = (4096, 16384, 32768)
@@ -24,13 +23,9 @@ HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 
 
 def median_s(fn, reps: int = 7) -> float:
-    fn(), fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    from portattn.timing import time_callable
+
+    return statistics.median(time_callable(fn, reps, warmup=2))
 
 
 def point(torch, portattn, batch: int, keys: int) -> dict:

@@ -21,7 +21,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 
 import torch
 
@@ -46,13 +45,9 @@ def timer(device):
         return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
 
     def cpu(fn, repeats=3):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        from portattn.timing import time_callable
+
+        return statistics.median(time_callable(fn, repeats, warmup=1))
 
     return cpu
 
