@@ -25,6 +25,7 @@ import sys
 import torch
 
 import portattn
+from portattn.timing import time_callable
 
 KEPT = 0.25
 
@@ -45,8 +46,6 @@ def timer(device):
         return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
 
     def cpu(fn, repeats=3):
-        from portattn.timing import time_callable
-
         return statistics.median(time_callable(fn, repeats, warmup=1))
 
     return cpu
