@@ -42,7 +42,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=
     ops = _Ops.of(q)
     cache = _Cache.check(q, k_cache, v_cache, block_table, ops)
     batch, n_query, heads, head_dim = cache.q_shape
-    old = _lengths(cache_seqlens, batch, cache.capacity, ops)
+    old = _lengths(cache_seqlens, batch, cache.capacity)
     n_new = _check_new(k, v, cache, ops)
     lengths = [length + n_new for length in old]
     if max(lengths, default=0) > cache.capacity:
@@ -66,7 +66,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=
     return (out, lse) if return_lse else out
 
 
-def _lengths(cache_seqlens, batch: int, capacity: int, ops: "_Ops") -> list[int]:
+def _lengths(cache_seqlens, batch: int, capacity: int) -> list[int]:
     """cache_seqlens as host ints, checked."""
     if cache_seqlens is None:
         return [capacity] * batch
@@ -77,7 +77,7 @@ def _lengths(cache_seqlens, batch: int, capacity: int, ops: "_Ops") -> list[int]
         if info.dtype != "int32" or info.shape != (batch,):
             raise ValueError(f"cache_seqlens must be an int or an int32 array of shape (B,) = ({batch},), the keys "
                              f"already cached per sequence; got dtype {info.dtype}, shape {info.shape}")
-        values = [int(x) for x in ops.to_list(cache_seqlens)]
+        values = [int(x) for x in cache_seqlens.tolist()]  # a CUDA tensor is copied to the host here
     if any(x < 0 or x > capacity for x in values):
         raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (the cache's keys per sequence); got {values}")
     return values
@@ -113,7 +113,7 @@ class _Cache:
         if self.paged:
             self.page_size = int(k_cache.shape[1])
             self.block_table = block_table
-            self.table = [[int(x) for x in row] for row in ops.to_list(block_table)]
+            self.table = [[int(x) for x in row] for row in block_table.tolist()]
             self.capacity = int(block_table.shape[1]) * self.page_size
         else:
             self.capacity = int(k_cache.shape[1])
@@ -204,8 +204,6 @@ class _Ops:
             raise TypeError(f"attention_with_kvcache takes numpy arrays or torch tensors; q is a {kind} array")
         return cls(kind)
 
-    def to_list(self, x) -> list:
-        return x.tolist()  # numpy and torch alike; a CUDA tensor is copied to the host here
 
     def index(self, values: list[int], like):
         if self.kind == "torch":
