@@ -27,7 +27,8 @@ ALIGNMENTS = {
 MASK_KINDS = ("bool", "additive")
 # scale and softcap multiply float32 scores (by log2(e) too): beyond this they overflow to inf
 FLOAT32_LIMIT = 1e37
-# a window side this long reaches past any key a sequence can have: treated as unbounded
+# a window side this long reaches past any key a sequence can have: treated as unbounded (and what the
+# cupy and opencl kernels are given for an unbounded side)
 WINDOW_UNBOUNDED_FROM = 1 << 29
 DEFAULT_BLOCK_SIZE = (128, 128)  # block-sparse granularity when none is given (FlexAttention's default)
 DECODING_MAX_QUERIES = 16  # Nq up to this against a longer key set is a decoding call

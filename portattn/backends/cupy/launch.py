@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 
 from ...extras import NONE
+from ...spec import WINDOW_UNBOUNDED_FROM
 from .build import KERNELS, LAYOUT_SOURCE_PATH, Variant, accumulator_layout, source
 
-UNBOUNDED = 1 << 29  # a window side with no bound: farther than any key (and no int overflow in the bounds arithmetic)
+# a window side with no bound: farther than any key, and no int32 overflow in the kernels' bounds arithmetic
+UNBOUNDED = WINDOW_UNBOUNDED_FROM
 
 DELTA_ROWS_PER_BLOCK = 4  # the delta kernel: one warp per row
 

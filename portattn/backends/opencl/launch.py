@@ -6,9 +6,11 @@ import functools
 
 import numpy as np
 
+from ...spec import WINDOW_UNBOUNDED_FROM
 from . import runtime
 
-UNBOUNDED = 1 << 29  # a window side with no bound: farther than any key, and no int overflow in the kernels
+# a window side with no bound: farther than any key, and no int32 overflow in the kernels' bounds arithmetic
+UNBOUNDED = WINDOW_UNBOUNDED_FROM
 
 
 class Call:
