@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from . import arrays
 from .api import attention
 
@@ -108,8 +110,6 @@ def _pad_last(x, width: int):
         import torch.nn.functional as F
 
         return F.pad(x, (0, width - x.shape[-1]))
-    import numpy as np
-
     return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
 
 
