@@ -78,29 +78,34 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd
                                 attn_mask=attn_mask, alibi_slopes=alibi_slopes, softcap=softcap, block_mask=block_mask,
                                 block_size=block_size, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
                                 dropout_seed=dropout_seed, device=device)
-    # inputs.FEATURE_KEYWORDS names these (tests/api/test_api.py checks that the two agree); spelled out,
-    # not read from locals(), which torch.compile cannot trace
-    features = dict(align=align, window=window, attn_mask=attn_mask, alibi_slopes=alibi_slopes, softcap=softcap,
-                    block_mask=block_mask, block_size=block_size, key_padding_mask=key_padding_mask,
-                    dropout_p=dropout_p, dropout_seed=dropout_seed, device=device)
-    plain = all(value is None for name, value in features.items() if name not in ("align", "dropout_p")) \
-        and align == "top-left" and dropout_p == 0.0
+    # a call with no feature argument (every step of most models) is looked up by its arrays' metadata;
+    # tested one by one, not through a dict of the features: this runs on every call
+    plain = (attn_mask is None and window is None and alibi_slopes is None and softcap is None and block_mask is None
+             and block_size is None and key_padding_mask is None and dropout_seed is None and device is None
+             and dropout_p == 0.0 and align == "top-left")
     key = _call_key(q, k, v, causal, scale, backend, layout) if plain else None
     call = _PREPARED.get(key) if key is not None else None
     extras = NONE
     if call is None:
+        # inputs.FEATURE_KEYWORDS names these (tests/api/test_api.py checks that the two agree); spelled out,
+        # not read from locals(), which torch.compile cannot trace
+        features = dict(align=align, window=window, attn_mask=attn_mask, alibi_slopes=alibi_slopes, softcap=softcap,
+                        block_mask=block_mask, block_size=block_size, key_padding_mask=key_padding_mask,
+                        dropout_p=dropout_p, dropout_seed=dropout_seed, device=device)
         call, extras = _prepare(q, k, v, causal=causal, scale=scale, backend=backend, layout=layout, **features)
         if key is not None:
             if len(_PREPARED) >= _PREPARED_MAX:
                 _PREPARED.clear()
             _PREPARED[key] = call
-    q, k, v = (arrays.bhnd_view(x, layout) for x in (q, k, v))
+    if layout != "bhnd":
+        q, k, v = (arrays.bhnd_view(x, layout) for x in (q, k, v))
     if autotune:
         from . import tuning
 
         call = tuning.tuned_call(call, q, k, v, extras)
     out, lse = _run(call, q, k, v, extras)
-    out = arrays.bhnd_view(out, layout)
+    if layout != "bhnd":
+        out = arrays.bhnd_view(out, layout)
     return (out, arrays.restore(lse, call.spec.array_kind, "float32", call.spec.device)) if return_lse else out
 
 
@@ -159,6 +164,7 @@ def tune(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd", ba
 # validation, backend choice and planning -- the checks depend on nothing else, so their verdict holds.
 _PREPARED: dict[tuple, PreparedCall] = {}
 _PREPARED_MAX = 1024
+_SCALAR_TYPES = frozenset((bool, int, float, str, type(None)))  # arguments a call key can hold as they are
 
 
 def _call_key(q, k, v, causal, scale, backend, layout) -> tuple | None:
@@ -173,7 +179,8 @@ def _call_key(q, k, v, causal, scale, backend, layout) -> tuple | None:
         metas = tuple((x.shape, x.dtype, x.queue) for x in (q, k, v))
     else:
         return None
-    if not all(isinstance(x, (bool, int, float, str, type(None))) for x in (causal, scale, backend, layout)):
+    if not (type(causal) in _SCALAR_TYPES and type(scale) in _SCALAR_TYPES and type(backend) in _SCALAR_TYPES
+            and type(layout) in _SCALAR_TYPES):
         return None  # e.g. a list where a flag belongs: the full path names the argument
     # the types too: causal=1 hashes like causal=True but must be refused, not served from the cache
     return (metas, causal, scale, backend, layout, type(causal), type(scale))

@@ -259,3 +259,88 @@ def test_capabilities_declare_every_feature(triton_backend):
     assert set(caps.feature_notes) == set(FEATURES)
     module = importlib.import_module("portattn.backends.triton.launch")
     assert module.features.__doc__
+
+
+def test_repeated_calls_relaunch_with_each_layout(triton_backend):
+    """Repeat calls take ``launch.run``'s direct relaunch on a GPU: every change Triton specializes on
+    (strides, a 16-byte-misaligned view) must get its own kernel, and each result must stay right."""
+    q, k, v, do = (x.to(torch.float32) for x in _inputs(1, 4, 2, 37, 53, 32))
+    want_out, _, (want_dq, want_dk, want_dv) = _expected(q, k, v, do, True, {})
+    storage = torch.empty(q.numel() + 1, dtype=torch.float32, device=_device())
+    layouts = {
+        "contiguous": lambda x: x.to(_device()),
+        "misaligned": lambda x: storage[1:].view(x.shape).copy_(x),  # data_ptr % 16 == 4
+        "transposed": lambda x: x.to(_device()).transpose(1, 2).contiguous().transpose(1, 2),
+    }
+    for name in ("contiguous", "misaligned", "contiguous", "transposed", "transposed", "contiguous"):
+        qd = layouts[name](q).detach().requires_grad_(True)  # a leaf that keeps the layout
+        kd, vd = (x.to(_device()).clone().requires_grad_(True) for x in (k, v))  # fresh leaves: no grads carried over
+        out = portattn.attention(qd, kd, vd, causal=True, backend="triton")
+        out.backward(do.to(_device()))
+        _close(f"{name} out", out, want_out, TOL[torch.float32])
+        for what, x, want in (("dq", qd, want_dq), ("dk", kd, want_dk), ("dv", vd, want_dv)):
+            _close(f"{name} {what}", x.grad, want, 4 * TOL[torch.float32])
+
+
+class _FakeCompiled:
+    """Stands for Triton's CompiledKernel: records the launches ``launch.run`` makes directly."""
+
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self):
+        self.launches = []
+
+    def run(self, *args):
+        self.launches.append(args)
+
+
+class _FakeKernel:
+    """Stands for a JITFunction: ``kernel[grid](*args, **meta)`` compiles (counted) and launches."""
+
+    arg_names = ["X", "n", "BLOCK", "FLAG"]
+
+    def __init__(self):
+        self.compiles, self.compiled = 0, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.compiles += 1
+            self.compiled.append(_FakeCompiled())
+            return self.compiled[-1]
+        return launch
+
+
+def test_run_relaunches_compiled_kernels_by_layout(monkeypatch):
+    """``launch.run``'s bookkeeping, without a GPU: a repeat with the same spec, plan, strides and
+    alignment launches the compiled kernel directly (constexprs appended in parameter order); a new
+    stride, alignment, spec or plan goes through the JIT again; launch hooks always do."""
+    from portattn.backends.triton import launch
+
+    class Driver:
+        class active:
+            get_current_stream = staticmethod(lambda index: f"stream{index}")
+
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "_launch_hooks", lambda: False)
+    monkeypatch.setattr(launch, "_driver", lambda: Driver)
+    monkeypatch.setattr(launch, "_COMPILED", {})
+    kernel, spec, plan = _FakeKernel(), object(), object()
+    x = torch.zeros(4, 8)
+
+    def call(tensor, spec=spec, plan=plan):
+        launch.run(kernel, (3, 2), ((tensor, tensor.stride()), 7), dict(BLOCK=16, FLAG=True, num_warps=4),
+                   (spec, plan, (tensor,)))
+
+    call(x)
+    call(x)
+    assert kernel.compiles == 1
+    assert kernel.compiled[0].launches == [(3, 2, 1, "streamNone", "function", "metadata", None, None, None,
+                                            (x, x.stride()), 7, 16, True)]
+    call(x.t())  # new strides
+    call(torch.zeros(33)[1:].view(4, 8))  # 4 bytes past a 16-byte boundary
+    call(x, spec=object())
+    call(x, plan=object())
+    assert kernel.compiles == 5
+    monkeypatch.setattr(launch, "_launch_hooks", lambda: True)
+    call(x)
+    assert kernel.compiles == 6

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 
 from ...devices import catalog, cuda_index, probe
+from ...extras import NONE
 from ...spec import FEATURES
 from ..base import Backend, Capabilities, register
 from . import launch
@@ -122,35 +123,33 @@ class TritonBackend(Backend):
     def forward(self, q, k, v, spec, plan, extras):
         import torch
 
-        kernels = launch.kernels()
         batch, heads, seqlen_q, head_dim = q.shape  # varlen: (1, H, total_q, D)
         out = torch.empty((batch, heads, seqlen_q, head_dim), dtype=q.dtype, device=q.device)
         lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
         if out.numel() == 0:
             lse.fill_(float("-inf"))
             return out, lse
-        key_blocks = -(-spec.seqlen_k // plan.block_k)
-        splits = max(1, min(plan.key_splits, key_blocks))
-        keys_per_split = -(-key_blocks // splits) * plan.block_k
-        # one split writes O and LSE directly; several write float32 partials merged below
-        part_out = out[None] if splits == 1 else torch.empty((splits, *out.shape), dtype=torch.float32, device=q.device)
-        part_lse = lse[None] if splits == 1 else torch.empty((splits, *lse.shape), dtype=torch.float32, device=q.device)
-        features, flags = launch.features(spec, extras, by_keys=False)
+        fixed = launch.forward_launch(spec, plan)
+        splits = fixed.splits
         varlen = spec.varlen
-        grid = (-(-spec.seqlen_q // plan.block_q), spec.batch * heads, splits)
-        common = (  # O and LSE: their (split) partials, one more stride each
+        if splits == 1:  # one split writes O and LSE directly (the split stride is never used)
+            part_out, part_lse, split_strides = out, lse, (0, 0)
+        else:  # several write float32 partials, merged below
+            part_out = torch.empty((splits, *out.shape), dtype=torch.float32, device=q.device)
+            part_lse = torch.empty((splits, *lse.shape), dtype=torch.float32, device=q.device)
+            split_strides = (part_out.stride(0), part_lse.stride(0))
+        tensors = (  # O and LSE: their (split) partials, one more stride each
             launch.view(q, varlen), launch.view(k, varlen), launch.view(v, varlen),
-            (part_out, (*launch.strides(part_out[0], varlen), part_out.stride(0))),
-            (part_lse, (*launch.lse_strides(lse, varlen), part_lse.stride(0))),
-            heads, spec.seqlen_q, spec.seqlen_k, spec.softmax_scale * LOG2E, keys_per_split,
+            (part_out, (*launch.strides(out, varlen), split_strides[0])),
+            (part_lse, (*launch.lse_strides(lse, varlen), split_strides[1])),
         )
-        meta = dict(HEAD_DIM=head_dim, BLOCK_M=plan.block_q, BLOCK_N=plan.block_k, BLOCK_D=plan.head_dim_padded,
-                    CAUSAL=spec.causal, IN_PRECISION=launch.in_precision(q), num_warps=plan.warps, num_stages=plan.stages)
         with launch.on_device(q):
-            if any(flags.values()):
-                kernels.attention_forward_features[grid](*common, features, **flags, **meta)
-            else:  # the same program with every feature off, launched without the features and their flags
-                kernels.attention_forward[grid](*common, **meta)
+            if fixed.featured:
+                features, _ = launch.features(spec, extras, by_keys=False)
+                launch.run(fixed.kernel, fixed.grid, (*tensors, *fixed.scalars, features), fixed.meta,
+                           (spec, plan, (q, k, v)) if extras is NONE else None)
+            else:  # every feature off: the same program compiled without the features and their flags
+                launch.run(fixed.kernel, fixed.grid, (*tensors, *fixed.scalars), fixed.meta, (spec, plan, (q, k, v)))
         if splits > 1:
             launch.merge_splits(part_out, part_lse, out, lse)
         return out, lse
@@ -185,25 +184,29 @@ class TritonBackend(Backend):
         # q, k, v, dO and the LSE as both passes read them (delta: a pointer with the LSE's strides)
         reads = (launch.view(q, varlen), launch.view(k, varlen), launch.view(v, varlen), launch.view(grad_out, varlen),
                  (lse, launch.lse_strides(lse, varlen)), delta)
+        # without feature arrays every argument but the caller's tensors follows from spec and plan
+        reuse = (lambda *tensors: (spec, plan, tensors)) if extras is NONE else (lambda *tensors: None)
         with launch.on_device(q):
-            kernels.attention_backward_delta[(-(-seqlen_q // block_k), batch * heads)](
-                launch.view(out), launch.view(grad_out), delta, heads, seqlen_q,
-                HEAD_DIM=head_dim, BLOCK_M=block_k, BLOCK_D=plan.head_dim_padded,
-            )
-            kernels.attention_backward_dkdv[(-(-spec.seqlen_k // block_k), spec.batch * kv_heads)](
-                *reads, launch.view(dk, varlen), launch.view(dv, varlen), (dq_acc, launch.strides(dq_acc, varlen)[:3]),
-                heads, spec.seqlen_q, spec.seqlen_k, scale, scale * LOG2E, key_features,
-                BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=spec.causal, DQ_ATOMIC=atomic, IN_PRECISION=precision,
-                **key_flags, **common,
-            )
+            launch.run(kernels.attention_backward_delta, (-(-seqlen_q // block_k), batch * heads),
+                       (launch.view(out), launch.view(grad_out), delta, heads, seqlen_q),
+                       dict(HEAD_DIM=head_dim, BLOCK_M=block_k, BLOCK_D=plan.head_dim_padded), reuse(out, grad_out))
+            launch.run(kernels.attention_backward_dkdv, (-(-spec.seqlen_k // block_k), spec.batch * kv_heads),
+                       (*reads, launch.view(dk, varlen), launch.view(dv, varlen),
+                        (dq_acc, launch.strides(dq_acc, varlen)[:3]), heads, spec.seqlen_q, spec.seqlen_k, scale,
+                        scale * LOG2E, key_features),
+                       dict(BLOCK_M=block_q, BLOCK_N=block_k, CAUSAL=spec.causal, DQ_ATOMIC=atomic,
+                            IN_PRECISION=precision, **key_flags, **common),
+                       reuse(q, k, v, grad_out, lse))
             if atomic:
                 dq = (dq_acc[..., :head_dim] * scale).to(q.dtype)
             else:
                 features, flags = launch.features(spec, extras, by_keys=False)
-                kernels.attention_backward_dq[(-(-spec.seqlen_q // block_k), spec.batch * heads)](
-                    *reads, launch.view(dq, varlen), heads, spec.seqlen_q, spec.seqlen_k, scale, scale * LOG2E, features,
-                    BLOCK_M=block_k, BLOCK_N=block_q, CAUSAL=spec.causal, IN_PRECISION=precision, **flags, **common,
-                )
+                launch.run(kernels.attention_backward_dq, (-(-spec.seqlen_q // block_k), spec.batch * heads),
+                           (*reads, launch.view(dq, varlen), heads, spec.seqlen_q, spec.seqlen_k, scale, scale * LOG2E,
+                            features),
+                           dict(BLOCK_M=block_k, BLOCK_N=block_q, CAUSAL=spec.causal, IN_PRECISION=precision, **flags,
+                                **common),
+                           reuse(q, k, v, grad_out, lse))
         return dq, dk, dv
 
     def dropout_keep(self, spec, extras):

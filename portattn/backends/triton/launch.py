@@ -1,11 +1,13 @@
 """Launching the Triton kernels: tensor views (tensor, strides), the ``Features`` tuple and constexpr
-flags a call's spec and extras give, block-sparse lists, and the LSE merge of key splits."""
+flags a call's spec and extras give, block-sparse lists, the LSE merge of key splits, and ``run``,
+which relaunches a kernel compiled before without Triton's per-launch argument binding."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
 import threading
+from typing import NamedTuple
 
 from ...extras import NONE
 
@@ -23,16 +25,49 @@ def kernels():
     return triton_kernels
 
 def in_precision(q) -> str:
+    """tl.dot's input precision for tensor ``q``'s dtype (``precision_for``)."""
+    return precision_for(str(q.dtype).removeprefix("torch."))
+
+
+def precision_for(dtype: str) -> str:
     """tl.dot's input precision: IEEE float32 for float32 inputs; for 16-bit inputs Triton ignores it.
     "upcast" (bfloat16 under the interpreter only) widens the operands first: the Triton 3.x
     interpreter's tl.dot returns garbage for bfloat16 operands; on a GPU they go to the tensor cores."""
-    import torch
-
-    if q.dtype == torch.float32:
+    if dtype == "float32":
         return "ieee"
-    if q.dtype == torch.bfloat16 and interpreting():
+    if dtype == "bfloat16" and interpreting():
         return "upcast"
     return "tf32"
+
+
+class ForwardLaunch(NamedTuple):
+    """What a forward launch takes that follows from the spec and plan alone, worked out once per pair:
+    a repeated small call then only allocates its outputs and launches."""
+
+    kernel: object  # attention_forward_features when a feature is on, else the featureless attention_forward
+    featured: bool
+    splits: int
+    grid: tuple
+    scalars: tuple  # heads, seqlen_q, seqlen_k, scale * log2(e), keys per split
+    meta: dict  # constexprs (the feature flags among them when featured) and launch options
+
+
+@functools.lru_cache(maxsize=1024)
+def forward_launch(spec, plan) -> ForwardLaunch:
+    key_blocks = -(-spec.seqlen_k // plan.block_k)
+    splits = max(1, min(plan.key_splits, key_blocks))
+    keys_per_split = -(-key_blocks // splits) * plan.block_k
+    flags = feature_flags(spec, by_keys=False, atomic_dq=False)
+    featured = any(flags.values())
+    meta = dict(HEAD_DIM=spec.head_dim, BLOCK_M=plan.block_q, BLOCK_N=plan.block_k, BLOCK_D=plan.head_dim_padded,
+                CAUSAL=spec.causal, IN_PRECISION=precision_for(spec.dtype), num_warps=plan.warps, num_stages=plan.stages)
+    return ForwardLaunch(
+        kernel=kernels().attention_forward_features if featured else kernels().attention_forward,
+        featured=featured, splits=splits,
+        grid=(-(-spec.seqlen_q // plan.block_q), spec.batch * spec.heads, splits),
+        scalars=(spec.heads, spec.seqlen_q, spec.seqlen_k, spec.softmax_scale * LOG2E, keys_per_split),
+        meta={**flags, **meta} if featured else meta,
+    )
 
 def strides(x, varlen: bool = False):
     """(batch, head, row, col) strides; varlen tensors are (1, H, total, D) whose rows are found from
@@ -86,7 +121,14 @@ def feature_arguments(spec, extras, *, by_keys: bool, atomic_dq: bool = False):
         sp_num, *(sp_num.stride()[:2] if sparse else (0, 0)),
         int(extras.dropout_seed) if dropout else 0, float(spec.dropout_p), 1.0 / (1.0 - spec.dropout_p),
     )
-    flags = dict(
+    return values, feature_flags(spec, by_keys=by_keys, atomic_dq=atomic_dq)
+
+
+def feature_flags(spec, *, by_keys: bool, atomic_dq: bool) -> dict:
+    """The constexpr feature flags of a call (``feature_arguments``): they follow from the spec alone."""
+    left, right = spec.window if spec.window is not None else (None, None)
+    sparse = spec.block_size is not None
+    return dict(
         GQA=spec.group_size > 1,
         VARLEN=spec.varlen,
         BOTTOM_RIGHT=spec.align == "bottom-right" and (spec.causal or spec.window is not None or spec.alibi),
@@ -103,9 +145,9 @@ def feature_arguments(spec, extras, *, by_keys: bool, atomic_dq: bool = False):
             spec.causal or spec.window is not None or (atomic_dq if by_keys else spec.seqlen_k % spec.block_size[1] != 0)),
         SPARSE_Q=spec.block_size[0] if sparse else 0,
         SPARSE_K=spec.block_size[1] if sparse else 0,
-        DROPOUT=dropout,
+        DROPOUT=spec.dropout_p > 0,
     )
-    return values, flags
+
 
 def sparse_lists(block_mask, spec, by_keys: bool):
     """Block-sparse iteration lists from a bool (B, H, QB, KB) block mask (a broadcast view): per row
@@ -148,6 +190,60 @@ def block_reach(spec, query_blocks: int, key_blocks: int, device):
     if left is not None:
         reach &= key_last[None, :] >= first[:, None] - left
     return reach
+
+# Compiled kernels of earlier launches, by (kernel, spec, plan, the strides and 16-byte alignment of the
+# caller's tensors): what Triton specializes a launch on, for calls whose other arguments follow from
+# the spec and plan alone. Values: (spec, plan, compiled kernel, constexpr values in parameter order).
+_COMPILED: dict[tuple, tuple] = {}
+_COMPILED_MAX = 4096
+
+
+def run(kernel, grid, args: tuple, meta: dict, reuse=None) -> None:
+    """``kernel[grid](*args, **meta)``. With ``reuse = (spec, plan, tensors)`` -- a launch whose arguments
+    other than ``tensors`` (the caller's, whose strides and alignment vary) follow from spec and plan, and
+    whose other tensors are fresh contiguous allocations -- a repeat launch runs the kernel Triton compiled
+    the first time directly: JITFunction.run binds and specializes every argument on each launch, tens of
+    microseconds that are most of a small call's time. Launch hooks (profilers) take the full path."""
+    if reuse is None or interpreting() or _launch_hooks():
+        kernel[grid](*args, **meta)
+        return
+    spec, plan, tensors = reuse
+    # Triton specializes tensors on dtype (fixed by the spec) and 16-byte alignment, integers (the strides
+    # among them) on their value being 1 or a multiple of 16: keying on the strides themselves covers that
+    key = (id(kernel), id(spec), id(plan), *[(t.stride(), t.data_ptr() % 16 == 0) for t in tensors])
+    entry = _COMPILED.get(key)
+    if entry is None or entry[0] is not spec or entry[1] is not plan:  # ids can be reused by new objects
+        compiled = kernel[grid](*args, **meta)
+        if len(_COMPILED) >= _COMPILED_MAX:
+            _COMPILED.clear()
+        # the launcher takes every parameter, constexprs included, in the kernel's order
+        _COMPILED[key] = (spec, plan, compiled, tuple(meta[name] for name in kernel.arg_names[len(args):]))
+        return
+    compiled, constexprs = entry[2], entry[3]
+    stream = _driver().active.get_current_stream(tensors[0].device.index)
+    grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
+    compiled.run(grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                 *args, *constexprs)
+
+
+def _launch_hooks() -> bool:
+    knobs = _triton().knobs
+    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton():
+    import triton
+
+    return triton
+
+
+@functools.lru_cache(maxsize=None)
+def _driver():
+    from triton.runtime import driver
+
+    return driver
+
 
 def torch_module():
     import torch
