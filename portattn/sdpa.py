@@ -37,7 +37,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """``softmax(query key^T * scale + mask) value`` with SDPA's exact conventions (module docstring);
     ``backend`` as in :func:`portattn.attention`. Returns an array of query's type, dtype and device
     with shape ``(..., L, Ev)``."""
-    shapes = {name: tuple(arrays.describe(x, name).shape) for name, x in (("query", query), ("key", key), ("value", value))}
+    shapes = {"query": _shape(query, "query"), "key": _shape(key, "key"), "value": _shape(value, "value")}
     _check_shapes(shapes, enable_gqa)
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask and is_causal were both given; SDPA refuses that too: fold the causal mask into "
@@ -54,7 +54,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                     dropout_p=dropout_p, dropout_seed=seed)
     if value_dim < width:
         out = out[..., :value_dim]
-    return out.reshape(*lead, shapes["query"][-2], value_dim)
+    return out if len(lead) == 2 else out.reshape(*lead, shapes["query"][-2], value_dim)
+
+
+def _shape(x, name: str) -> tuple[int, ...]:
+    """An array's shape, read directly (this runs on every call); ``arrays.describe`` names the argument
+    and what would work when ``x`` is not an array. ``attention`` checks the arrays themselves."""
+    shape = getattr(x, "shape", None)
+    return tuple(shape) if shape is not None else tuple(arrays.describe(x, name).shape)
 
 
 def _check_shapes(shapes: dict, enable_gqa: bool) -> None:
@@ -80,6 +87,8 @@ def _check_shapes(shapes: dict, enable_gqa: bool) -> None:
 
 def _as_bhnd(x, shape: tuple[int, ...]):
     """(..., N, D) as (B, H, N, D): the dim before N is the head axis, the rest flattened into batch."""
+    if len(shape) == 4:
+        return x  # (B, H, N, D) already
     heads = shape[-3] if len(shape) >= 3 else 1
     batch = math.prod(shape[:-3])
     return x.reshape(batch, heads, shape[-2], shape[-1])

@@ -50,6 +50,19 @@ def _transformers():
     return transformers, masking_utils
 
 
+# transformers.masking_utils, bound once outside any traced code: ``from transformers import ...`` inside
+# a function that torch.compile traces breaks the graph on older torch (Dynamo 2.11 refuses to import
+# from transformers' lazy module), so the mask function reads the module from here instead
+_MASKING_UTILS = None
+
+
+def _masking_utils():
+    global _MASKING_UTILS
+    if _MASKING_UTILS is None:
+        _MASKING_UTILS = _transformers()[1]
+    return _MASKING_UTILS
+
+
 def register(backend: str = "auto", name: str = "portattn") -> str:
     """Register portattn under ``name`` in transformers' attention and mask registries; returns ``name``.
 
@@ -57,6 +70,7 @@ def register(backend: str = "auto", name: str = "portattn") -> str:
     a backend that cannot run a layer's call raises its reasons rather than falling back.
     """
     transformers, masking_utils = _transformers()
+    _masking_utils()
     dispatch.check_name(backend)
 
     @functools.wraps(attention_forward)
@@ -77,8 +91,8 @@ def mask(batch_size: int, q_length: int | None = None, kv_length: int | None = N
     ``cache_position``.
     """
     import torch
-    from transformers import masking_utils as mu
 
+    mu = _masking_utils()
     mask_function = mask_function or mu.causal_mask_function
     given = dict(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset, mask_function=mask_function,
                  attention_mask=attention_mask, local_size=local_size, config=config, **kwargs)
@@ -129,8 +143,8 @@ def _key_padding(causal: bool, window: int | None) -> type:
 def _tracing(tensor) -> bool:
     """Under torch.compile, export or jit tracing no value may be read (a mask's, a tensor offset's)."""
     import torch
-    from transformers import masking_utils as mu
 
+    mu = _masking_utils()
     if hasattr(mu, "is_tracing"):
         return mu.is_tracing(tensor)
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
