@@ -126,6 +126,10 @@ LIVE_KINDS = ("cpu", "cuda", "opencl")
 def _bench_problems(args, grid_kind: str):
     from . import bench
 
+    if args.decode:
+        dtypes = args.dtypes or ([args.dtype] if args.dtype else None)
+        return bench.decode_grid(grid_kind, batches=args.batch, seqlens=args.seqlen, head_dims=args.head_dim,
+                                 groups=args.group, dtypes=dtypes, page_sizes=args.page_size, queries=args.queries)
     masks = (True,) if args.causal else (False,) if args.no_causal else None
     return bench.default_grid(grid_kind, quick=args.quick, seqlens=args.seqlen, head_dims=args.head_dim, masks=masks,
                               modes=args.mode, dtype=args.dtype, heads=args.batch_heads)
@@ -167,7 +171,7 @@ def _bench_run(args):
     if unknown:
         raise ValueError(f"unknown peer(s) {', '.join(unknown)} on {kind}; known: {', '.join(bench.known_peers(label)) or 'none'}")
     gpu = device.kind != "cpu"
-    run = argparse.Namespace(label=label, device=device, unit=bench.unit_for(device.kind), skipped={})
+    run = argparse.Namespace(label=label, device=device, unit=bench.unit_for(device.kind, args.decode), skipped={})
     run.repeats = args.repeats or (30 if gpu else 7)
     run.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
     run.problems = _bench_problems(args, "cuda" if gpu else "cpu")
@@ -304,6 +308,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--mode", choices=("fwd", "fwd+bwd"), nargs="+", default=None, help="default: fwd on CPUs, both on GPUs")
     bench.add_argument("--batch-heads", type=int, default=None, metavar="H",
                        help="B=1 with H heads (default: 8 on CPUs; flash-attention's B = 16384/N, H = 2048/D on GPUs)")
+    decode = bench.add_argument_group(
+        "decoding", "--decode times attention_with_kvcache, one step of generation: 32 query heads, --queries new "
+                    "queries per sequence against a full KV cache of --seqlen keys, contiguous or paged; the peers get "
+                    "the cache as contiguous (B, H_kv, N, D) tensors. Default grid on GPUs: batch 1/8/64, keys 1k-128k, "
+                    "D 64/128, GQA group 1/4/8, fp16 and bf16, contiguous and page 16 (K/V at most 8 GiB); on CPUs batch "
+                    "1/8, keys 4k-32k, D 128, group 4, fp32. Rates are GB/s of the cache read.")
+    decode.add_argument("--decode", action="store_true", help="time decoding against a KV cache instead of attention")
+    decode.add_argument("--batch", type=int, nargs="+", default=None, help="sequences per step")
+    decode.add_argument("--group", type=int, nargs="+", default=None, help="query heads per KV head (GQA group)")
+    decode.add_argument("--page-size", type=int, nargs="+", default=None, help="0 for a contiguous cache, else pages of this size")
+    decode.add_argument("--queries", type=int, default=1, help="new queries per sequence (default 1)")
+    decode.add_argument("--dtypes", choices=DTYPES, nargs="+", default=None, help="dtypes of the decoding grid")
     bench.add_argument("--backend", nargs="+", default=None, help="also time these (e.g. reference, for tiny sizes only)")
     bench.add_argument("--peer", nargs="+", default=None, metavar="NAME",
                        help="time these peers instead of the default ones (cpu: torch-sdpa-flash, torch-sdpa-math; cuda: "

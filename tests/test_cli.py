@@ -87,6 +87,44 @@ def test_bench_json_plot_and_redraw_from_json(tmp_path, capsys):
     assert (tmp_path / "again-d16-full-fwd.png").exists() and (tmp_path / "again-d16-causal-fwd.png").exists()
 
 
+def test_bench_decode_times_the_kvcache_entry_contiguous_and_paged(tmp_path, capsys):
+    """``--decode``: attention_with_kvcache on a contiguous and a paged cache (pages shuffled) against
+    the CPU peer, rated in GB/s; the record keeps the decoding fields, and redraws from JSON."""
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib")
+    pytest.importorskip("numba", reason="the numba backend needs numba (pip install 'portattn[numba]')")
+    saved, drawn = tmp_path / "d.json", tmp_path / "d.png"
+    argv = ["bench", "--device", "cpu", "--decode", "--batch", "2", "--seqlen", "96", "--head-dim", "32", "--group", "4",
+            "--page-size", "0", "16", "--repeats", "2", "--json", str(saved), "--plot", str(drawn)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "GB/s" in out and "decode paged 16" in out
+    rows = [r for r in json.loads(saved.read_text())["results"] if r["backend"] == "numba"]
+    assert {(r["mode"], r["seqlen_q"], r["seqlen"], r["heads"], r["kv_heads"], r["page_size"]) for r in rows} == {
+        ("decode", 1, 96, 32, 8, 0), ("decode", 1, 96, 32, 8, 16)}
+    for row in rows:
+        assert row["error"] is None and row["gbps"] > 0
+        assert row["bytes_moved"] == 4 * (2 * 2 * 32 * 1 * 32 + 2 * 2 * 8 * 96 * 32)
+    for layout in ("contiguous", "paged16"):
+        assert (tmp_path / f"d-d32-float32-{layout}-g4.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["bench", "--from-json", str(saved)]) == 0
+    assert "decode paged 16" in capsys.readouterr().out
+
+
+def test_paged_cache_pages_are_shuffled_and_found_by_the_table():
+    import numpy as np
+
+    from portattn import bench
+
+    cache = np.arange(2 * 48 * 3 * 4, dtype=np.float32).reshape(2, 48, 3, 4)
+    pages, same, table = bench.paged_cache(cache, cache, 16)
+    assert pages.shape == (6, 16, 3, 4) and table.shape == (2, 3) and table.dtype == np.int32
+    assert sorted(table.ravel().tolist()) == list(range(6)) and table.ravel().tolist() != list(range(6))
+    for b in range(2):
+        np.testing.assert_array_equal(np.concatenate([pages[slot] for slot in table[b]]), cache[b])
+    with pytest.raises(ValueError, match="divides"):
+        bench.paged_cache(cache, cache, 10)
+
+
 def test_bench_from_json_rejects_a_file_that_is_not_a_record(tmp_path, capsys):
     other = tmp_path / "other.json"
     other.write_text('{"peers": []}')
@@ -150,6 +188,15 @@ def test_bench_default_grids():
     causal_only = bench.default_grid("cuda", quick=True, masks=(True,), heads=4)
     assert {(p.batch, p.heads, p.causal) for p in causal_only} == {(1, 4, True)}
     assert bench.Problem(2, 32, 8192, 64, True, "float16", "fwd").label() == "2x32x8192x64-causal-fwd"
+    decode = bench.decode_grid("cuda")
+    assert {p.mode for p in decode} == {"decode"} and {p.page_size for p in decode} == {0, 16}
+    assert {p.heads // p.kv_heads for p in decode} == {1, 4, 8} and {p.dtype for p in decode} == {"float16", "bfloat16"}
+    assert max(p.seqlen for p in decode if p.batch == 1) == 131072
+    assert all(2 * p.batch * p.kv_heads * p.seqlen * p.head_dim * 2 <= bench.problems.DECODE_MAX_CACHE_BYTES for p in decode)
+    assert decode[0].label() == "1x32q32kv-1x1024x64-decode"
+    assert bench.Problem(8, 32, 4096, 128, False, "float16", "decode", 1, 8, 16).label() == "8x32q8kv-1x4096x128-decode-paged16"
+    with pytest.raises(ValueError, match="does not divide"):
+        bench.decode_grid("cpu", groups=(5,))
 
 
 def test_bench_figure_names():

@@ -1,6 +1,6 @@
 """Side-by-side timing of portattn's backends and their peers, for ``portattn bench``.
 
-    problems    what is timed: ``Problem`` (shape, mask, dtype, pass), FLOP counts, the default grids
+    problems    what is timed: ``Problem`` (shape, mask, dtype, pass or decoding), FLOP and byte counts, the grids
     contenders  inputs per array kind, portattn's backends set up as ``Timed`` (callable, clock, memory)
     peers       torch's SDPA kernels and FlexAttention, the same way
     timing      clocks (host, CUDA events), interleaved repeats, memory probes
@@ -16,9 +16,30 @@ from __future__ import annotations
 
 from ..timing import CudaEventClock, HostClock, reason, repeats_within, time_callable, time_interleaved
 from . import plot, progress
-from .contenders import Inputs, Timed, default_backends, default_device, make_inputs, opencl_label, portattn_call, portattn_timed
+from .contenders import (
+    Inputs,
+    Timed,
+    default_backends,
+    default_device,
+    kvcache_call,
+    make_inputs,
+    opencl_label,
+    paged_cache,
+    portattn_call,
+    portattn_timed,
+)
 from .peers import MATH_MAX_SEQLEN, known_peers, peer_names, peer_timed, warm_flex
-from .problems import BACKWARD_FLOP_FACTOR, MODES, QUICK_HEAD_DIMS, QUICK_SEQLENS, Problem, default_grid, flash_shape, grid
+from .problems import (
+    BACKWARD_FLOP_FACTOR,
+    MODES,
+    QUICK_HEAD_DIMS,
+    QUICK_SEQLENS,
+    Problem,
+    decode_grid,
+    default_grid,
+    flash_shape,
+    grid,
+)
 from .report import (
     TABLE_COLUMNS,
     command_line,
@@ -40,7 +61,9 @@ __all__ = [
     "Timed",
     "default_backends",
     "default_device",
+    "kvcache_call",
     "make_inputs",
+    "paged_cache",
     "opencl_label",
     "portattn_call",
     "portattn_timed",
@@ -54,6 +77,7 @@ __all__ = [
     "QUICK_HEAD_DIMS",
     "QUICK_SEQLENS",
     "Problem",
+    "decode_grid",
     "default_grid",
     "flash_shape",
     "grid",

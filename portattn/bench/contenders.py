@@ -60,18 +60,19 @@ def default_device(requested: str | None = None) -> str:
 
 
 def make_inputs(problem: Problem, device: str = "cpu", seed: int = 0):
-    """(q, k, v, grad_out), standard normal: numpy arrays on the CPU (torch for bfloat16, which numpy
-    lacks), torch tensors on CUDA (drawn there: the flash grid's inputs are 64 MiB each)."""
-    shape = problem.shape
+    """(q, k, v, grad_out), standard normal, (B, H, N, D) and k, v (B, H_kv, Nk, D): numpy arrays on the
+    CPU (torch for bfloat16, which numpy lacks), torch tensors on CUDA (drawn there: the flash grid's
+    inputs are 64 MiB each)."""
+    shapes = (problem.shape, problem.kv_shape, problem.kv_shape, problem.shape)
     if device_kind(device) == "cuda":
         import torch
 
         generator = torch.Generator(device=device).manual_seed(seed)
         dtype = getattr(torch, problem.dtype)
-        return tuple(torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype) for _ in range(4))
+        return tuple(torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype) for shape in shapes)
     rng = np.random.default_rng(seed)
     host_dtype = "float32" if problem.dtype == "bfloat16" else problem.dtype
-    arrays = [rng.standard_normal(shape, dtype=np.float32).astype(host_dtype) for _ in range(4)]
+    arrays = [rng.standard_normal(shape, dtype=np.float32).astype(host_dtype) for shape in shapes]
     if problem.dtype != "bfloat16":
         return tuple(arrays)
     import torch
@@ -178,9 +179,12 @@ def opencl_label(device: str) -> str:
 
 def portattn_call(name: str, problem: Problem, inputs):
     """(callable, plan summary) for portattn backend ``name`` on ``inputs`` = (q, k, v, grad_out) through
-    ``api.prepare``; ValueError with the backend's reasons when it cannot run the problem."""
+    ``api.prepare`` (decoding: ``kvcache_call``); ValueError with the backend's reasons when it cannot
+    run the problem."""
     from ..api import prepare
 
+    if problem.decoding:
+        return kvcache_call(name, problem, inputs)
     q, k, v, grad_out = inputs
     call = prepare(q, k, v, causal=problem.causal, backend=name)
     if problem.mode == "fwd":
@@ -191,6 +195,50 @@ def portattn_call(name: str, problem: Problem, inputs):
         return call.backward(grad_out, q, k, v, out, lse)
 
     return forward_backward, call.plan.summary()
+
+
+def kvcache_call(name: str, problem: Problem, inputs):
+    """(callable, plan summary) of ``attention_with_kvcache`` as an inference engine calls it each step:
+    q as (B, Nq, H, D), the cache in flash-attn's (B, Nk, H_kv, D) layout -- the (B, H_kv, Nk, D) inputs
+    seen through a transposed view, so the keys of one head stay contiguous, as in the peers' inputs --
+    or, with a page size, copied into pages in shuffled order with a block table; every sequence full."""
+    from ..kvcache import attention_with_kvcache
+
+    q, k, v, _ = inputs
+    query, k_cache, v_cache = _swap12(q), _swap12(k), _swap12(v)
+    block_table = None
+    if problem.page_size:
+        k_cache, v_cache, block_table = paged_cache(k_cache, v_cache, problem.page_size)
+    lengths = np.full(problem.batch, problem.seqlen, dtype=np.int32)
+    if not isinstance(q, np.ndarray):  # torch: the lengths on q's device, as an engine keeps them
+        import torch
+
+        lengths = torch.from_numpy(lengths).to(q.device)
+    return (lambda: attention_with_kvcache(query, k_cache, v_cache, lengths, block_table, backend=name)), None
+
+
+def _swap12(x):
+    return x.transpose(1, 2) if not isinstance(x, np.ndarray) else x.transpose(0, 2, 1, 3)
+
+
+def paged_cache(k_cache, v_cache, page_size: int, seed: int = 0):
+    """A (B, Nk, H_kv, D) cache as pages (B * Nk / page_size, page_size, H_kv, D) in shuffled order and
+    the (B, Nk / page_size) int32 block table that finds them."""
+    batch, seqlen = k_cache.shape[0], k_cache.shape[1]
+    if seqlen % page_size:
+        raise ValueError(f"a paged cache of {seqlen} keys per sequence needs a page size that divides it, not {page_size}")
+    pages = batch * seqlen // page_size
+    order = np.random.default_rng(seed).permutation(pages)  # page i of the sequences lives at slot order[i]
+    table = order.reshape(batch, seqlen // page_size).astype(np.int32)
+    if isinstance(k_cache, np.ndarray):
+        slots = np.argsort(order)
+        return (*(np.ascontiguousarray(x.reshape(pages, page_size, *x.shape[2:])[slots]) for x in (k_cache, v_cache)),
+                table)
+    import torch
+
+    slots = torch.from_numpy(np.argsort(order)).to(k_cache.device)
+    paged = [x.reshape(pages, page_size, *x.shape[2:])[slots].contiguous() for x in (k_cache, v_cache)]
+    return (*paged, torch.from_numpy(table).to(k_cache.device))
 
 
 def portattn_timed(name: str, problem: Problem, inputs: Inputs) -> Timed:

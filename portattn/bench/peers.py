@@ -2,7 +2,9 @@
 
 On a CPU, torch's ``scaled_dot_product_attention`` restricted to its flash kernel (its math kernel
 on request); on CUDA, SDPA's cuDNN, flash, memory-efficient and math kernels and
-``torch.compile(flex_attention)`` (causal through a block mask). Each is set up as a
+``torch.compile(flex_attention)`` (causal through a block mask), with ``enable_gqa`` where K/V have
+fewer heads. Decoding problems give the peers the cache as contiguous (B, H_kv, Nk, D) tensors, paged
+or not: none of them reads pages. Each is set up as a
 ``contenders.Timed`` on the problem's torch tensors; a peer this torch lacks is skipped with the
 reason, and one that cannot run a shape raises when set up. torch is imported only when used.
 """
@@ -33,8 +35,12 @@ def _sdpa(kernel_name: str):
         if kernel_name == "MATH":
             _check_math_fits(problem, inputs.device)
 
+        gqa = problem.spec().group_size > 1
+
         def forward(q, k, v):
             with sdpa_kernel([kernel]):
+                if gqa:  # enable_gqa only where needed: torch before 2.5 lacks the keyword
+                    return scaled_dot_product_attention(q, k, v, is_causal=problem.causal, enable_gqa=True)
                 return scaled_dot_product_attention(q, k, v, is_causal=problem.causal)
 
         return _torch_pass(forward, problem, inputs)
@@ -53,7 +59,7 @@ def _check_math_fits(problem: Problem, device: str) -> None:
 
     itemsize = torch.finfo(getattr(torch, problem.dtype)).bits // 8
     copies = 3 if problem.mode == "fwd" else 6  # scores, masked scores, probabilities; and their gradients
-    need = problem.batch * problem.heads * problem.seqlen**2 * itemsize * copies
+    need = problem.batch * problem.heads * problem.queries * problem.seqlen * itemsize * copies
     free, _ = torch.cuda.mem_get_info(device)
     if need > free / 2:
         raise ValueError(f"math materializes the N x N scores: ~{need / 2**30:.0f} GiB > half the free {free / 2**30:.0f} GiB")
@@ -102,10 +108,12 @@ def flex_callables(device: str):
     compiled = torch.compile(flex_attention, dynamic=False)
     masks = {}
 
-    def make(causal: bool, n: int):
+    def make(causal: bool, n: int, gqa: bool = False):
         if causal and n not in masks:
             masks[n] = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, n, n, device=device)
         block_mask = masks.get(n) if causal else None
+        if gqa:
+            return lambda q, k, v: compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
         return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
 
     _FLEX[device] = make
@@ -113,7 +121,10 @@ def flex_callables(device: str):
 
 
 def _flex(problem: Problem, inputs: Inputs) -> Timed:
-    return _torch_pass(flex_callables(inputs.device)(problem.causal, problem.seqlen), problem, inputs)
+    if problem.causal and problem.queries != problem.seqlen:
+        raise ValueError("the flex peer's causal block mask is for Nq = Nk")
+    forward = flex_callables(inputs.device)(problem.causal, problem.seqlen, gqa=problem.spec().group_size > 1)
+    return _torch_pass(forward, problem, inputs)
 
 
 def _flex_available() -> str | None:

@@ -4,15 +4,22 @@ FLOPs are counted as flash-attention's benchmark counts them: forward = 4·B·H�
 causal; forward+backward = 3.5 × forward. GPU grids follow flash-attention's benchmark (B·N = 16384
 tokens, hidden 2048, so H = 2048 / D) so that figures can be set beside its published ones; CPU
 grids keep B = 1, H = 8, small enough for a laptop.
+
+Decoding (``mode="decode"``, ``portattn bench --decode``) is a forward of ``seqlen_q`` new queries per
+sequence against a KV cache of ``seqlen`` keys with ``kv_heads`` heads, through
+``attention_with_kvcache``, contiguous or paged (``page_size``). It is bound by reading the cache, so
+its figure of merit is bandwidth: ``bytes_moved`` (K and V once, q and the output) over the time.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
-from ..spec import AttentionSpec, default_dtype
+from ..spec import DTYPE_BYTES, AttentionSpec, default_dtype
 
-MODES = ("fwd", "fwd+bwd")
+MODES = ("fwd", "fwd+bwd")  # and "decode": a forward against a KV cache (decode_grid)
 BACKWARD_FLOP_FACTOR = 3.5  # forward+backward FLOPs as a multiple of forward (flash-attention's count)
 
 # flash-attention's benchmark grid (benchmarks/benchmark_flash_attention.py there)
@@ -26,6 +33,14 @@ CPU_BATCH, CPU_HEADS = 1, 8
 # --quick: about a minute anywhere
 QUICK_SEQLENS = (512, 1024, 2048)
 QUICK_HEAD_DIMS = (64,)
+# --decode: 32 query heads, one new query per sequence, GQA groups 1/4/8; a problem's K/V at most
+# DECODE_MAX_CACHE_BYTES (the paged copy doubles it), so batch 64 stops at fewer keys than batch 1
+DECODE_HEADS = 32
+GPU_DECODE = dict(batches=(1, 8, 64), seqlens=(1024, 4096, 16384, 32768, 131072), head_dims=(64, 128),
+                  groups=(1, 4, 8), dtypes=("float16", "bfloat16"), page_sizes=(0, 16))
+CPU_DECODE = dict(batches=(1, 8), seqlens=(4096, 16384, 32768), head_dims=(128,), groups=(4,), dtypes=("float32",),
+                  page_sizes=(0, 16))
+DECODE_MAX_CACHE_BYTES = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -34,28 +49,53 @@ class Problem:
 
     batch: int
     heads: int
-    seqlen: int
+    seqlen: int  # keys (and queries, but for decoding)
     head_dim: int
     causal: bool
     dtype: str
-    mode: str  # "fwd" or "fwd+bwd"
+    mode: str  # "fwd", "fwd+bwd" or "decode"
+    seqlen_q: int | None = None  # decoding: the new queries per sequence
+    kv_heads: int | None = None  # decoding: the cache's heads (GQA); None = heads
+    page_size: int = 0  # decoding: 0 = a contiguous cache, else its page size (block_table)
 
     def spec(self, device: str = "cpu") -> AttentionSpec:
         return AttentionSpec(
             batch=self.batch,
             heads=self.heads,
-            seqlen_q=self.seqlen,
+            kv_heads=self.kv_heads or self.heads,
+            seqlen_q=self.queries,
             seqlen_k=self.seqlen,
             head_dim=self.head_dim,
             dtype=self.dtype,
             causal=self.causal,
             device=device,
             requires_grad=self.mode == "fwd+bwd",
+            align="bottom-right" if self.decoding else "top-left",
         )
 
     @property
+    def decoding(self) -> bool:
+        return self.mode == "decode"
+
+    @property
+    def queries(self) -> int:
+        return self.seqlen if self.seqlen_q is None else self.seqlen_q
+
+    @property
     def shape(self) -> tuple[int, int, int, int]:
-        return (self.batch, self.heads, self.seqlen, self.head_dim)
+        """The queries' (B, H, Nq, D)."""
+        return (self.batch, self.heads, self.queries, self.head_dim)
+
+    @property
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        """The keys' and values' (B, H_kv, Nk, D)."""
+        return (self.batch, self.kv_heads or self.heads, self.seqlen, self.head_dim)
+
+    @property
+    def bytes_moved(self) -> int:
+        """The least a forward reads and writes: q, K, V once each and the output."""
+        itemsize = DTYPE_BYTES[self.dtype]
+        return itemsize * (2 * math.prod(self.shape) + 2 * math.prod(self.kv_shape))
 
     @property
     def flops(self) -> float:
@@ -65,8 +105,12 @@ class Problem:
     def label(self) -> str:
         """``2x32x8192x64-causal-fwdbwd``: shape, mask and pass, but no dtype or device, so that runs on two
         devices (each in its own default dtype) name the same problem alike; no ``+``, since labels
-        become file names (pytest-benchmark's histograms)."""
+        become file names (pytest-benchmark's histograms). Decoding: ``8x32q8kv-1x4096x128-decode-paged16``."""
         mask = "causal" if self.causal else "full"
+        if self.decoding:
+            layout = f"-paged{self.page_size}" if self.page_size else ""
+            return (f"{self.batch}x{self.heads}q{self.kv_heads or self.heads}kv-{self.queries}x{self.seqlen}x{self.head_dim}"
+                    f"{'-causal' if self.causal else ''}-decode{layout}")
         return f"{self.batch}x{self.heads}x{self.seqlen}x{self.head_dim}-{mask}-{self.mode.replace('+', '')}"
 
 
@@ -112,3 +156,23 @@ def default_grid(device_kind: str, *, quick: bool = False, seqlens=None, head_di
     if heads is None and not gpu:
         heads = CPU_HEADS
     return grid(seqlens, head_dims, causal=masks, modes=modes, dtype=dtype, heads=heads, batch=CPU_BATCH)
+
+
+def decode_grid(device_kind: str, *, batches=None, seqlens=None, head_dims=None, groups=None, dtypes=None,
+                page_sizes=None, queries: int = 1, heads: int = DECODE_HEADS) -> list[Problem]:
+    """The decoding grid of ``portattn bench --decode`` (GPU_DECODE or CPU_DECODE, each choice overridable):
+    ``heads`` query heads over ``heads / group`` KV heads, ``queries`` new queries per sequence, a
+    contiguous cache (page size 0) or a paged one. Problems whose K/V exceed DECODE_MAX_CACHE_BYTES
+    are left out."""
+    default = CPU_DECODE if device_kind == "cpu" else GPU_DECODE
+    choices = dict(batches=batches, seqlens=seqlens, head_dims=head_dims, groups=groups, dtypes=dtypes,
+                   page_sizes=page_sizes)
+    axes = [choices[name] or default[name] for name in ("dtypes", "page_sizes", "head_dims", "groups", "batches", "seqlens")]
+    problems = []
+    for dtype, page, d, group, b, n in itertools.product(*axes):
+        if heads % group:
+            raise ValueError(f"GQA group {group} does not divide the {heads} query heads")
+        problem = Problem(b, heads, n, d, False, dtype, "decode", seqlen_q=queries, kv_heads=heads // group, page_size=page)
+        if 2 * math.prod(problem.kv_shape) * DTYPE_BYTES[dtype] <= DECODE_MAX_CACHE_BYTES:
+            problems.append(problem)
+    return problems

@@ -35,10 +35,14 @@ def _size(n: int | None) -> str:
 
 def _row(r: Result, unit: str) -> tuple[str, ...]:
     p = r.problem
-    head = (r.name, f"{p.batch}x{p.heads}", str(p.seqlen), str(p.head_dim), "1" if p.causal else "0", p.mode)
+    heads, seqlen, mode = f"{p.batch}x{p.heads}", str(p.seqlen), p.mode
+    if p.decoding:  # B x H/H_kv, Nq x Nk, decode (paged P)
+        heads, seqlen = f"{heads}/{p.kv_heads or p.heads}", f"{p.queries}x{p.seqlen}"
+        mode += f" paged {p.page_size}" if p.page_size else ""
+    head = (r.name, heads, seqlen, str(p.head_dim), "1" if p.causal else "0", mode)
     if r.error is not None:
         return head + ("-", "-", "-", "-", f"not run: {r.error}")
-    rate = r.gflops / 1e3 if unit == "TFLOP/s" else r.gflops
+    rate = r.gbps if unit == "GB/s" else r.gflops / 1e3 if unit == "TFLOP/s" else r.gflops
     ratio = f"{r.ratio_to_best_peer:.2f}x" if r.ratio_to_best_peer is not None else "-"
     return head + (f"{r.median_ms:.3f}" if r.median_ms < 1 else f"{r.median_ms:.2f}", f"{rate:.1f}", ratio,
                    _size(r.memory_bytes), r.plan or "")
@@ -63,8 +67,11 @@ def format_table(results: list[Result], unit: str = "GFLOP/s", plans: bool = Tru
     return "\n".join(lines)
 
 
-def unit_for(device_kind: str) -> str:
-    """TFLOP/s on GPUs, GFLOP/s on CPUs (where a TFLOP/s would read 0.1)."""
+def unit_for(device_kind: str, decoding: bool = False) -> str:
+    """TFLOP/s on GPUs, GFLOP/s on CPUs (where a TFLOP/s would read 0.1); GB/s for decoding, which is
+    bound by reading the KV cache."""
+    if decoding:
+        return "GB/s"
     return "GFLOP/s" if device_kind == "cpu" else "TFLOP/s"
 
 
@@ -114,10 +121,15 @@ def result_record(r: Result) -> dict:
         "causal": p.causal,
         "dtype": p.dtype,
         "mode": p.mode,
+        "seqlen_q": p.queries,
+        "kv_heads": p.kv_heads or p.heads,
+        "page_size": p.page_size,
+        "bytes_moved": p.bytes_moved,
         "median_ms": r.median_ms,
         "times_ms": [t * 1e3 for t in r.times_s],
         "gflops": r.gflops,
         "tflops": r.gflops / 1e3 if r.gflops is not None else None,
+        "gbps": r.gbps,
         "ratio_to_best_peer": r.ratio_to_best_peer,
         "best_peer": r.best_peer,
         "memory_bytes": r.memory_bytes,
@@ -130,7 +142,10 @@ def result_record(r: Result) -> dict:
 
 def result_from_record(row: dict) -> Result:
     """A ``Result`` read back from ``result_record``'s dict (older records lack the newer keys)."""
-    problem = Problem(row["batch"], row["heads"], row["seqlen"], row["head_dim"], row["causal"], row["dtype"], row["mode"])
+    decoding = row["mode"] == "decode"
+    problem = Problem(row["batch"], row["heads"], row["seqlen"], row["head_dim"], row["causal"], row["dtype"], row["mode"],
+                      seqlen_q=row.get("seqlen_q") if decoding else None, kv_heads=row.get("kv_heads") if decoding else None,
+                      page_size=row.get("page_size", 0))
     return Result(row["backend"], row["role"], problem, times_s=[t / 1e3 for t in row.get("times_ms") or []],
                   plan=row.get("plan"), error=row.get("error"), ratio_to_best_peer=row.get("ratio_to_best_peer"),
                   best_peer=row.get("best_peer"), memory_bytes=row.get("memory_bytes"),

@@ -43,6 +43,11 @@ class Result:
     def gflops(self) -> float | None:
         return self.problem.flops / (self.median_ms * 1e-3) / 1e9 if self.times_s else None
 
+    @property
+    def gbps(self) -> float | None:
+        """The problem's least bytes moved over the median time, GB/s (decoding's figure of merit)."""
+        return self.problem.bytes_moved / (self.median_ms * 1e-3) / 1e9 if self.times_s else None
+
 
 def setup(name: str, role: str, problem: Problem, inputs: Inputs) -> Timed:
     """The contender set up and called once; a warning torch gave before failing (SDPA says there
