@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import math
 import threading
+import time
 from dataclasses import dataclass
 
 from . import arrays
@@ -89,6 +91,7 @@ class PreparedCall:
 
 # (id of a prepared call, pass) pairs that have run once; a prepared call lives in api's cache, so its id is stable
 _RUN: set[tuple[int, str]] = set()
+_RUN_MAX = 1 << 16  # a model decoding meets a new shape every step: forget old ids rather than grow without end
 NOTICE_AFTER_S = 1.0
 
 
@@ -104,15 +107,65 @@ def _first_call_notice(call: PreparedCall, what: str):
     return _QUIET if key in _RUN else _timed_notice(call, what, key)
 
 
+class _Watch:
+    """One daemon thread that prints a first call's notice once the call has run ``NOTICE_AFTER_S``.
+
+    Arming it takes a lock (and wakes the thread only when it would sleep past the new deadline), where a ``threading.Timer`` per
+    first call started a thread each time: a model decoding token by token meets a new key length, so a
+    first call, in every layer at every step, and thread starts cost milliseconds there. One call is
+    watched at a time; a newer first call (another thread's) takes the watch over."""
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._armed = None  # (deadline, message maker, token) of the call being watched
+        self._until = math.inf  # when the thread wakes by itself next: an earlier deadline must wake it
+        self._thread = None
+
+    def arm(self, message) -> object:
+        token = object()
+        deadline = time.monotonic() + NOTICE_AFTER_S
+        with self._condition:
+            self._armed = (deadline, message, token)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="portattn-first-call-notice", daemon=True)
+                self._thread.start()
+            elif deadline < self._until:  # idle, or waiting for a later deadline than this one
+                self._condition.notify()
+        return token
+
+    def disarm(self, token) -> None:
+        with self._condition:  # no wake-up: the thread finds nothing armed at its deadline
+            if self._armed is not None and self._armed[2] is token:
+                self._armed = None
+
+    def _run(self):
+        with self._condition:
+            while True:
+                if self._armed is None:
+                    self._until = math.inf
+                    self._condition.wait()
+                    continue
+                deadline, message, _ = self._armed
+                if (left := deadline - time.monotonic()) > 0:
+                    self._until = deadline
+                    self._condition.wait(left)
+                    continue
+                self._armed = None
+                print(message(), file=sys.stderr, flush=True)
+
+
+_WATCH = _Watch()
+
+
 @contextlib.contextmanager
 def _timed_notice(call: PreparedCall, what: str, key: tuple[int, str]):
-    timer = threading.Timer(NOTICE_AFTER_S, lambda: print(
+    token = _WATCH.arm(lambda: (
         f"portattn: the first {call.backend.name} {what} for {call.spec.label()} has taken over {NOTICE_AFTER_S:g} s: "
-        f"{call.backend.name} compiles its kernels on first use (once per configuration) ...", file=sys.stderr, flush=True))
-    timer.daemon = True
-    timer.start()
+        f"{call.backend.name} compiles its kernels on first use (once per configuration) ..."))
     try:
         yield
     finally:
-        timer.cancel()
+        _WATCH.disarm(token)
+        if len(_RUN) >= _RUN_MAX:
+            _RUN.clear()
         _RUN.add(key)
