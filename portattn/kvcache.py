@@ -17,21 +17,35 @@ gives it the same arguments and meaning, on numpy arrays and torch tensors:
   ``causal`` is bottom-right aligned to them: query i sits at key position ``L_b - Nq + i`` (the
   last query sees every key), and so do ``window`` = (left, right) and ALiBi.
 
-A contiguous cache whose sequences all hold the same number of keys is attended in place (a view of
-its first L rows). Otherwise the present keys of every sequence are gathered in one indexed copy into
-a (B, H_kv, Lmax, D) buffer, right-aligned: sequence b's keys fill its last L_b rows, so bottom-right
-alignment on Lmax puts each query at its own sequence's position (causal, window and ALiBi distances
-are those of the sequence), and a key-padding mask hides the rows in front. One batched call on any
-backend with key padding. Paged caches are gathered on every call: a kernel that reads pages through
-the block table is not written yet. Reading
-the lengths takes one device-to-host copy of ``cache_seqlens`` per call.
+Two ways to run it, chosen per call (``explain_with_kvcache`` says which, and why):
+
+* in place: the backend ``attention`` would pick (``backend=``, or ``"auto"``) has a decode kernel
+  (``Backend.decode_kvcache``; today triton and numba) and the call fits it (at most
+  ``tiling.decode.MAX_QUERIES`` queries per sequence, no grad). The kernel reads each sequence's keys
+  where they lie -- through the block table when paged -- with the G query heads of a KV group packed
+  into one tile so each K/V row is read once for the group, and the key loop split over the device as
+  the decode planner says (``portattn/tiling/decode.py``), merged by log-sum-exp. Nothing is copied.
+* gathered (every other backend: opencl, cupy, reference; or a call the kernel does not take): a
+  contiguous cache whose sequences all hold the same number of keys is attended in place by
+  ``attention`` (a view of its first L rows). Otherwise the present keys of every sequence are
+  gathered in one indexed copy into a (B, H_kv, Lmax, D) buffer, right-aligned: sequence b's keys fill
+  its last L_b rows, so bottom-right alignment on Lmax puts each query at its own sequence's position
+  (causal, window and ALiBi distances are those of the sequence), and a key-padding mask hides the
+  rows in front. One batched call on any backend with key padding.
+
+Reading the lengths takes one device-to-host copy of ``cache_seqlens`` per call.
 """
 
 from __future__ import annotations
 
 
-from . import arrays
+from dataclasses import dataclass
+
+from . import arrays, dispatch, inputs
 from .api import attention
+from .backends import Backend
+from .spec import AttentionSpec
+from .tiling.decode import DecodePlan
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=None, *, k=None, v=None, causal=False,
@@ -39,18 +53,16 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=
     """Attention of ``q`` (B, Nq, H, D) over each sequence's cached keys after appending ``k``/``v``
     (module docstring). Returns (B, Nq, H, D) of q's type, dtype and device, and with ``return_lse``
     the float32 (B, H, Nq) log-sum-exp too."""
-    ops = _Ops.of(q)
-    cache = _Cache.check(q, k_cache, v_cache, block_table, ops)
-    batch, n_query, heads, head_dim = cache.q_shape
-    old = _lengths(cache_seqlens, batch, cache.capacity)
-    n_new = _check_new(k, v, cache, ops)
-    lengths = [length + n_new for length in old]
-    if max(lengths, default=0) > cache.capacity:
-        raise ValueError(f"cache_seqlens + new keys reach {max(lengths)} but the cache holds {cache.capacity} keys per "
-                         "sequence; give a larger cache (or more pages in block_table)")
-    if n_new:
-        cache.write(k, v, old, n_new)
+    route = _route(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend,
+                   dict(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes))
+    cache = route.cache
+    if route.n_new:
+        cache.write(k, v, route.old, route.n_new)
+    if route.in_place:
+        out, lse = _decode(route, q, cache_seqlens)
+        return (out, lse) if return_lse else out
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+    lengths = route.lengths
     if not cache.paged and len(set(lengths)) == 1:
         # every sequence has the same keys present: the cache rows are one (B, L, H_kv, D) view, no gather
         present = lengths[0] if lengths else 0
@@ -59,11 +71,96 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=
     keys, values, present = cache.gather_left_padded(lengths)
     # (B, H_kv, Lmax, D) with sequence b's keys in its last L_b rows: bottom-right alignment on Lmax then
     # puts every query at its own sequence's position, and the key padding hides the rows before them
+    ops = cache.ops
     result = attention(ops.swap12(q), keys, values, align="bottom-right", key_padding_mask=present,
                        backend=backend, return_lse=return_lse, **options)
     out, lse = result if return_lse else (result, None)
     out = ops.swap12(out)
     return (out, lse) if return_lse else out
+
+
+def explain_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=None, *, k=None, v=None, causal=False,
+                         window=None, softcap=None, alibi_slopes=None, scale=None, backend="auto") -> "KVCacheExplanation":
+    """What ``attention_with_kvcache`` would do with these arguments (nothing is written): its backend,
+    whether that backend reads the cache in place (with its decode plan: bytes moved, predicted time)
+    or the cache is gathered (and why), and why not the other backends."""
+    route = _route(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend,
+                   dict(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes))
+    return KVCacheExplanation(route.backend.name, route.plan, tuple(route.refusals),
+                              dispatch.explain(route.spec, dispatch.check_name(backend)))
+
+
+@dataclass(frozen=True)
+class KVCacheExplanation:
+    backend: str
+    plan: DecodePlan | None  # None: the cache is gathered for ``attention``
+    gather_reasons: tuple[str, ...]  # why the chosen backend does not read the cache in place
+    attention: dispatch.Explanation  # the dispatcher's view of the call's attention (every backend's reasons)
+
+    def __str__(self) -> str:
+        if self.plan is not None:
+            head = [f"kvcache: {self.backend} reads the cache in place", *("  " + x for x in self.plan.describe().splitlines())]
+        else:
+            head = [f"kvcache: {self.backend} runs attention on a gathered copy of the cache, because:",
+                    *(f"  - {reason}" for reason in self.gather_reasons)]
+        return "\n".join(head + [str(self.attention)])
+
+
+@dataclass(frozen=True)
+class _Route:
+    """A checked call and where it goes: the cache, the lengths before and after the append, the spec of its
+    attention (``seqlen_k`` = the longest sequence), the backend, and its decode plan or why there is none."""
+
+    cache: "_Cache"
+    old: list
+    lengths: list
+    n_new: int
+    spec: AttentionSpec
+    extras: object
+    backend: Backend
+    plan: DecodePlan | None
+    refusals: list
+
+    @property
+    def in_place(self) -> bool:
+        return self.plan is not None
+
+
+def _route(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend, options) -> _Route:
+    ops = _Ops.of(q)
+    cache = _Cache.check(q, k_cache, v_cache, block_table, ops)
+    batch = cache.q_shape[0]
+    old = _lengths(cache_seqlens, batch, cache.capacity)
+    n_new = _check_new(k, v, cache, ops)
+    lengths = [length + n_new for length in old]
+    longest = max(lengths, default=0)
+    if longest > cache.capacity:
+        raise ValueError(f"cache_seqlens + new keys reach {longest} but the cache holds {cache.capacity} keys per "
+                         "sequence; give a larger cache (or more pages in block_table)")
+    # the attention's spec and extras, every option checked as ``attention`` checks it, from (B, Lmax, H_kv, D)
+    # views that copy nothing (a broadcast of one row when paged)
+    keys, values = (cache.present_view(x, longest) for x in (k_cache, v_cache))
+    spec, extras = inputs.read_call(q, keys, values, layout="bnhd", align="bottom-right", **options)
+    chosen = dispatch.select(spec, backend)
+    refusals = chosen.kvcache_reasons(spec, cache.page_size if cache.paged else 0)
+    plan = None if refusals else chosen.decode_plan(spec, cache.page_size if cache.paged else 0, sum(lengths))
+    return _Route(cache, old, lengths, n_new, spec, extras, chosen, plan, refusals)
+
+
+def _decode(route: _Route, q, cache_seqlens):
+    """The chosen backend's decode kernel on the cache as it lies, results back in the caller's kind."""
+    cache, spec, backend = route.cache, route.spec, route.backend
+    kind, device = backend.compute_kind, spec.device
+
+    def convert(x):  # host arrays stay views (bfloat16 as its bits: the numpy kernels widen them)
+        return arrays.to_numpy_bits(x) if kind == "numpy" else arrays.convert(x, kind, device)
+
+    lengths = cache.ops.lengths(route.lengths, cache_seqlens, route.n_new, cache.k_cache)
+    table = None if not cache.paged else convert(cache.block_table)
+    extras = route.extras.map_arrays(convert)
+    out, lse = backend.decode_kvcache(convert(q), convert(cache.k_cache), convert(cache.v_cache), table,
+                                      convert(lengths), spec, route.plan, extras)
+    return arrays.restore(out, spec.array_kind, spec.dtype, device), arrays.restore(lse, spec.array_kind, "float32", device)
 
 
 def _lengths(cache_seqlens, batch: int, capacity: int) -> list[int]:
@@ -156,6 +253,14 @@ class _Cache:
                 raise ValueError(f"block_table names pages {bad[:8]} outside the cache's {pages} pages")
         return cache
 
+    def present_view(self, x, longest: int):
+        """A (B, longest, H_kv, D) view of cache ``x`` that copies nothing: its first rows when contiguous, a
+        broadcast of one row when paged (only its shape, dtype and device are read: the attention's spec)."""
+        if not self.paged:
+            return x[:, :longest]
+        shape = (self.q_shape[0], longest, *x.shape[2:])
+        return x[:1, :1].expand(*shape) if self.ops.kind == "torch" else self.ops.numpy.broadcast_to(x[:1, :1], shape)
+
     def _where(self, b: int, positions: range):
         """(first index, second index) into the cache of sequence b's key positions."""
         if not self.paged:
@@ -223,6 +328,23 @@ class _Ops:
         import numpy as np
 
         return np.asarray(x, dtype=np.int64)
+
+    @property
+    def numpy(self):
+        import numpy
+
+        return numpy
+
+    def lengths(self, values: list[int], cache_seqlens, n_new: int, like):
+        """Each sequence's keys after the append, int32 (B,) on ``like``'s device: from ``cache_seqlens``
+        where it already lies there (no host-to-device copy), else from the host ints."""
+        if self.kind == "torch":
+            import torch
+
+            if isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.device == like.device:
+                return cache_seqlens + n_new if n_new else cache_seqlens
+            return torch.tensor(values, dtype=torch.int32, device=like.device)
+        return self.numpy.asarray(values, dtype=self.numpy.int32)
 
     def swap12(self, x):
         """(B, N, H, D) <-> (B, H, N, D), a view."""
