@@ -5,10 +5,13 @@ Decoding is a stream of the cache through the device: each K/V row is read once 
 G x Nq query rows of its KV group (G = H / H_kv), so the time is the bytes over the memory bandwidth
 as soon as enough programs are in flight to keep the memory system busy. The rules:
 
-* D1 GQA packing: one program owns one (sequence, KV head, key split) and holds the G x Nq query rows
-  of that group as the rows of one tile, so every K/V tile it loads serves the whole group. GPU: the
-  rows are padded to a power of two >= 16 (``tl.dot``'s smallest M) and, above ``GPU_MAX_ROWS``, cut
-  into row blocks (each re-reads K/V; only very wide groups with many queries get there).
+* D1 GQA packing: a program holds the G x Nq query rows of a KV group, so every K/V row it loads
+  serves the whole group. GPU: one program per (sequence, KV head, key split), the rows padded to a
+  power of two >= 16 (``tl.dot``'s smallest M) and, above ``GPU_MAX_ROWS``, cut into row blocks (each
+  re-reads K/V; only very wide groups with many queries get there). CPU: one task per (sequence, key
+  split) over every KV head, since a key's (H_kv, D) rows are contiguous in the cache and one core
+  streams them sequentially (a single KV head's rows are a strided 1 / H_kv of the stream, which ran
+  at a fifth of the bandwidth on an EPYC).
 * D2 split-KV: the key loop of every (sequence, KV head, row block) is cut into ``key_splits`` ranges
   of ``keys_per_split`` keys (a multiple of ``block_k``), run in parallel and merged by log-sum-exp.
   GPU: enough programs for ``GPU_DECODE_WAVES`` programs per compute unit (a memory-bound stream wants
@@ -58,8 +61,8 @@ class DecodeProblem:
 
 @dataclass(frozen=True)
 class DecodePlan:
-    """How a decode kernel is launched: ``block_q`` packed query rows (G x Nq, padded) per program in
-    ``row_blocks`` blocks, keys in tiles of ``block_k``, the key loop cut in ``key_splits`` ranges of
+    """How a decode kernel is launched: ``block_q`` packed query rows (G x Nq, padded) of each of
+    ``kv_heads_per_program`` KV heads per program, in ``row_blocks`` blocks, keys in tiles of ``block_k``, the key loop cut in ``key_splits`` ranges of
     ``keys_per_split`` keys; ``programs`` work units in all. ``bytes_moved`` and ``predicted_s`` are
     D5's traffic and its time at the memory bandwidth (None when the device's bandwidth is unknown)."""
 
@@ -67,6 +70,7 @@ class DecodePlan:
     target: str  # "gpu" or "cpu"
     block_q: int
     row_blocks: int
+    kv_heads_per_program: int
     block_k: int
     warps: int
     stages: int
@@ -110,7 +114,8 @@ def plan_decode(problem: DecodeProblem, device: DeviceSpec) -> DecodePlan:
         threads = device.hardware_threads or device.compute_units
         target, parallel = CPU_TASKS_PER_THREAD * threads, threads
     row_blocks = -(-rows // block_q)
-    groups = spec.batch * spec.kv_heads * row_blocks
+    kv_heads_per_program = 1 if gpu else spec.kv_heads
+    groups = spec.batch * (spec.kv_heads // kv_heads_per_program) * row_blocks
     longest = spec.seqlen_k
     # D2: as many splits as fill the target, but never under MIN_KEYS_PER_SPLIT keys each
     most = max(1, longest // MIN_KEYS_PER_SPLIT)
@@ -127,8 +132,9 @@ def plan_decode(problem: DecodeProblem, device: DeviceSpec) -> DecodePlan:
         f"D1 GQA packing: the {spec.group_size} query heads x {spec.seqlen_q} queries of a KV group are {rows} rows"
         + (f", padded to {block_q} per tile" if gpu and block_q > rows else "")
         + (f", in {row_blocks} row blocks of {block_q}" if row_blocks > 1 else "")
-        + "; each K/V tile is read once for them",
-        f"D2 {groups} (sequence, KV head{', row block' if row_blocks > 1 else ''}) groups x {splits} key split(s) = "
+        + "; each K/V tile is read once for them"
+        + ("" if gpu else f"; a task reads all {spec.kv_heads} KV heads' rows of a key (contiguous)"),
+        f"D2 {groups} ({'sequence, KV head' if gpu else 'sequence'}{', row block' if row_blocks > 1 else ''}) groups x {splits} key split(s) = "
         f"{programs} programs for {parallel} {unit} (target {target}; >= {MIN_KEYS_PER_SPLIT} keys per split)",
         f"D3 {block_k}-key tiles" + (f", {warps} warps, {stages} stage(s)" if gpu else ", read from the cache in place"),
         f"D5 {moved / 1e6:.2f} MB: K/V of {problem.total_keys} present keys x {spec.kv_heads} KV heads"
@@ -139,6 +145,7 @@ def plan_decode(problem: DecodeProblem, device: DeviceSpec) -> DecodePlan:
     if problem.page_size:
         reasons.insert(3, f"D4 paged cache, {problem.page_size} keys per page: each key's page found in the block table")
     return DecodePlan(device=device.name, target="gpu" if gpu else "cpu", block_q=block_q, row_blocks=row_blocks,
+                      kv_heads_per_program=kv_heads_per_program,
                       block_k=block_k, warps=warps, stages=stages, threads=threads, key_splits=splits,
                       keys_per_split=keys_per_split, programs=programs, bytes_moved=moved, predicted_s=predicted,
                       bandwidth_gbs=bandwidth, reasons=tuple(reasons))

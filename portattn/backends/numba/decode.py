@@ -1,15 +1,16 @@
 """The numba decode kernel: one step of KV-cache decoding read from the cache where it lies.
 
-Imported on the first ``decode_kvcache`` call (it imports numba). A task owns one (sequence, KV head,
-key split) of the decode plan (``portattn/tiling/decode.py``) and holds the G x Nq query rows of its
-KV group: every K row is loaded once and dotted with all of them, every V row once and added into all
-of their accumulators, so the group shares each read (GQA packing). Rows come straight from the cache
--- (B, Nmax, H_kv, D) contiguous, or (num_blocks, page_size, H_kv, D) pages found through the block
-table, any page size -- so there is no gather and no transposing copy; only float16/bfloat16 rows are
-widened, one D-vector at a time, through a 65536-entry float32 table of their bit patterns (numba has
-no half-precision arithmetic). Each split writes a float32 partial (O, LSE) and ``merge`` combines
-them by log-sum-exp. The same arithmetic as the other kernels: q pre-scaled by scale * log2(e), the
-softmax on exp2, softcap and ALiBi in log2 units, the LSE stored in natural log.
+Imported on the first ``decode_kvcache`` call (it imports numba). A task owns one (sequence, key
+split) of the decode plan (``portattn/tiling/decode.py``) and, per key, reads the rows of every KV head
+(contiguous in the cache) and dots each with the G x Nq query rows of its group, then adds each V row
+into all of their accumulators: each K/V row is read once for its group (GQA packing). Rows come
+straight from the cache -- (B, Nmax, H_kv, D) contiguous, or (num_blocks, page_size, H_kv, D) pages
+found through the block table, any page size -- so there is no gather and no transposing copy; only
+float16/bfloat16 rows are widened, one D-vector at a time, through a 65536-entry float32 table of
+their bit patterns (numba has no half-precision arithmetic). Each split writes a float32 partial
+(O, LSE) and ``merge`` combines them by log-sum-exp. The same arithmetic as the other kernels: q
+pre-scaled by scale * log2(e), the softmax on exp2, softcap and ALiBi in log2 units, the LSE stored
+in natural log.
 """
 
 from __future__ import annotations
@@ -44,24 +45,35 @@ def _row_impl(cache, page, pos, head, buffer, table):
     return widen
 
 
+# A hidden key's score: finite, because the kernel is compiled with fastmath (reassociation vectorizes its
+# dot products and row updates; the flags also let LLVM assume no infinities, so -inf cannot mark anything)
+HIDDEN = -1e30
+NOTHING_SEEN = -5e29  # a row whose running max is below this has seen no key yet
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def decode(q, k, v, table, lengths, page_size, widen, part_out, part_lse, group, causal, win_left, win_right,
            softcap2, alibi, slopes2, keys_per_split, block_k):
-    """Partials of every (split, sequence, KV head) task. q: float32 (B, Nq, H, D), already scaled by
-    scale * log2(e); k, v: the cache (float, or uint16 bits widened by the ``widen`` table); ``table``
-    int32 (B, max_blocks) when ``page_size`` > 0, else unused (sequence b's key j at ``k[b, j]``);
-    ``lengths`` int32 (B,). part_out float32 (splits, B, Nq, H, D), part_lse (splits, B, H, Nq) in
-    natural log. Window sides < 0 are unbounded; ``softcap2`` = softcap * log2(e), 0 for none;
-    ``slopes2`` (B, H) ALiBi slopes * log2(e) when ``alibi``."""
+    """Partials of every (split, sequence) task, each over all KV heads. q: float32 (B, Nq, H, D),
+    already scaled by scale * log2(e); k, v: the cache (float, or uint16 bits widened by the ``widen``
+    table); ``table`` int32 (B, max_blocks) when ``page_size`` > 0, else unused (sequence b's key j at
+    ``k[b, j]``); ``lengths`` int32 (B,). part_out float32 (splits, B, Nq, H, D), part_lse (splits, B,
+    H, Nq) in natural log. Window sides < 0 are unbounded; ``softcap2`` = softcap * log2(e), 0 for
+    none; ``slopes2`` (B, H) ALiBi slopes * log2(e) when ``alibi``.
+
+    Row r of a task is query r % Nq of query head r // Nq, so KV head hk's rows are the G x Nq from
+    hk * G * Nq on. A task walks its keys in order and, per key, every KV head's row: the (H_kv, D)
+    block of a key is contiguous in the cache, so the stream is sequential -- one KV head's rows alone
+    are 1 / H_kv of every cache row, and the strided stream ran at a fifth of the bandwidth here."""
     splits = part_out.shape[0]
     batch, n_q, heads, dim = q.shape
     kv_heads = heads // group
-    rows = group * n_q
+    rows = heads * n_q
+    per_head = group * n_q
     modified = causal or win_left >= 0 or win_right >= 0 or softcap2 > 0.0 or alibi
-    for task in prange(batch * kv_heads * splits):
+    for task in prange(batch * splits):
         split = task % splits
-        hk = (task // splits) % kv_heads
-        b = task // (splits * kv_heads)
+        b = task // splits
         n_k = lengths[b]
         off = n_k - n_q  # key position of query 0: bottom-right alignment on this sequence's keys
         lo = split * keys_per_split
@@ -70,24 +82,24 @@ def decode(q, k, v, table, lengths, page_size, widen, part_out, part_lse, group,
             lo = max(lo, off - win_left)  # no query sees a key before the first one's window
         qs = np.empty((rows, dim), np.float32)
         for r in range(rows):
-            qs[r, :] = q[b, r % n_q, hk * group + r // n_q, :]
+            qs[r, :] = q[b, r % n_q, r // n_q, :]
         acc = np.zeros((rows, dim), np.float32)
-        m = np.full(rows, -np.inf, np.float32)
+        m = np.full(rows, HIDDEN, np.float32)
         ell = np.zeros(rows, np.float32)
         scores = np.empty((rows, block_k), np.float32)
-        k_buffer = np.empty(dim, np.float32)
-        v_buffer = np.empty(dim, np.float32)
+        buffer = np.empty(dim, np.float32)
         for start in range(lo, hi, block_k):
             n = min(block_k, hi - start)
             for jj in range(n):
                 j = start + jj
                 page, pos = (table[b, j // page_size], j % page_size) if page_size > 0 else (b, j)
-                k_row = _row(k, page, pos, hk, k_buffer, widen)
-                for r in range(rows):
-                    s = np.float32(0.0)
-                    for d in range(dim):
-                        s += qs[r, d] * k_row[d]
-                    scores[r, jj] = s
+                for hk in range(kv_heads):
+                    k_row = _row(k, page, pos, hk, buffer, widen)
+                    for r in range(hk * per_head, (hk + 1) * per_head):
+                        s = np.float32(0.0)
+                        for d in range(dim):
+                            s += qs[r, d] * k_row[d]
+                        scores[r, jj] = s
             if modified:
                 for r in range(rows):
                     position = off + r % n_q
@@ -97,16 +109,16 @@ def decode(q, k, v, table, lengths, page_size, widen, part_out, part_lse, group,
                         if softcap2 > 0.0:
                             x = softcap2 * math.tanh(x / softcap2)
                         if alibi:
-                            x -= slopes2[b, hk * group + r // n_q] * abs(position - j)
+                            x -= slopes2[b, r // n_q] * abs(position - j)
                         if (causal and j > position) or (win_left >= 0 and j < position - win_left) or (
                                 win_right >= 0 and j > position + win_right):
-                            x = -np.inf
+                            x = HIDDEN
                         scores[r, jj] = x
             for r in range(rows):  # online softmax, log2 domain
                 top = m[r]
                 for jj in range(n):
                     top = max(top, scores[r, jj])
-                if top == -np.inf:  # nothing visible to this row yet: its weights are 0
+                if top < NOTHING_SEEN:  # nothing visible to this row yet: its weights are 0
                     scores[r, :n] = 0.0
                     continue
                 alpha = np.float32(2.0) ** (m[r] - top)
@@ -122,13 +134,14 @@ def decode(q, k, v, table, lengths, page_size, widen, part_out, part_lse, group,
             for jj in range(n):
                 j = start + jj
                 page, pos = (table[b, j // page_size], j % page_size) if page_size > 0 else (b, j)
-                v_row = _row(v, page, pos, hk, v_buffer, widen)
-                for r in range(rows):
-                    p = scores[r, jj]
-                    for d in range(dim):
-                        acc[r, d] += p * v_row[d]
+                for hk in range(kv_heads):
+                    v_row = _row(v, page, pos, hk, buffer, widen)
+                    for r in range(hk * per_head, (hk + 1) * per_head):
+                        p = scores[r, jj]
+                        for d in range(dim):
+                            acc[r, d] += p * v_row[d]
         for r in range(rows):
-            i, h = r % n_q, hk * group + r // n_q
+            i, h = r % n_q, r // n_q
             if ell[r] > 0.0:
                 part_out[split, b, i, h, :] = acc[r] / ell[r]
                 part_lse[split, b, h, i] = (m[r] + math.log2(ell[r])) * LN2
