@@ -17,7 +17,8 @@ as soon as enough programs are in flight to keep the memory system busy. The rul
   GPU: enough programs for ``GPU_DECODE_WAVES`` programs per compute unit (a memory-bound stream wants
   several in flight per SM to hide DRAM latency); CPU: ``CPU_TASKS_PER_THREAD`` tasks per worker
   thread. Never fewer than ``MIN_KEYS_PER_SPLIT`` keys per split: a shorter range costs more in the
-  merge's partials than it gains in parallelism.
+  merge's partials than it gains in parallelism; on a GPU at most ``GPU_MAX_SPLITS`` (the merge holds
+  one query's partials of every split in registers).
 * D3 key tile: GPU ``block_k`` 64 keys at D <= 128 (32 above: K and V tiles of 16 KiB per stage in
   fp16), 4 warps, 3 stages where the device copies asynchronously; CPU 128 keys per softmax rescale
   (the K/V rows go straight from the cache to the FMAs: no tile is copied).
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # the spec module imports tiling; importing it back at run ti
 GPU_MAX_ROWS = 64  # D1: G x Nq rows of one tile at most (the O accumulator stays in registers over 4 warps)
 GPU_DECODE_WAVES = 4  # D2: programs per compute unit
 GPU_WARPS = 4
+GPU_MAX_SPLITS = 128  # D2: the merge holds every split's partial row of one query in registers
 CPU_TASKS_PER_THREAD = 2  # D2: decode tasks are of equal size, so a couple per thread balance the load
 CPU_BLOCK_K = 128  # D3
 MIN_KEYS_PER_SPLIT = 256  # D2
@@ -119,6 +121,8 @@ def plan_decode(problem: DecodeProblem, device: DeviceSpec) -> DecodePlan:
     longest = spec.seqlen_k
     # D2: as many splits as fill the target, but never under MIN_KEYS_PER_SPLIT keys each
     most = max(1, longest // MIN_KEYS_PER_SPLIT)
+    if gpu:
+        most = min(most, GPU_MAX_SPLITS)
     splits = max(1, min(-(-target // max(1, groups)), most))
     keys_per_split = -(-max(1, longest) // splits)
     keys_per_split = -(-keys_per_split // block_k) * block_k
