@@ -195,11 +195,11 @@ def run(q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
     ``arrays.to_numpy_bits`` hands them over): (out float32 (B, Nq, H, D), lse float32 (B, H, Nq))."""
     sixteen = spec.dtype in ("float16", "bfloat16")
     table = widen_table(spec.dtype) if sixteen else _NO_TABLE
+    if sixteen:  # float16 arrays as their bits too (bfloat16 arrives so): one kernel widens both kinds
+        q, k_cache, v_cache = (x.view(np.uint16) for x in (q, k_cache, v_cache))
     query = table[q] if sixteen else q  # a few rows: widening them is cheap
     query = np.ascontiguousarray(query * np.float32(spec.softmax_scale * LOG2E), dtype=np.float32)
     batch, n_q, heads, dim = q.shape
-    if k_cache.dtype == np.float16 or k_cache.dtype == np.dtype("V2"):
-        k_cache, v_cache = k_cache.view(np.uint16), v_cache.view(np.uint16)
     splits = plan.key_splits
     part_out = np.empty((splits, batch, n_q, heads, dim), np.float32)
     part_lse = np.empty((splits, batch, heads, n_q), np.float32)
