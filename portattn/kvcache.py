@@ -38,7 +38,6 @@ Reading the lengths takes one device-to-host copy of ``cache_seqlens`` per call.
 
 from __future__ import annotations
 
-
 from dataclasses import dataclass
 
 from . import arrays, dispatch, inputs
@@ -80,7 +79,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=
 
 
 def explain_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=None, *, k=None, v=None, causal=False,
-                         window=None, softcap=None, alibi_slopes=None, scale=None, backend="auto") -> "KVCacheExplanation":
+                         window=None, softcap=None, alibi_slopes=None, scale=None, backend="auto") -> KVCacheExplanation:
     """What ``attention_with_kvcache`` would do with these arguments (nothing is written): its backend,
     whether that backend reads the cache in place (with its decode plan: bytes moved, predicted time)
     or the cache is gathered (and why), and why not the other backends."""
@@ -111,7 +110,7 @@ class _Route:
     """A checked call and where it goes: the cache, the lengths before and after the append, the spec of its
     attention (``seqlen_k`` = the longest sequence), the backend, and its decode plan or why there is none."""
 
-    cache: "_Cache"
+    cache: _Cache
     old: list
     lengths: list
     n_new: int

@@ -138,8 +138,9 @@ def plan_decode(problem: DecodeProblem, device: DeviceSpec) -> DecodePlan:
         + (f", in {row_blocks} row blocks of {block_q}" if row_blocks > 1 else "")
         + "; each K/V tile is read once for them"
         + ("" if gpu else f"; a task reads all {spec.kv_heads} KV heads' rows of a key (contiguous)"),
-        f"D2 {groups} ({'sequence, KV head' if gpu else 'sequence'}{', row block' if row_blocks > 1 else ''}) groups x {splits} key split(s) = "
-        f"{programs} programs for {parallel} {unit} (target {target}; >= {MIN_KEYS_PER_SPLIT} keys per split)",
+        (f"D2 {groups} ({'sequence, KV head' if gpu else 'sequence'}{', row block' if row_blocks > 1 else ''}) groups x "
+         f"{splits} key split(s) = {programs} programs for {parallel} {unit} (target {target}; >= {MIN_KEYS_PER_SPLIT} "
+         "keys per split)"),
         f"D3 {block_k}-key tiles" + (f", {warps} warps, {stages} stage(s)" if gpu else ", read from the cache in place"),
         f"D5 {moved / 1e6:.2f} MB: K/V of {problem.total_keys} present keys x {spec.kv_heads} KV heads"
         + (f" x {row_blocks} row blocks" if row_blocks > 1 else "") + ", q and out"
