@@ -47,8 +47,8 @@ class NumbaBackend(Backend):
         features=frozenset(FEATURE_NOTES),
         feature_notes=FEATURE_NOTES,
         notes=("float16 and bfloat16 inputs are computed in float32", "float64 inputs are computed in float64"),
-        kvcache="decode.py: a task per (sequence, KV head, key split) reads the cache rows in place (pages through "
-                "the block table), each row shared by the KV group's query heads; splits merged by LSE",
+        kvcache="decode.py: a task per (sequence, key split) streams every KV head's cache rows in place (pages through "
+                "the block table), each row shared by its group's query heads; splits merged by LSE",
     )
     auto_priority = {"cpu": 10}
 
