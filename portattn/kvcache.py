@@ -209,7 +209,6 @@ class _Cache:
         if self.paged:
             self.page_size = int(k_cache.shape[1])
             self.block_table = block_table
-            self.table = [[int(x) for x in row] for row in block_table.tolist()]
             self.capacity = int(block_table.shape[1]) * self.page_size
         else:
             self.capacity = int(k_cache.shape[1])
@@ -247,8 +246,9 @@ class _Cache:
         cache = cls(k_cache, v_cache, block_table, ops, infos["q"].shape, infos["q"].device, infos["q"].dtype)
         if cache.paged:
             pages = int(k_shape[0])
-            bad = sorted({p for row in cache.table for p in row if not 0 <= p < pages})
-            if bad:
+            outside = (block_table < 0) | (block_table >= pages)
+            if bool(outside.any()):  # on the table's device: the host sees one bool, not the table
+                bad = sorted({int(p) for p in block_table[outside].tolist()})
                 raise ValueError(f"block_table names pages {bad[:8]} outside the cache's {pages} pages")
         return cache
 
@@ -260,19 +260,22 @@ class _Cache:
         shape = (self.q_shape[0], longest, *x.shape[2:])
         return x[:1, :1].expand(*shape) if self.ops.kind == "torch" else self.ops.numpy.broadcast_to(x[:1, :1], shape)
 
-    def _where(self, b: int, positions: range):
-        """(first index, second index) into the cache of sequence b's key positions."""
+    def _where(self, sequence, position):
+        """(first index, second index) into the cache of sequence ``sequence``'s key ``position`` (broadcast
+        index arrays)."""
         if not self.paged:
-            return b, slice(positions.start, positions.stop)
-        pages = [self.table[b][p // self.page_size] for p in positions]
-        rows = [p % self.page_size for p in positions]
-        return self.ops.index(pages, self.k_cache), self.ops.index(rows, self.k_cache)
+            return sequence, position
+        table = self.ops.as_index(self.block_table, self.k_cache)
+        return table[sequence, position // self.page_size], position % self.page_size
 
     def write(self, k, v, old: list[int], n_new: int) -> None:
-        for b, start in enumerate(old):
-            where = self._where(b, range(start, start + n_new))
-            self.k_cache[where] = k[b]
-            self.v_cache[where] = v[b]
+        """k, v (B, Nnew, H_kv, D) into every sequence's positions old[b] .. old[b] + Nnew - 1, in one indexed
+        assignment each (pages are a sequence's own, so no two sequences write one row)."""
+        ops = self.ops
+        position = ops.index(old, self.k_cache)[:, None] + ops.index(list(range(n_new)), self.k_cache)[None, :]
+        where = self._where(ops.index(list(range(len(old))), self.k_cache)[:, None], position)
+        self.k_cache[where] = k
+        self.v_cache[where] = v
 
     def gather_left_padded(self, lengths: list[int]):
         """Each sequence's present keys and values in one indexed copy, right-aligned: (B, H_kv, Lmax, D)
@@ -284,12 +287,7 @@ class _Cache:
         position = ops.index(list(range(longest)), self.k_cache)[None, :] - start  # (B, Lmax); < 0: in front
         present = position >= 0
         position = position.clip(min=0)
-        sequence = ops.index(list(range(len(lengths))), self.k_cache)[:, None]
-        if self.paged:
-            table = ops.as_index(self.block_table, self.k_cache)
-            where = (table[sequence, position // self.page_size], position % self.page_size)
-        else:
-            where = (sequence, position)
+        where = self._where(ops.index(list(range(len(lengths))), self.k_cache)[:, None], position)
         keys, values = self.k_cache[where], self.v_cache[where]  # (B, Lmax, H_kv, D) copies
         keys[~present], values[~present] = 0, 0
         return ops.swap12(keys), ops.swap12(values), present
