@@ -84,7 +84,8 @@ def explain_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=No
     whether that backend reads the cache in place (with its decode plan: bytes moved, predicted time)
     or the cache is gathered (and why), and why not the other backends."""
     route = _route(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend,
-                   dict(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes))
+                   dict(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes),
+                   read_lengths=True)
     return KVCacheExplanation(route.backend.name, route.plan, tuple(route.refusals),
                               dispatch.explain(route.spec, dispatch.check_name(backend)))
 
@@ -107,8 +108,9 @@ class KVCacheExplanation:
 
 @dataclass(frozen=True)
 class _Route:
-    """A checked call and where it goes: the cache, the lengths before and after the append, the spec of its
-    attention (``seqlen_k`` = the longest sequence), the backend, and its decode plan or why there is none."""
+    """A checked call and where it goes: the cache, the lengths before and after the append (None when they
+    stay on the device), the spec of its attention (``seqlen_k`` = the cache's capacity), the backend, and
+    its decode plan or why there is none."""
 
     cache: _Cache
     old: list
@@ -125,25 +127,40 @@ class _Route:
         return self.plan is not None
 
 
-def _route(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend, options) -> _Route:
+def _route(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend, options, read_lengths=False) -> _Route:
+    """Every check, the backend and, when it has a decode kernel that takes the call, its plan. The lengths
+    are read on the host (one device-to-host copy) unless the kernel runs, ``cache_seqlens`` lies on a GPU,
+    no keys are appended and ``read_lengths`` is off: then the call never waits for the device, and the
+    kernels clamp lengths and page ids to the cache (``tiling/decode.py``, D4) instead of raising."""
     ops = _Ops.of(q)
     cache = _Cache.check(q, k_cache, v_cache, block_table, ops)
     batch = cache.q_shape[0]
-    old = _lengths(cache_seqlens, batch, cache.capacity)
+    _check_seqlens(cache_seqlens, batch)
     n_new = _check_new(k, v, cache, ops)
-    lengths = [length + n_new for length in old]
-    longest = max(lengths, default=0)
-    if longest > cache.capacity:
-        raise ValueError(f"cache_seqlens + new keys reach {longest} but the cache holds {cache.capacity} keys per "
-                         "sequence; give a larger cache (or more pages in block_table)")
-    # the attention's spec and extras, every option checked as ``attention`` checks it, from (B, Lmax, H_kv, D)
-    # views that copy nothing (a broadcast of one row when paged)
-    keys, values = (cache.present_view(x, longest) for x in (k_cache, v_cache))
+    # the attention's spec and extras, every option checked as ``attention`` checks it, from (B, capacity,
+    # H_kv, D) views that copy nothing (a broadcast of one row when paged); seqlen_k = the capacity
+    keys, values = (cache.present_view(x, cache.capacity) for x in (k_cache, v_cache))
     spec, extras = inputs.read_call(q, keys, values, layout="bnhd", align="bottom-right", **options)
     chosen = dispatch.select(spec, backend)
-    refusals = chosen.kvcache_reasons(spec, cache.page_size if cache.paged else 0)
-    plan = None if refusals else chosen.decode_plan(spec, cache.page_size if cache.paged else 0, sum(lengths))
+    page_size = cache.page_size if cache.paged else 0
+    refusals = chosen.kvcache_reasons(spec, page_size)
+    if not refusals and not n_new and not read_lengths and _on_gpu(cache_seqlens):
+        old = lengths = None
+        total = batch * cache.capacity
+    else:
+        cache.check_pages()
+        old = _lengths(cache_seqlens, batch, cache.capacity)
+        lengths = [length + n_new for length in old]
+        if max(lengths, default=0) > cache.capacity:
+            raise ValueError(f"cache_seqlens + new keys reach {max(lengths)} but the cache holds {cache.capacity} keys "
+                             "per sequence; give a larger cache (or more pages in block_table)")
+        total = sum(lengths)
+    plan = None if refusals else chosen.decode_plan(spec, page_size, total)
     return _Route(cache, old, lengths, n_new, spec, extras, chosen, plan, refusals)
+
+
+def _on_gpu(x) -> bool:
+    return arrays.is_torch(x) and x.device.type != "cpu"
 
 
 def _decode(route: _Route, q, cache_seqlens):
@@ -162,17 +179,23 @@ def _decode(route: _Route, q, cache_seqlens):
     return arrays.restore(out, spec.array_kind, spec.dtype, device), arrays.restore(lse, spec.array_kind, "float32", device)
 
 
+def _check_seqlens(cache_seqlens, batch: int) -> None:
+    """cache_seqlens' kind, dtype and shape (its values are read by ``_lengths``, when they are)."""
+    if cache_seqlens is None or isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        return
+    info = arrays.describe(cache_seqlens, "cache_seqlens")
+    if info.dtype != "int32" or info.shape != (batch,):
+        raise ValueError(f"cache_seqlens must be an int or an int32 array of shape (B,) = ({batch},), the keys "
+                         f"already cached per sequence; got dtype {info.dtype}, shape {info.shape}")
+
+
 def _lengths(cache_seqlens, batch: int, capacity: int) -> list[int]:
     """cache_seqlens as host ints, checked."""
     if cache_seqlens is None:
         return [capacity] * batch
-    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+    if isinstance(cache_seqlens, int):
         values = [cache_seqlens] * batch
     else:
-        info = arrays.describe(cache_seqlens, "cache_seqlens")
-        if info.dtype != "int32" or info.shape != (batch,):
-            raise ValueError(f"cache_seqlens must be an int or an int32 array of shape (B,) = ({batch},), the keys "
-                             f"already cached per sequence; got dtype {info.dtype}, shape {info.shape}")
         values = [int(x) for x in cache_seqlens.tolist()]  # a CUDA tensor is copied to the host here
     if any(x < 0 or x > capacity for x in values):
         raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (the cache's keys per sequence); got {values}")
@@ -243,14 +266,18 @@ class _Cache:
         elif k_shape[0] != batch:
             raise ValueError(f"a contiguous cache must have one row per sequence: k_cache is {k_shape}, q has batch {batch}"
                              " (pass block_table for a paged cache)")
-        cache = cls(k_cache, v_cache, block_table, ops, infos["q"].shape, infos["q"].device, infos["q"].dtype)
-        if cache.paged:
-            pages = int(k_shape[0])
-            outside = (block_table < 0) | (block_table >= pages)
-            if bool(outside.any()):  # on the table's device: the host sees one bool, not the table
-                bad = sorted({int(p) for p in block_table[outside].tolist()})
-                raise ValueError(f"block_table names pages {bad[:8]} outside the cache's {pages} pages")
-        return cache
+        return cls(k_cache, v_cache, block_table, ops, infos["q"].shape, infos["q"].device, infos["q"].dtype)
+
+    def check_pages(self) -> None:
+        """Every block_table entry names a page of the cache (checked where the table lies: the host
+        reads one bool, not the table)."""
+        if not self.paged:
+            return
+        pages = int(self.k_cache.shape[0])
+        outside = (self.block_table < 0) | (self.block_table >= pages)
+        if bool(outside.any()):
+            bad = sorted({int(p) for p in self.block_table[outside].tolist()})
+            raise ValueError(f"block_table names pages {bad[:8]} outside the cache's {pages} pages")
 
     def present_view(self, x, longest: int):
         """A (B, longest, H_kv, D) view of cache ``x`` that copies nothing: its first rows when contiguous, a

@@ -12,20 +12,26 @@ as soon as enough programs are in flight to keep the memory system busy. The rul
   split) over every KV head, since a key's (H_kv, D) rows are contiguous in the cache and one core
   streams them sequentially (a single KV head's rows are a strided 1 / H_kv of the stream, which ran
   at a fifth of the bandwidth on an EPYC).
-* D2 split-KV: the key loop of every (sequence, KV head, row block) is cut into ``key_splits`` ranges
-  of ``keys_per_split`` keys (a multiple of ``block_k``), run in parallel and merged by log-sum-exp.
-  GPU: enough programs for ``GPU_DECODE_WAVES`` programs per compute unit (a memory-bound stream wants
-  several in flight per SM to hide DRAM latency); CPU: ``CPU_TASKS_PER_THREAD`` tasks per worker
-  thread. Never fewer than ``MIN_KEYS_PER_SPLIT`` keys per split: a shorter range costs more in the
-  merge's partials than it gains in parallelism; on a GPU at most ``GPU_MAX_SPLITS`` (the merge holds
-  one query's partials of every split in registers).
+* D2 split-KV: each sequence's key loop is cut into at most ``key_splits`` ranges, run in parallel and
+  merged by log-sum-exp. ``key_splits`` comes from the shapes alone: enough programs for
+  ``GPU_DECODE_WAVES`` programs per compute unit (GPU: a memory-bound stream wants several in flight
+  per SM to hide DRAM latency) or ``CPU_TASKS_PER_THREAD`` tasks per worker thread (CPU), at most
+  ``GPU_MAX_SPLITS`` on a GPU (the merge holds one query's partials of every split in registers). The
+  kernels cut each sequence's own keys, L_b, evenly: ranges of ``max(keys_per_split, ceil(L_b /
+  key_splits))`` keys rounded up to ``block_k``, so a short sequence uses fewer splits and the rest of
+  its programs exit at once. ``keys_per_split`` = ``MIN_KEYS_PER_SPLIT`` rounded up to ``block_k``: a
+  shorter range costs more in the merge's partials than it gains in parallelism. The lengths never
+  enter the plan, so a GPU call needs no device-to-host copy of them (``portattn/kvcache.py``).
 * D3 key tile: GPU ``block_k`` 64 keys at D <= 128 (32 above: K and V tiles of 16 KiB per stage in
   fp16), 4 warps, 3 stages where the device copies asynchronously; CPU 128 keys per softmax rescale
   (the K/V rows go straight from the cache to the FMAs: no tile is copied).
-* D4 the grid is sized by the longest sequence: a shorter sequence's splits past its end find no key
-  and write an empty partial (O = 0, LSE = -inf) that the merge ignores.
-* D5 bytes moved: every present key's K and V row once per row block, q and out once, plus the
-  float32 partials written and merged when split; the predicted time is those bytes over the
+* D4 the grid is (sequence, KV head, row block) x ``key_splits`` whatever the lengths; sequence b's
+  keys are clamped to the cache's capacity and, paged, its page ids to the cache's pages (a bad
+  length or table never reads outside the cache; ``attention_with_kvcache`` checks them on the host
+  where it reads them).
+* D5 bytes moved: every present key's K and V row once per row block (``total_keys``: the cache's
+  capacity per sequence when the lengths stay on the device -- an upper bound), q and out once, plus
+  the float32 partials written and merged when split; the predicted time is those bytes over the
   device's memory bandwidth (the catalog's, or the probe's) -- the floor the kernel is measured against.
 """
 
@@ -53,8 +59,9 @@ MAX_QUERIES = 16  # the decode kernels serve Nq <= 16 per sequence; longer query
 
 @dataclass(frozen=True)
 class DecodeProblem:
-    """One decoding call: the attention ``spec`` (``seqlen_k`` = the longest sequence's keys after the
-    append), the cache's ``page_size`` (0: contiguous) and the keys present over all sequences."""
+    """One decoding call: the attention ``spec`` (``seqlen_k`` = the keys one sequence can hold: the cache's
+    capacity), the cache's ``page_size`` (0: contiguous) and the keys present over all sequences (the
+    capacity times the batch when the lengths are not read on the host)."""
 
     spec: "AttentionSpec"
     page_size: int
@@ -64,8 +71,9 @@ class DecodeProblem:
 @dataclass(frozen=True)
 class DecodePlan:
     """How a decode kernel is launched: ``block_q`` packed query rows (G x Nq, padded) of each of
-    ``kv_heads_per_program`` KV heads per program, in ``row_blocks`` blocks, keys in tiles of ``block_k``, the key loop cut in ``key_splits`` ranges of
-    ``keys_per_split`` keys; ``programs`` work units in all. ``bytes_moved`` and ``predicted_s`` are
+    ``kv_heads_per_program`` KV heads per program, in ``row_blocks`` blocks, keys in tiles of ``block_k``,
+    each sequence's key loop cut in at most ``key_splits`` ranges of at least ``keys_per_split`` keys
+    (D2); ``programs`` work units in all. ``bytes_moved`` and ``predicted_s`` are
     D5's traffic and its time at the memory bandwidth (None when the device's bandwidth is unknown)."""
 
     device: str
@@ -87,7 +95,8 @@ class DecodePlan:
 
     def summary(self) -> str:
         launch = f"{self.warps} warps, {self.stages} stages" if self.target == "gpu" else f"{self.threads} threads"
-        split = f", key loop split {self.key_splits}x ({self.keys_per_split} keys each)" if self.key_splits > 1 else ""
+        split = (f", key loop split up to {self.key_splits}x (>= {self.keys_per_split} keys each)"
+                 if self.key_splits > 1 else "")
         rows = f" in {self.row_blocks} row blocks" if self.row_blocks > 1 else ""
         return f"decode: {self.block_q} packed query rows{rows} x {self.block_k} keys, {launch}{split}, {self.programs} programs"
 
@@ -118,15 +127,12 @@ def plan_decode(problem: DecodeProblem, device: DeviceSpec) -> DecodePlan:
     row_blocks = -(-rows // block_q)
     kv_heads_per_program = 1 if gpu else spec.kv_heads
     groups = spec.batch * (spec.kv_heads // kv_heads_per_program) * row_blocks
-    longest = spec.seqlen_k
-    # D2: as many splits as fill the target, but never under MIN_KEYS_PER_SPLIT keys each
-    most = max(1, longest // MIN_KEYS_PER_SPLIT)
+    # D2: as many splits as fill the target, at most as many as the capacity has ranges of keys_per_split keys
+    keys_per_split = -(-MIN_KEYS_PER_SPLIT // block_k) * block_k
+    most = max(1, -(-spec.seqlen_k // keys_per_split))
     if gpu:
         most = min(most, GPU_MAX_SPLITS)
     splits = max(1, min(-(-target // max(1, groups)), most))
-    keys_per_split = -(-max(1, longest) // splits)
-    keys_per_split = -(-keys_per_split // block_k) * block_k
-    splits = -(-max(1, longest) // keys_per_split)  # rounding up the range may leave fewer splits
     programs = groups * splits
     moved = _bytes_moved(problem, row_blocks, splits)
     bandwidth = device.memory_bandwidth_gbs
@@ -139,8 +145,8 @@ def plan_decode(problem: DecodeProblem, device: DeviceSpec) -> DecodePlan:
         + "; each K/V tile is read once for them"
         + ("" if gpu else f"; a task reads all {spec.kv_heads} KV heads' rows of a key (contiguous)"),
         (f"D2 {groups} ({'sequence, KV head' if gpu else 'sequence'}{', row block' if row_blocks > 1 else ''}) groups x "
-         f"{splits} key split(s) = {programs} programs for {parallel} {unit} (target {target}; >= {MIN_KEYS_PER_SPLIT} "
-         "keys per split)"),
+         f"{splits} key split(s) = {programs} programs for {parallel} {unit} (target {target}); a sequence's keys "
+         f"in ranges of >= {keys_per_split}"),
         f"D3 {block_k}-key tiles" + (f", {warps} warps, {stages} stage(s)" if gpu else ", read from the cache in place"),
         f"D5 {moved / 1e6:.2f} MB: K/V of {problem.total_keys} present keys x {spec.kv_heads} KV heads"
         + (f" x {row_blocks} row blocks" if row_blocks > 1 else "") + ", q and out"

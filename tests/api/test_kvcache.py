@@ -222,3 +222,25 @@ def test_gathering_backends_say_why():
     q, cache = np.zeros((2, 1, 2, 8)), np.zeros((2, 30, 1, 8))
     route = portattn.kvcache.explain_with_kvcache(q, cache, cache, np.asarray([3, 7], np.int32), backend="reference")
     assert route.plan is None and "no kernel that reads a KV cache in place" in str(route)
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_lengths_left_on_the_device_give_the_same_answer(usable_backend, backend, monkeypatch):
+    """On a GPU, a call without new keys reads neither cache_seqlens nor block_table back (no sync): the plan
+    comes from the shapes and the kernels cut each sequence's keys themselves. Simulated here by treating the
+    CPU tensors as device-resident."""
+    torch = pytest.importorskip("torch")
+    usable_backend(backend)
+    rng = np.random.default_rng(7)
+    q = torch.from_numpy(rng.standard_normal((3, 2, 4, 16)).astype(np.float32))
+    cache = rng.standard_normal((3, 700, 2, 16)).astype(np.float32)
+    pages, table = _paged(cache, 16, rng)
+    pages, table = torch.from_numpy(pages), torch.from_numpy(table)
+    seqlens = torch.tensor([700, 0, 290], dtype=torch.int32)
+    host = portattn.attention_with_kvcache(q, pages, pages, seqlens, table, causal=True, return_lse=True, backend=backend)
+    monkeypatch.setattr(portattn.kvcache, "_on_gpu", lambda x: True)
+    device = portattn.attention_with_kvcache(q, pages, pages, seqlens, table, causal=True, return_lse=True, backend=backend)
+    for a, b in zip(host, device):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6, rtol=1e-6)
+    expected, _ = _expected(q.double().numpy(), cache, cache, [700, 0, 290], None, None, True)
+    np.testing.assert_allclose(device[0].double().numpy(), expected, atol=3e-5)

@@ -20,16 +20,17 @@ def test_one_long_sequence_is_split_to_fill_the_gpu_and_priced_at_the_bandwidth(
     plan = _plan(1, 32768)
     h200 = catalog.lookup("h200")
     assert plan.block_q == 16 and plan.row_blocks == 1  # 4 query heads x 1 query, padded for tl.dot
-    assert plan.programs >= h200.compute_units and plan.keys_per_split >= decode.MIN_KEYS_PER_SPLIT
-    assert plan.keys_per_split % plan.block_k == 0 and plan.key_splits * plan.keys_per_split >= 32768
+    # 8 (sequence, KV head) groups: splits for GPU_DECODE_WAVES programs per SM, ranges of whole tiles
+    assert plan.key_splits == -(-decode.GPU_DECODE_WAVES * h200.compute_units // 8)
+    assert plan.keys_per_split >= decode.MIN_KEYS_PER_SPLIT and plan.keys_per_split % plan.block_k == 0
     kv = 2 * 32768 * 8 * 128 * 2  # the 134 MB
     assert kv <= plan.bytes_moved <= 1.02 * kv
     assert plan.predicted_s == pytest.approx(plan.bytes_moved / 4.8e12)
     assert "bytes moved" in plan.describe() and "us at 4800 GB/s" in plan.describe()
 
 
-def test_a_full_batch_needs_no_split_and_splits_stay_under_the_merge_limit():
-    assert _plan(64, 1024).key_splits <= 2
+def test_a_full_batch_needs_few_splits_and_splits_stay_under_the_merge_limit():
+    assert _plan(64, 1024).key_splits <= 2  # 1024 keys: at most 4 ranges of 256, and 512 groups need 2
     assert _plan(1, 131072, kv_heads=1).key_splits <= decode.GPU_MAX_SPLITS
 
 

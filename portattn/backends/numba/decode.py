@@ -52,12 +52,13 @@ NOTHING_SEEN = -5e29  # a row whose running max is below this has seen no key ye
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def decode(q, k, v, table, lengths, page_size, widen, part_out, part_lse, group, causal, win_left, win_right,
-           softcap2, alibi, slopes2, keys_per_split, block_k):
+def decode(q, k, v, table, lengths, capacity, page_size, widen, part_out, part_lse, group, causal, win_left,
+           win_right, softcap2, alibi, slopes2, keys_per_split, block_k):
     """Partials of every (split, sequence) task, each over all KV heads. q: float32 (B, Nq, H, D),
     already scaled by scale * log2(e); k, v: the cache (float, or uint16 bits widened by the ``widen``
     table); ``table`` int32 (B, max_blocks) when ``page_size`` > 0, else unused (sequence b's key j at
-    ``k[b, j]``); ``lengths`` int32 (B,). part_out float32 (splits, B, Nq, H, D), part_lse (splits, B,
+    ``k[b, j]``); ``lengths`` int32 (B,), clamped to [0, capacity], each cut into ranges of
+    max(keys_per_split, ceil(L_b / splits)) keys rounded up to ``block_k`` (the plan's D2). part_out float32 (splits, B, Nq, H, D), part_lse (splits, B,
     H, Nq) in natural log. Window sides < 0 are unbounded; ``softcap2`` = softcap * log2(e), 0 for
     none; ``slopes2`` (B, H) ALiBi slopes * log2(e) when ``alibi``.
 
@@ -70,14 +71,17 @@ def decode(q, k, v, table, lengths, page_size, widen, part_out, part_lse, group,
     kv_heads = heads // group
     rows = heads * n_q
     per_head = group * n_q
+    last_page = k.shape[0] - 1  # page ids clamped to the cache: a bad table reads a wrong page, never outside
     modified = causal or win_left >= 0 or win_right >= 0 or softcap2 > 0.0 or alibi
     for task in prange(batch * splits):
         split = task % splits
         b = task // splits
-        n_k = lengths[b]
+        n_k = min(max(lengths[b], 0), capacity)
         off = n_k - n_q  # key position of query 0: bottom-right alignment on this sequence's keys
-        lo = split * keys_per_split
-        hi = min(lo + keys_per_split, n_k)
+        share = -(-n_k // splits)  # an even cut of this sequence's keys, rounded up to whole tiles
+        per_split = max(keys_per_split, -(-share // block_k) * block_k)
+        lo = split * per_split
+        hi = min(lo + per_split, n_k)
         if win_left >= 0:
             lo = max(lo, off - win_left)  # no query sees a key before the first one's window
         qs = np.empty((rows, dim), np.float32)
@@ -92,7 +96,7 @@ def decode(q, k, v, table, lengths, page_size, widen, part_out, part_lse, group,
             n = min(block_k, hi - start)
             for jj in range(n):
                 j = start + jj
-                page, pos = (table[b, j // page_size], j % page_size) if page_size > 0 else (b, j)
+                page, pos = (min(max(table[b, j // page_size], 0), last_page), j % page_size) if page_size > 0 else (b, j)
                 for hk in range(kv_heads):
                     k_row = _row(k, page, pos, hk, buffer, widen)
                     for r in range(hk * per_head, (hk + 1) * per_head):
@@ -133,7 +137,7 @@ def decode(q, k, v, table, lengths, page_size, widen, part_out, part_lse, group,
                     acc[r, d] *= alpha
             for jj in range(n):
                 j = start + jj
-                page, pos = (table[b, j // page_size], j % page_size) if page_size > 0 else (b, j)
+                page, pos = (min(max(table[b, j // page_size], 0), last_page), j % page_size) if page_size > 0 else (b, j)
                 for hk in range(kv_heads):
                     v_row = _row(v, page, pos, hk, buffer, widen)
                     for r in range(hk * per_head, (hk + 1) * per_head):
@@ -210,7 +214,8 @@ def run(q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
 
     with run_with(plan.threads):
         decode(query, k_cache, v_cache, np.ascontiguousarray(block_table) if paged else _NO_PAGES,
-               np.ascontiguousarray(lengths, np.int32), int(k_cache.shape[1]) if paged else 0, table, part_out, part_lse,
+               np.ascontiguousarray(lengths, np.int32), spec.seqlen_k, int(k_cache.shape[1]) if paged else 0, table,
+               part_out, part_lse,
                spec.group_size, spec.causal, -1 if left is None else int(left), -1 if right is None else int(right),
                float(spec.softcap or 0.0) * LOG2E, spec.alibi, slopes, plan.keys_per_split, plan.block_k)
         if splits == 1:

@@ -26,17 +26,19 @@ from .kernels import LN2, LOG2E, HeadFeatures, _mma, _scores
 
 
 @triton.jit
-def _cache_rows(table_row, cols, in_range, b, stride_cb, stride_cn, start,
+def _cache_rows(table_row, cols, in_range, b, stride_cb, stride_cn, start, num_pages,
                 PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Offsets (int64) of keys ``cols`` of sequence b in a cache of batch/page stride ``stride_cb`` and row
-    stride ``stride_cn``: contiguous when PAGE_SIZE == 0, else through the block table row ``table_row``."""
+    stride ``stride_cn``: contiguous when PAGE_SIZE == 0, else through the block table row ``table_row``,
+    page ids clamped to the cache's ``num_pages`` (a bad table reads a wrong page, never outside)."""
     if PAGE_SIZE == 0:
         rows = b * stride_cb + cols.to(tl.int64) * stride_cn
     elif PAGE_SIZE % BLOCK_N == 0:  # the tile lies in one page: one table entry
-        page = tl.load(table_row + start // PAGE_SIZE).to(tl.int64)
+        page = tl.minimum(tl.maximum(tl.load(table_row + start // PAGE_SIZE), 0), num_pages - 1).to(tl.int64)
         rows = page * stride_cb + (cols % PAGE_SIZE).to(tl.int64) * stride_cn
     else:
-        pages = tl.load(table_row + cols // PAGE_SIZE, mask=in_range, other=0).to(tl.int64)
+        pages = tl.load(table_row + cols // PAGE_SIZE, mask=in_range, other=0)
+        pages = tl.minimum(tl.maximum(pages, 0), num_pages - 1).to(tl.int64)
         rows = pages * stride_cb + (cols % PAGE_SIZE).to(tl.int64) * stride_cn
     return rows
 
@@ -44,15 +46,16 @@ def _cache_rows(table_row, cols, in_range, b, stride_cb, stride_cn, start,
 @triton.jit
 def decode_kvcache(
     Q, K, V, O, LSE, TABLE, stride_table, LENGTHS, SLOPES, stride_slopes_b, stride_slopes_h,
-    H_KV, N_Q, qk_scale, KEYS_PER_SPLIT, win_left, win_right, softcap2,
+    H_KV, N_Q, CAPACITY, NUM_PAGES, qk_scale, KEYS_PER_SPLIT, win_left, win_right, softcap2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, IN_PRECISION: tl.constexpr,
 ):
     """Grid (B * H_kv * row blocks, splits). Q (B, Nq, H, D) and the caches as views (tensor, strides);
     O a (B, Nq, H, D) view with a fifth (split) stride, LSE a (B, H, Nq) one with a fourth; TABLE int32
-    (B, max_blocks) (unused when contiguous), LENGTHS int32 (B,) keys per sequence; SLOPES (B, H) when
-    ALIBI. Split s covers keys [s * KEYS_PER_SPLIT, (s + 1) * KEYS_PER_SPLIT) of every sequence."""
+    (B, max_blocks) (unused when contiguous), LENGTHS int32 (B,) keys per sequence (clamped to [0,
+    CAPACITY]); SLOPES (B, H) when ALIBI. Sequence b's L_b keys are cut into ranges of max(KEYS_PER_SPLIT,
+    ceil(L_b / splits)) keys, rounded up to BLOCK_N (the decode plan's D2); split s takes the s-th."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     Q, stride_q = Q
     K, stride_k = K
@@ -80,10 +83,11 @@ def decode_kvcache(
     q = tl.load(Q + b * stride_qb + query[:, None].to(tl.int64) * stride_qn + head[:, None] * stride_qh
                 + offs_d[None, :] * stride_qd, mask=io_mask, other=0.0)
 
-    n_k = tl.load(LENGTHS + b)
+    n_k = tl.minimum(tl.maximum(tl.load(LENGTHS + b), 0), CAPACITY)
     off = n_k - N_Q  # key position of query 0: bottom-right on this sequence's keys
-    lo = split * KEYS_PER_SPLIT
-    hi = tl.minimum(lo + KEYS_PER_SPLIT, n_k)
+    per_split = tl.maximum(KEYS_PER_SPLIT, tl.cdiv(tl.cdiv(n_k, tl.num_programs(1)), BLOCK_N) * BLOCK_N)
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, n_k)
     if HAS_LEFT:  # no row sees a key before the first query's window (lo stays a multiple of BLOCK_N)
         lo = tl.maximum(lo, (tl.maximum(off - win_left, 0) // BLOCK_N) * BLOCK_N)
     slope2 = 0.0
@@ -104,7 +108,7 @@ def decode_kvcache(
         kv_mask = in_range[:, None]
         if not EVEN_D:
             kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
-        k_rows = _cache_rows(table_row, cols, in_range, b, stride_kb, stride_kn, start, PAGE_SIZE, BLOCK_N)
+        k_rows = _cache_rows(table_row, cols, in_range, b, stride_kb, stride_kn, start, NUM_PAGES, PAGE_SIZE, BLOCK_N)
         k = tl.load(k_head + k_rows[:, None], mask=kv_mask, other=0.0)
         qk = _mma(q, tl.trans(k), None, IN_PRECISION) * qk_scale
         qk, _t = _scores(qk, query[:, None], cols[None, :], N_Q, hi, S, True, True, CAUSAL, HAS_LEFT, HAS_RIGHT,
@@ -114,7 +118,7 @@ def decode_kvcache(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_rows = _cache_rows(table_row, cols, in_range, b, stride_vb, stride_vn, start, PAGE_SIZE, BLOCK_N)
+        v_rows = _cache_rows(table_row, cols, in_range, b, stride_vb, stride_vn, start, NUM_PAGES, PAGE_SIZE, BLOCK_N)
         v = tl.load(v_head + v_rows[:, None], mask=kv_mask, other=0.0)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], IN_PRECISION)
         m_i = m_new
