@@ -33,7 +33,12 @@ Two ways to run it, chosen per call (``explain_with_kvcache`` says which, and wh
   (causal, window and ALiBi distances are those of the sequence), and a key-padding mask hides the
   rows in front. One batched call on any backend with key padding.
 
-Reading the lengths takes one device-to-host copy of ``cache_seqlens`` per call.
+Reading the lengths takes one device-to-host copy of ``cache_seqlens`` per call -- except on the
+in-place route with ``cache_seqlens`` on a GPU and no ``k``/``v`` to append: then neither the lengths
+nor the block table are read back (the call never waits for the device; the decode plan comes from the
+shapes, each kernel program cuts its own sequence's keys), and instead of the host's errors the kernels
+clamp a length to the cache's capacity and a page id to its pages (a wrong table reads wrong pages,
+never outside the cache). ``explain_with_kvcache`` reads them, for the plan's exact bytes.
 """
 
 from __future__ import annotations
