@@ -6,7 +6,7 @@
 
 from .api import attention, attention_varlen, explain, plan, tune
 from .devices import DeviceSpec
-from .kvcache import attention_with_kvcache
+from .kvcache import attention_with_kvcache, explain_with_kvcache
 from .sdpa import scaled_dot_product_attention
 from .spec import AttentionSpec
 from .status import BackendStatus, available_backends, backends
@@ -25,6 +25,7 @@ __all__ = [
     "available_backends",
     "backends",
     "explain",
+    "explain_with_kvcache",
     "plan",
     "scaled_dot_product_attention",
     "tune",

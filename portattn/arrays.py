@@ -133,6 +133,12 @@ def to_opencl_host(x):
     anything else as numpy."""
     if is_pyopencl(x):
         return x
+    return to_numpy_bits(x)
+
+
+def to_numpy_bits(x) -> np.ndarray:
+    """A numpy view of a host array with nothing widened: a bfloat16 tensor as a uint16 view of its bits
+    (the kernels that take it widen them; ``to_numpy`` would copy it to float32)."""
     torch = _torch()
     if torch is not None and isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16:
         return x.detach().view(torch.int16).numpy().view(np.uint16)

@@ -45,6 +45,8 @@ def notes() -> list[tuple[str, str, str]]:
         caps = backend.declared_capabilities()
         found += [(name, "general", note) for note in caps.notes]
         found += [(name, feature, caps.feature_notes[feature]) for feature in FEATURES if feature in caps.feature_notes]
+        found.append((name, "KV cache", caps.kvcache or "no kernel reads the cache in place: attention_with_kvcache "
+                      "gathers each sequence's keys into one buffer for the ordinary forward"))
     return found
 
 

@@ -99,6 +99,8 @@ def cmd_plan(args) -> int:
 
     try:
         device = device_named(args.device)
+        if args.decode:
+            return _print_decode_plan(args, device)
         tile_plan = plan(
             seqlen_q=args.seqlen,
             seqlen_k=args.seqlen_k,
@@ -114,6 +116,19 @@ def cmd_plan(args) -> int:
     print(tile_plan.describe())
     print("device:")
     print("\n".join("  " + line for line in device.describe().splitlines()))
+    return 0
+
+
+def _print_decode_plan(args, device) -> int:
+    """``plan --decode``: the decode planner's plan for a KV-cache step (every sequence holding --seqlen-k keys)."""
+    from .spec import AttentionSpec, default_dtype
+    from .tiling.decode import DecodeProblem, plan_decode
+
+    keys = args.seqlen_k if args.seqlen_k is not None else args.seqlen
+    spec = AttentionSpec(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seqlen_q=args.seqlen, seqlen_k=keys,
+                         head_dim=args.head_dim, dtype=args.dtype or default_dtype(device.kind), causal=args.causal,
+                         align="bottom-right")
+    print(plan_decode(DecodeProblem(spec, args.page_size, args.batch * keys), device).describe())
     return 0
 
 
@@ -288,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--heads", type=int, default=16)
     plan.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 on CPUs, float16 on GPUs")
     plan.add_argument("--causal", action="store_true")
+    plan.add_argument("--kv-heads", type=int, default=None, help="K/V heads (GQA/MQA; default: --heads)")
+    plan.add_argument("--decode", action="store_true",
+                      help="the decode plan of a KV-cache step instead (--seqlen queries per sequence, --seqlen-k cached keys)")
+    plan.add_argument("--page-size", type=int, default=0, help="with --decode: keys per page of a paged cache (0: contiguous)")
 
     bench = commands.add_parser(
         "bench", help="time the usable backends against peers on this device",

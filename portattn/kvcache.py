@@ -17,21 +17,39 @@ gives it the same arguments and meaning, on numpy arrays and torch tensors:
   ``causal`` is bottom-right aligned to them: query i sits at key position ``L_b - Nq + i`` (the
   last query sees every key), and so do ``window`` = (left, right) and ALiBi.
 
-A contiguous cache whose sequences all hold the same number of keys is attended in place (a view of
-its first L rows). Otherwise the present keys of every sequence are gathered in one indexed copy into
-a (B, H_kv, Lmax, D) buffer, right-aligned: sequence b's keys fill its last L_b rows, so bottom-right
-alignment on Lmax puts each query at its own sequence's position (causal, window and ALiBi distances
-are those of the sequence), and a key-padding mask hides the rows in front. One batched call on any
-backend with key padding. Paged caches are gathered on every call: a kernel that reads pages through
-the block table is not written yet. Reading
-the lengths takes one device-to-host copy of ``cache_seqlens`` per call.
+Two ways to run it, chosen per call (``explain_with_kvcache`` says which, and why):
+
+* in place: the backend ``attention`` would pick (``backend=``, or ``"auto"``) has a decode kernel
+  (``Backend.decode_kvcache``; today triton and numba) and the call fits it (at most
+  ``tiling.decode.MAX_QUERIES`` queries per sequence, no grad). The kernel reads each sequence's keys
+  where they lie -- through the block table when paged -- with the G query heads of a KV group packed
+  into one tile so each K/V row is read once for the group, and the key loop split over the device as
+  the decode planner says (``portattn/tiling/decode.py``), merged by log-sum-exp. Nothing is copied.
+* gathered (every other backend: opencl, cupy, reference; or a call the kernel does not take): a
+  contiguous cache whose sequences all hold the same number of keys is attended in place by
+  ``attention`` (a view of its first L rows). Otherwise the present keys of every sequence are
+  gathered in one indexed copy into a (B, H_kv, Lmax, D) buffer, right-aligned: sequence b's keys fill
+  its last L_b rows, so bottom-right alignment on Lmax puts each query at its own sequence's position
+  (causal, window and ALiBi distances are those of the sequence), and a key-padding mask hides the
+  rows in front. One batched call on any backend with key padding.
+
+Reading the lengths takes one device-to-host copy of ``cache_seqlens`` per call -- except on the
+in-place route with ``cache_seqlens`` on a GPU and no ``k``/``v`` to append: then neither the lengths
+nor the block table are read back (the call never waits for the device; the decode plan comes from the
+shapes, each kernel program cuts its own sequence's keys), and instead of the host's errors the kernels
+clamp a length to the cache's capacity and a page id to its pages (a wrong table reads wrong pages,
+never outside the cache). ``explain_with_kvcache`` reads them, for the plan's exact bytes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
-from . import arrays
+from . import arrays, dispatch, inputs
 from .api import attention
+from .backends import Backend
+from .spec import AttentionSpec
+from .tiling.decode import DecodePlan
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=None, *, k=None, v=None, causal=False,
@@ -39,18 +57,16 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=
     """Attention of ``q`` (B, Nq, H, D) over each sequence's cached keys after appending ``k``/``v``
     (module docstring). Returns (B, Nq, H, D) of q's type, dtype and device, and with ``return_lse``
     the float32 (B, H, Nq) log-sum-exp too."""
-    ops = _Ops.of(q)
-    cache = _Cache.check(q, k_cache, v_cache, block_table, ops)
-    batch, n_query, heads, head_dim = cache.q_shape
-    old = _lengths(cache_seqlens, batch, cache.capacity)
-    n_new = _check_new(k, v, cache, ops)
-    lengths = [length + n_new for length in old]
-    if max(lengths, default=0) > cache.capacity:
-        raise ValueError(f"cache_seqlens + new keys reach {max(lengths)} but the cache holds {cache.capacity} keys per "
-                         "sequence; give a larger cache (or more pages in block_table)")
-    if n_new:
-        cache.write(k, v, old, n_new)
+    route = _route(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend,
+                   dict(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes))
+    cache = route.cache
+    if route.n_new:
+        cache.write(k, v, route.old, route.n_new)
+    if route.in_place:
+        out, lse = _decode(route, q, cache_seqlens)
+        return (out, lse) if return_lse else out
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+    lengths = route.lengths
     if not cache.paged and len(set(lengths)) == 1:
         # every sequence has the same keys present: the cache rows are one (B, L, H_kv, D) view, no gather
         present = lengths[0] if lengths else 0
@@ -59,6 +75,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=
     keys, values, present = cache.gather_left_padded(lengths)
     # (B, H_kv, Lmax, D) with sequence b's keys in its last L_b rows: bottom-right alignment on Lmax then
     # puts every query at its own sequence's position, and the key padding hides the rows before them
+    ops = cache.ops
     result = attention(ops.swap12(q), keys, values, align="bottom-right", key_padding_mask=present,
                        backend=backend, return_lse=return_lse, **options)
     out, lse = result if return_lse else (result, None)
@@ -66,17 +83,124 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=
     return (out, lse) if return_lse else out
 
 
+def explain_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=None, *, k=None, v=None, causal=False,
+                         window=None, softcap=None, alibi_slopes=None, scale=None, backend="auto") -> KVCacheExplanation:
+    """What ``attention_with_kvcache`` would do with these arguments (nothing is written): its backend,
+    whether that backend reads the cache in place (with its decode plan: bytes moved, predicted time)
+    or the cache is gathered (and why), and why not the other backends."""
+    route = _route(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend,
+                   dict(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes),
+                   read_lengths=True)
+    return KVCacheExplanation(route.backend.name, route.plan, tuple(route.refusals),
+                              dispatch.explain(route.spec, dispatch.check_name(backend)))
+
+
+@dataclass(frozen=True)
+class KVCacheExplanation:
+    backend: str
+    plan: DecodePlan | None  # None: the cache is gathered for ``attention``
+    gather_reasons: tuple[str, ...]  # why the chosen backend does not read the cache in place
+    attention: dispatch.Explanation  # the dispatcher's view of the call's attention (every backend's reasons)
+
+    def __str__(self) -> str:
+        if self.plan is not None:
+            head = [f"kvcache: {self.backend} reads the cache in place", *("  " + x for x in self.plan.describe().splitlines())]
+        else:
+            head = [f"kvcache: {self.backend} runs attention on a gathered copy of the cache, because:",
+                    *(f"  - {reason}" for reason in self.gather_reasons)]
+        return "\n".join(head + [str(self.attention)])
+
+
+@dataclass(frozen=True)
+class _Route:
+    """A checked call and where it goes: the cache, the lengths before and after the append (None when they
+    stay on the device), the spec of its attention (``seqlen_k`` = the cache's capacity), the backend, and
+    its decode plan or why there is none."""
+
+    cache: _Cache
+    old: list
+    lengths: list
+    n_new: int
+    spec: AttentionSpec
+    extras: object
+    backend: Backend
+    plan: DecodePlan | None
+    refusals: list
+
+    @property
+    def in_place(self) -> bool:
+        return self.plan is not None
+
+
+def _route(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend, options, read_lengths=False) -> _Route:
+    """Every check, the backend and, when it has a decode kernel that takes the call, its plan. The lengths
+    are read on the host (one device-to-host copy) unless the kernel runs, ``cache_seqlens`` lies on a GPU,
+    no keys are appended and ``read_lengths`` is off: then the call never waits for the device, and the
+    kernels clamp lengths and page ids to the cache (``tiling/decode.py``, D4) instead of raising."""
+    ops = _Ops.of(q)
+    cache = _Cache.check(q, k_cache, v_cache, block_table, ops)
+    batch = cache.q_shape[0]
+    _check_seqlens(cache_seqlens, batch)
+    n_new = _check_new(k, v, cache, ops)
+    # the attention's spec and extras, every option checked as ``attention`` checks it, from (B, capacity,
+    # H_kv, D) views that copy nothing (a broadcast of one row when paged); seqlen_k = the capacity
+    keys, values = (cache.present_view(x, cache.capacity) for x in (k_cache, v_cache))
+    spec, extras = inputs.read_call(q, keys, values, layout="bnhd", align="bottom-right", **options)
+    chosen = dispatch.select(spec, backend)
+    page_size = cache.page_size if cache.paged else 0
+    refusals = chosen.kvcache_reasons(spec, page_size)
+    if not refusals and not n_new and not read_lengths and _on_gpu(cache_seqlens):
+        old = lengths = None
+        total = batch * cache.capacity
+    else:
+        cache.check_pages()
+        old = _lengths(cache_seqlens, batch, cache.capacity)
+        lengths = [length + n_new for length in old]
+        if max(lengths, default=0) > cache.capacity:
+            raise ValueError(f"cache_seqlens + new keys reach {max(lengths)} but the cache holds {cache.capacity} keys "
+                             "per sequence; give a larger cache (or more pages in block_table)")
+        total = sum(lengths)
+    plan = None if refusals else chosen.decode_plan(spec, page_size, total)
+    return _Route(cache, old, lengths, n_new, spec, extras, chosen, plan, refusals)
+
+
+def _on_gpu(x) -> bool:
+    return arrays.is_torch(x) and x.device.type != "cpu"
+
+
+def _decode(route: _Route, q, cache_seqlens):
+    """The chosen backend's decode kernel on the cache as it lies, results back in the caller's kind."""
+    cache, spec, backend = route.cache, route.spec, route.backend
+    kind, device = backend.compute_kind, spec.device
+
+    def convert(x):  # host arrays stay views (bfloat16 as its bits: the numpy kernels widen them)
+        return arrays.to_numpy_bits(x) if kind == "numpy" else arrays.convert(x, kind, device)
+
+    lengths = cache.ops.lengths(route.lengths, cache_seqlens, route.n_new, cache.k_cache)
+    table = None if not cache.paged else convert(cache.block_table)
+    extras = route.extras.map_arrays(convert)
+    out, lse = backend.decode_kvcache(convert(q), convert(cache.k_cache), convert(cache.v_cache), table,
+                                      convert(lengths), spec, route.plan, extras)
+    return arrays.restore(out, spec.array_kind, spec.dtype, device), arrays.restore(lse, spec.array_kind, "float32", device)
+
+
+def _check_seqlens(cache_seqlens, batch: int) -> None:
+    """cache_seqlens' kind, dtype and shape (its values are read by ``_lengths``, when they are)."""
+    if cache_seqlens is None or isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        return
+    info = arrays.describe(cache_seqlens, "cache_seqlens")
+    if info.dtype != "int32" or info.shape != (batch,):
+        raise ValueError(f"cache_seqlens must be an int or an int32 array of shape (B,) = ({batch},), the keys "
+                         f"already cached per sequence; got dtype {info.dtype}, shape {info.shape}")
+
+
 def _lengths(cache_seqlens, batch: int, capacity: int) -> list[int]:
     """cache_seqlens as host ints, checked."""
     if cache_seqlens is None:
         return [capacity] * batch
-    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+    if isinstance(cache_seqlens, int):
         values = [cache_seqlens] * batch
     else:
-        info = arrays.describe(cache_seqlens, "cache_seqlens")
-        if info.dtype != "int32" or info.shape != (batch,):
-            raise ValueError(f"cache_seqlens must be an int or an int32 array of shape (B,) = ({batch},), the keys "
-                             f"already cached per sequence; got dtype {info.dtype}, shape {info.shape}")
         values = [int(x) for x in cache_seqlens.tolist()]  # a CUDA tensor is copied to the host here
     if any(x < 0 or x > capacity for x in values):
         raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (the cache's keys per sequence); got {values}")
@@ -113,7 +237,6 @@ class _Cache:
         if self.paged:
             self.page_size = int(k_cache.shape[1])
             self.block_table = block_table
-            self.table = [[int(x) for x in row] for row in block_table.tolist()]
             self.capacity = int(block_table.shape[1]) * self.page_size
         else:
             self.capacity = int(k_cache.shape[1])
@@ -148,27 +271,43 @@ class _Cache:
         elif k_shape[0] != batch:
             raise ValueError(f"a contiguous cache must have one row per sequence: k_cache is {k_shape}, q has batch {batch}"
                              " (pass block_table for a paged cache)")
-        cache = cls(k_cache, v_cache, block_table, ops, infos["q"].shape, infos["q"].device, infos["q"].dtype)
-        if cache.paged:
-            pages = int(k_shape[0])
-            bad = sorted({p for row in cache.table for p in row if not 0 <= p < pages})
-            if bad:
-                raise ValueError(f"block_table names pages {bad[:8]} outside the cache's {pages} pages")
-        return cache
+        return cls(k_cache, v_cache, block_table, ops, infos["q"].shape, infos["q"].device, infos["q"].dtype)
 
-    def _where(self, b: int, positions: range):
-        """(first index, second index) into the cache of sequence b's key positions."""
+    def check_pages(self) -> None:
+        """Every block_table entry names a page of the cache (checked where the table lies: the host
+        reads one bool, not the table)."""
         if not self.paged:
-            return b, slice(positions.start, positions.stop)
-        pages = [self.table[b][p // self.page_size] for p in positions]
-        rows = [p % self.page_size for p in positions]
-        return self.ops.index(pages, self.k_cache), self.ops.index(rows, self.k_cache)
+            return
+        pages = int(self.k_cache.shape[0])
+        outside = (self.block_table < 0) | (self.block_table >= pages)
+        if bool(outside.any()):
+            bad = sorted({int(p) for p in self.block_table[outside].tolist()})
+            raise ValueError(f"block_table names pages {bad[:8]} outside the cache's {pages} pages")
+
+    def present_view(self, x, longest: int):
+        """A (B, longest, H_kv, D) view of cache ``x`` that copies nothing: its first rows when contiguous, a
+        broadcast of one row when paged (only its shape, dtype and device are read: the attention's spec)."""
+        if not self.paged:
+            return x[:, :longest]
+        shape = (self.q_shape[0], longest, *x.shape[2:])
+        return x[:1, :1].expand(*shape) if self.ops.kind == "torch" else self.ops.numpy.broadcast_to(x[:1, :1], shape)
+
+    def _where(self, sequence, position):
+        """(first index, second index) into the cache of sequence ``sequence``'s key ``position`` (broadcast
+        index arrays)."""
+        if not self.paged:
+            return sequence, position
+        table = self.ops.as_index(self.block_table, self.k_cache)
+        return table[sequence, position // self.page_size], position % self.page_size
 
     def write(self, k, v, old: list[int], n_new: int) -> None:
-        for b, start in enumerate(old):
-            where = self._where(b, range(start, start + n_new))
-            self.k_cache[where] = k[b]
-            self.v_cache[where] = v[b]
+        """k, v (B, Nnew, H_kv, D) into every sequence's positions old[b] .. old[b] + Nnew - 1, in one indexed
+        assignment each (pages are a sequence's own, so no two sequences write one row)."""
+        ops = self.ops
+        position = ops.index(old, self.k_cache)[:, None] + ops.index(list(range(n_new)), self.k_cache)[None, :]
+        where = self._where(ops.index(list(range(len(old))), self.k_cache)[:, None], position)
+        self.k_cache[where] = k
+        self.v_cache[where] = v
 
     def gather_left_padded(self, lengths: list[int]):
         """Each sequence's present keys and values in one indexed copy, right-aligned: (B, H_kv, Lmax, D)
@@ -180,12 +319,7 @@ class _Cache:
         position = ops.index(list(range(longest)), self.k_cache)[None, :] - start  # (B, Lmax); < 0: in front
         present = position >= 0
         position = position.clip(min=0)
-        sequence = ops.index(list(range(len(lengths))), self.k_cache)[:, None]
-        if self.paged:
-            table = ops.as_index(self.block_table, self.k_cache)
-            where = (table[sequence, position // self.page_size], position % self.page_size)
-        else:
-            where = (sequence, position)
+        where = self._where(ops.index(list(range(len(lengths))), self.k_cache)[:, None], position)
         keys, values = self.k_cache[where], self.v_cache[where]  # (B, Lmax, H_kv, D) copies
         keys[~present], values[~present] = 0, 0
         return ops.swap12(keys), ops.swap12(values), present
@@ -223,6 +357,23 @@ class _Ops:
         import numpy as np
 
         return np.asarray(x, dtype=np.int64)
+
+    @property
+    def numpy(self):
+        import numpy
+
+        return numpy
+
+    def lengths(self, values: list[int], cache_seqlens, n_new: int, like):
+        """Each sequence's keys after the append, int32 (B,) on ``like``'s device: from ``cache_seqlens``
+        where it already lies there (no host-to-device copy), else from the host ints."""
+        if self.kind == "torch":
+            import torch
+
+            if isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.device == like.device:
+                return cache_seqlens + n_new if n_new else cache_seqlens
+            return torch.tensor(values, dtype=torch.int32, device=like.device)
+        return self.numpy.asarray(values, dtype=self.numpy.int32)
 
     def swap12(self, x):
         """(B, N, H, D) <-> (B, H, N, D), a view."""

@@ -18,6 +18,7 @@ from ..devices import DeviceSpec
 from ..spec import FEATURES
 from ..tiling import TilePlan
 from ..tiling import plan as make_plan
+from ..tiling.decode import MAX_QUERIES, DecodePlan, DecodeProblem, plan_decode
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Capabilities:
     notes: tuple[str, ...] = ()  # e.g. "fp16/bf16 inputs are computed in fp32"
     device_choice: bool = False  # honours ``device=`` (a compute device for host arrays)
     min_compute_capability: tuple[int, int] | None = None  # CUDA devices older than this are refused (base class)
+    kvcache: str | None = None  # how ``decode_kvcache`` reads a KV cache in place; None: it has no such kernel
 
 
 class Backend(ABC):
@@ -143,6 +145,32 @@ class Backend(ABC):
             return plan.with_changes(changes)
         except ValueError:
             return None
+
+    def kvcache_reasons(self, spec, page_size: int) -> list[str]:
+        """Every reason ``decode_kvcache`` cannot run ``spec`` (the attention of a KV-cache call, whose
+        ``seqlen_k`` is the longest sequence) on a cache of ``page_size`` keys per page (0: contiguous);
+        empty when it can. ``attention_with_kvcache`` gathers the cache for ``forward`` otherwise."""
+        if self.capabilities.kvcache is None:
+            return [f"{self.name} has no kernel that reads a KV cache in place"]
+        reasons = self.not_supported_reasons(spec)
+        if spec.seqlen_q > MAX_QUERIES:
+            reasons.append(f"{spec.seqlen_q} queries per sequence: the decode kernel packs at most {MAX_QUERIES} "
+                           "(longer query blocks are prefill work)")
+        if spec.requires_grad:
+            reasons.append("inputs require grad and the decode kernel has no backward")
+        return reasons
+
+    def decode_plan(self, spec, page_size: int, total_keys: int, device: DeviceSpec | None = None) -> DecodePlan:
+        return plan_decode(DecodeProblem(spec, page_size, total_keys), device or self.device(spec))
+
+    def decode_kvcache(self, q, k_cache, v_cache, block_table, lengths, spec, plan: DecodePlan, extras):
+        """``(out, lse)`` of one decoding step read from the cache where it lies, for arrays of
+        ``compute_kind``: q (B, Nq, H, D); k_cache, v_cache (B, Nmax, H_kv, D), or pages
+        (num_blocks, page_size, H_kv, D) with ``block_table`` (B, max_blocks) int32 (None when
+        contiguous); ``lengths`` (B,) int32, each sequence's keys. Bottom-right alignment per sequence
+        (``portattn/kvcache.py``). out is (B, Nq, H, D) in q's dtype, lse float32 (B, H, Nq). Only
+        backends whose ``capabilities.kvcache`` is set implement it."""
+        raise NotImplementedError(f"{self.name} has no kernel that reads a KV cache in place")
 
     @abstractmethod
     def forward(self, q, k, v, spec, plan: TilePlan, extras):

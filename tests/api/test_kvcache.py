@@ -17,14 +17,15 @@ BACKENDS = ["numba", "triton", "opencl", "cupy", "reference"]
 TOLERANCE = {"float64": 1e-10, "float32": 3e-5, "float16": 3e-3}
 
 
-def _expected(q, cache_k, cache_v, old, new_k, new_v, causal, window=None, softcap=None):
+def _expected(q, cache_k, cache_v, old, new_k, new_v, causal, window=None, softcap=None, alibi_slopes=None):
     outs, lses = [], []
     for b, length in enumerate(old):
         keys = np.concatenate([cache_k[b, :length], new_k[b]]) if new_k is not None else cache_k[b, :length]
         values = np.concatenate([cache_v[b, :length], new_v[b]]) if new_v is not None else cache_v[b, :length]
         out, lse = portattn.attention(q[b:b + 1].astype(np.float64), keys[None].astype(np.float64),
                                       values[None].astype(np.float64), layout="bnhd", causal=causal, align="bottom-right",
-                                      window=window, softcap=softcap, backend="reference", return_lse=True)
+                                      window=window, softcap=softcap, alibi_slopes=alibi_slopes, backend="reference",
+                                      return_lse=True)
         outs.append(out)
         lses.append(lse)
     return np.concatenate(outs), np.concatenate(lses)
@@ -43,6 +44,18 @@ def _paged(contiguous: np.ndarray, page_size: int, rng, spare_pages: int = 3):
         for i, page in enumerate(order[b]):
             pages[page] = padded[b, i * page_size:(i + 1) * page_size]
     return pages, order
+
+
+def _paged_like(contiguous: np.ndarray, table: np.ndarray, pages_like: np.ndarray):
+    """``contiguous`` in the pages ``table`` gives (the page order of another cache's ``_paged``)."""
+    pages = pages_like.copy()
+    page_size = pages.shape[1]
+    padded = np.zeros((contiguous.shape[0], table.shape[1] * page_size, *contiguous.shape[2:]), contiguous.dtype)
+    padded[:, :contiguous.shape[1]] = contiguous
+    for b in range(table.shape[0]):
+        for i, page in enumerate(table[b]):
+            pages[page] = padded[b, i * page_size:(i + 1) * page_size]
+    return pages
 
 
 def _as_contiguous(pages, table, capacity):
@@ -81,11 +94,7 @@ def test_paged_and_contiguous_match_the_reference(usable_backend, backend, case,
     device = "cuda" if backend in ("triton", "cupy") and _cuda() else None
 
     pages_k, table = _paged(cache_k, page_size, rng)
-    pages_v = pages_k.copy()
-    for b in range(batch):
-        for i, page in enumerate(table[b]):
-            pages_v[page] = np.pad(cache_v[b], ((0, table.shape[1] * page_size - capacity), (0, 0), (0, 0)))[
-                i * page_size:(i + 1) * page_size]
+    pages_v = _paged_like(cache_v, table, pages_k)
     runs = {"contiguous": (cache_k.copy(), cache_v.copy(), None), "paged": (pages_k, pages_v, table)}
     for layout, (ck, cv, bt) in runs.items():
         args = [q, ck, cv, seqlens, bt, new_k, new_v]
@@ -150,3 +159,88 @@ def test_bad_cache_arguments_are_named_before_any_kernel(change, message):
     with pytest.raises(ValueError, match=message):
         portattn.attention_with_kvcache(q, cache, cache.copy(), args.pop("cache_seqlens"), args.pop("block_table"),
                                         backend="reference", **args)
+
+
+# The decode kernels (numba, and triton in its interpreter here): each case names what it exercises.
+DECODE_CASES = {
+    # name: (GQA group, Nq, page size (0: contiguous), lengths after the append, new keys, causal, dtype, extras)
+    "gqa4-one-query-paged16-split": (4, 1, 16, [600, 1, 37], 1, False, "float32", {}),  # 600 keys: two splits, merged
+    "gqa1-causal-contiguous-ragged": (1, 3, 0, [5, 40, 3], 0, True, "float16", {}),
+    "gqa4-odd-pages-window-softcap-alibi": (4, 2, 7, [20, 9, 33], 2, True, "bfloat16",
+                                            dict(window=(5, 0), softcap=4.0, alibi=True)),
+    "page-size-1-sixteen-queries": (2, 16, 1, [30, 16, 17], 0, True, "float32", {}),
+    "page-256-empty-sequences": (4, 1, 256, [0, 300, 0], 0, False, "float32", {}),
+}
+# normwise, as the conformance suite measures: 4 units of the output's rounding plus float32 accumulation
+DECODE_TOLERANCE = {"float32": 3e-5, "float16": 4 * 2.0**-11 + 1e-4, "bfloat16": 4 * 2.0**-8 + 1e-4}
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_decode_kernels_read_the_cache_in_place(usable_backend, backend, case):
+    torch = pytest.importorskip("torch")
+    usable_backend(backend)
+    group, n_query, page_size, lengths, n_new, causal, dtype, extras = DECODE_CASES[case]
+    rng = np.random.default_rng(len(case))
+    batch, kv_heads, dim = len(lengths), 2, 32
+    heads = group * kv_heads
+    capacity = max(lengths) + 5
+    old = [n - n_new for n in lengths]
+    q = rng.standard_normal((batch, n_query, heads, dim))
+    cache_k, cache_v = (rng.standard_normal((batch, capacity, kv_heads, dim)) for _ in range(2))
+    new_k, new_v = ((rng.standard_normal((batch, n_new, kv_heads, dim)) for _ in range(2)) if n_new else (None, None))
+    slopes = rng.uniform(0.05, 0.5, heads) if extras.get("alibi") else None
+    options = dict(window=extras.get("window"), softcap=extras.get("softcap"))
+    # the expected values from the inputs as the kernel sees them (rounded to the dtype)
+    dt = getattr(torch, dtype)
+    rounded = [None if x is None else torch.from_numpy(x).to(dt).double().numpy() for x in (q, cache_k, cache_v, new_k, new_v)]
+    expected, expected_lse = _expected(*rounded[:3], old, *rounded[3:], causal, alibi_slopes=slopes, **options)
+    if page_size:
+        pages_k, table = _paged(cache_k, page_size, rng)
+        pages_v = _paged_like(cache_v, table, pages_k)
+        ck, cv, bt = pages_k, pages_v, torch.from_numpy(table)
+    else:
+        ck, cv, bt = cache_k, cache_v, None
+    as_torch = (lambda x: None if x is None else torch.from_numpy(np.ascontiguousarray(x)).to(dt))
+    args = dict(k=as_torch(new_k), v=as_torch(new_v), causal=causal, return_lse=True, backend=backend,
+                alibi_slopes=None if slopes is None else torch.from_numpy(slopes).float(), **options)
+    call = (as_torch(q), as_torch(ck), as_torch(cv), torch.tensor(old, dtype=torch.int32), bt)
+    route = portattn.kvcache.explain_with_kvcache(*call, **{k: a for k, a in args.items() if k != "return_lse"})
+    assert route.plan is not None, str(route)  # the decode kernel, not the gather
+    out, lse = portattn.attention_with_kvcache(*call, **args)
+    assert out.dtype == dt and tuple(out.shape) == (batch, n_query, heads, dim) and lse.dtype == torch.float32
+    error = np.abs(out.double().numpy() - expected).max() / max(1.0, np.abs(expected).max())
+    assert error <= DECODE_TOLERANCE[dtype], error
+    finite = np.isfinite(expected_lse)
+    assert (np.isfinite(lse.numpy()) == finite).all()
+    assert np.abs(lse.numpy()[finite] - expected_lse[finite]).max(initial=0.0) <= 3e-5 * max(1.0, np.abs(expected_lse[finite]).max(initial=1.0))
+    empty = np.asarray(lengths) == 0
+    assert (out[torch.from_numpy(empty)] == 0).all()  # a sequence with no key: zeros (and LSE -inf, checked above)
+
+
+def test_gathering_backends_say_why():
+    q, cache = np.zeros((2, 1, 2, 8)), np.zeros((2, 30, 1, 8))
+    route = portattn.kvcache.explain_with_kvcache(q, cache, cache, np.asarray([3, 7], np.int32), backend="reference")
+    assert route.plan is None and "no kernel that reads a KV cache in place" in str(route)
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_lengths_left_on_the_device_give_the_same_answer(usable_backend, backend, monkeypatch):
+    """On a GPU, a call without new keys reads neither cache_seqlens nor block_table back (no sync): the plan
+    comes from the shapes and the kernels cut each sequence's keys themselves. Simulated here by treating the
+    CPU tensors as device-resident."""
+    torch = pytest.importorskip("torch")
+    usable_backend(backend)
+    rng = np.random.default_rng(7)
+    q = torch.from_numpy(rng.standard_normal((3, 2, 4, 16)).astype(np.float32))
+    cache = rng.standard_normal((3, 700, 2, 16)).astype(np.float32)
+    pages, table = _paged(cache, 16, rng)
+    pages, table = torch.from_numpy(pages), torch.from_numpy(table)
+    seqlens = torch.tensor([700, 0, 290], dtype=torch.int32)
+    host = portattn.attention_with_kvcache(q, pages, pages, seqlens, table, causal=True, return_lse=True, backend=backend)
+    monkeypatch.setattr(portattn.kvcache, "_on_gpu", lambda x: True)
+    device = portattn.attention_with_kvcache(q, pages, pages, seqlens, table, causal=True, return_lse=True, backend=backend)
+    for a, b in zip(host, device):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6, rtol=1e-6)
+    expected, _ = _expected(q.double().numpy(), cache, cache, [700, 0, 290], None, None, True)
+    np.testing.assert_allclose(device[0].double().numpy(), expected, atol=3e-5)

@@ -47,6 +47,8 @@ class NumbaBackend(Backend):
         features=frozenset(FEATURE_NOTES),
         feature_notes=FEATURE_NOTES,
         notes=("float16 and bfloat16 inputs are computed in float32", "float64 inputs are computed in float64"),
+        kvcache="decode.py: a task per (sequence, key split) streams every KV head's cache rows in place (pages through "
+                "the block table), each row shared by its group's query heads; splits merged by LSE",
     )
     auto_priority = {"cpu": 10}
 
@@ -90,6 +92,11 @@ class NumbaBackend(Backend):
                 kernels.backward_key_pass(q, q_scaled, k, v, grad_out, lse, delta, dq, dk, dv, scale, features,
                                           block_q, block_k, max(1, key_blocks), True)
         return dq, dk, dv
+
+    def decode_kvcache(self, q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
+        from . import decode  # imports numba: only when a decoding step runs
+
+        return decode.run(q, k_cache, v_cache, block_table, lengths, spec, plan, extras)
 
     def dropout_keep(self, spec, extras):
         """keep[b, h, i, j] = u >= dropout_p, u = the top 53 bits of z / 2**53 with (uint64, wrapping)

@@ -73,6 +73,9 @@ _GPU_CAPABILITIES = Capabilities(
     features=frozenset(FEATURES),
     feature_notes=_FEATURE_NOTES,
     min_compute_capability=MIN_COMPUTE_CAPABILITY,
+    kvcache="decode_kernels.py: a program per (sequence, KV head, key split) holds the group's query heads x queries "
+            "as one tile's rows and reads K/V tiles from the cache in place (pages through the block table); "
+            "splits merged by LSE in one more launch",
     notes=(
         "float16/bfloat16: tensor-core products, float32 accumulation and softmax",
         "float32: IEEE float32 products (input_precision='ieee'), not tf32",
@@ -153,6 +156,11 @@ class TritonBackend(Backend):
         if splits > 1:
             launch.merge_splits(part_out, part_lse, out, lse)
         return out, lse
+
+    def decode_kvcache(self, q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
+        from . import decode
+
+        return decode.decode_kvcache(q, k_cache, v_cache, block_table, lengths, spec, plan, extras)
 
     def backward(self, grad_out, q, k, v, out, lse, spec, plan, extras):
         import torch
