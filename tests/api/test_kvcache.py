@@ -201,13 +201,15 @@ def test_decode_kernels_read_the_cache_in_place(usable_backend, backend, case):
         ck, cv, bt = pages_k, pages_v, torch.from_numpy(table)
     else:
         ck, cv, bt = cache_k, cache_v, None
-    as_torch = (lambda x: None if x is None else torch.from_numpy(np.ascontiguousarray(x)).to(dt))
+    device = _device_for(torch, backend)
+    as_torch = (lambda x: None if x is None else torch.from_numpy(np.ascontiguousarray(x)).to(device, dt))
     args = dict(k=as_torch(new_k), v=as_torch(new_v), causal=causal, return_lse=True, backend=backend,
-                alibi_slopes=None if slopes is None else torch.from_numpy(slopes).float(), **options)
-    call = (as_torch(q), as_torch(ck), as_torch(cv), torch.tensor(old, dtype=torch.int32), bt)
+                alibi_slopes=None if slopes is None else torch.from_numpy(slopes).float().to(device), **options)
+    call = (as_torch(q), as_torch(ck), as_torch(cv), torch.tensor(old, dtype=torch.int32, device=device),
+            None if bt is None else bt.to(device))
     route = portattn.kvcache.explain_with_kvcache(*call, **{k: a for k, a in args.items() if k != "return_lse"})
     assert route.plan is not None, str(route)  # the decode kernel, not the gather
-    out, lse = portattn.attention_with_kvcache(*call, **args)
+    out, lse = (x.cpu() for x in portattn.attention_with_kvcache(*call, **args))
     assert out.dtype == dt and tuple(out.shape) == (batch, n_query, heads, dim) and lse.dtype == torch.float32
     error = np.abs(out.double().numpy() - expected).max() / max(1.0, np.abs(expected).max())
     assert error <= DECODE_TOLERANCE[dtype], error
@@ -231,16 +233,24 @@ def test_lengths_left_on_the_device_give_the_same_answer(usable_backend, backend
     CPU tensors as device-resident."""
     torch = pytest.importorskip("torch")
     usable_backend(backend)
+    on = _device_for(torch, backend)
     rng = np.random.default_rng(7)
     q = torch.from_numpy(rng.standard_normal((3, 2, 4, 16)).astype(np.float32))
     cache = rng.standard_normal((3, 700, 2, 16)).astype(np.float32)
     pages, table = _paged(cache, 16, rng)
-    pages, table = torch.from_numpy(pages), torch.from_numpy(table)
-    seqlens = torch.tensor([700, 0, 290], dtype=torch.int32)
-    host = portattn.attention_with_kvcache(q, pages, pages, seqlens, table, causal=True, return_lse=True, backend=backend)
+    pages, table = torch.from_numpy(pages).to(on), torch.from_numpy(table).to(on)
+    seqlens = torch.tensor([700, 0, 290], dtype=torch.int32, device=on)
+    host = portattn.attention_with_kvcache(q.to(on), pages, pages, seqlens, table, causal=True, return_lse=True,
+                                           backend=backend)
     monkeypatch.setattr(portattn.kvcache, "_on_gpu", lambda x: True)
-    device = portattn.attention_with_kvcache(q, pages, pages, seqlens, table, causal=True, return_lse=True, backend=backend)
+    device = portattn.attention_with_kvcache(q.to(on), pages, pages, seqlens, table, causal=True, return_lse=True,
+                                             backend=backend)
     for a, b in zip(host, device):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6, rtol=1e-6)
+        np.testing.assert_allclose(a.cpu().numpy(), b.cpu().numpy(), atol=1e-6, rtol=1e-6)
     expected, _ = _expected(q.double().numpy(), cache, cache, [700, 0, 290], None, None, True)
-    np.testing.assert_allclose(device[0].double().numpy(), expected, atol=3e-5)
+    np.testing.assert_allclose(device[0].double().cpu().numpy(), expected, atol=3e-5)
+
+
+def _device_for(torch, backend: str) -> str:
+    """Where a backend's torch inputs live: triton's on the GPU when there is one (else its interpreter's CPU)."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
