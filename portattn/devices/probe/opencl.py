@@ -110,10 +110,13 @@ def _opencl_gpu_spec(device, platform_name: str, cl_error: type[Exception]) -> D
     )
 
 
-def _opencl_cpu_spec(device, platform_name: str) -> DeviceSpec:
-    """An OpenCL CPU device (PoCL, Intel's CPU runtime) is this host's CPU: caches come from ``probe_cpu``."""
+def _opencl_cpu_spec(device, label: str) -> DeviceSpec:
+    """An OpenCL CPU device (PoCL, Intel's CPU runtime), ``label`` 'opencl:P:D', is this host's CPU: caches
+    come from ``probe_cpu``."""
     host = probe_cpu()
-    lanes = int(device.preferred_vector_width_float) or host.simd_width
+    platform_name = device.platform.name
+    notes = list(host.notes)
+    lanes = _abi_safe_lanes(label, int(device.preferred_vector_width_float) or host.simd_width, notes)
     return cpu_device(
         device.name.strip(),
         host.vendor,
@@ -130,9 +133,53 @@ def _opencl_cpu_spec(device, platform_name: str) -> DeviceSpec:
         local_memory=int(device.local_mem_size),
         max_threads_per_block=int(device.max_work_group_size),
         source=f"probed: OpenCL platform {platform_name!r}; registers and caches from probe_cpu",
-        notes=host.notes
+        notes=tuple(notes)
         + ("an OpenCL CPU device: max_threads_per_block is the work-group limit, not 1 as for native CPU code",),
     )
+
+
+# Builds, in a child process, a function passing a float vector of N lanes by value (what the kernels'
+# score vectors do) on OpenCL platform P's device D, and prints the build log
+_LANES_PROBE = """
+import os, sys, warnings
+import pyopencl as cl
+warnings.simplefilter("ignore")
+platform, index, lanes = map(int, sys.argv[1:])
+device = cl.get_platforms()[platform].get_devices()[index]
+source = ("__attribute__((noinline)) float{n} portattn_lanes(float{n} a) {{ return exp(a); }}\\n"
+          "__kernel void portattn_lanes_probe(__global float *x) {{ vstore{n}(portattn_lanes(vload{n}(0, x)), 0, x); }}")
+try:
+    program = cl.Program(cl.Context([device]), source.format(n=lanes)).build()
+    print(program.get_build_info(device, cl.program_build_info.LOG) or "", flush=True)
+except cl.Error as error:
+    print(error, flush=True)
+os._exit(0)  # skip the compiler's teardown, which aborts after a bad build
+"""
+
+
+def _abi_safe_lanes(label: str, lanes: int, notes: list[str]) -> int:
+    """``lanes``, or 8 when the device's compiler cannot pass a 16-lane float vector by value. PoCL 3.0's
+    wheel (LLVM 14) on AMD Zen 4 reports 16 lanes (AVX-512) and links its AVX-512 kernel library, but
+    LLVM 14 does not know the CPU and compiles for a target without avx512f: a float16 argument "changes
+    the ABI", and kernels built so fail to load or crash. The build runs in a child process because such
+    a build also leaves PoCL's compiler unable to shut down (the process aborts at exit)."""
+    if lanes < 16:
+        return lanes
+    import subprocess
+    import sys
+
+    platform, index = label.split(":")[1:]
+    try:
+        done = subprocess.run([sys.executable, "-c", _LANES_PROBE, platform, index, str(lanes)],
+                              capture_output=True, text=True, timeout=120)
+        log = done.stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        log = f"error: {error}"
+    if "changes the ABI" not in log and "error" not in log.lower():
+        return lanes
+    notes.append(f"the OpenCL compiler cannot pass {lanes}-lane float vectors by value (its target lacks the ISA "
+                 "the device reports): 8 lanes used")
+    return 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,7 +214,7 @@ def opencl_specs() -> tuple[tuple[str, DeviceSpec], ...]:
     for label, device in devices:
         try:
             if device.type & cl.device_type.CPU:
-                spec = _opencl_cpu_spec(device, device.platform.name)
+                spec = _opencl_cpu_spec(device, label)
             else:
                 spec = _opencl_gpu_spec(device, device.platform.name, cl.Error)
         except cl.Error as error:  # pyopencl's errors are not builtin RuntimeErrors
