@@ -368,6 +368,30 @@ def test_probe_opencl_finds_a_cpu_device():
         assert spec.arch.startswith("opencl-")
 
 
+@pytest.mark.parametrize("log, lanes", [
+    ("warning: AVX vector argument of type '__private float16' without 'avx512f' enabled changes the ABI", 8),
+    ("error: unknown target CPU 'generic'", 8),
+    ("", 16),
+])
+def test_opencl_cpu_lanes_fall_to_8_when_the_compiler_cannot_pass_16(monkeypatch, log, lanes):
+    """PoCL 3.0's wheel on AMD Zen 4 reports 16 lanes but builds 16-lane kernels that fail to load or crash:
+    the probe's child-process build log decides (a faked child here; the real one runs in the test above)."""
+    from portattn.devices.probe import opencl as probe_opencl
+
+    ran = []
+
+    def child(argv, **options):
+        ran.append(argv[-3:])
+        return subprocess.CompletedProcess(argv, 0, stdout=log, stderr="")
+
+    monkeypatch.setattr(subprocess, "run", child)
+    notes: list[str] = []
+    assert probe_opencl._abi_safe_lanes("opencl:0:1", 16, notes) == lanes
+    assert ran == [["0", "1", "16"]]
+    assert bool(notes) == (lanes == 8)
+    assert probe_opencl._abi_safe_lanes("opencl:0:1", 8, []) == 8 and len(ran) == 1  # narrower: nothing to check
+
+
 class FakeClError(Exception):
     """Stands in for pyopencl.Error: what a driver raises for an attribute it does not know."""
 
