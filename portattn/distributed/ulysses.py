@@ -1,0 +1,1 @@
+def ulysses_attention(*a, **k): raise NotImplementedError
