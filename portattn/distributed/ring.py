@@ -83,7 +83,7 @@ class _InFlight:
     def __init__(self, ring: Ring, tensors, tag: int):
         nxt, prev = ring.neighbours
         self.sent = [t.contiguous() for t in tensors]
-        self.received = [torch.empty_like(t) for t in self.sent]
+        self.received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in self.sent]
         ops = [dist.P2POp(dist.isend, t, nxt, ring.group, tag) for t in self.sent]
         ops += [dist.P2POp(dist.irecv, t, prev, ring.group, tag) for t in self.received]
         self.requests = dist.batch_isend_irecv(ops)

@@ -125,7 +125,7 @@ def gather(x, group):
     """Every rank's ``x`` (same shape everywhere), in rank order; bool tensors travel as uint8."""
     world = dist.get_world_size(group)
     wire = x.to(torch.uint8) if x.dtype == torch.bool else x.contiguous()
-    out = [torch.empty_like(wire) for _ in range(world)]
+    out = [torch.empty_like(wire, memory_format=torch.contiguous_format) for _ in range(world)]
     dist.all_gather(out, wire, group=group)
     return [o.to(torch.bool) for o in out] if x.dtype == torch.bool else out
 
