@@ -164,12 +164,37 @@ def run_unshard(world: int) -> dict:
     return found
 
 
+def run_tensor_parallel(world: int) -> dict:
+    """tiled_allreduce_attention_output (and its overlap=False baseline) against the whole layer on one process."""
+    import portattn
+    from portattn.distributed import tiled_allreduce_attention_output
+
+    rank, found = dist.get_rank(), {}
+    gen = torch.Generator().manual_seed(7)
+    heads, kv_heads, length, dim, width = 2 * world, world, 24, 8, 12
+    q = torch.randn(2, heads, length, dim, dtype=torch.float64, generator=gen)
+    k, v = torch.randn(2, 2, kv_heads, length, dim, dtype=torch.float64, generator=gen)
+    w_o = torch.randn(heads * dim, width, dtype=torch.float64, generator=gen)
+    padding = torch.rand(2, length, generator=gen) > 0.2
+    mine, mine_kv = slice(2 * rank, 2 * rank + 2), slice(rank, rank + 1)  # GQA: 2 query heads per K/V head
+    for causal in (False, True):
+        for name, features in (("plain", {}), ("padding", {"key_padding_mask": padding, "softcap": 4.0})):
+            full = portattn.attention(q, k, v, causal=causal, backend=BACKEND, **features)
+            want = full.transpose(1, 2).reshape(2, length, heads * dim) @ w_o
+            for overlap in (True, False):
+                got = tiled_allreduce_attention_output(q[:, mine], k[:, mine_kv], v[:, mine_kv],
+                                                       w_o[2 * rank * dim:(2 * rank + 2) * dim], tiles=3,
+                                                       causal=causal, backend=BACKEND, overlap=overlap, **features)
+                found[f"causal={causal}-{name}-overlap={overlap}"] = _error(got, want)
+    return found
+
+
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     # up to 4 ranks share the CI machine's cores: one thread each (numba reads this when portattn imports it)
     os.environ["NUMBA_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
-    results = {"cases": {}, "checks": None, "unshard": None}
+    results = {"cases": {}, "checks": None, "unshard": None, "tensor_parallel": None}
     try:
         for case in cases(world):
             try:
@@ -178,6 +203,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 results["cases"][case_name(case)] = {"error": traceback.format_exc()}
         results["checks"] = run_checks(world)
         results["unshard"] = run_unshard(world)
+        results["tensor_parallel"] = run_tensor_parallel(world)
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(results, f)

@@ -110,6 +110,15 @@ def test_unshard_inverts_shard_and_sums_gradients(ranks):
                 assert results["unshard"][sharding + "-ids"]
 
 
+def test_tiled_allreduce_matches_the_whole_layer(ranks):
+    for world in WORLDS:
+        for rank, results in enumerate(ranks[world]):
+            found = results["tensor_parallel"]
+            assert found is not None and len(found) == 8, (world, rank, found)
+            for name, error in found.items():
+                assert error <= TOLERANCE, (world, rank, name, error)
+
+
 def test_not_initialized_is_a_clear_error():
     from portattn.distributed import shard
 
