@@ -43,6 +43,8 @@ never outside the cache). ``explain_with_kvcache`` reads them, for the plan's ex
 
 from __future__ import annotations
 
+import functools
+import sys
 from dataclasses import dataclass
 
 from . import arrays, dispatch, inputs
@@ -137,18 +139,18 @@ def _route(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend, optio
     are read on the host (one device-to-host copy) unless the kernel runs, ``cache_seqlens`` lies on a GPU,
     no keys are appended and ``read_lengths`` is off: then the call never waits for the device, and the
     kernels clamp lengths and page ids to the cache (``tiling/decode.py``, D4) instead of raising."""
-    ops = _Ops.of(q)
-    cache = _Cache.check(q, k_cache, v_cache, block_table, ops)
-    batch = cache.q_shape[0]
-    _check_seqlens(cache_seqlens, batch)
-    n_new = _check_new(k, v, cache, ops)
-    # the attention's spec and extras, every option checked as ``attention`` checks it, from (B, capacity,
-    # H_kv, D) views that copy nothing (a broadcast of one row when paged); seqlen_k = the capacity
-    keys, values = (cache.present_view(x, cache.capacity) for x in (k_cache, v_cache))
-    spec, extras = inputs.read_call(q, keys, values, layout="bnhd", align="bottom-right", **options)
-    chosen = dispatch.select(spec, backend)
+    key = _checks_key(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend, options)
+    checked = _CHECKED.get(key) if key is not None else None
+    if checked is None:
+        checked = _checked(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend, options)
+        if key is not None:
+            if len(_CHECKED) >= _CHECKED_MAX:
+                _CHECKED.clear()
+            _CHECKED[key] = checked
+    ops, spec, extras, chosen, refusals, n_new = checked
+    cache = _Cache(k_cache, v_cache, block_table, ops, tuple(q.shape), spec.device, spec.dtype)
+    batch = spec.batch
     page_size = cache.page_size if cache.paged else 0
-    refusals = chosen.kvcache_reasons(spec, page_size)
     if not refusals and not n_new and not read_lengths and _on_gpu(cache_seqlens):
         old = lengths = None
         total = batch * cache.capacity
@@ -160,8 +162,53 @@ def _route(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend, optio
             raise ValueError(f"cache_seqlens + new keys reach {max(lengths)} but the cache holds {cache.capacity} keys "
                              "per sequence; give a larger cache (or more pages in block_table)")
         total = sum(lengths)
-    plan = None if refusals else chosen.decode_plan(spec, page_size, total)
+    plan = None if refusals else _decode_plan(chosen, spec, page_size, total)
     return _Route(cache, old, lengths, n_new, spec, extras, chosen, plan, refusals)
+
+
+def _checked(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend, options) -> tuple:
+    """What a call's checks give that depends on its arrays' metadata and options only, not on their
+    values: (ops, spec, extras, backend, why it cannot read the cache in place, new keys per sequence)."""
+    ops = _Ops.of(q)
+    cache = _Cache.check(q, k_cache, v_cache, block_table, ops)
+    _check_seqlens(cache_seqlens, cache.q_shape[0])
+    n_new = _check_new(k, v, cache, ops)
+    # the attention's spec and extras, every option checked as ``attention`` checks it, from (B, capacity,
+    # H_kv, D) views that copy nothing (a broadcast of one row when paged); seqlen_k = the capacity
+    keys, values = (cache.present_view(x, cache.capacity) for x in (k_cache, v_cache))
+    spec, extras = inputs.read_call(q, keys, values, layout="bnhd", align="bottom-right", **options)
+    chosen = dispatch.select(spec, backend)
+    refusals = chosen.kvcache_reasons(spec, cache.page_size if cache.paged else 0)
+    return ops, spec, extras, chosen, refusals, n_new
+
+
+# The value-independent checks of earlier calls, by their arguments' metadata: a model decodes token after
+# token with tensors of the same shapes, and each step then skips validation, backend choice and refusals
+_CHECKED: dict[tuple, tuple] = {}
+_CHECKED_MAX = 1024
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _checks_key(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend, options) -> tuple | None:
+    """What ``_checked`` depends on, for torch tensors without ALiBi slopes (whose values the extras hold);
+    None for anything else (numpy arrays and odd arguments take the full path, which raises their errors)."""
+    torch = sys.modules.get("torch")
+    if torch is None or options["alibi_slopes"] is not None or type(backend) is not str:
+        return None
+    tensors = (q, k_cache, v_cache, cache_seqlens, block_table, k, v)
+    if not all(x is None or type(x) is torch.Tensor for x in tensors):
+        return None
+    window = options["window"]
+    if not (all(type(value) in _SCALARS for name, value in options.items() if name != "window")
+            and (window is None or type(window) is tuple and all(type(side) in _SCALARS for side in window))):
+        return None
+    metas = tuple(None if x is None else (x.shape, x.dtype, x.device, x.requires_grad) for x in tensors)
+    return (metas, backend, tuple((value, type(value)) for value in options.values()), window)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_plan(backend, spec, page_size: int, total: int) -> DecodePlan:
+    return backend.decode_plan(spec, page_size, total)
 
 
 def _on_gpu(x) -> bool:

@@ -254,3 +254,35 @@ def test_lengths_left_on_the_device_give_the_same_answer(usable_backend, backend
 def _device_for(torch, backend: str) -> str:
     """Where a backend's torch inputs live: triton's on the GPU when there is one (else its interpreter's CPU)."""
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def test_repeated_calls_reuse_checks_but_not_values(usable_backend):
+    """Decoding repeats a call with tensors of the same shapes every step: the checks that read only
+    metadata are reused (nothing re-validated), while the values -- cache_seqlens' range, block_table's
+    pages -- and a changed option are checked on every call."""
+    torch = pytest.importorskip("torch")
+    usable_backend("numba")
+    from portattn import kvcache
+
+    rng = np.random.default_rng(3)
+    q = torch.from_numpy(rng.standard_normal((2, 1, 4, 16)).astype(np.float32))
+    cache = rng.standard_normal((2, 40, 2, 16)).astype(np.float32)
+    pages, table = _paged(cache, 8, rng)
+    pages, table = torch.from_numpy(pages), torch.from_numpy(table)
+    lengths = torch.tensor([40, 17], dtype=torch.int32)
+    kvcache._CHECKED.clear()
+    first = portattn.attention_with_kvcache(q, pages, pages, lengths, table, causal=True, backend="numba")
+    assert len(kvcache._CHECKED) == 1
+    again = portattn.attention_with_kvcache(q, pages, pages, lengths, table, causal=True, backend="numba")
+    assert len(kvcache._CHECKED) == 1
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    expected, _ = _expected(q.double().numpy(), cache, cache, [40, 17], None, None, True)
+    np.testing.assert_allclose(again.double().numpy(), expected, atol=3e-5)
+    with pytest.raises(ValueError, match="cache_seqlens must lie in"):
+        portattn.attention_with_kvcache(q, pages, pages, torch.tensor([41, 0], dtype=torch.int32), table, backend="numba")
+    with pytest.raises(ValueError, match="outside the cache"):
+        portattn.attention_with_kvcache(q, pages, pages, lengths, table + 100, backend="numba")
+    with pytest.raises(ValueError, match="window"):
+        portattn.attention_with_kvcache(q, pages, pages, lengths, table, window=(-5, 0), backend="numba")
+    with pytest.raises(ValueError, match="softcap"):
+        portattn.attention_with_kvcache(q, pages, pages, lengths, table, softcap=-1.0, backend="numba")
