@@ -344,3 +344,40 @@ def test_run_relaunches_compiled_kernels_by_layout(monkeypatch):
     monkeypatch.setattr(launch, "_launch_hooks", lambda: True)
     call(x)
     assert kernel.compiles == 6
+
+
+def test_repeat_launches_take_every_kernel_parameter(triton_backend, monkeypatch):
+    """``launch.run`` relaunches a compiled kernel with the positional arguments and then the constexprs
+    of ``meta`` in the kernel's parameter order (Triton's launcher takes every parameter): each launch
+    that asks for that reuse must name every later parameter in ``meta``. The interpreter never takes the
+    direct route, so this checks what a GPU relies on, for forward, backward (fused and separate dQ) and
+    decoding (contiguous and paged, with key splits)."""
+    from portattn.backends.triton import launch
+
+    checked = []
+    original = launch.run
+
+    def checking_run(kernel, grid, args, meta, reuse=None):
+        if reuse is not None:
+            names = kernel.arg_names
+            missing = [name for name in names[len(args):] if name not in meta]
+            assert len(args) <= len(names) and not missing, (kernel.fn.__name__, missing)
+            assert all(hasattr(t, "stride") for t in reuse[2]), "reuse keys on the caller's tensors"
+            checked.append(kernel.fn.__name__)
+        return original(kernel, grid, args, meta, reuse)
+
+    monkeypatch.setattr(launch, "run", checking_run)
+    for kv_heads, causal, kwargs in ((4, False, {}), (2, True, {"softcap": 20.0, "window": (9, 3)})):
+        q, k, v, do = _inputs(1, 4, kv_heads, 37, 45, 32)
+        qt, kt, vt = (_to(x, torch.float32) for x in (q, k, v))
+        portattn.attention(qt, kt, vt, causal=causal, backend="triton", **kwargs).backward(do.float().to(_device()))
+    rng = np.random.default_rng(0)
+    qd = torch.from_numpy(rng.standard_normal((2, 1, 4, 32)).astype(np.float32)).to(_device())
+    cache = torch.from_numpy(rng.standard_normal((2, 300, 2, 32)).astype(np.float32)).to(_device())
+    seqlens = torch.tensor([300, 123], dtype=torch.int32, device=_device())
+    table = torch.arange(2 * 300 // 16 + 2, dtype=torch.int32, device=_device())[:2 * 19].reshape(2, 19)
+    pages = torch.zeros((table.numel(), 16, 2, 32), device=_device())
+    portattn.attention_with_kvcache(qd, cache, cache, seqlens, backend="triton")
+    portattn.attention_with_kvcache(qd, pages, pages, seqlens, table, causal=True, backend="triton")
+    assert {"attention_forward", "attention_forward_features", "attention_backward_dkdv", "decode_kvcache",
+            "decode_merge"} <= set(checked), checked

@@ -209,8 +209,9 @@ def run(kernel, grid, args: tuple, meta: dict, reuse=None) -> None:
         return
     spec, plan, tensors = reuse
     # Triton specializes tensors on dtype (fixed by the spec) and 16-byte alignment, integers (the strides
-    # among them) on their value being 1 or a multiple of 16: keying on the strides themselves covers that
-    key = (id(kernel), id(spec), id(plan), *[(t.stride(), t.data_ptr() % 16 == 0) for t in tensors])
+    # among them) on their value being 1 or a multiple of 16: keying on the strides themselves covers that,
+    # and on the shapes the integers a launch reads off them (a paged cache's page count)
+    key = (id(kernel), id(spec), id(plan), *[(t.shape, t.stride(), t.data_ptr() % 16 == 0) for t in tensors])
     entry = _COMPILED.get(key)
     if entry is None or entry[0] is not spec or entry[1] is not plan:  # ids can be reused by new objects
         compiled = kernel[grid](*args, **meta)
