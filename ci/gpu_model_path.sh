@@ -17,16 +17,16 @@ export PYTHONPATH="$PWD:$site"
 mkdir -p /tmp/icd && echo libnvidia-opencl.so.1 > /tmp/icd/nvidia.icd && export OCL_ICD_VENDORS=/tmp/icd
 device=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+# the model path's tests on every usable backend, compiled in parallel
+timeout 220 python3 -m pytest -q -p no:cacheprovider -n 12 --junitxml="$out/model-path-$device.xml" \
+  tests/api/test_torch_compile.py tests/integrations tests/api/test_sdpa.py tests/api/test_kvcache.py \
+  tests/backends/test_triton_features.py 2>&1 | tail -40
 # small calls back to back (and the large shapes' kernel time), this tree and, when given, an older one
+timeout 120 python3 benchmarks/call_overhead.py --label after --calls 1000 --json "$out/call-overhead-$device.json"
+# decoding: the KV-cache entry point against SDPA's cuDNN, flash and efficient kernels (fp16, D 128, GQA 8)
+timeout 90 python3 -m portattn bench --decode --no-flex --dtypes float16 --head-dim 128 --group 8 --page-size 0 16 --seqlen 4096 32768 131072 \
+  --json "$out/decode-$device.json"
 if [ -n "${1:-}" ]; then
-  (cd /tmp && PYTHONPATH="$OLDPWD/$1:$site" timeout 170 python3 "$OLDPWD/benchmarks/call_overhead.py" --label before \
+  (cd /tmp && PYTHONPATH="$OLDPWD/$1:$site" timeout 120 python3 "$OLDPWD/benchmarks/call_overhead.py" --label before \
     --calls 1000 --json "$out/call-overhead-before-$device.json")
 fi
-timeout 170 python3 benchmarks/call_overhead.py --label after --calls 1000 --json "$out/call-overhead-$device.json"
-# decoding: the KV-cache entry point against SDPA's cuDNN, flash and efficient kernels (fp16, D 128, GQA 8)
-timeout 100 python3 -m portattn bench --decode --no-flex --dtypes float16 --head-dim 128 --group 8 --page-size 0 16 \
-  --json "$out/decode-$device.json"
-# the model path's tests on every usable backend, compiled in parallel
-timeout 240 python3 -m pytest -q -p no:cacheprovider -n 12 --junitxml="$out/model-path-$device.xml" \
-  tests/api/test_torch_compile.py tests/integrations tests/api/test_sdpa.py tests/api/test_kvcache.py 2>&1 \
-  | tail -40
