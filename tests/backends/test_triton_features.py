@@ -346,6 +346,42 @@ def test_run_relaunches_compiled_kernels_by_layout(monkeypatch):
     assert kernel.compiles == 6
 
 
+def test_a_refused_direct_relaunch_falls_back_to_the_jit(monkeypatch):
+    """A Triton whose launcher takes other arguments refuses the direct relaunch before launching anything:
+    that launch and every later one go through ``kernel[grid]`` (a warning says so), never a failed call."""
+    from portattn.backends.triton import launch
+
+    class Driver:
+        class active:
+            get_current_stream = staticmethod(lambda index: "stream")
+
+    class Refusing(_FakeCompiled):
+        def run(self, *args):
+            raise TypeError("function takes exactly 12 arguments")
+
+    class Kernel(_FakeKernel):
+        def __getitem__(self, grid):
+            def launch_(*args, **meta):
+                self.compiles += 1
+                self.compiled.append(Refusing())
+                return self.compiled[-1]
+            return launch_
+
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "_launch_hooks", lambda: False)
+    monkeypatch.setattr(launch, "_driver", lambda: Driver)
+    monkeypatch.setattr(launch, "_COMPILED", {})
+    monkeypatch.setattr(launch, "_DIRECT", True)
+    kernel, spec, plan, x = Kernel(), object(), object(), torch.zeros(4, 8)
+    run = lambda: launch.run(kernel, (3,), ((x, x.stride()), 7), dict(BLOCK=16, FLAG=True), (spec, plan, (x,)))  # noqa: E731
+    run()
+    with pytest.warns(RuntimeWarning, match="refused a direct relaunch"):
+        run()
+    assert kernel.compiles == 2 and launch._DIRECT is False
+    run()
+    assert kernel.compiles == 3  # the JIT's path from now on
+
+
 def test_repeat_launches_take_every_kernel_parameter(triton_backend, monkeypatch):
     """``launch.run`` relaunches a compiled kernel with the positional arguments and then the constexprs
     of ``meta`` in the kernel's parameter order (Triton's launcher takes every parameter): each launch

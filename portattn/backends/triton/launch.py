@@ -204,7 +204,7 @@ def run(kernel, grid, args: tuple, meta: dict, reuse=None) -> None:
     whose other tensors are fresh contiguous allocations -- a repeat launch runs the kernel Triton compiled
     the first time directly: JITFunction.run binds and specializes every argument on each launch, tens of
     microseconds that are most of a small call's time. Launch hooks (profilers) take the full path."""
-    if reuse is None or interpreting() or _launch_hooks():
+    if reuse is None or not _DIRECT or interpreting() or _launch_hooks():
         kernel[grid](*args, **meta)
         return
     spec, plan, tensors = reuse
@@ -223,8 +223,27 @@ def run(kernel, grid, args: tuple, meta: dict, reuse=None) -> None:
     compiled, constexprs = entry[2], entry[3]
     stream = _driver().active.get_current_stream(tensors[0].device.index)
     grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
-    compiled.run(grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                 *args, *constexprs)
+    try:
+        compiled.run(grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *args, *constexprs)
+    except (TypeError, AttributeError) as error:
+        # the launcher's calling convention is Triton's internal (checked against 3.4-3.9); one that takes other
+        # arguments refuses them before anything is launched: take Triton's own path from now on, and say so
+        _direct_launch_failed(error)
+        kernel[grid](*args, **meta)
+
+
+_DIRECT = True  # False once a direct relaunch was refused: every launch then goes through JITFunction.run
+
+
+def _direct_launch_failed(error: Exception) -> None:
+    global _DIRECT
+    _DIRECT = False
+    import warnings
+
+    warnings.warn(f"portattn: this Triton ({_triton().__version__}) refused a direct relaunch of a compiled kernel "
+                  f"({error}); launching through triton's JIT from now on (correct, with more host time per call)",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _launch_hooks() -> bool:
