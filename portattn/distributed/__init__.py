@@ -11,10 +11,11 @@ docs/distributed.md says what each costs and when each wins. Importing this pack
 """
 
 from .merge import merge
+from .offload import attention_host_kv
 from .ring import ring_attention
 from .sharding import SHARDINGS, shard, unshard
 from .tensor_parallel import tiled_allreduce_attention_output
 from .ulysses import ulysses_attention
 
-__all__ = ["SHARDINGS", "merge", "ring_attention", "shard", "tiled_allreduce_attention_output", "ulysses_attention",
+__all__ = ["SHARDINGS", "attention_host_kv", "merge", "ring_attention", "shard", "tiled_allreduce_attention_output", "ulysses_attention",
            "unshard"]
