@@ -250,5 +250,6 @@ def _stream(k, v, bounds, chunk, attend, device):
         attend(a, b, k_c, v_c)
         free[i % 2].record(compute)
     for flat in (x for pair in buffers for x in pair):
-        flat.record_stream(copy)
+        if flat.is_cuda:
+            flat.record_stream(copy)  # the copy stream wrote them: the allocator waits for it before reusing them
     ready[(len(bounds) - 1) % 2].synchronize()  # every copy has read the host K/V: the caller may write them
