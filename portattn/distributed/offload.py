@@ -214,6 +214,17 @@ def _host_source(x):
     return x
 
 
+def _copy_rows(dst, src) -> None:
+    """Asynchronous copy of host rows into a contiguous device buffer: one copy when the host slice is contiguous,
+    else one per (batch, head) -- a strided host source would go through a pageable temporary, synchronously."""
+    if src.is_contiguous():
+        dst.copy_(src, non_blocking=True)
+        return
+    for bi in range(src.shape[0]):
+        for hi in range(src.shape[1]):
+            dst[bi, hi].copy_(src[bi, hi], non_blocking=True)
+
+
 def _stream(k, v, bounds, chunk, attend, device):
     """Double-buffered upload of each chunk on a copy stream, attended on the current stream."""
     k, v = _host_source(k), _host_source(v)
@@ -234,9 +245,7 @@ def _stream(k, v, bounds, chunk, attend, device):
                 copy.wait_event(free[slot])  # chunk i - 2 has been attended: its buffer may be overwritten
             for src, flat in zip((k, v), buffers[slot]):
                 dst = flat[:slabs * (b - a) * src.shape[-1]].view(*src.shape[:2], b - a, src.shape[-1])
-                for bi in range(src.shape[0]):
-                    for hi in range(src.shape[1]):
-                        dst[bi, hi].copy_(src[bi, hi, a:b], non_blocking=True)
+                _copy_rows(dst, src[..., a:b, :])
                 views.append(dst)
             ready[slot].record(copy)
         return views

@@ -264,7 +264,11 @@ def test_streaming_protocol_with_fake_streams(monkeypatch):
 
     offload._stream(k, v, bounds, 5, attend, torch.device("cpu"))
     assert seen == bounds
-    log = fake.log
+    log = list(fake.log)
+    _, k1, v1 = _qkv(1, 12, batch=1, kv_heads=1)  # one slab: each chunk is one contiguous copy
+    offload._stream(k1, v1, [(0, 5), (5, 10), (10, 12)], 5,
+                    lambda a, b, k_c, v_c: None if torch.equal(k_c, k1[..., a:b, :]) and torch.equal(
+                        v_c, v1[..., a:b, :]) else pytest.fail(f"chunk {a}:{b}"), torch.device("cpu"))
     attends = [i for i, e in enumerate(log) if e[0] == "attend"]
     records = [e for e in log if e[0] == "record"]
     ready = [e[1] for e in records if e[2] == "copy"][:2]  # ready[0], ready[1]
