@@ -20,7 +20,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 # the model path's tests on every usable backend, compiled in parallel
 timeout 220 python3 -m pytest -q -p no:cacheprovider -n 12 --junitxml="$out/model-path-$device.xml" \
   tests/api/test_torch_compile.py tests/integrations tests/api/test_sdpa.py tests/api/test_kvcache.py \
-  tests/backends/test_triton_features.py 2>&1 | tail -40
+  tests/backends/test_triton_features.py tests/distributed/test_offload.py 2>&1 | tail -40
 # small calls back to back (and the large shapes' kernel time), this tree and, when given, an older one
 timeout 120 python3 benchmarks/call_overhead.py --label after --calls 1000 --json "$out/call-overhead-$device.json"
 # decoding: the KV-cache entry point against SDPA's cuDNN, flash and efficient kernels (fp16, D 128, GQA 8)
@@ -30,3 +30,5 @@ if [ -n "${1:-}" ]; then
   (cd /tmp && PYTHONPATH="$OLDPWD/$1:$site" timeout 120 python3 "$OLDPWD/benchmarks/call_overhead.py" --label before \
     --calls 1000 --json "$out/call-overhead-before-$device.json")
 fi
+# K/V streamed from pinned host memory against the copy limit and all-on-GPU attention
+timeout 60 python3 benchmarks/offload.py --json "$out/offload-$device.json" --reps 3
