@@ -77,6 +77,16 @@ def _batch(lengths, total, left=True, seed=1):
     return ids.masked_fill(mask == 0, 0), mask
 
 
+def _labels(ids, mask):
+    """Causal-LM labels that train on real tokens predicted from real tokens only: the model shifts them
+    (the logits at t predict label t + 1), so a label right after padding -- predicted from the last
+    padded position, whose query sees no key -- is left out too. That position's output is a convention
+    (portattn and torch's CPU kernels give zeros; SDPA's fp16 CUDA kernels need not), not attention."""
+    seen = mask.bool()
+    after_real = torch.cat([torch.zeros_like(seen[:, :1]), seen[:, :-1]], dim=1)
+    return ids.masked_fill(~(seen & after_real), -100)
+
+
 def _close(ours, ref, where=None):
     if where is not None:
         ours, ref = ours[where], ref[where]
@@ -214,7 +224,7 @@ def test_llama_greedy_generate_with_kv_cache(name, cache):
 def test_llama_training_gradients(name):
     ref, ours = _pair(transformers.LlamaForCausalLM, transformers.LlamaConfig(**TINY), name)
     ids, mask = _batch([8, 5], 8)
-    labels = ids.masked_fill(mask == 0, -100)
+    labels = _labels(ids, mask)
     ref.train(), ours.train()
     ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     _refusals_xfail(lambda: ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward())
@@ -230,7 +240,7 @@ def test_llama_compiles_fullgraph_forward_and_backward(name):
     ids, mask = _batch([8, 5], 8)
     compiled = torch.compile(ours, fullgraph=True)
     _close(_logits(compiled, ids, mask), _logits(ref, ids, mask), where=mask.bool())
-    labels = ids.masked_fill(mask == 0, -100)
+    labels = _labels(ids, mask)
     ref.train(), ours.train()
     ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     compiled(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
@@ -305,7 +315,7 @@ def test_llama_on_a_gpu(usable_backend, backend):
     options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     if dtype == torch.float32:
         assert torch.equal(ours.generate(ids, attention_mask=mask, **options), ref.generate(ids, attention_mask=mask, **options))
-    labels = ids.masked_fill(mask == 0, -100)
+    labels = _labels(ids, mask)
     ref.train(), ours.train()
     ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
