@@ -330,3 +330,26 @@ def test_time_interleaved_takes_turns():
     times = bench.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 2, warmup=1)
     assert order == ["a", "b", "a", "b", "b", "a"]
     assert {name: len(t) for name, t in times.items()} == {"a": 2, "b": 2}
+
+
+def test_decode_peer_packs_gqa_queries_and_matches_enable_gqa():
+    """``bench --decode``'s SDPA peer calls SDPA as engines do, the G query heads of a KV group as G x Nq
+    rows against the cache's own heads (K/V read once, not repeated to H heads): the same result as
+    enable_gqa, and the same as portattn's KV-cache call on those inputs."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    import portattn
+    from portattn.bench.contenders import Inputs
+    from portattn.bench.peers import peer_timed
+    from portattn.bench.problems import decode_grid
+
+    problem = decode_grid("cpu", batches=(2,), seqlens=(300,), head_dims=(32,), groups=(4,), dtypes=("float32",),
+                          page_sizes=(0,), queries=3)[0]
+    inputs = Inputs(problem, "cpu")
+    q, k, v, _ = inputs.torch()
+    got = peer_timed("torch-sdpa-flash", problem, inputs).fn()
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert problem.kv_heads < problem.heads and tuple(got.shape) == tuple(q.shape)
+    np.testing.assert_allclose(got.numpy(), portattn.attention(q.numpy(), k.numpy(), v.numpy()), atol=1e-5)

@@ -187,7 +187,7 @@ def portattn_call(name: str, problem: Problem, inputs):
         return kvcache_call(name, problem, inputs)
     q, k, v, grad_out = inputs
     call = prepare(q, k, v, causal=problem.causal, backend=name)
-    if problem.mode == "fwd":
+    if not problem.backward:
         return (lambda: call.forward(q, k, v)), call.plan.summary()
 
     def forward_backward():

@@ -35,11 +35,19 @@ def _sdpa(kernel_name: str):
         if kernel_name == "MATH":
             _check_math_fits(problem, inputs.device)
 
-        gqa = problem.spec().group_size > 1
+        group = problem.spec().group_size
+        # decoding without a causal mask: the G query heads of a KV group see the same keys, so they go in as
+        # G x Nq rows of one head against the cache's H_kv heads -- how inference engines call SDPA, reading
+        # K/V once (with enable_gqa, SDPA's kernels repeat K/V to H heads first: G times the traffic)
+        packed = problem.decoding and group > 1 and not problem.causal
 
         def forward(q, k, v):
             with sdpa_kernel([kernel]):
-                if gqa:  # enable_gqa only where needed: torch before 2.5 lacks the keyword
+                if packed:
+                    batch, heads, n_q, dim = q.shape
+                    rows = q.reshape(batch, heads // group, group * n_q, dim)
+                    return scaled_dot_product_attention(rows, k, v).reshape(batch, heads, n_q, v.shape[-1])
+                if group > 1:  # enable_gqa only where needed: torch before 2.5 lacks the keyword
                     return scaled_dot_product_attention(q, k, v, is_causal=problem.causal, enable_gqa=True)
                 return scaled_dot_product_attention(q, k, v, is_causal=problem.causal)
 
@@ -58,7 +66,7 @@ def _check_math_fits(problem: Problem, device: str) -> None:
     import torch
 
     itemsize = torch.finfo(getattr(torch, problem.dtype)).bits // 8
-    copies = 3 if problem.mode == "fwd" else 6  # scores, masked scores, probabilities; and their gradients
+    copies = 6 if problem.backward else 3  # scores, masked scores, probabilities; and their gradients
     need = problem.batch * problem.heads * problem.queries * problem.seqlen * itemsize * copies
     free, _ = torch.cuda.mem_get_info(device)
     if need > free / 2:
@@ -70,7 +78,7 @@ def _torch_pass(forward, problem: Problem, inputs: Inputs) -> Timed:
     import torch
 
     q, k, v, grad_out = inputs.torch()
-    if problem.mode == "fwd":
+    if not problem.backward:  # a forward ("fwd", "decode")
 
         def fn():
             with torch.no_grad():

@@ -69,13 +69,18 @@ class Problem:
             dtype=self.dtype,
             causal=self.causal,
             device=device,
-            requires_grad=self.mode == "fwd+bwd",
+            requires_grad=self.backward,
             align="bottom-right" if self.decoding else "top-left",
         )
 
     @property
     def decoding(self) -> bool:
         return self.mode == "decode"
+
+    @property
+    def backward(self) -> bool:
+        """True when the timed pass includes the backward ("fwd+bwd"); "fwd" and "decode" are forwards."""
+        return self.mode == "fwd+bwd"
 
     @property
     def queries(self) -> int:
@@ -100,7 +105,7 @@ class Problem:
     @property
     def flops(self) -> float:
         forward = self.spec().flops_forward
-        return forward * BACKWARD_FLOP_FACTOR if self.mode == "fwd+bwd" else float(forward)
+        return forward * BACKWARD_FLOP_FACTOR if self.backward else float(forward)
 
     def label(self) -> str:
         """``2x32x8192x64-causal-fwdbwd``: shape, mask and pass, but no dtype or device, so that runs on two
