@@ -28,7 +28,8 @@ from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange, types
-from numba.extending import overload
+from llvmlite import ir
+from numba.extending import intrinsic, overload
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -40,9 +41,56 @@ _EXP2_P = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3,
 _EXP2_FLOOR = -125.0  # below this 2**t is under float32's normal range; 2**-125 ~ 2e-38 is as good as 0
 
 
+@intrinsic
+def _fast_max(typingctx, a, b):
+    """max(a, b) as LLVM's ``maxnum`` with fast-math flags: unlike numba's ``max`` (a compare and a
+    select without flags), a loop of these vectorizes into a ``vmaxps`` reduction -- 0.02 against 0.49
+    ns per element on this project's Zen 4. NaN is not propagated (see ``row_max``)."""
+    if not (isinstance(a, types.Float) and a == b):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = context.get_value_type(signature.return_type)
+        maxnum = builder.module.declare_intrinsic("llvm.maxnum", [value], ir.FunctionType(value, [value, value]))
+        return builder.call(maxnum, args, fastmath=("fast",))
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the int32 ``bits`` (a register bitcast, no memory)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@njit(fastmath=False)
+def _is_nan(x):
+    """Outside fastmath, which folds ``x != x`` to False."""
+    return x != x
+
+
+@njit(inline="always", fastmath=True)
+def row_max(row, lo, hi):
+    """max(row[lo:hi]) (hi > lo) in one vectorized pass; NaN when the row holds a NaN (the sum beside
+    the max carries it: a NaN score must reach O and the LSE, never be dropped by ``maxnum``)."""
+    part = row[lo:hi]  # indices from 0: numba's wraparound test on a maybe-negative j blocks vectorizing
+    top = part[0]
+    total = part[0] - part[0]  # zero of the row's dtype (a float64 0.0 would widen the loop)
+    for j in range(part.size):
+        top = _fast_max(top, part[j])
+        total += part[j]
+    return top if not _is_nan(total) else total
+
+
 def exp2_shifted(row, shift, exponent_bits):
     """``row[j] = 2 ** (row[j] - shift)`` in place; returns the row's new sum. ``exponent_bits`` is
-    int32 scratch at least as long as ``row``."""
+    unused (kept for the callers' signatures)."""
     raise NotImplementedError("only callable from numba-compiled code")
 
 
@@ -52,21 +100,25 @@ def _exp2_shifted_impl(row, shift, exponent_bits):
         # float32 constants throughout: a float64 one would promote the loop and halve its lanes
         p0, p1, p2, p3, p4, p5 = (np.float32(c) for c in _EXP2_P)
         floor, half, one = np.float32(_EXP2_FLOOR), np.float32(0.5), np.float32(1.0)
+        bias, mantissa = np.int32(127), np.int32(23)
 
         def exp2_float32(row, shift, exponent_bits):
             # 2**t = 2**n * 2**f with n = round(t), f in [-0.5, 0.5]: the polynomial gives 2**f, and
-            # adding n to the float's exponent field multiplies by 2**n without a libm call.
+            # 2**n is the float whose exponent field is n + 127, made in a register (one pass over the
+            # row, the sum in the same loop; a second pass adding n << 23 to the stored bits cost 1.6x).
             # (np.floor, not math.floor: the latter returns int64, which AVX2 cannot convert in vectors.)
+            total = np.float32(0.0)
             for j in range(row.size):
-                x = max(row[j] - shift, floor)
+                x = row[j] - shift
+                if x < floor:  # with fastmath a NaN may land either side; exp2(NaN) stays NaN below
+                    x = floor
                 n = np.floor(x + half)
                 f = x - n
-                row[j] = one + f * (((((p0 * f + p1) * f + p2) * f + p3) * f + p4) * f + p5)
-                exponent_bits[j] = np.int32(n) << 23
-            bits = row.view(np.int32)
-            for j in range(row.size):
-                bits[j] += exponent_bits[j]
-            return row.sum()
+                p = one + f * (((((p0 * f + p1) * f + p2) * f + p3) * f + p4) * f + p5)
+                p *= _float32_from_bits(np.int32(np.int32(np.int32(n) + bias) << mantissa))
+                row[j] = p
+                total += p
+            return total
 
         return exp2_float32
 
@@ -402,12 +454,13 @@ def forward(q_scaled, k, v, out, lse, feat, block_q, block_k, key_splits):
                         row[:] = 0.0
                         continue
                 else:
-                    top = row[c_lo:c_hi].max()
+                    top = row_max(row, c_lo, c_hi)
                 m_new = max(m_i[r], top)
                 alpha = np.exp2(m_i[r] - m_new)  # 0 on the first visible block (m_i = -inf)
                 l_i[r] = l_i[r] * alpha + exp2_shifted(row[c_lo:c_hi], m_new, exponent_bits)
-                row[:c_lo] = 0.0
-                row[c_hi:] = 0.0
+                if c_lo > 0 or c_hi < cols:  # the causal diagonal or a window edge
+                    row[:c_lo] = 0.0
+                    row[c_hi:] = 0.0
                 m_i[r] = m_new
                 if alpha != 1.0:  # the max moved: rescale what was summed under the old one
                     acc[r] *= alpha
