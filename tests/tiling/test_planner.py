@@ -1,5 +1,5 @@
 """The tiling planner: every plan fits its device and follows the rules planner.py documents (G1-G8,
-C1-C4), plus pinned choices for well-known problems and the IO model's scaling laws."""
+C1-C5), plus pinned choices for well-known problems and the IO model's scaling laws."""
 
 from __future__ import annotations
 
@@ -212,6 +212,9 @@ def test_cpu_plan_fits_and_follows_rules(key, spec):
     # C4
     assert p.backward.dq_separate == (spec.batch * spec.heads < 2 * threads)
     assert p.backward.block_q <= p.block_q  # C4 halves it when the backward tiles overflow L2
+    # C5
+    if spec.causal:
+        assert p.block_k <= p.block_q
     check_common(p, spec, device)
 
 
