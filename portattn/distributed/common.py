@@ -44,15 +44,20 @@ def check_qkv(q, k, v, mode: str):
         if x.dim() != 4:
             raise ValueError(f"{name} must be (B, H, N_local, D), this rank's piece of the sequence; got shape "
                              f"{tuple(x.shape)}")
+    check_shapes(q, k, v)
+    if len({q.dtype, k.dtype, v.dtype}) > 1 or len({q.device, k.device, v.device}) > 1:
+        raise ValueError("q, k and v must have one dtype and one device; got "
+                         f"{q.dtype}/{q.device}, {k.dtype}/{k.device}, {v.dtype}/{v.device}")
+
+
+def check_shapes(q, k, v) -> None:
+    """(B, H, Nq, D) q against (B, H_kv, Nk, D) k and v, H a multiple of H_kv."""
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k and v must agree in batch, heads and length: k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must agree in batch and head_dim: q {tuple(q.shape)}, k {tuple(k.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"q's heads ({q.shape[1]}) must be a multiple of k's and v's ({k.shape[1]}) (GQA)")
-    if len({q.dtype, k.dtype, v.dtype}) > 1 or len({q.device, k.device, v.device}) > 1:
-        raise ValueError("q, k and v must have one dtype and one device; got "
-                         f"{q.dtype}/{q.device}, {k.dtype}/{k.device}, {v.dtype}/{v.device}")
 
 
 def accumulation_dtype(dtype):

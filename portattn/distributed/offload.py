@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import ALIGNS, accumulation_dtype, check_features, prepared
+from .common import ALIGNS, accumulation_dtype, check_features, check_shapes, prepared
 from .merge import merge_into
 
 MODE = "attention_host_kv"
@@ -158,12 +158,7 @@ def _check_inputs(q, k, v) -> None:
         if x.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{MODE} is forward only and {name} requires grad: call it under torch.no_grad() or "
                              f"pass {name}.detach()")
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"k and v must agree in batch, heads and length: k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must agree in batch and head_dim: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"q's heads ({q.shape[1]}) must be a multiple of k's and v's ({k.shape[1]}) (GQA)")
+    check_shapes(q, k, v)
     if len({q.dtype, k.dtype, v.dtype}) > 1:
         raise ValueError(f"q, k and v must have one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != v.device:
