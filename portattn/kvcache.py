@@ -203,7 +203,7 @@ def _checks_key(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend, 
             and (window is None or type(window) is tuple and all(type(side) in _SCALARS for side in window))):
         return None
     metas = tuple(None if x is None else (x.shape, x.dtype, x.device, x.requires_grad) for x in tensors)
-    return (metas, backend, tuple((value, type(value)) for value in options.values()), window)
+    return (metas, backend, tuple((value, type(value)) for value in options.values()))
 
 
 @functools.lru_cache(maxsize=4096)
