@@ -18,8 +18,8 @@ changing one import. It maps the call onto :func:`portattn.attention`:
   default generator (so ``torch.manual_seed`` makes it reproducible); applied whenever
   ``dropout_p > 0``, as SDPA (it has no notion of training mode).
 
-One deliberate difference: a query row that sees no key (a fully masked row) gets zeros, where
-SDPA's kernels give NaN.
+A query row that sees no key (a fully masked row) gets zeros, as torch's CPU kernels give (torch 2.13's
+flash and math); its CUDA kernels need not (NaN or other values), so that row is portattn's convention.
 """
 
 from __future__ import annotations
