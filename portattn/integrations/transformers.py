@@ -181,16 +181,21 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     """
     import torch
 
-    for name in ("position_bias", "s_aux"):
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"portattn's transformers attention does not take {name!r} (a learned score "
-                                      "bias / attention sinks); use attn_implementation='sdpa' or 'eager' for this model")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("portattn's transformers attention does not take 's_aux' (attention sinks); use "
+                                  "attn_implementation='sdpa' or 'eager' for this model")
     if kwargs.get("output_attentions"):
         _warn_once("portattn does not return attention weights (output_attentions=True): they are None")
+    bias = _score_bias(kwargs.get("position_bias"), key.shape[-2])
     features = {}
     if attention_mask is not None and attention_mask.ndim == 4:
-        features["attn_mask"] = attention_mask[:, :, :, : key.shape[-2]]
+        mask = attention_mask[:, :, :, : key.shape[-2]]
+        if bias is not None:  # one additive mask: the bias where the mask lets a key through
+            mask = bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask
+        features["attn_mask"] = mask
     else:  # None or a (B, Nk) key padding: the layer's pattern rebuilt
+        if bias is not None:
+            features["attn_mask"] = bias
         causal, window = getattr(type(attention_mask), "pattern", (None, None))  # set by `mask`
         if causal is None:  # no mask (as SDPA, the layer says whether it is causal) or a plain key padding
             causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -206,6 +211,21 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         features["softcap"] = float(softcap)
     out = attention(query, key, value, scale=scaling, backend=backend, **features)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _score_bias(position_bias, keys: int):
+    """T5's ``position_bias`` -- (1 or B, H, Nq, Nk) floats added to the scores before the mask -- as an
+    additive ``attn_mask``; None without one. Its gradient (training the relative bias) is not computed
+    by portattn's kernels, so a bias that requires grad is refused rather than silently not trained."""
+    if position_bias is None:
+        return None
+    import torch
+
+    if position_bias.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("portattn's transformers attention cannot train a score bias (position_bias requires "
+                                  "grad: T5's relative attention bias): its kernels give no gradient for it; use "
+                                  "attn_implementation='sdpa' or 'eager' to train, portattn for inference")
+    return position_bias[..., :keys]
 
 
 @functools.cache

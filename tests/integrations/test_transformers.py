@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers", reason="the transformers inte
 
 from transformers import masking_utils
 
+from portattn.api import attention
 from portattn.integrations import transformers as integration
 
 TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, num_hidden_layers=2,
@@ -203,6 +204,36 @@ def test_bert_padded_batch_and_from_pretrained(name, tmp_path):
         want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
         got = _refusals_xfail(lambda: ours(input_ids=ids, attention_mask=mask).last_hidden_state)
     _close(got, want)  # padded queries still see the real keys: every position is meaningful
+
+
+def test_t5_relative_bias_in_inference_and_refused_in_training(name, monkeypatch):
+    """T5 hands its relative position bias to the attention function (``position_bias``, added to the
+    scores before the mask): portattn takes it as an additive mask, in the encoder, the causal decoder and
+    the cross attention, and generates as SDPA does. Training would need the bias's gradient, which the
+    kernels do not give: refused with the reason, never a silently untrained bias."""
+    config = transformers.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=TINY["vocab_size"],
+                                   decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForSeq2SeqLM.from_config(config, attn_implementation="sdpa").eval()
+    try:  # T5 calls the attention interface without declaring _supports_attention_backend
+        ours = transformers.AutoModelForSeq2SeqLM.from_config(copy.deepcopy(config), attn_implementation=name)
+    except ValueError as error:
+        pytest.skip(f"T5 takes no registered attention in transformers {transformers.__version__}: {error}")
+    ours.load_state_dict(ref.state_dict())
+    ours.eval()
+    calls = []
+    monkeypatch.setattr(integration, "attention", lambda *a, **k: calls.append(1) or attention(*a, **k))
+    ids, mask = _batch([9, 6], 9, left=False)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :5]).logits
+        got = _refusals_xfail(lambda: ours(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :5]).logits)
+        assert len(calls) == 3 * config.num_layers  # encoder, decoder and cross attention: all through portattn
+        _close(got, want)
+        options = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+        assert torch.equal(ours.generate(ids, **options), ref.generate(ids, **options))
+    ours.train()
+    with pytest.raises(NotImplementedError, match="cannot train a score bias"):
+        ours(input_ids=ids, attention_mask=mask, labels=ids[:, :5].contiguous()).loss.backward()
 
 
 def test_llama_gqa_left_padded_logits(name):
