@@ -48,7 +48,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)  # of the caller's E, before any padding
     width = max(head_dim, value_dim)
-    q, k, v = _pad_last(q, width), _pad_last(k, width), _pad_last(v, width)
+    q, k, v = pad_last(q, width), pad_last(k, width), pad_last(v, width)
     seed = _dropout_seed() if dropout_p > 0 else None
     out = attention(q, k, v, causal=bool(is_causal), scale=scale, backend=backend, attn_mask=_mask(attn_mask, lead),
                     dropout_p=dropout_p, dropout_seed=seed)
@@ -111,7 +111,7 @@ def _mask(attn_mask, lead: tuple[int, ...]):
     return expanded.reshape(math.prod(lead[:-1]), *rest)
 
 
-def _pad_last(x, width: int):
+def pad_last(x, width: int):
     """``x`` with zero columns appended to its last dim up to ``width`` (itself when already that wide)."""
     if x.shape[-1] == width:
         return x

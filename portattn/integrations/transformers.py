@@ -33,6 +33,7 @@ import re
 
 from portattn import dispatch
 from portattn.api import attention
+from portattn.sdpa import pad_last
 
 _MISSING = "portattn.integrations.transformers needs transformers and torch: pip install 'portattn[transformers]'"
 
@@ -209,7 +210,14 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         features.update(dropout_p=float(dropout), dropout_seed=int(torch.randint(2**31 - 1, ()).item()))
     if softcap is not None:
         features["softcap"] = float(softcap)
+    head_dim, value_dim = query.shape[-1], value.shape[-1]
+    if value_dim != head_dim:  # MLA (DeepSeek): a narrower or wider value head, zero-padded exactly as sdpa does
+        width = max(head_dim, value_dim)
+        scaling = head_dim ** -0.5 if scaling is None else scaling
+        query, key, value = (pad_last(x, width) for x in (query, key, value))
     out = attention(query, key, value, scale=scaling, backend=backend, **features)
+    if value_dim != head_dim:
+        out = out[..., :value_dim]
     return out.transpose(1, 2).contiguous(), None
 
 

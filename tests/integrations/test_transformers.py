@@ -236,6 +236,30 @@ def test_t5_relative_bias_in_inference_and_refused_in_training(name, monkeypatch
         ours(input_ids=ids, attention_mask=mask, labels=ids[:, :5].contiguous()).loss.backward()
 
 
+def test_mla_value_head_narrower_than_query_head(name):
+    """DeepSeek's multi-head latent attention gives the attention function a value head (8) narrower than
+    the query/key head (24): zero-padded to one head dim, the scale kept at the query's, the output cut
+    back -- left-padded logits, greedy generation and the parameters' gradients as SDPA's."""
+    model_class = getattr(transformers, "DeepseekV3ForCausalLM", None)
+    if model_class is None:
+        pytest.skip(f"transformers {transformers.__version__} has no DeepSeek-V3")
+    config = transformers.AutoConfig.for_model(
+        "deepseek_v3", hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, vocab_size=TINY["vocab_size"], q_lora_rank=32, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=1, max_position_embeddings=64)
+    ref, ours = _pair(model_class, config, name)
+    ids, mask = _batch([9, 6], 9)
+    _close(_refusals_xfail(lambda: _logits(ours, ids, mask)), _logits(ref, ids, mask), mask.bool())
+    options = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, **options), ref.generate(ids, **options))
+    labels = _labels(ids, mask)
+    ref.train(), ours.train()
+    ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    _same_gradients(ours, ref)
+
+
 def test_llama_gqa_left_padded_logits(name):
     ref, ours = _pair(transformers.LlamaForCausalLM, transformers.LlamaConfig(**TINY), name)
     ids, mask = _batch([10, 6, 3], 10)
