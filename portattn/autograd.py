@@ -31,9 +31,16 @@ class AttentionFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         with torch.no_grad():
             dq, dk, dv = ctx.call.backward(grad_out, q, k, v, out, lse, ctx.extras)
-        if torch.is_grad_enabled() and any(x.requires_grad for x in (grad_out, q, k, v)):  # create_graph=True
-            dq, dk, dv = NotTwice.apply(dq, dk, dv, grad_out, q, k, v)
+        dq, dk, dv = not_twice((dq, dk, dv), (grad_out, q, k, v))
         return dq, dk, dv, None, None
+
+
+def not_twice(grads: tuple, inputs: tuple) -> tuple:
+    """``grads`` (dq, dk, dv) as they are, or -- when the backward runs with create_graph=True, so that they
+    could be differentiated again -- connected to ``inputs`` through ``NotTwice``, whose backward raises."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+        return NotTwice.apply(*grads, *inputs)
+    return grads
 
 
 class NotTwice(torch.autograd.Function):

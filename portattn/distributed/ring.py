@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..autograd import not_twice
 from .blocks import plan_step
 from .common import accumulation_dtype, check_features, check_qkv, prepared
 from .merge import merge_into
@@ -162,6 +163,7 @@ class RingFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         with torch.no_grad():
             dq, dk, dv = ring_backward(grad_out, q, k, v, out, lse, ctx.ring)
+        dq, dk, dv = not_twice((dq, dk, dv), (grad_out, q, k, v))  # double backward: an error, not a silent zero
         return dq, dk, dv, None
 
 

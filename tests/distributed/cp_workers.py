@@ -137,6 +137,7 @@ def run_checks(world: int) -> dict:
         "ring_negative_window": lambda: ring_attention(x, x, x, window=(-2, 0)),
         "ulysses_heads": lambda: ulysses_attention(x[:, :1], x[:, :1], x[:, :1]) if world > 1 else None,
         "ulysses_block_mask": lambda: ulysses_attention(x, x, x, block_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool)),
+        "ring_twice": lambda: _differentiate_twice(ring_attention),
     }
     found = {}
     for name, call in calls.items():
@@ -187,6 +188,13 @@ def run_tensor_parallel(world: int) -> dict:
                                                        causal=causal, backend=BACKEND, overlap=overlap, **features)
                 found[f"causal={causal}-{name}-overlap={overlap}"] = _error(got, want)
     return found
+
+
+def _differentiate_twice(attention) -> None:
+    """A gradient of a gradient through ``attention`` (a gradient penalty)."""
+    q = torch.randn(1, 4, 4, 8, dtype=torch.float64, requires_grad=True)
+    (dq,) = torch.autograd.grad(attention(q, q, q, backend=BACKEND).sum(), q, create_graph=True)
+    dq.sum().backward()
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

@@ -92,6 +92,7 @@ EXPECTED_ERRORS = {
     "ring_negative_window": ("ValueError", "window must be"),
     "ulysses_heads": ("ValueError", "must be divisible by"),
     "ulysses_block_mask": ("ValueError", "ulysses_attention does not run block_mask"),
+    "ring_twice": ("RuntimeError", "not differentiable twice"),
 }
 
 

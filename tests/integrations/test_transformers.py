@@ -217,7 +217,9 @@ def test_t5_relative_bias_in_inference_and_refused_in_training(name, monkeypatch
     ref = transformers.AutoModelForSeq2SeqLM.from_config(config, attn_implementation="sdpa").eval()
     try:  # T5 calls the attention interface without declaring _supports_attention_backend
         ours = transformers.AutoModelForSeq2SeqLM.from_config(copy.deepcopy(config), attn_implementation=name)
-    except ValueError as error:
+    except ValueError as error:  # an older transformers that gates T5 off the interface; any other error fails
+        if "does not support" not in str(error):
+            raise
         pytest.skip(f"T5 takes no registered attention in transformers {transformers.__version__}: {error}")
     ours.load_state_dict(ref.state_dict())
     ours.eval()
