@@ -299,31 +299,39 @@ class _FakeKernel:
 
     arg_names = ["X", "n", "BLOCK", "FLAG"]
 
-    def __init__(self):
-        self.compiles, self.compiled = 0, []
+    def __init__(self, compiled_type=_FakeCompiled):
+        self.compiles, self.compiled, self.compiled_type = 0, [], compiled_type
 
     def __getitem__(self, grid):
         def launch(*args, **meta):
             self.compiles += 1
-            self.compiled.append(_FakeCompiled())
+            self.compiled.append(self.compiled_type())
             return self.compiled[-1]
         return launch
+
+
+class _FakeDriver:
+    class active:
+        get_current_stream = staticmethod(lambda index: f"stream{index}")
+
+
+def _direct_launches(monkeypatch):
+    """``launch.run`` as on a GPU without launch hooks, with fake drivers and an empty kernel cache."""
+    from portattn.backends.triton import launch
+
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "_launch_hooks", lambda: False)
+    monkeypatch.setattr(launch, "_driver", lambda: _FakeDriver)
+    monkeypatch.setattr(launch, "_COMPILED", {})
+    monkeypatch.setattr(launch, "_DIRECT", True)
+    return launch
 
 
 def test_run_relaunches_compiled_kernels_by_layout(monkeypatch):
     """``launch.run``'s bookkeeping, without a GPU: a repeat with the same spec, plan, strides and
     alignment launches the compiled kernel directly (constexprs appended in parameter order); a new
     stride, alignment, spec or plan goes through the JIT again; launch hooks always do."""
-    from portattn.backends.triton import launch
-
-    class Driver:
-        class active:
-            get_current_stream = staticmethod(lambda index: f"stream{index}")
-
-    monkeypatch.setattr(launch, "interpreting", lambda: False)
-    monkeypatch.setattr(launch, "_launch_hooks", lambda: False)
-    monkeypatch.setattr(launch, "_driver", lambda: Driver)
-    monkeypatch.setattr(launch, "_COMPILED", {})
+    launch = _direct_launches(monkeypatch)
     kernel, spec, plan = _FakeKernel(), object(), object()
     x = torch.zeros(4, 8)
 
@@ -349,30 +357,12 @@ def test_run_relaunches_compiled_kernels_by_layout(monkeypatch):
 def test_a_refused_direct_relaunch_falls_back_to_the_jit(monkeypatch):
     """A Triton whose launcher takes other arguments refuses the direct relaunch before launching anything:
     that launch and every later one go through ``kernel[grid]`` (a warning says so), never a failed call."""
-    from portattn.backends.triton import launch
-
-    class Driver:
-        class active:
-            get_current_stream = staticmethod(lambda index: "stream")
-
     class Refusing(_FakeCompiled):
         def run(self, *args):
             raise TypeError("function takes exactly 12 arguments")
 
-    class Kernel(_FakeKernel):
-        def __getitem__(self, grid):
-            def launch_(*args, **meta):
-                self.compiles += 1
-                self.compiled.append(Refusing())
-                return self.compiled[-1]
-            return launch_
-
-    monkeypatch.setattr(launch, "interpreting", lambda: False)
-    monkeypatch.setattr(launch, "_launch_hooks", lambda: False)
-    monkeypatch.setattr(launch, "_driver", lambda: Driver)
-    monkeypatch.setattr(launch, "_COMPILED", {})
-    monkeypatch.setattr(launch, "_DIRECT", True)
-    kernel, spec, plan, x = Kernel(), object(), object(), torch.zeros(4, 8)
+    launch = _direct_launches(monkeypatch)
+    kernel, spec, plan, x = _FakeKernel(Refusing), object(), object(), torch.zeros(4, 8)
     run = lambda: launch.run(kernel, (3,), ((x, x.stride()), 7), dict(BLOCK=16, FLAG=True), (spec, plan, (x,)))  # noqa: E731
     run()
     with pytest.warns(RuntimeWarning, match="refused a direct relaunch"):
