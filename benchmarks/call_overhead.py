@@ -29,6 +29,9 @@ LARGE = {
     "(4, 16, 4096, 128) causal": dict(q=(4, 16, 4096, 128), kv=(4, 16, 4096, 128), causal=True),
     "(16, 16, 1024, 64)": dict(q=(16, 16, 1024, 64), kv=(16, 16, 1024, 64), causal=False),
 }
+# attention_with_kvcache as an engine calls it each step: q (B, 1, H, D), a full (B, Nk, H_kv, D) cache,
+# cache_seqlens on the GPU (the route that never reads them back)
+KVCACHE = {"kvcache step (8, 32 / 8, 1 q, 4096 k, 128)": dict(batch=8, heads=32, kv_heads=8, keys=4096, head_dim=128)}
 CALLS = 2000
 RUNS = 5
 
@@ -93,6 +96,49 @@ def breakdown(torch, portattn, q, k, v, causal):
     return pieces
 
 
+def _kvcache_inputs(torch, case, device, dtype):
+    b, h, hk, n, d = (case[name] for name in ("batch", "heads", "kv_heads", "keys", "head_dim"))
+    q = torch.randn((b, 1, h, d), device=device, dtype=dtype)
+    k_cache = torch.randn((b, n, hk, d), device=device, dtype=dtype)
+    v_cache = torch.randn((b, n, hk, d), device=device, dtype=dtype)
+    lengths = torch.full((b,), n, dtype=torch.int32, device=device)
+    return q, k_cache, v_cache, lengths
+
+
+def profile(torch, calls: dict, path: str, n: int = 500) -> None:
+    """Where a small call's host time goes: cProfile of ``n`` back-to-back calls of each (by own time), then
+    torch.profiler's table of the CPU-side CUDA API calls and kernels of 20 calls (a synchronization or a
+    copy that should not be there shows up as such)."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with open(path, "w") as report:
+        for name, fn in calls.items():
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as traced:
+                for _ in range(20):
+                    fn()
+                torch.cuda.synchronize()
+            table = traced.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+            report.write(f"===== {name}: cProfile of {n} calls (tottime) =====\n{text.getvalue()}\n"
+                         f"===== {name}: torch.profiler, 20 calls =====\n{table}\n\n")
+            print(f"profiled {name}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
@@ -100,6 +146,8 @@ def main(argv=None):
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
     parser.add_argument("--small-only", action="store_true", help="only the back-to-back small calls (no kernel timing)")
     parser.add_argument("--calls", type=int, default=CALLS, help=f"calls per timed run (default {CALLS})")
+    parser.add_argument("--profile", metavar="PATH", help="also write where the small calls' host time goes (cProfile, "
+                        "torch.profiler) to PATH")
     args = parser.parse_args(argv)
     if args.compare:
         return compare(*args.compare)
@@ -133,6 +181,36 @@ def main(argv=None):
         record["small_us"][name] = row
         record["breakdown_us"][name] = {piece: s * 1e6 for piece, s in breakdown(torch, portattn, q, k, v, case["causal"]).items()}
         print(name, json.dumps(row), json.dumps(record["breakdown_us"][name]), flush=True)
+    for name, case in KVCACHE.items():
+        q, k_cache, v_cache, lengths = _kvcache_inputs(torch, case, device, dtype)
+        row = {}
+        try:
+            from portattn import attention_with_kvcache
+        except ImportError:  # a tree from before the KV cache
+            attention_with_kvcache = None
+        for backend in ("triton", "auto") if attention_with_kvcache else ():
+            row[f"portattn-{backend}"] = _per_call(
+                lambda b=backend: attention_with_kvcache(q, k_cache, v_cache, lengths, backend=b), args.calls,
+                torch.cuda.synchronize, warmup=20) * 1e6
+        # the peers on the same step: (B, H, 1, D) queries against (B, H_kv, Nk, D) views of the cache
+        qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+        for peer, fn in peers.items():
+            try:
+                row[peer] = _per_call(lambda fn=fn: fn(qt, kt, vt, False), args.calls, torch.cuda.synchronize, warmup=20) * 1e6
+            except RuntimeError as error:
+                row[peer] = f"refused: {str(error).splitlines()[0][:80]}"
+        record["small_us"][name] = row
+        print(name, json.dumps(row), flush=True)
+    if args.profile:
+        profiled = {}
+        for name, case in SMALL.items():
+            q, k, v = _inputs(torch, case, device, dtype)
+            profiled[name] = lambda q=q, k=k, v=v, c=case["causal"]: portattn.attention(q, k, v, causal=c, backend="triton")
+        for name, case in KVCACHE.items():
+            q, k_cache, v_cache, lengths = _kvcache_inputs(torch, case, device, dtype)
+            profiled[name] = lambda q=q, kc=k_cache, vc=v_cache, n=lengths: portattn.attention_with_kvcache(
+                q, kc, vc, n, backend="triton")
+        profile(torch, profiled, args.profile)
     for name, case in ({} if args.small_only else LARGE).items():
         q, k, v = _inputs(torch, case, device, dtype, grad=True)
         grad = torch.randn_like(q)

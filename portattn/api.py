@@ -78,12 +78,11 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd
                                 attn_mask=attn_mask, alibi_slopes=alibi_slopes, softcap=softcap, block_mask=block_mask,
                                 block_size=block_size, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
                                 dropout_seed=dropout_seed, device=device)
-    # a call with no feature argument (every step of most models) is looked up by its arrays' metadata;
-    # tested one by one, not through a dict of the features: this runs on every call
-    plain = (attn_mask is None and window is None and alibi_slopes is None and softcap is None and block_mask is None
-             and block_size is None and key_padding_mask is None and dropout_seed is None and device is None
-             and dropout_p == 0.0 and align == "top-left")
-    key = _call_key(q, k, v, causal, scale, backend, layout) if plain else None
+    # a call with no feature array (every step of most models) is looked up by its arrays' metadata and its
+    # scalar options; tested one by one, not through a dict of the features: this runs on every call
+    plain = (attn_mask is None and alibi_slopes is None and block_mask is None and block_size is None
+             and key_padding_mask is None and dropout_seed is None and device is None and dropout_p == 0.0)
+    key = _call_key(q, k, v, causal, scale, backend, layout, align, window, softcap) if plain else None
     call = _PREPARED.get(key) if key is not None else None
     extras = NONE
     if call is None:
@@ -167,7 +166,7 @@ _PREPARED_MAX = 1024
 _SCALAR_TYPES = frozenset((bool, int, float, str, type(None)))  # arguments a call key can hold as they are
 
 
-def _call_key(q, k, v, causal, scale, backend, layout) -> tuple | None:
+def _call_key(q, k, v, causal, scale, backend, layout, align="top-left", window=None, softcap=None) -> tuple | None:
     """What the checks, the backend choice and the plan depend on, for torch tensors and pyopencl arrays
     (whose queue fixes the device); None for arrays of other kinds (they take the full path, which
     also raises the errors for them)."""
@@ -180,10 +179,14 @@ def _call_key(q, k, v, causal, scale, backend, layout) -> tuple | None:
     else:
         return None
     if not (type(causal) in _SCALAR_TYPES and type(scale) in _SCALAR_TYPES and type(backend) in _SCALAR_TYPES
-            and type(layout) in _SCALAR_TYPES):
+            and type(layout) in _SCALAR_TYPES and type(align) in _SCALAR_TYPES and type(softcap) in _SCALAR_TYPES):
         return None  # e.g. a list where a flag belongs: the full path names the argument
+    if window is not None:
+        if type(window) is not tuple or len(window) != 2 or not all(type(side) in _SCALAR_TYPES for side in window):
+            return None
+        window = (window, type(window[0]), type(window[1]))
     # the types too: causal=1 hashes like causal=True but must be refused, not served from the cache
-    return (metas, causal, scale, backend, layout, type(causal), type(scale))
+    return (metas, causal, scale, backend, layout, type(causal), type(scale), align, window, softcap, type(softcap))
 
 
 def _traced(q) -> bool:

@@ -58,26 +58,32 @@ def select(spec: AttentionSpec, requested: str = "auto") -> Backend:
 
 @functools.lru_cache(maxsize=4096)
 def _select(spec: AttentionSpec, requested: str) -> Backend:
+    """Asks only as many backends as it takes: the named one, or for ``"auto"`` each in priority order until
+    one can run the call. Every backend's reasons are gathered only for an error, whose message lists them
+    (a backend's reasons can cost a plan of its own, and a decoding step meets a new key length each time)."""
     backends = registry()
-    ranked = candidates(spec)
-    able = [c.name for c in ranked if c.can_run]
     if requested != "auto":
-        reasons = next(c.reasons for c in ranked if c.name == requested)
+        reasons = tuple(backends[requested].not_supported_reasons(spec))
         if reasons:
             listing = "\n".join(f"  - {r}" for r in reasons)
+            able = [c.name for c in candidates(spec) if c.can_run]
             alternatives = ", ".join(able) if able else "none"
             raise ValueError(f"backend {requested!r} cannot run {spec.label()}:\n{listing}\nbackends that can: {alternatives}")
         return backends[requested]
-    eligible = [c for c in ranked if c.can_run and c.priority is not None]
-    if not eligible and LAST_RESORT in able:
-        _warn_last_resort(spec, [c for c in ranked if not c.can_run])
+    ranked = sorted((name for name, backend in backends.items() if backend.auto_priority.get(spec.device_kind) is not None),
+                    key=lambda name: -backends[name].auto_priority[spec.device_kind])  # stable: registry order on ties
+    for name in ranked:
+        if not backends[name].not_supported_reasons(spec):
+            return backends[name]
+    everyone = candidates(spec)
+    able = [c.name for c in everyone if c.can_run]
+    refused = [c for c in everyone if not c.can_run]
+    if LAST_RESORT in able:
+        _warn_last_resort(spec, refused)
         return backends[LAST_RESORT]
-    if not eligible:
-        raise ValueError(
-            f"no backend can run {spec.label()} on {spec.device} automatically:\n{_format_refusals([c for c in ranked if not c.can_run])}"
-            + (f"\nusable only by name: {', '.join(able)}" if able else "")
-        )
-    return backends[max(eligible, key=lambda c: c.priority).name]
+    raise ValueError(
+        f"no backend can run {spec.label()} on {spec.device} automatically:\n{_format_refusals(refused)}"
+        + (f"\nusable only by name: {', '.join(able)}" if able else ""))
 
 
 # What auto runs when nothing faster can (a numpy-only install): exact but slow, so it says so, once

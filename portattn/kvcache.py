@@ -191,19 +191,28 @@ _SCALARS = (bool, int, float, str, type(None))
 
 def _checks_key(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend, options) -> tuple | None:
     """What ``_checked`` depends on, for torch tensors without ALiBi slopes (whose values the extras hold);
-    None for anything else (numpy arrays and odd arguments take the full path, which raises their errors)."""
+    None for anything else (numpy arrays and odd arguments take the full path, which raises their errors).
+    Plain loops, not generators: this runs on every decoding step."""
     torch = sys.modules.get("torch")
     if torch is None or options["alibi_slopes"] is not None or type(backend) is not str:
         return None
-    tensors = (q, k_cache, v_cache, cache_seqlens, block_table, k, v)
-    if not all(x is None or type(x) is torch.Tensor for x in tensors):
-        return None
-    window = options["window"]
-    if not (all(type(value) in _SCALARS for name, value in options.items() if name != "window")
-            and (window is None or type(window) is tuple and all(type(side) in _SCALARS for side in window))):
-        return None
-    metas = tuple(None if x is None else (x.shape, x.dtype, x.device, x.requires_grad) for x in tensors)
-    return (metas, backend, tuple((value, type(value)) for value in options.values()))
+    tensor = torch.Tensor
+    key = [backend]
+    for x in (q, k_cache, v_cache, cache_seqlens, block_table, k, v):
+        if x is None:
+            key.append(None)
+        elif type(x) is tensor:
+            key.append((x.shape, x.dtype, x.device, x.requires_grad))
+        else:
+            return None
+    for name, value in options.items():
+        if name == "window" and type(value) is tuple:
+            if not all(type(side) in _SCALARS for side in value):
+                return None
+        elif type(value) not in _SCALARS:
+            return None
+        key.append((value, type(value)))  # the type too: causal=1 hashes like True but must be refused
+    return tuple(key)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -219,11 +228,16 @@ def _decode(route: _Route, q, cache_seqlens):
     """The chosen backend's decode kernel on the cache as it lies, results back in the caller's kind."""
     cache, spec, backend = route.cache, route.spec, route.backend
     kind, device = backend.compute_kind, spec.device
+    lengths = cache.ops.lengths(route.lengths, cache_seqlens, route.n_new, cache.k_cache)
+    if kind == "torch" and spec.array_kind == "torch":
+        # torch tensors to a torch backend (every decoding step of a model on a GPU): nothing to convert, and
+        # the kernel's results are the caller's (out in q's dtype, lse float32, on q's device)
+        return backend.decode_kvcache(q, cache.k_cache, cache.v_cache, cache.block_table if cache.paged else None,
+                                      lengths, spec, route.plan, route.extras)
 
     def convert(x):  # host arrays stay views (bfloat16 as its bits: the numpy kernels widen them)
         return arrays.to_numpy_bits(x) if kind == "numpy" else arrays.convert(x, kind, device)
 
-    lengths = cache.ops.lengths(route.lengths, cache_seqlens, route.n_new, cache.k_cache)
     table = None if not cache.paged else convert(cache.block_table)
     extras = route.extras.map_arrays(convert)
     out, lse = backend.decode_kvcache(convert(q), convert(cache.k_cache), convert(cache.v_cache), table,

@@ -134,41 +134,19 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
     min_stages = min(stage_options)
 
     def sram(block_q: int, block_k: int, stages: int) -> int:
-        return block_q * head_dim * e + stages * 2 * block_k * head_dim * e
+        return _gpu_sram(block_q, block_k, stages, head_dim, e)
 
     def registers(block_q: int, block_k: int, threads: int) -> int:
-        # float32 O and S accumulators, plus the Q tile held as the matrix unit's A operand (32-bit registers)
-        q_operand = _blocks(block_q * head_dim * e, 4 * threads) if unit else 0
-        return _blocks(block_q * head_dim + block_q * block_k, threads) + q_operand + GPU_REGISTER_OVERHEAD
+        return _gpu_registers(block_q, block_k, threads, head_dim, e, unit is not None)
 
     preferred_q, preferred_k, why_tile = _preferred_tile(spec, head_dim, e) if unit else (None, None, "")
-
-    cap_q, cap_k = _sparse_caps(spec)
-    candidates = []
-    for block_q in _fit_to_problem(GPU_BLOCK_Q, spec.seqlen_q, rows_per_warp):
-        if block_q % rows_per_warp or block_q > cap_q:
-            continue
-        for block_k in _fit_to_problem(GPU_BLOCK_K, spec.seqlen_k, 16):
-            if block_k % k_multiple or block_k > cap_k:
-                continue
-            for warps in GPU_WARPS:
-                threads = warps * device.simd_width
-                if threads > max_threads:
-                    continue
-                if registers(block_q, block_k, threads) > device.max_registers_per_thread:
-                    continue
-                if unit is None and _fma_per_thread(block_q, block_k, head_dim, threads) > GPU_FMA_PER_THREAD:
-                    continue
-                fitting = [s for s in stage_options if sram(block_q, block_k, s) <= device.sram_per_block]
-                if not fitting:
-                    continue
-                work = batch_heads * _blocks(spec.seqlen_q, block_q)
-                fills = work >= device.compute_units
-                # G7: the ranking key, largest first
-                rank = (fills, block_q == preferred_q, block_k == preferred_k, block_q, block_k, -GPU_WARPS.index(warps),
-                        max(fitting))
-                candidates.append((rank, block_q, block_k, warps, max(fitting)))
-    if not candidates:
+    # the search depends on the lengths only through the block sizes they allow: a decoding step (one more key
+    # each time) reuses the last step's search
+    count, best = _gpu_forward_search(
+        device, spec.dtype, head_dim, _fit_to_problem(GPU_BLOCK_Q, spec.seqlen_q, rows_per_warp),
+        _fit_to_problem(GPU_BLOCK_K, spec.seqlen_k, 16), batch_heads, spec.seqlen_q, preferred_q, preferred_k,
+        _sparse_caps(spec))
+    if best is None:
         smallest = 16 if 16 % rows_per_warp == 0 else rows_per_warp
         most_threads = max(w * device.simd_width for w in GPU_WARPS if w * device.simd_width <= max_threads)
         if sram(smallest, 16, min_stages) > device.sram_per_block:
@@ -178,7 +156,7 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
             limit = (f"G5: a {smallest}x16 tile needs ~{registers(smallest, 16, most_threads)} registers per thread over "
                      f"{most_threads} threads and the device allows {device.max_registers_per_thread}")
         raise ValueError(f"no tiling of head dim {spec.head_dim} ({spec.dtype}) fits {device.name}: {limit}")
-    _, block_q, block_k, warps, stages = max(candidates)
+    block_q, block_k, warps, stages = best
     threads = warps * device.simd_width
     query_blocks = _blocks(spec.seqlen_q, block_q)
     work = batch_heads * query_blocks
@@ -198,7 +176,7 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
         f"(O and S accumulators{' and the Q operand' if unit else ''} over {threads} threads)",
         f"G6 {stages} stage(s): "
         + ("asynchronous copies overlap loads with math" if device.has_async_copy else "no asynchronous copy on this device"),
-        f"G7 {len(candidates)} tilings fit; chose {block_q}x{block_k} with {warps} warps: "
+        f"G7 {count} tilings fit; chose {block_q}x{block_k} with {warps} warps: "
         + (
             f"{work} blocks fill {device.compute_units} compute units, and larger blocks re-read K/V less"
             if work >= device.compute_units
@@ -213,7 +191,9 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
     if splits > 1:
         reasons.append(f"G8 key loop split {splits} ways so {work * splits} units fill {device.compute_units} compute units")
 
-    backward, why_backward = _plan_gpu_backward(spec, device, head_dim, e, stage_options, fma=unit is None)
+    backward, why_backward = _plan_gpu_backward(
+        device, head_dim, e, tuple(stage_options), unit is None, _fit_to_problem(GPU_BACKWARD_BLOCK_K, spec.seqlen_k, 16),
+        spec.seqlen_q, min(_sparse_caps(spec)))
     forward = ForwardTiling(
         block_q=block_q, block_k=block_k, head_dim_padded=head_dim, warps=warps, threads=threads, stages=stages,
         work_units=work * splits, sram_bytes=sram(block_q, block_k, stages),
@@ -222,6 +202,57 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
     return assemble_plan(spec, device, target="gpu", forward=forward, backward=backward,
                          reasons=reasons + [why_backward],
                          matrix_unit=f"{unit.name} {unit.m}x{unit.n}x{unit.k}" if unit else None)
+
+
+def _gpu_sram(block_q: int, block_k: int, stages: int, head_dim: int, e: int) -> int:
+    """G4: the Q tile and ``stages`` K/V tiles in shared memory."""
+    return block_q * head_dim * e + stages * 2 * block_k * head_dim * e
+
+
+def _gpu_registers(block_q: int, block_k: int, threads: int, head_dim: int, e: int, matrix_unit: bool) -> int:
+    """G5: float32 O and S accumulators, plus the Q tile held as the matrix unit's A operand (32-bit registers)."""
+    q_operand = _blocks(block_q * head_dim * e, 4 * threads) if matrix_unit else 0
+    return _blocks(block_q * head_dim + block_q * block_k, threads) + q_operand + GPU_REGISTER_OVERHEAD
+
+
+@functools.lru_cache(maxsize=4096)
+def _gpu_forward_search(device: DeviceSpec, dtype: str, head_dim: int, block_qs: tuple, block_ks: tuple,
+                        batch_heads: int, seqlen_q: int, preferred_q, preferred_k, sparse_caps: tuple):
+    """G4-G7 over the block sizes the problem allows: (how many tilings fit, the chosen (block_q, block_k,
+    warps, stages)), or (0, None) when none fits. Cached: it depends on the key length only through
+    ``block_ks`` and the preferred tile."""
+    e = DTYPE_BYTES[dtype]
+    unit = device.matrix_unit_for(dtype)
+    rows_per_warp = _rows_per_warp(device, dtype)
+    k_multiple = unit.k if unit else 1
+    stage_options = range(GPU_MAX_STAGES, 1, -1) if device.has_async_copy else (1,)
+    cap_q, cap_k = sparse_caps
+    candidates = []
+    for block_q in block_qs:
+        if block_q % rows_per_warp or block_q > cap_q:
+            continue
+        for block_k in block_ks:
+            if block_k % k_multiple or block_k > cap_k:
+                continue
+            for warps in GPU_WARPS:
+                threads = warps * device.simd_width
+                if threads > device.max_threads_per_block:
+                    continue
+                if _gpu_registers(block_q, block_k, threads, head_dim, e, unit is not None) > device.max_registers_per_thread:
+                    continue
+                if unit is None and _fma_per_thread(block_q, block_k, head_dim, threads) > GPU_FMA_PER_THREAD:
+                    continue
+                fitting = [s for s in stage_options if _gpu_sram(block_q, block_k, s, head_dim, e) <= device.sram_per_block]
+                if not fitting:
+                    continue
+                fills = batch_heads * _blocks(seqlen_q, block_q) >= device.compute_units
+                # G7: the ranking key, largest first
+                rank = (fills, block_q == preferred_q, block_k == preferred_k, block_q, block_k, -GPU_WARPS.index(warps),
+                        max(fitting))
+                candidates.append((rank, block_q, block_k, warps, max(fitting)))
+    if not candidates:
+        return 0, None
+    return len(candidates), max(candidates)[1:]
 
 
 def _fma_per_thread(rows: int, cols: int, head_dim: int, threads: int) -> int:
@@ -248,12 +279,14 @@ def _preferred_tile(spec, head_dim: int, e: int) -> tuple[int, int, str]:
                          f"64 x {block_k} tiles ({GPU_SHORT_KV_TILE_BYTES // 1024} KiB of K/V per stage) preferred")
 
 
-def _plan_gpu_backward(spec, device: DeviceSpec, head_dim: int, e: int, stage_options,
-                       fma: bool) -> tuple[BackwardTiling, str]:
-    """Backward blocks (B1-B3): a block owns ``block_k`` keys (dK, dV accumulate in registers) and
-    streams query blocks of ``block_q``; the dQ pass mirrors it (owns ``block_k`` queries, streams
-    ``block_q`` keys). The G4/G5 checks apply with the dK, dV, S and dP accumulators, and G10 when
-    ``fma`` (no matrix unit). Returns the tiling and its reason.
+@functools.lru_cache(maxsize=4096)
+def _plan_gpu_backward(device: DeviceSpec, head_dim: int, e: int, stage_options: tuple, fma: bool, block_ks: tuple,
+                       seqlen_q: int, cap: int) -> tuple[BackwardTiling, str]:
+    """Backward blocks (B1-B3) over the owned key blocks ``block_ks`` the problem allows: a block owns
+    ``block_k`` keys (dK, dV accumulate in registers) and streams query blocks of ``block_q``; the dQ pass
+    mirrors it (owns ``block_k`` queries, streams ``block_q`` keys). The G4/G5 checks apply with the dK, dV,
+    S and dP accumulators, and G10 when ``fma`` (no matrix unit); ``cap`` is the block-sparse limit.
+    Returns the tiling and its reason; cached (a decoding step reuses the last one's).
 
     * B1 owned keys: 64 first -- one warpgroup's MMA rows, and dK, dV for d <= 128 stay in registers
       over 4 warps; then 128, 32, 16.
@@ -270,9 +303,8 @@ def _plan_gpu_backward(spec, device: DeviceSpec, head_dim: int, e: int, stage_op
         return 2 * block_k * head_dim * e + stages * 2 * block_q * head_dim * e
 
     block_q_order = (32, 64, 16) if small_head else (64, 32, 16)
-    cap = min(_sparse_caps(spec))
-    for block_k in _fit_to_problem(GPU_BACKWARD_BLOCK_K, spec.seqlen_k, 16):
-        for block_q in _fit_to_problem(block_q_order, spec.seqlen_q, 16):
+    for block_k in block_ks:
+        for block_q in _fit_to_problem(block_q_order, seqlen_q, 16):
             if max(block_q, block_k) > cap:
                 continue
             for warps in GPU_WARPS:

@@ -137,3 +137,56 @@ def test_attention_s_feature_keywords_are_the_input_path_s():
         assert name in parameters and parameters[name].default == default, name
     core = {"q", "k", "v", "causal", "scale", "backend", "layout", "return_lse", "autotune"}
     assert set(parameters) - core == set(inputs.FEATURE_KEYWORDS)
+
+
+def test_repeated_calls_with_scalar_options_reuse_their_checks_and_keep_them_apart():
+    """A call whose options are scalars (causal with align, window, softcap: every layer of a Hugging Face
+    model) is served from the cache of checked calls, as the checked path computes it; calls differing in one
+    option are not mixed up."""
+    from portattn import api
+
+    q = torch.randn(1, 2, 9, 16, dtype=torch.float64) * 3
+    k = torch.randn(1, 2, 13, 16, dtype=torch.float64) * 3
+    calls = [dict(causal=True, align="bottom-right"), dict(causal=True), dict(window=(3, 0), align="bottom-right"),
+             dict(window=(5, 0), align="bottom-right"), dict(causal=True, softcap=5.0), dict(causal=True, softcap=50.0)]
+    results = []
+    for options in calls:
+        api._PREPARED.clear()
+        first = portattn.attention(q, k, k, backend="reference", **options)  # checked and prepared
+        key = api._call_key(q, k, k, options.get("causal", False), None, "reference", "bhnd",
+                            options.get("align", "top-left"), options.get("window"), options.get("softcap"))
+        assert key in api._PREPARED
+        torch.testing.assert_close(portattn.attention(q, k, k, backend="reference", **options), first, rtol=0, atol=0)
+        results.append(first)
+    for i, a in enumerate(results):
+        for b in results[i + 1:]:
+            assert (a - b).abs().max() > 1e-3
+
+
+def test_selecting_a_backend_asks_only_the_backends_it_needs(monkeypatch):
+    """A named backend is asked alone, and auto asks in priority order until one can run the call: another
+    backend's reasons can cost a plan of its own (opencl's took milliseconds), on every new shape. Every
+    backend is asked only when the call fails, for the message."""
+    from portattn import dispatch
+    from portattn.backends import registry
+    from portattn.inputs import spec_from_arrays
+
+    asked = []
+    for name, backend in registry().items():
+        original = backend.not_supported_reasons
+        monkeypatch.setattr(backend, "not_supported_reasons",
+                            lambda spec, name=name, original=original: asked.append(name) or original(spec))
+    spec = spec_from_arrays(*(torch.randn(1, 2, 7, 16) for _ in range(3)))
+    dispatch._select.cache_clear()
+    assert dispatch.select(spec, "numba").name == "numba" and asked == ["numba"]
+    asked.clear()
+    chosen = dispatch.select(spec, "auto").name
+    ranked = sorted((n for n, b in registry().items() if b.auto_priority.get("cpu") is not None),
+                    key=lambda n: -registry()[n].auto_priority["cpu"])
+    assert asked == ranked[:ranked.index(chosen) + 1]
+    asked.clear()
+    with pytest.raises(ValueError, match="backends that can"):
+        dispatch.select(spec_from_arrays(*(torch.randn(1, 2, 7, 16) for _ in range(3)), causal=True,
+                                         dropout_p=0.5, dropout_seed=1), "opencl")
+    assert set(asked) == set(registry())
+    dispatch._select.cache_clear()

@@ -407,3 +407,45 @@ def test_repeat_launches_take_every_kernel_parameter(triton_backend, monkeypatch
     portattn.attention_with_kvcache(qd, pages, pages, seqlens, table, causal=True, backend="triton")
     assert {"attention_forward", "attention_forward_features", "attention_backward_dkdv", "decode_kvcache",
             "decode_merge"} <= set(checked), checked
+
+
+def test_launch_hooks_are_seen_only_when_set(triton_backend):
+    """Triton 3.5+ keeps launch hooks in a HookChain that is never None: an empty chain is no hook (else every
+    launch would take the JIT's slow path), one with a profiler's hook in it is."""
+    import triton
+
+    from portattn.backends.triton import launch
+
+    assert not launch._launch_hooks()
+    hook = lambda metadata: None  # noqa: E731
+    chain = triton.knobs.runtime.launch_enter_hook
+    if hasattr(chain, "add"):
+        chain.add(hook)
+        try:
+            assert launch._launch_hooks()
+        finally:
+            chain.remove(hook)
+        assert not launch._launch_hooks()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the direct relaunch is taken on a GPU only (the "
+                    "interpreter runs every launch through the JIT); test_run_relaunches_* cover its logic here")
+def test_repeated_calls_skip_the_jit_on_a_gpu(triton_backend, monkeypatch):
+    """After its first call, a repeated forward and a repeated decode step launch the compiled kernels
+    without Triton's JITFunction.run (which binds and specializes every argument on each launch)."""
+    from triton.runtime.jit import JITFunction
+
+    q = torch.randn(1, 8, 128, 64, device="cuda", dtype=torch.float16)
+    qd = torch.randn(2, 1, 8, 64, device="cuda", dtype=torch.float16)
+    cache = torch.randn(2, 4096, 2, 64, device="cuda", dtype=torch.float16)
+    seqlens = torch.tensor([4096, 1000], dtype=torch.int32, device="cuda")
+    calls = [lambda: portattn.attention(q, q, q, causal=True, backend="triton"),
+             lambda: portattn.attention_with_kvcache(qd, cache, cache, seqlens, backend="triton")]
+    want = [call() for call in calls]
+    jitted = []
+    original = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *args, **kwargs: jitted.append(self.fn.__name__) or original(
+        self, *args, **kwargs))
+    for call, expected in zip(calls, want):
+        torch.testing.assert_close(call(), expected, rtol=0, atol=0)
+    assert jitted == [], f"these launches went through Triton's JIT again: {jitted}"

@@ -286,6 +286,25 @@ def test_small_batch_decoding_splits_the_key_loop():
     assert p.key_splits > 1 and p.work_units >= CATALOG["h100"].compute_units
 
 
+def test_a_decoding_step_reuses_the_search_and_plans_as_a_fresh_search_would():
+    """Each decoding step has one more key: the tile searches are cached by what they depend on (the block
+    sizes a length allows), so steps reuse them, and every plan equals the one an empty cache gives."""
+    device = CATALOG["h100"]
+    specs = [AttentionSpec(batch=2, heads=32, kv_heads=8, seqlen_q=q, seqlen_k=k, head_dim=128, dtype="float16",
+                           causal=True, align="bottom-right")
+             for q in (1, 4) for k in (*range(1, 70), 127, 128, 129, 1023, 1024, 1025, 2047, 2048, 2049, 5000)]
+    fresh = []
+    for spec in specs:
+        planner_mod._gpu_forward_search.cache_clear()
+        planner_mod._plan_gpu_backward.cache_clear()
+        fresh.append(planner_mod._plan_gpu(spec, device))
+    planner_mod._gpu_forward_search.cache_clear()
+    cached = [planner_mod._plan_gpu(spec, device) for spec in specs]
+    assert cached == fresh
+    info = planner_mod._gpu_forward_search.cache_info()
+    assert info.hits > 0.8 * len(specs), info
+
+
 # ---- the IO model ---------------------------------------------------------------------------------
 
 IO_ARGS = dict(batch_heads=st.integers(1, 8), seqlen_q=st.integers(0, 5000), seqlen_k=st.integers(0, 5000),

@@ -21,45 +21,105 @@ def decode_kvcache(q, k_cache, v_cache, block_table, lengths, spec, plan, extras
     """``Backend.decode_kvcache`` for torch tensors: out (B, Nq, H, D) in q's dtype, lse float32 (B, H, Nq)."""
     import torch
 
-    batch, n_q, heads, head_dim = q.shape
-    out = torch.empty((batch, n_q, heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
+    paged = block_table is not None
+    step = _step(spec, _launch_config(plan), tuple(q.shape), int(k_cache.shape[0]), int(k_cache.shape[1]) if paged else 0)
+    out = torch.empty(step.out_shape, dtype=q.dtype, device=q.device)
+    # LSE and the float32 partials of the key splits in one allocation: a step's host time is mostly such calls
+    floats = torch.empty(step.floats, dtype=torch.float32, device=q.device)
+    lse = floats.as_strided(step.lse_shape, step.lse_strides)
     if out.numel() == 0:
         return out, lse
-    splits = plan.key_splits
-    if splits == 1:  # the programs write the results; their split strides are never used
-        part_out, part_lse = out[None], lse[None]
+    if step.splits == 1:  # the programs write the results; their split strides are never used
+        part_out, part_lse = (out, (*out.stride(), 0)), (lse, (*step.lse_strides, 0))
     else:
-        part_out = torch.empty((splits, *out.shape), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((splits, *lse.shape), dtype=torch.float32, device=q.device)
-    paged = block_table is not None
+        part_out = (floats.as_strided(*step.part_out), step.part_out_strides)
+        part_lse = (floats.as_strided(*step.part_lse), step.part_lse_strides)
     table = block_table if paged else lengths  # a placeholder pointer when contiguous (never read)
-    left, right = spec.window if spec.window is not None else (None, None)
     slopes = extras.alibi_slopes if spec.alibi else lengths
     slope_strides = slopes.stride() if spec.alibi else (0, 0)
-    block_d = max(16, 1 << (head_dim - 1).bit_length())
-    grid = (batch * spec.kv_heads * plan.row_blocks, splits)
     # every argument but the caller's tensors (and the page count, read off k_cache's shape) follows from
     # spec and plan: a repeated step relaunches the compiled kernel directly (launch.run)
-    callers = (q, k_cache, v_cache, table, lengths, slopes)
-    config = _launch_config(plan)
     with launch.on_device(q):
         launch.run(
-            kernels().decode_kvcache, grid,
-            (launch.view(q), launch.view(k_cache), launch.view(v_cache),
-             (part_out, (*part_out.stride()[1:], part_out.stride(0))), (part_lse, (*part_lse.stride()[1:], part_lse.stride(0))),
-             table, table.stride(0), lengths, slopes, *slope_strides,
-             spec.kv_heads, n_q, spec.seqlen_k, k_cache.shape[0], spec.softmax_scale * LOG2E, plan.keys_per_split,
-             left or 0, right or 0, (spec.softcap or 0.0) * LOG2E),
-            _decode_meta(spec, config, head_dim, int(k_cache.shape[1]) if paged else 0, block_d),
-            (spec, config, callers),
+            kernels().decode_kvcache, step.grid,
+            ((q, q.stride()), (k_cache, k_cache.stride()), (v_cache, v_cache.stride()), part_out, part_lse,
+             table, table.stride(0), lengths, slopes, *slope_strides, *step.scalars),
+            step.meta, (spec, step.config, (q, k_cache, v_cache, table, lengths, slopes)),
         )
-        if splits > 1:
-            launch.run(kernels().decode_merge, (batch * n_q * heads,),
-                       (part_out, part_lse, launch.view(out), lse, splits, heads, n_q),
-                       dict(HEAD_DIM=head_dim, BLOCK_S=max(2, 1 << (splits - 1).bit_length()), BLOCK_D=block_d),
-                       (spec, config, (out,)))
+        if step.splits > 1:
+            launch.run(kernels().decode_merge, step.merge_grid,
+                       (part_out[0], part_lse[0], (out, out.stride()), lse, *step.merge_scalars), step.merge_meta,
+                       (spec, step.config, (out,)))
     return out, lse
+
+
+class Step(NamedTuple):
+    """What a decode launch takes that follows from the spec, the plan's launch fields and the shapes:
+    worked out once, so that each decoding step only allocates and launches."""
+
+    config: "LaunchConfig"
+    splits: int
+    out_shape: tuple  # (B, Nq, H, D)
+    floats: int  # float32 elements of the LSE and the partials, one allocation
+    lse_shape: tuple
+    lse_strides: tuple
+    part_out: tuple  # (shape, strides, offset) in the float32 allocation, split axis first
+    part_out_strides: tuple  # as the kernel takes them: (B, Nq, H, D) strides, then the split stride
+    part_lse: tuple
+    part_lse_strides: tuple
+    grid: tuple
+    scalars: tuple
+    meta: dict
+    merge_grid: tuple
+    merge_scalars: tuple
+    merge_meta: dict
+
+
+_STEPS: dict[tuple, tuple] = {}
+
+
+def _step(spec, config: "LaunchConfig", q_shape: tuple, cache_rows: int, page_size: int) -> Step:
+    """``Step`` of a call, looked up by the identity of its spec (a repeated step's is the same object, and a
+    dataclass hash of every field would cost more than the lookup saves)."""
+    key = (id(spec), config, q_shape, cache_rows, page_size)
+    entry = _STEPS.get(key)
+    if entry is None or entry[0] is not spec:  # ids can be reused by new objects
+        if len(_STEPS) >= 4096:
+            _STEPS.clear()
+        entry = _STEPS[key] = (spec, _make_step(spec, config, q_shape, cache_rows, page_size))
+    return entry[1]
+
+
+def _make_step(spec, config: "LaunchConfig", q_shape: tuple, cache_rows: int, page_size: int) -> Step:
+    batch, n_q, heads, head_dim = q_shape
+    splits = config.key_splits
+    n_out, n_lse = batch * n_q * heads * head_dim, batch * heads * n_q
+    lse_shape, lse_strides = (batch, heads, n_q), (heads * n_q, n_q, 1)
+    out_strides = (n_q * heads * head_dim, heads * head_dim, head_dim, 1)
+    # [lse | partial LSEs | partial outputs]: the partial outputs start 16-byte aligned
+    part_out_offset = -(-(n_lse * (1 + splits)) // 4) * 4
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    left, right = spec.window if spec.window is not None else (None, None)
+    meta = dict(GROUP=spec.group_size, HEAD_DIM=head_dim, BLOCK_M=config.block_q, BLOCK_N=config.block_k,
+                BLOCK_D=block_d, PAGE_SIZE=page_size, CAUSAL=spec.causal, HAS_LEFT=left is not None,
+                HAS_RIGHT=right is not None, SOFTCAP=spec.softcap is not None, ALIBI=spec.alibi,
+                IN_PRECISION=launch.precision_for(spec.dtype), num_warps=config.warps, num_stages=config.stages)
+    return Step(
+        config=config, splits=splits, out_shape=q_shape,
+        floats=part_out_offset + splits * n_out if splits > 1 else n_lse,
+        lse_shape=lse_shape, lse_strides=lse_strides,
+        part_out=((splits, *q_shape), (n_out, *out_strides), part_out_offset),
+        part_out_strides=(*out_strides, n_out),
+        part_lse=((splits, *lse_shape), (n_lse, *lse_strides), n_lse),
+        part_lse_strides=(*lse_strides, n_lse),
+        grid=(batch * spec.kv_heads * config.row_blocks, splits),
+        scalars=(spec.kv_heads, n_q, spec.seqlen_k, cache_rows, spec.softmax_scale * LOG2E, config.keys_per_split,
+                 left or 0, right or 0, (spec.softcap or 0.0) * LOG2E),
+        meta=meta,
+        merge_grid=(batch * n_q * heads,),
+        merge_scalars=(splits, heads, n_q),
+        merge_meta=dict(HEAD_DIM=head_dim, BLOCK_S=max(2, 1 << (splits - 1).bit_length()), BLOCK_D=block_d),
+    )
 
 
 class LaunchConfig(NamedTuple):
@@ -86,13 +146,3 @@ def _launch_config(plan) -> LaunchConfig:
     if len(_CONFIGS) >= 4096:
         _CONFIGS.clear()
     return _CONFIGS.setdefault(config, config)
-
-
-@functools.lru_cache(maxsize=1024)
-def _decode_meta(spec, config: LaunchConfig, head_dim: int, page_size: int, block_d: int) -> dict:
-    """The decode kernel's constexprs and launch options (they follow from spec, plan and the page size)."""
-    left, right = spec.window if spec.window is not None else (None, None)
-    return dict(GROUP=spec.group_size, HEAD_DIM=head_dim, BLOCK_M=config.block_q, BLOCK_N=config.block_k,
-                BLOCK_D=block_d, PAGE_SIZE=page_size, CAUSAL=spec.causal, HAS_LEFT=left is not None,
-                HAS_RIGHT=right is not None, SOFTCAP=spec.softcap is not None, ALIBI=spec.alibi,
-                IN_PRECISION=launch.precision_for(spec.dtype), num_warps=config.warps, num_stages=config.stages)

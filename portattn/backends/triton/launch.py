@@ -247,8 +247,14 @@ def _direct_launch_failed(error: Exception) -> None:
 
 
 def _launch_hooks() -> bool:
-    knobs = _triton().knobs
-    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    """True when a launch hook (a profiler's) is set: such launches take Triton's own path, which calls it."""
+    runtime = _triton().knobs.runtime
+    return _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook)
+
+
+def _hooked(hook) -> bool:
+    # Triton up to 3.4 keeps one hook or None; later ones a HookChain that is never None, empty when unhooked
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 @functools.lru_cache(maxsize=None)
