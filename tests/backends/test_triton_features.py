@@ -323,6 +323,7 @@ def _direct_launches(monkeypatch):
     monkeypatch.setattr(launch, "_launch_hooks", lambda: False)
     monkeypatch.setattr(launch, "_driver", lambda: _FakeDriver)
     monkeypatch.setattr(launch, "_COMPILED", {})
+    monkeypatch.setattr(launch, "_BY_SIGNATURE", {})
     monkeypatch.setattr(launch, "_DIRECT", True)
     return launch
 
@@ -330,28 +331,48 @@ def _direct_launches(monkeypatch):
 def test_run_relaunches_compiled_kernels_by_layout(monkeypatch):
     """``launch.run``'s bookkeeping, without a GPU: a repeat with the same spec, plan, strides and
     alignment launches the compiled kernel directly (constexprs appended in parameter order); a new
-    stride, alignment, spec or plan goes through the JIT again; launch hooks always do."""
+    stride or alignment goes through the JIT again; a new spec or plan whose arguments Triton would
+    specialize alike reuses the compiled kernel; launch hooks always take the JIT."""
     launch = _direct_launches(monkeypatch)
     kernel, spec, plan = _FakeKernel(), object(), object()
     x = torch.zeros(4, 8)
 
-    def call(tensor, spec=spec, plan=plan):
-        launch.run(kernel, (3, 2), ((tensor, tensor.stride()), 7), dict(BLOCK=16, FLAG=True, num_warps=4),
+    def call(tensor, spec=spec, plan=plan, n=7):
+        launch.run(kernel, (3, 2), ((tensor, tensor.stride()), n), dict(BLOCK=16, FLAG=True, num_warps=4),
                    (spec, plan, (tensor,)))
 
     call(x)
     call(x)
     assert kernel.compiles == 1
-    assert kernel.compiled[0].launches == [(3, 2, 1, "streamNone", "function", "metadata", None, None, None,
+    assert kernel.compiled[0].launches == [(3, 2, 1, "stream-1", "function", "metadata", None, None, None,
                                             (x, x.stride()), 7, 16, True)]
-    call(x.t())  # new strides
+    call(x.t())  # new strides: (1, 8) specializes differently from (8, 1)
     call(torch.zeros(33)[1:].view(4, 8))  # 4 bytes past a 16-byte boundary
-    call(x, spec=object())
+    assert kernel.compiles == 3
+    call(x, spec=object(), n=9)  # a decoding step's new spec, with an integer Triton treats as 7
     call(x, plan=object())
+    assert kernel.compiles == 3 and kernel.compiled[0].launches[-2][-3] == 9
+    call(x, spec=object(), n=32)  # a multiple of 16: another specialization
+    call(x, spec=object(), n=1)  # 1: another again
     assert kernel.compiles == 5
     monkeypatch.setattr(launch, "_launch_hooks", lambda: True)
     call(x)
     assert kernel.compiles == 6
+
+
+def test_signature_is_what_triton_specializes_on():
+    """Arguments alike for Triton get one signature; each difference Triton compiles apart does not."""
+    from portattn.backends.triton.launch import signature
+
+    x = torch.zeros(64)
+    same = [(x, 7, 0.5, None, True), (torch.ones(64), 9, 2.0, None, False), (x[4:], 3, 1.0, None, True)]
+    assert len({signature(args) for args in same}) == 1
+    different = [(x[1:], 7, 0.5, None, True), (x.half(), 7, 0.5, None, True), (x, 1, 0.5, None, True),
+                 (x, 16, 0.5, None, True), (x, 2**31 + 1, 0.5, None, True), (x, 2**63 + 1, 0.5, None, True),
+                 (x, 7, 1, None, True), (x, 7, 0.5, x, True), (x, 7, 0.5, None, 3)]
+    assert len({signature(args) for args in [same[0], *different]}) == 1 + len(different)
+    assert signature(((x, (8, 1)), 5)) == signature(((x, (24, 1)), 3)) != signature(((x, (8, 2)), 5))
+    assert signature((x, object())) is None
 
 
 def test_a_refused_direct_relaunch_falls_back_to_the_jit(monkeypatch):
@@ -432,7 +453,10 @@ def test_launch_hooks_are_seen_only_when_set(triton_backend):
                     "interpreter runs every launch through the JIT); test_run_relaunches_* cover its logic here")
 def test_repeated_calls_skip_the_jit_on_a_gpu(triton_backend, monkeypatch):
     """After its first call, a repeated forward and a repeated decode step launch the compiled kernels
-    without Triton's JITFunction.run (which binds and specializes every argument on each launch)."""
+    without Triton's JITFunction.run (which binds and specializes every argument on each launch); so do
+    decoding steps through ``attention`` whose cache grows by one key each step (Hugging Face's
+    DynamicCache), once their specializations have been met, and each result is right."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
     from triton.runtime.jit import JITFunction
 
     q = torch.randn(1, 8, 128, 64, device="cuda", dtype=torch.float16)
@@ -442,10 +466,22 @@ def test_repeated_calls_skip_the_jit_on_a_gpu(triton_backend, monkeypatch):
     calls = [lambda: portattn.attention(q, q, q, causal=True, backend="triton"),
              lambda: portattn.attention_with_kvcache(qd, cache, cache, seqlens, backend="triton")]
     want = [call() for call in calls]
+    step_q = torch.randn(1, 8, 1, 64, device="cuda", dtype=torch.float16)
+    keys = torch.randn(1, 2, 2100, 64, device="cuda", dtype=torch.float16)
+
+    def step(n):  # a fresh (1, 2, n, 64) cache, as torch.cat makes each step
+        k = keys[:, :, :n].clone()
+        return portattn.attention(step_q, k, k, causal=True, align="bottom-right", backend="triton"), k
+
+    for n in range(2000, 2032):  # meets both specializations of the growing lengths
+        step(n)
     jitted = []
     original = JITFunction.run
     monkeypatch.setattr(JITFunction, "run", lambda self, *args, **kwargs: jitted.append(self.fn.__name__) or original(
         self, *args, **kwargs))
     for call, expected in zip(calls, want):
         torch.testing.assert_close(call(), expected, rtol=0, atol=0)
+    for n in range(2032, 2064):
+        out, k = step(n)
+        torch.testing.assert_close(out, sdpa(step_q, k, k, enable_gqa=True), rtol=2e-3, atol=2e-3)
     assert jitted == [], f"these launches went through Triton's JIT again: {jitted}"

@@ -196,6 +196,9 @@ def block_reach(spec, query_blocks: int, key_blocks: int, device):
 # the spec and plan alone. Values: (spec, plan, compiled kernel, constexpr values in parameter order).
 _COMPILED: dict[tuple, tuple] = {}
 _COMPILED_MAX = 4096
+# The same compiled kernels by what Triton itself specializes a launch on (``signature``): a call with a new
+# spec -- a decoding step, one key longer than the last -- mostly launches a kernel compiled before.
+_BY_SIGNATURE: dict[tuple, tuple] = {}
 
 
 def run(kernel, grid, args: tuple, meta: dict, reuse=None) -> None:
@@ -203,7 +206,9 @@ def run(kernel, grid, args: tuple, meta: dict, reuse=None) -> None:
     other than ``tensors`` (the caller's, whose strides and alignment vary) follow from spec and plan, and
     whose other tensors are fresh contiguous allocations -- a repeat launch runs the kernel Triton compiled
     the first time directly: JITFunction.run binds and specializes every argument on each launch, tens of
-    microseconds that are most of a small call's time. Launch hooks (profilers) take the full path."""
+    microseconds that are most of a small call's time. A launch with a new spec or plan looks its kernel up
+    by Triton's own specialization of the arguments (``signature``), so it is compiled or bound through the
+    JIT only when Triton would compile it. Launch hooks (profilers) take the full path."""
     if reuse is None or not _DIRECT or interpreting() or _launch_hooks():
         kernel[grid](*args, **meta)
         return
@@ -211,17 +216,32 @@ def run(kernel, grid, args: tuple, meta: dict, reuse=None) -> None:
     # Triton specializes tensors on dtype (fixed by the spec) and 16-byte alignment, integers (the strides
     # among them) on their value being 1 or a multiple of 16: keying on the strides themselves covers that,
     # and on the shapes the integers a launch reads off them (a paged cache's page count)
-    key = (id(kernel), id(spec), id(plan), *[(t.shape, t.stride(), t.data_ptr() % 16 == 0) for t in tensors])
+    # and the GPU: a kernel is loaded on each device it runs on
+    device = tensors[0].get_device()
+    key = (id(kernel), id(spec), id(plan), device, *[(t.shape, t.stride(), t.data_ptr() % 16 == 0) for t in tensors])
     entry = _COMPILED.get(key)
     if entry is None or entry[0] is not spec or entry[1] is not plan:  # ids can be reused by new objects
-        compiled = kernel[grid](*args, **meta)
+        by_signature = signature(args)
+        by_signature = by_signature and (id(kernel), device, tuple(meta.items()), by_signature)
+        found = _BY_SIGNATURE.get(by_signature) if by_signature else None
+        if found is None or found[0] is not kernel:
+            compiled = kernel[grid](*args, **meta)
+            # the launcher takes every parameter, constexprs included, in the kernel's order
+            found = (kernel, compiled, tuple(meta[name] for name in kernel.arg_names[len(args):]))
+            if by_signature:
+                if len(_BY_SIGNATURE) >= _COMPILED_MAX:
+                    _BY_SIGNATURE.clear()
+                _BY_SIGNATURE[by_signature] = found
+            launched = True
+        else:
+            launched = False
         if len(_COMPILED) >= _COMPILED_MAX:
             _COMPILED.clear()
-        # the launcher takes every parameter, constexprs included, in the kernel's order
-        _COMPILED[key] = (spec, plan, compiled, tuple(meta[name] for name in kernel.arg_names[len(args):]))
-        return
+        entry = _COMPILED[key] = (spec, plan, found[1], found[2])
+        if launched:
+            return
     compiled, constexprs = entry[2], entry[3]
-    stream = _driver().active.get_current_stream(tensors[0].device.index)
+    stream = _driver().active.get_current_stream(device)
     grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
     try:
         compiled.run(grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, None, None, None,
@@ -231,6 +251,38 @@ def run(kernel, grid, args: tuple, meta: dict, reuse=None) -> None:
         # arguments refuses them before anything is launched: take Triton's own path from now on, and say so
         _direct_launch_failed(error)
         kernel[grid](*args, **meta)
+
+
+_I32 = range(-2**31, 2**31)
+_I64 = range(-2**63, 2**63)
+
+
+def signature(args) -> tuple | None:
+    """What Triton (3.x) specializes a kernel on among positional arguments ``args``: a tensor's dtype and
+    whether its address is 16-byte aligned; an integer's type (i32, i64, u64) and whether it is 1 or a
+    multiple of 16; a float or bool by type alone; None as such; tuples element by element. None when an
+    argument is of another kind (its launch then takes Triton's JIT, which knows it)."""
+    key = []
+    for x in args:
+        kind = type(x)
+        if kind is int:
+            key.append("1" if x == 1 else (x in _I32, x in _I64, x % 16 == 0))
+        elif kind is float:
+            key.append("fp32")
+        elif kind is bool:
+            key.append("i1")
+        elif x is None:
+            key.append(None)
+        elif isinstance(x, tuple):
+            inner = signature(x)
+            if inner is None:
+                return None
+            key.append(inner)
+        elif hasattr(x, "data_ptr") and hasattr(x, "dtype"):
+            key.append((x.dtype, x.data_ptr() % 16 == 0))
+        else:
+            return None
+    return tuple(key)
 
 
 _DIRECT = True  # False once a direct relaunch was refused: every launch then goes through JITFunction.run
