@@ -485,3 +485,29 @@ def test_repeated_calls_skip_the_jit_on_a_gpu(triton_backend, monkeypatch):
         out, k = step(n)
         torch.testing.assert_close(out, sdpa(step_q, k, k, enable_gqa=True), rtol=2e-3, atol=2e-3)
     assert jitted == [], f"these launches went through Triton's JIT again: {jitted}"
+
+
+@pytest.mark.parametrize("n_q, n_k, kv_heads, causal, kwargs", [
+    (1, 301, 2, True, {}), (3, 77, 4, True, {"softcap": 10.0}), (16, 130, 1, True, {"window": (7, 0)}),
+    (5, 53, 2, False, {}),
+])
+def test_few_query_calls_run_the_decode_kernel_forward_and_backward(triton_backend, monkeypatch, n_q, n_k, kv_heads,
+                                                                    causal, kwargs):
+    """``attention`` with at most 16 queries per sequence (a decoding step through a model's own cache) runs
+    the decode kernel, GQA packed, bottom-right aligned; its output and LSE serve the usual backward."""
+    from portattn.backends.triton import decode
+
+    ran = []
+    original = decode.attention
+    monkeypatch.setattr(decode, "attention", lambda *args: ran.append(1) or original(*args))
+    q, k, v, do = _inputs(2, 4, kv_heads, n_q, n_k, 32)
+    want_out, want_lse, grads = _expected(q, k, v, do, causal, {"align": "bottom-right", **kwargs})
+    qt, kt, vt = (_to(x, torch.float32) for x in (q, k, v))
+    out, lse = portattn.attention(qt, kt, vt, causal=causal, align="bottom-right", backend="triton", return_lse=True,
+                                  **_on_device(kwargs))
+    assert ran and out.is_contiguous()
+    _close("out", out, want_out, TOL[torch.float32])
+    _close("lse", lse, want_lse, TOL[torch.float32])
+    out.backward(do.float().to(_device()))
+    for what, x, want in (("dq", qt, grads[0]), ("dk", kt, grads[1]), ("dv", vt, grads[2])):
+        _close(what, x.grad, want, 4 * TOL[torch.float32])

@@ -36,6 +36,7 @@ sizes a real H100 would get.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from ...devices import catalog, cuda_index, probe
 from ...extras import NONE
@@ -124,6 +125,11 @@ class TritonBackend(Backend):
         return probe.probe_cuda(cuda_index(spec.device))
 
     def forward(self, q, k, v, spec, plan, extras):
+        steps = _decode_steps(self, spec)
+        if steps is not None:  # few queries per sequence: the decode kernel (GQA packed, split-KV)
+            from . import decode
+
+            return decode.attention(q, k, v, spec, steps, extras)
         import torch
 
         batch, heads, seqlen_q, head_dim = q.shape  # varlen: (1, H, total_q, D)
@@ -156,6 +162,16 @@ class TritonBackend(Backend):
         if splits > 1:
             launch.merge_splits(part_out, part_lse, out, lse)
         return out, lse
+
+    def plan(self, spec, device=None):
+        plan = super().plan(spec, device)
+        steps = _decode_steps(self, spec)
+        if steps is None:
+            return plan
+        return dataclasses.replace(plan, reasons=(*plan.reasons, (
+            f"D0 {spec.seqlen_q} queries per sequence: the forward runs the decode kernel, {steps.key_splits} key "
+            f"split(s) of >= {steps.keys_per_split} keys, {steps.block_k}-key tiles, the {spec.group_size} query heads "
+            "of a KV group packed into one tile (tiling/decode.py); the tiles above serve the backward")))
 
     def decode_kvcache(self, q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
         from . import decode
@@ -235,3 +251,12 @@ class TritonBackend(Backend):
         return keep.bool().cpu().numpy()
 
 
+@functools.lru_cache(maxsize=4096)
+def _decode_steps(backend, spec):
+    """The decode plan ``forward`` runs ``spec`` with, or None when it takes the prefill kernels
+    (``decode.takes``): cached per spec, since a forward asks on every call."""
+    from . import decode
+
+    if not decode.takes(spec) or backend.kvcache_reasons(dataclasses.replace(spec, requires_grad=False), 0):
+        return None
+    return backend.decode_plan(spec, 0, spec.batch * spec.seqlen_k)

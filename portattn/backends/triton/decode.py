@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+from ...tiling.decode import MAX_QUERIES
 from . import launch
 
 LOG2E = 1.4426950408889634
@@ -21,36 +22,78 @@ def decode_kvcache(q, k_cache, v_cache, block_table, lengths, spec, plan, extras
     """``Backend.decode_kvcache`` for torch tensors: out (B, Nq, H, D) in q's dtype, lse float32 (B, H, Nq)."""
     import torch
 
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = _launch(_view(q), _view(k_cache), _view(v_cache), _view(out), block_table, lengths, int(k_cache.shape[0]),
+                  spec, plan, extras)
+    return out, lse
+
+
+def attention(q, k, v, spec, plan, extras):
+    """``Backend.forward`` of a call ``takes`` accepts: (B, H, Nq, D) q against (B, H_kv, Nk, D) k and v through
+    the decode kernel, every sequence holding all Nk keys. out (B, H, Nq, D) contiguous, lse (B, H, Nq)."""
+    import torch
+
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = _launch(*(_view(x, bhnd=True) for x in (q, k, v, out)), None, None, spec.batch, spec, plan, extras)
+    return out, lse
+
+
+def takes(spec) -> bool:
+    """True when ``attention`` should run ``spec`` through the decode kernel: few queries per sequence (at most
+    ``MAX_QUERIES``: decoding, speculative steps), which it packs with the query heads of their KV group so each
+    K/V row is read once for the group, with its key splits merged by a kernel; and features it has (causal,
+    window and ALiBi bottom-right aligned, as it places queries -- or without a position rule --, softcap).
+    Masks, key padding, dropout, varlen and block sparsity take the prefill kernel."""
+    return (0 < spec.seqlen_q <= MAX_QUERIES and spec.mask is None and not spec.key_padding and not spec.varlen
+            and spec.block_size is None and not spec.dropout_p
+            and (spec.align == "bottom-right" or not (spec.causal or spec.window is not None or spec.alibi)))
+
+
+def _view(x, bhnd: bool = False):
+    """(tensor, strides in (batch, row, head, dim) order) as the decode kernels take it; ``bhnd``: x is (B, H, N, D)."""
+    strides = x.stride()
+    return x, (strides[0], strides[2], strides[1], strides[3]) if bhnd else strides
+
+
+def _launch(q, k, v, out, block_table, lengths, cache_rows: int, spec, plan, extras):
+    """The decode kernel (and the merge of its key splits) on (tensor, (b, n, h, d) strides) views, writing
+    ``out``; returns the float32 (B, H, Nq) LSE. ``lengths`` None: every sequence holds all its keys."""
+    import torch
+
+    q, q_strides = q
+    out, out_strides = out
     paged = block_table is not None
-    step = _step(spec, _launch_config(plan), tuple(q.shape), int(k_cache.shape[0]), int(k_cache.shape[1]) if paged else 0)
-    out = torch.empty(step.out_shape, dtype=q.dtype, device=q.device)
+    step = _step(spec, _launch_config(plan), (spec.batch, spec.seqlen_q, spec.heads, spec.head_dim), cache_rows,
+                 int(k[0].shape[1]) if paged else 0, lengths is not None)
     # LSE and the float32 partials of the key splits in one allocation: a step's host time is mostly such calls
     floats = torch.empty(step.floats, dtype=torch.float32, device=q.device)
     lse = floats.as_strided(step.lse_shape, step.lse_strides)
     if out.numel() == 0:
-        return out, lse
+        return lse
     if step.splits == 1:  # the programs write the results; their split strides are never used
-        part_out, part_lse = (out, (*out.stride(), 0)), (lse, (*step.lse_strides, 0))
+        part_out, part_lse = (out, (*out_strides, 0)), (lse, (*step.lse_strides, 0))
     else:
         part_out = (floats.as_strided(*step.part_out), step.part_out_strides)
         part_lse = (floats.as_strided(*step.part_lse), step.part_lse_strides)
-    table = block_table if paged else lengths  # a placeholder pointer when contiguous (never read)
-    slopes = extras.alibi_slopes if spec.alibi else lengths
+    placeholder = k[0]  # a pointer for the arguments the kernel never reads in this call
+    table = block_table if paged else (lengths if lengths is not None else placeholder)
+    lengths = lengths if lengths is not None else placeholder
+    slopes = extras.alibi_slopes if spec.alibi else placeholder
     slope_strides = slopes.stride() if spec.alibi else (0, 0)
     # every argument but the caller's tensors (and the page count, read off k_cache's shape) follows from
     # spec and plan: a repeated step relaunches the compiled kernel directly (launch.run)
     with launch.on_device(q):
         launch.run(
             kernels().decode_kvcache, step.grid,
-            ((q, q.stride()), (k_cache, k_cache.stride()), (v_cache, v_cache.stride()), part_out, part_lse,
-             table, table.stride(0), lengths, slopes, *slope_strides, *step.scalars),
-            step.meta, (spec, step.config, (q, k_cache, v_cache, table, lengths, slopes)),
+            ((q, q_strides), k, v, part_out, part_lse, table, table.stride(0), lengths, slopes, *slope_strides,
+             *step.scalars),
+            step.meta, (spec, step.config, (q, k[0], v[0], out, table, lengths, slopes)),
         )
         if step.splits > 1:
             launch.run(kernels().decode_merge, step.merge_grid,
-                       (part_out[0], part_lse[0], (out, out.stride()), lse, *step.merge_scalars), step.merge_meta,
+                       (part_out[0], part_lse[0], (out, out_strides), lse, *step.merge_scalars), step.merge_meta,
                        (spec, step.config, (out,)))
-    return out, lse
+    return lse
 
 
 class Step(NamedTuple):
@@ -59,7 +102,6 @@ class Step(NamedTuple):
 
     config: "LaunchConfig"
     splits: int
-    out_shape: tuple  # (B, Nq, H, D)
     floats: int  # float32 elements of the LSE and the partials, one allocation
     lse_shape: tuple
     lse_strides: tuple
@@ -78,19 +120,20 @@ class Step(NamedTuple):
 _STEPS: dict[tuple, tuple] = {}
 
 
-def _step(spec, config: "LaunchConfig", q_shape: tuple, cache_rows: int, page_size: int) -> Step:
+def _step(spec, config: "LaunchConfig", q_shape: tuple, cache_rows: int, page_size: int, has_lengths: bool) -> Step:
     """``Step`` of a call, looked up by the identity of its spec (a repeated step's is the same object, and a
     dataclass hash of every field would cost more than the lookup saves)."""
-    key = (id(spec), config, q_shape, cache_rows, page_size)
+    key = (id(spec), config, q_shape, cache_rows, page_size, has_lengths)
     entry = _STEPS.get(key)
     if entry is None or entry[0] is not spec:  # ids can be reused by new objects
         if len(_STEPS) >= 4096:
             _STEPS.clear()
-        entry = _STEPS[key] = (spec, _make_step(spec, config, q_shape, cache_rows, page_size))
+        entry = _STEPS[key] = (spec, _make_step(spec, config, q_shape, cache_rows, page_size, has_lengths))
     return entry[1]
 
 
-def _make_step(spec, config: "LaunchConfig", q_shape: tuple, cache_rows: int, page_size: int) -> Step:
+def _make_step(spec, config: "LaunchConfig", q_shape: tuple, cache_rows: int, page_size: int,
+               has_lengths: bool) -> Step:
     batch, n_q, heads, head_dim = q_shape
     splits = config.key_splits
     n_out, n_lse = batch * n_q * heads * head_dim, batch * heads * n_q
@@ -103,9 +146,10 @@ def _make_step(spec, config: "LaunchConfig", q_shape: tuple, cache_rows: int, pa
     meta = dict(GROUP=spec.group_size, HEAD_DIM=head_dim, BLOCK_M=config.block_q, BLOCK_N=config.block_k,
                 BLOCK_D=block_d, PAGE_SIZE=page_size, CAUSAL=spec.causal, HAS_LEFT=left is not None,
                 HAS_RIGHT=right is not None, SOFTCAP=spec.softcap is not None, ALIBI=spec.alibi,
-                IN_PRECISION=launch.precision_for(spec.dtype), num_warps=config.warps, num_stages=config.stages)
+                IN_PRECISION=launch.precision_for(spec.dtype), HAS_LENGTHS=has_lengths, num_warps=config.warps,
+                num_stages=config.stages)
     return Step(
-        config=config, splits=splits, out_shape=q_shape,
+        config=config, splits=splits,
         floats=part_out_offset + splits * n_out if splits > 1 else n_lse,
         lse_shape=lse_shape, lse_strides=lse_strides,
         part_out=((splits, *q_shape), (n_out, *out_strides), part_out_offset),

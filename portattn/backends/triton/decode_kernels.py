@@ -50,11 +50,12 @@ def decode_kvcache(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, IN_PRECISION: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
 ):
     """Grid (B * H_kv * row blocks, splits). Q (B, Nq, H, D) and the caches as views (tensor, strides);
     O a (B, Nq, H, D) view with a fifth (split) stride, LSE a (B, H, Nq) one with a fourth; TABLE int32
     (B, max_blocks) (unused when contiguous), LENGTHS int32 (B,) keys per sequence (clamped to [0,
-    CAPACITY]); SLOPES (B, H) when ALIBI. Sequence b's L_b keys are cut into ranges of max(KEYS_PER_SPLIT,
+    CAPACITY]; without HAS_LENGTHS every sequence has CAPACITY); SLOPES (B, H) when ALIBI. Sequence b's L_b keys are cut into ranges of max(KEYS_PER_SPLIT,
     ceil(L_b / splits)) keys, rounded up to BLOCK_N (the decode plan's D2); split s takes the s-th."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     Q, stride_q = Q
@@ -83,7 +84,10 @@ def decode_kvcache(
     q = tl.load(Q + b * stride_qb + query[:, None].to(tl.int64) * stride_qn + head[:, None] * stride_qh
                 + offs_d[None, :] * stride_qd, mask=io_mask, other=0.0)
 
-    n_k = tl.minimum(tl.maximum(tl.load(LENGTHS + b), 0), CAPACITY)
+    if HAS_LENGTHS:
+        n_k = tl.minimum(tl.maximum(tl.load(LENGTHS + b), 0), CAPACITY)
+    else:  # every sequence holds CAPACITY keys (``attention``'s few-query calls): LENGTHS is never read
+        n_k = CAPACITY
     off = n_k - N_Q  # key position of query 0: bottom-right on this sequence's keys
     per_split = tl.maximum(KEYS_PER_SPLIT, tl.cdiv(tl.cdiv(n_k, tl.num_programs(1)), BLOCK_N) * BLOCK_N)
     lo = split * per_split
