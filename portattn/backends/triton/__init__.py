@@ -164,14 +164,7 @@ class TritonBackend(Backend):
         return out, lse
 
     def plan(self, spec, device=None):
-        plan = super().plan(spec, device)
-        steps = _decode_steps(self, spec)
-        if steps is None:
-            return plan
-        return dataclasses.replace(plan, reasons=(*plan.reasons, (
-            f"D0 {spec.seqlen_q} queries per sequence: the forward runs the decode kernel, {steps.key_splits} key "
-            f"split(s) of >= {steps.keys_per_split} keys, {steps.block_k}-key tiles, the {spec.group_size} query heads "
-            "of a KV group packed into one tile (tiling/decode.py); the tiles above serve the backward")))
+        return _with_decode_reason(super().plan(spec, device), spec, _decode_steps(self, spec))
 
     def decode_kvcache(self, q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
         from . import decode
@@ -254,9 +247,21 @@ class TritonBackend(Backend):
 @functools.lru_cache(maxsize=4096)
 def _decode_steps(backend, spec):
     """The decode plan ``forward`` runs ``spec`` with, or None when it takes the prefill kernels
-    (``decode.takes``): cached per spec, since a forward asks on every call."""
+    (``decode.takes``; what else the decode kernel needs, ``not_supported_reasons`` checked before any forward):
+    cached per spec, since a forward asks on every call."""
     from . import decode
 
-    if not decode.takes(spec) or backend.kvcache_reasons(dataclasses.replace(spec, requires_grad=False), 0):
+    if backend.capabilities.kvcache is None or not decode.takes(spec):
         return None
     return backend.decode_plan(spec, 0, spec.batch * spec.seqlen_k)
+
+
+@functools.lru_cache(maxsize=4096)
+def _with_decode_reason(plan, spec, steps):
+    """``plan``, saying so when ``forward`` runs the decode kernel (``steps``, its decode plan)."""
+    if steps is None:
+        return plan
+    return dataclasses.replace(plan, reasons=(*plan.reasons, (
+        f"D0 {spec.seqlen_q} queries per sequence: the forward runs the decode kernel, {steps.key_splits} key "
+        f"split(s) of >= {steps.keys_per_split} keys, {steps.block_k}-key tiles, the {spec.group_size} query heads "
+        "of a KV group packed into one tile (tiling/decode.py); the tiles above serve the backward")))
