@@ -11,7 +11,8 @@ on one device: the prefill of a ``--batch`` x ``--prompt`` batch (a forward with
 sequence against a cache one key longer than the last step's, the path that meets a new shape each
 step). Medians of ``--reps`` after a warm-up, host wall clock around the device's synchronization. The
 generated tokens of each implementation are compared with SDPA's (the share that agree is reported:
-random weights make near-ties, so a few late tokens may differ on fp16). ``--profile PATH`` writes
+random weights make near-ties, so once one token differs on fp16 the rest follow another path: the first
+differing step and the prefill's last logits against SDPA's say how close the two are). ``--profile PATH`` writes
 cProfile's view of one portattn generation. Writes JSON with the device, versions, date and command.
 """
 
@@ -92,17 +93,22 @@ def main(argv=None):
                            "portattn": portattn.__version__, "python": platform.python_version()},
               "model": {name: getattr(args, name) for name in ("layers", "hidden", "heads", "kv_heads", "vocab")},
               "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new_tokens, "results": {}}
-    tokens = {}
+    tokens, logits = {}, {}
     for label, implementation in implementations.items():
         model.set_attn_implementation(implementation)
         with torch.inference_mode():
-            prefill_s, _ = timed(lambda: model(prompt, use_cache=True), sync, args.reps)
+            prefill_s, prefilled = timed(lambda: model(prompt, use_cache=True), sync, args.reps)
             generate_s, out = timed(lambda: model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                                          do_sample=False), sync, args.reps)
         tokens[label] = out[:, args.prompt:]
+        logits[label] = prefilled.logits[:, -1].float()
+        agree = (tokens[label] == tokens["sdpa"]).all(dim=0)
         row = {"prefill_ms": prefill_s * 1e3, "generate_ms": generate_s * 1e3,
                "ms_per_new_token": (generate_s - prefill_s) / max(1, args.new_tokens - 1) * 1e3,
-               "tokens_agreeing_with_sdpa": float((tokens[label] == tokens["sdpa"]).float().mean())}
+               "tokens_agreeing_with_sdpa": float((tokens[label] == tokens["sdpa"]).float().mean()),
+               "first_token_differing_from_sdpa": None if bool(agree.all()) else int((~agree).nonzero()[0, 0]),
+               "last_prefill_logits_max_abs_diff_to_sdpa": float((logits[label] - logits["sdpa"]).abs().max()),
+               "last_prefill_logits_max_abs": float(logits[label].abs().max())}
         record["results"][label] = row
         print(label, json.dumps(row), flush=True)
     base = record["results"]["sdpa"]

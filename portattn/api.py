@@ -170,8 +170,8 @@ def _call_key(q, k, v, causal, scale, backend, layout, align="top-left", window=
     """What the checks, the backend choice and the plan depend on, for torch tensors and pyopencl arrays
     (whose queue fixes the device); None for arrays of other kinds (they take the full path, which
     also raises the errors for them)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor):
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # None while another thread imports torch
+    if tensor is not None and isinstance(q, tensor) and isinstance(k, tensor) and isinstance(v, tensor):
         metas = (q.shape, q.dtype, q.device, q.requires_grad, k.shape, k.dtype, k.device, k.requires_grad,
                  v.shape, v.dtype, v.device, v.requires_grad)  # flat: this runs on every call
     elif all(arrays.is_pyopencl(x) for x in (q, k, v)):

@@ -33,8 +33,9 @@ def _torch():
 
 
 def is_torch(x) -> bool:
-    torch = _torch()
-    return torch is not None and isinstance(x, torch.Tensor)
+    # no Tensor yet while another thread is still importing torch: then no torch tensor exists either
+    tensor = getattr(_torch(), "Tensor", None)
+    return tensor is not None and isinstance(x, tensor)
 
 
 def _cupy():
@@ -139,9 +140,8 @@ def to_opencl_host(x):
 def to_numpy_bits(x) -> np.ndarray:
     """A numpy view of a host array with nothing widened: a bfloat16 tensor as a uint16 view of its bits
     (the kernels that take it widen them; ``to_numpy`` would copy it to float32)."""
-    torch = _torch()
-    if torch is not None and isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16:
-        return x.detach().view(torch.int16).numpy().view(np.uint16)
+    if is_torch(x) and x.dtype == _torch().bfloat16:
+        return x.detach().view(_torch().int16).numpy().view(np.uint16)
     return to_numpy(x)
 
 

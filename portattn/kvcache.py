@@ -193,10 +193,9 @@ def _checks_key(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend, 
     """What ``_checked`` depends on, for torch tensors without ALiBi slopes (whose values the extras hold);
     None for anything else (numpy arrays and odd arguments take the full path, which raises their errors).
     Plain loops, not generators: this runs on every decoding step."""
-    torch = sys.modules.get("torch")
-    if torch is None or options["alibi_slopes"] is not None or type(backend) is not str:
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # None while another thread imports torch
+    if tensor is None or options["alibi_slopes"] is not None or type(backend) is not str:
         return None
-    tensor = torch.Tensor
     key = [backend]
     for x in (q, k_cache, v_cache, cache_seqlens, block_table, k, v):
         if x is None:

@@ -75,19 +75,23 @@ def _launch(q, k, v, out, block_table, lengths, cache_rows: int, spec, plan, ext
     else:
         part_out = (floats.as_strided(*step.part_out), step.part_out_strides)
         part_lse = (floats.as_strided(*step.part_lse), step.part_lse_strides)
-    placeholder = k[0]  # a pointer for the arguments the kernel never reads in this call
-    table = block_table if paged else (lengths if lengths is not None else placeholder)
-    lengths = lengths if lengths is not None else placeholder
-    slopes = extras.alibi_slopes if spec.alibi else placeholder
+    # every argument but the caller's tensors (and the page count, read off k_cache's shape) follows from spec,
+    # plan and the shapes (out and the partials are fresh allocations): a repeated step relaunches the compiled
+    # kernel directly (launch.run), keyed by those tensors; k stands in for the pointers never read
+    callers = [q, k[0], v[0]]
+    for given in (block_table, lengths, extras.alibi_slopes if spec.alibi else None):
+        if given is not None:
+            callers.append(given)
+    table = block_table if paged else (lengths if lengths is not None else k[0])
+    lengths = lengths if lengths is not None else k[0]
+    slopes = extras.alibi_slopes if spec.alibi else k[0]
     slope_strides = slopes.stride() if spec.alibi else (0, 0)
-    # every argument but the caller's tensors (and the page count, read off k_cache's shape) follows from
-    # spec and plan: a repeated step relaunches the compiled kernel directly (launch.run)
     with launch.on_device(q):
         launch.run(
             kernels().decode_kvcache, step.grid,
             ((q, q_strides), k, v, part_out, part_lse, table, table.stride(0), lengths, slopes, *slope_strides,
              *step.scalars),
-            step.meta, (spec, step.config, (q, k[0], v[0], out, table, lengths, slopes)),
+            step.meta, (spec, step.config, callers),
         )
         if step.splits > 1:
             launch.run(kernels().decode_merge, step.merge_grid,
