@@ -118,7 +118,8 @@ def mask(batch_size: int, q_length: int | None = None, kv_length: int | None = N
                and _is_sliding_causal(mask_function, local_size, config, device))
     if not (causal or bidirectional or sliding):
         return full()
-    if attention_mask is None:
+    given = attention_mask is not None
+    if not given:
         if not sliding:
             return None
         attention_mask = torch.ones(batch_size, kv_offset + kv_length, dtype=torch.bool, device=device)
@@ -126,19 +127,24 @@ def mask(batch_size: int, q_length: int | None = None, kv_length: int | None = N
     if (missing := kv_offset + kv_length - padding.shape[-1]) > 0:
         padding = torch.nn.functional.pad(padding, (0, missing))
     padding = padding[:, kv_offset:kv_offset + kv_length]
-    if not sliding and bool(padding.all()):
+    # one read of the mask per forward (not per layer): without padding, no key padding reaches the kernels,
+    # so a decoding step takes the decode kernel and no layer reads a (B, Nk) mask
+    padded = given and not bool(padding.all())
+    if not sliding and not padded:
         return None
-    return padding.contiguous().as_subclass(_key_padding(causal=not bidirectional, window=local_size if sliding else None))
+    pattern = _key_padding(causal=not bidirectional, window=local_size if sliding else None, padded=padded)
+    return padding.contiguous().as_subclass(pattern)
 
 
 @functools.cache
-def _key_padding(causal: bool, window: int | None) -> type:
+def _key_padding(causal: bool, window: int | None, padded: bool = True) -> type:
     """The type of a (B, Nk) bool key padding (True = a real key) that carries its layer's pattern:
-    ``pattern = (causal, window)``. A class attribute of a torch.Tensor subclass goes wherever the
-    mask goes, ``.to(device)`` included (an instance attribute would be lost there)."""
+    ``pattern = (causal, window)``, and ``padded``: False when every key is real (a sliding window's
+    pattern still needs a mask to travel in). A class attribute of a torch.Tensor subclass goes wherever
+    the mask goes, ``.to(device)`` included (an instance attribute would be lost there)."""
     import torch
 
-    return type("KeyPadding", (torch.Tensor,), {"pattern": (causal, window), "__module__": __name__})
+    return type("KeyPadding", (torch.Tensor,), {"pattern": (causal, window), "padded": padded, "__module__": __name__})
 
 
 def _tracing(tensor) -> bool:
@@ -204,7 +210,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             features.update(causal=True, align="bottom-right")
         if window is not None:
             features["window"] = (window - 1, 0)
-        if attention_mask is not None:
+        if attention_mask is not None and getattr(type(attention_mask), "padded", True):
             features["key_padding_mask"] = attention_mask.as_subclass(torch.Tensor).to(torch.bool)
     if dropout > 0.0 and getattr(module, "training", False):
         features.update(dropout_p=float(dropout), dropout_seed=int(torch.randint(2**31 - 1, ()).item()))

@@ -186,6 +186,8 @@ def test_mask_function_means_what_sdpa_mask_means(case):
     assert torch.equal(got, expected.expand_as(got))
     if form == "padding":  # the pattern travels with the mask, through copies and device moves too
         assert type(result.clone()).pattern == type(result).pattern == (causal, window)
+        # a mask of real keys only carries the pattern and no key padding (the decode kernel can take the call)
+        assert type(result).padded == (not bool(result.as_subclass(torch.Tensor).all()))
 
 
 # --- models ---
