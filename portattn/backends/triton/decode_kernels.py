@@ -55,8 +55,9 @@ def decode_kvcache(
     """Grid (B * H_kv * row blocks, splits). Q (B, Nq, H, D) and the caches as views (tensor, strides);
     O a (B, Nq, H, D) view with a fifth (split) stride, LSE a (B, H, Nq) one with a fourth; TABLE int32
     (B, max_blocks) (unused when contiguous), LENGTHS int32 (B,) keys per sequence (clamped to [0,
-    CAPACITY]; without HAS_LENGTHS every sequence has CAPACITY); SLOPES (B, H) when ALIBI. Sequence b's L_b keys are cut into ranges of max(KEYS_PER_SPLIT,
-    ceil(L_b / splits)) keys, rounded up to BLOCK_N (the decode plan's D2); split s takes the s-th."""
+    CAPACITY]; without HAS_LENGTHS every sequence has CAPACITY); SLOPES (B, H) when ALIBI. Sequence b's
+    L_b keys are cut into ranges of max(KEYS_PER_SPLIT, ceil(L_b / splits)) keys, rounded up to BLOCK_N
+    (the decode plan's D2); split s takes the s-th."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     Q, stride_q = Q
     K, stride_k = K
