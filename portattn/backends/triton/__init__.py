@@ -143,13 +143,14 @@ class TritonBackend(Backend):
         varlen = spec.varlen
         if splits == 1:  # one split writes O and LSE directly (the split stride is never used)
             part_out, part_lse, split_strides = out, lse, (0, 0)
-        else:  # several write float32 partials, merged below
-            part_out = torch.empty((splits, *out.shape), dtype=torch.float32, device=q.device)
+        else:  # several write float32 partials, (splits, B, N, H, D) as the merge kernel reads them, merged below
+            part_out = torch.empty((splits, batch, seqlen_q, heads, head_dim), dtype=torch.float32, device=q.device)
             part_lse = torch.empty((splits, *lse.shape), dtype=torch.float32, device=q.device)
             split_strides = (part_out.stride(0), part_lse.stride(0))
+        out_strides = launch.strides(out, varlen) if splits == 1 else launch.partial_strides(part_out, varlen)
         tensors = (  # O and LSE: their (split) partials, one more stride each
             launch.view(q, varlen), launch.view(k, varlen), launch.view(v, varlen),
-            (part_out, (*launch.strides(out, varlen), split_strides[0])),
+            (part_out, (*out_strides, split_strides[0])),
             (part_lse, (*launch.lse_strides(lse, varlen), split_strides[1])),
         )
         with launch.on_device(q):
@@ -159,8 +160,8 @@ class TritonBackend(Backend):
                            (spec, plan, (q, k, v)) if extras is NONE else None)
             else:  # every feature off: the same program compiled without the features and their flags
                 launch.run(fixed.kernel, fixed.grid, (*tensors, *fixed.scalars), fixed.meta, (spec, plan, (q, k, v)))
-        if splits > 1:
-            launch.merge_splits(part_out, part_lse, out, lse)
+            if splits > 1:
+                launch.merge_splits(part_out, part_lse, out, lse, (spec, plan))
         return out, lse
 
     def plan(self, spec, device=None):
