@@ -145,6 +145,11 @@ def to_numpy_bits(x) -> np.ndarray:
     return to_numpy(x)
 
 
+def from_numpy_bits(x: np.ndarray):
+    """The inverse of ``to_numpy_bits`` for bfloat16: uint16 bits as a torch bfloat16 tensor (a view)."""
+    return _torch().from_numpy(x.view(np.int16)).view(_torch().bfloat16)
+
+
 def convert(x, kind: str, device: str = "cpu"):
     """``x`` as the array kind a backend computes on ("numpy", "torch" or "opencl")."""
     if kind == "opencl":

@@ -54,6 +54,11 @@ class PreparedCall:
             if kind == "numpy":  # CPU tensors (the only kind a numpy backend is given): shared-memory views
                 return (lambda x: x.detach().numpy()), to_caller
             return (lambda x: x), to_caller
+        if spec.array_kind == "torch" and spec.dtype == "bfloat16" and self.backend.bfloat16_bits:
+            # bits both ways, no torch conversion: the backend widens and narrows them (bfloat16 results; LSE float32)
+            torch = sys.modules["torch"]
+            return arrays.to_numpy_bits, (lambda x, dtype: arrays.from_numpy_bits(x) if dtype == "bfloat16"
+                                          else torch.from_numpy(x))
         device = spec.device
         return ((lambda x: arrays.convert(x, kind, device)),
                 (lambda x, dtype: arrays.restore(x, spec.array_kind, dtype, device)))

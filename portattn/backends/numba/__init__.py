@@ -1,8 +1,9 @@
 """``numba``: FlashAttention-2 on the CPU, compiled by Numba (kernels in kernels.py, their arguments made in launch.py).
 
 Executes the planner's CPU plan: tile sizes, worker threads and key splits come from the plan; the
-kernels never choose them. float16/bfloat16 inputs are widened to float32 (a linear-size copy) and
-computed there; float64 inputs are computed in float64.
+kernels never choose them. float16/bfloat16 inputs are widened to float32 (a linear-size copy, made in
+numba's pool: operands.py) and computed there, bfloat16 results narrowed back there too; float64 inputs
+are computed in float64.
 
 Every feature runs in the same kernels, described to them by one ``Features`` tuple (``_features``):
 the feature arrays are handed over read-only and C-contiguous in fixed dtypes, with broadcast axes
@@ -40,6 +41,7 @@ class NumbaBackend(Backend):
     summary = "CPUs: tiled FlashAttention-2 compiled by Numba, parallel over batch x heads x blocks, tile GEMMs in BLAS"
     extra = "numba"
     compute_kind = "numpy"
+    bfloat16_bits = True  # widened and narrowed in numba's pool: torch's conversions would contend with it (operands.py)
     capabilities = Capabilities(
         device_kinds=frozenset({"cpu"}),
         dtypes=frozenset({"float64", "float32", "float16", "bfloat16"}),
@@ -64,34 +66,38 @@ class NumbaBackend(Backend):
 
     def forward(self, q, k, v, spec, plan, extras):
         dtype = launch.compute_dtype(spec)
-        q, k, v = (np.ascontiguousarray(x, dtype=dtype) for x in (q, k, v))
-        out = np.empty_like(q)
+        q_scaled = launch.operand(q, spec, launch.log2_scale(spec))
+        k_wide, v_wide = launch.operand(k, spec), launch.operand(v, spec)
+        out = np.empty(q.shape, dtype)
         lse = np.empty(q.shape[:3], dtype)
         features = launch.features(spec, extras, dtype)
         with launch.run_with(plan.threads):
-            launch.kernels().forward(launch.scaled(q, spec), k, v, out, lse, features, plan.block_q, plan.block_k, plan.key_splits)
-        return out, lse
+            launch.kernels().forward(q_scaled, k_wide, v_wide, out, lse, features, plan.block_q, plan.block_k,
+                                     plan.key_splits)
+        return launch.returned(out, q), lse
 
     def backward(self, grad_out, q, k, v, out, lse, spec, plan, extras):
         dtype = launch.compute_dtype(spec)
-        grad_out, q, k, v, out = (np.ascontiguousarray(x, dtype=dtype) for x in (grad_out, q, k, v, out))
+        delta = launch.row_dots(grad_out, out, spec)  # rowsum(dO * O), the softmax-Jacobian term (dropout too)
+        q_scaled = launch.operand(q, spec, launch.log2_scale(spec))
+        do, q_wide, k_wide, v_wide = (launch.operand(x, spec) for x in (grad_out, q, k, v))
         lse = np.ascontiguousarray(lse, dtype=dtype)
-        delta = np.einsum("bhnd,bhnd->bhn", grad_out, out)  # rowsum(dO * O), the softmax-Jacobian term (dropout too)
-        dq, dk, dv = np.zeros_like(q), np.empty_like(k), np.empty_like(v)
+        dq, dk, dv = np.zeros(q.shape, dtype), np.empty(k.shape, dtype), np.empty(v.shape, dtype)
         kernels = launch.kernels()
         features = launch.features(spec, extras, dtype)
         block_q, block_k = plan.backward.block_q, plan.backward.block_k
-        q_scaled, scale = launch.scaled(q, spec), dtype(spec.softmax_scale)
+        scale = dtype(spec.softmax_scale)
         key_blocks = -(-spec.seqlen_k // block_k)
         with launch.run_with(plan.threads):
             if plan.backward.dq_separate:
-                kernels.backward_key_pass(q, q_scaled, k, v, grad_out, lse, delta, dq, dk, dv, scale, features,
-                                          block_q, block_k, 1, False)
-                kernels.backward_query_pass(q_scaled, k, v, grad_out, lse, delta, dq, scale, features, block_q, block_k)
+                kernels.backward_key_pass(q_wide, q_scaled, k_wide, v_wide, do, lse, delta, dq, dk, dv, scale,
+                                          features, block_q, block_k, 1, False)
+                kernels.backward_query_pass(q_scaled, k_wide, v_wide, do, lse, delta, dq, scale, features,
+                                            block_q, block_k)
             else:  # a task owns all of a K/V head's key blocks, so it may add into that group's dQ rows
-                kernels.backward_key_pass(q, q_scaled, k, v, grad_out, lse, delta, dq, dk, dv, scale, features,
-                                          block_q, block_k, max(1, key_blocks), True)
-        return dq, dk, dv
+                kernels.backward_key_pass(q_wide, q_scaled, k_wide, v_wide, do, lse, delta, dq, dk, dv, scale,
+                                          features, block_q, block_k, max(1, key_blocks), True)
+        return tuple(launch.returned(g, q) for g in (dq, dk, dv))
 
     def decode_kvcache(self, q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
         from . import decode  # imports numba: only when a decoding step runs

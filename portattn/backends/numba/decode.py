@@ -15,13 +15,14 @@ in natural log.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numba
 import numpy as np
 from numba import prange, types
 from numba.extending import overload
+
+from .operands import widen_table
 
 LN2 = math.log(2.0)
 LOG2E = 1.4426950408889634
@@ -180,16 +181,6 @@ def merge(part_out, part_lse, out, lse):
         lse[b, h, i] = top + math.log(total)
 
 
-@functools.lru_cache(maxsize=None)
-def widen_table(dtype: str) -> np.ndarray:
-    """float32 value of every 16-bit pattern of ``dtype`` (float16 or bfloat16), indexed by the bits."""
-    bits = np.arange(65536, dtype=np.uint32)
-    if dtype == "bfloat16":
-        return (bits << 16).view(np.float32)
-    return bits.astype(np.uint16).view(np.float16).astype(np.float32)
-
-
-_NO_TABLE = np.zeros(1, np.float32)
 _NO_PAGES = np.zeros((1, 1), np.int32)
 _NO_SLOPES = np.zeros((1, 1), np.float32)
 
@@ -198,7 +189,7 @@ def run(q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
     """``Backend.decode_kvcache`` for numpy arrays (float16/bfloat16 as uint16 bits, as
     ``arrays.to_numpy_bits`` hands them over): (out float32 (B, Nq, H, D), lse float32 (B, H, Nq))."""
     sixteen = spec.dtype in ("float16", "bfloat16")
-    table = widen_table(spec.dtype) if sixteen else _NO_TABLE
+    table = widen_table(spec.dtype)
     if sixteen:  # float16 arrays as their bits too (bfloat16 arrives so): one kernel widens both kinds
         q, k_cache, v_cache = (x.view(np.uint16) for x in (q, k_cache, v_cache))
     query = table[q] if sixteen else q  # a few rows: widening them is cheap

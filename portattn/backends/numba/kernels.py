@@ -32,6 +32,8 @@ from llvmlite import ir
 from numba.extending import intrinsic, overload
 from numba.np.linalg import ensure_blas
 
+from .operands import float32_from_bits
+
 ensure_blas()  # numba's BLAS helper (``gemm`` calls it as np.dot does) finds SciPy's BLAS
 
 LOG2E = 1.4426950408889634
@@ -58,18 +60,6 @@ def _fast_max(typingctx, a, b):
         return builder.call(maxnum, args, fastmath=("fast",))
 
     return a(a, b), codegen
-
-
-@intrinsic
-def _float32_from_bits(typingctx, bits):
-    """The float32 whose bit pattern is the int32 ``bits`` (a register bitcast, no memory)."""
-    if bits != types.int32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(bits), codegen
 
 
 @njit(fastmath=False)
@@ -182,7 +172,7 @@ def _exp2_shifted_impl(row, shift, exponent_bits):
                 n = np.floor(x + half)
                 f = x - n
                 p = one + f * (((((p0 * f + p1) * f + p2) * f + p3) * f + p4) * f + p5)
-                p *= _float32_from_bits(np.int32(np.int32(np.int32(n) + bias) << mantissa))
+                p *= float32_from_bits(np.int32(np.int32(np.int32(n) + bias) << mantissa))
                 row[j] = p
                 total += p
             return total

@@ -1,9 +1,11 @@
 """Launching the numba kernels: the BLAS and thread-pool settings a plan asks for, the compute dtype,
-and the one ``Features`` tuple every kernel reads (feature arrays read-only and C-contiguous, absent ones
+the operands converted into it and results back (kernels in operands.py), and the one ``Features``
+tuple every kernel reads (feature arrays read-only and C-contiguous, absent ones
 as cached 1-element dummies)."""
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
@@ -13,6 +15,12 @@ def kernels():
     from . import kernels as numba_kernels  # compiles on first call of each kernel, then cached on disk
 
     return numba_kernels
+
+@functools.lru_cache(maxsize=None)
+def conversions():
+    from . import operands  # imports numba: only when a call runs
+
+    return operands
 
 @functools.lru_cache(maxsize=None)
 def blas_controller():
@@ -70,9 +78,47 @@ LOG2E = 1.4426950408889634
 def compute_dtype(spec):
     return np.float64 if spec.dtype == "float64" else np.float32
 
-def scaled(q, spec):
-    """q * scale * log2(e): the kernels' GEMM then yields scores ready for exp2 (a linear-size copy)."""
-    return q * q.dtype.type(spec.softmax_scale * LOG2E)
+def log2_scale(spec) -> float:
+    """What q is multiplied by: the kernels' GEMM then yields scores ready for exp2."""
+    return spec.softmax_scale * LOG2E
+
+def operand(x, spec, factor: float = 1.0):
+    """``x`` (B, H, N, D) as the kernels take it: C-contiguous in the compute dtype, times ``factor``. A
+    C-contiguous array of the compute dtype passes through (or is scaled by numpy); others -- bfloat16
+    bits, float16, views -- are converted by numba on this thread (operands.py says why not torch's, nor
+    in parallel)."""
+    dtype = compute_dtype(spec)
+    if x.dtype == dtype and x.flags.c_contiguous:
+        return x if factor == 1.0 else x * dtype(factor)
+    out = np.empty(x.shape, dtype)
+    conversions().widen(*_readable(x, spec), dtype(factor), out)
+    return out
+
+def row_dots(a, b, spec):
+    """rowsum(a * b) over the last axis of (B, H, N, D) arrays as they came: the backward's delta from dO
+    and O (by numpy's einsum for float arrays, else read from the bits as ``operand`` reads them)."""
+    dtype = compute_dtype(spec)
+    if a.dtype == b.dtype == dtype:
+        return np.einsum("bhnd,bhnd->bhn", a, b)
+    out = np.empty(a.shape[:3], dtype)
+    conversions().row_dots(_readable(a, spec)[0], _readable(b, spec)[0], _readable(a, spec)[1], out)
+    return out
+
+def returned(x, like):
+    """A float32 result as the caller's converter expects it: bfloat16 bits when the inputs (``like``)
+    came as bits (narrowed by numba on this thread, as ``operand`` widens), else as it is."""
+    if like.dtype != np.uint16:
+        return x
+    bits = np.empty(x.shape, np.uint16)
+    conversions().narrow_bfloat16(x.reshape(-1).view(np.uint32), bits.reshape(-1))
+    return bits
+
+def _readable(x, spec):
+    """(x, table) as numba reads them: 16-bit floats as their bits, float16's through its table (numba has
+    no float16), bfloat16's shifted (no table)."""
+    if x.dtype == np.float16 or (x.dtype == np.uint16 and spec.dtype == "float16"):
+        return x.view(np.uint16), conversions().widen_table("float16")
+    return x, None
 
 def frozen(x, dtype, broadcast_axes: int = 0):
     """``x`` as the kernels take it: C-contiguous, read-only, of ``dtype``, with stride-0 (broadcast)
