@@ -161,7 +161,9 @@ class TritonBackend(Backend):
             else:  # every feature off: the same program compiled without the features and their flags
                 launch.run(fixed.kernel, fixed.grid, (*tensors, *fixed.scalars), fixed.meta, (spec, plan, (q, k, v)))
             if splits > 1:
-                launch.merge_splits(part_out, part_lse, out, lse, (spec, plan))
+                from . import decode  # its merge kernel serves the forward's splits too
+
+                decode.merge_splits(part_out, part_lse, out, lse, (spec, plan))
         return out, lse
 
     def plan(self, spec, device=None):

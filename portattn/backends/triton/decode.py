@@ -100,6 +100,21 @@ def _launch(q, k, v, out, block_table, lengths, cache_rows: int, spec, plan, ext
     return lse
 
 
+def merge_splits(part_out, part_lse, out, lse, spec_plan: tuple) -> None:
+    """The prefill forward's key splits merged by the decode kernels' merge, in one launch: out = sum_s
+    exp(lse_s - lse) * out_s, lse = logsumexp_s(lse_s); rows no split saw get 0 and -inf. ``part_out``
+    float32 (splits, B, N, H, D) and ``part_lse`` (splits, B, H, N), contiguous; ``out`` (B, H, N, D), ``lse``
+    (B, H, N) contiguous. ``spec_plan``: the call's (spec, plan), which fix every argument but ``out`` (a
+    repeat is relaunched directly)."""
+    splits, batch, rows, heads, dim = part_out.shape
+    o = out.stride()
+    launch.run(kernels().decode_merge, (batch * rows * heads,),
+               (part_out, part_lse, (out, (o[0], o[2], o[1], o[3])), lse, splits, heads, rows),
+               dict(HEAD_DIM=dim, BLOCK_S=max(2, 1 << (splits - 1).bit_length()),
+                    BLOCK_D=max(16, 1 << (dim - 1).bit_length())),
+               (*spec_plan, (out,)))
+
+
 class Step(NamedTuple):
     """What a decode launch takes that follows from the spec, the plan's launch fields and the shapes:
     worked out once, so that each decoding step only allocates and launches."""

@@ -144,7 +144,7 @@ def decode_merge(PART_O, PART_LSE, O, LSE, SPLITS, H, N_Q,
     """O = sum_s exp(lse_s - lse) O_s and LSE = logsumexp_s lse_s for one (sequence, query, head) per
     program, grid (B * Nq * H,): PART_O float32 (splits, B, Nq, H, D) and PART_LSE (splits, B, H, Nq),
     contiguous; O a (B, Nq, H, D) view, LSE (B, H, Nq) contiguous. A row no split saw: 0 and -inf.
-    The prefill forward's key splits are merged here too (``launch.merge_splits``)."""
+    The prefill forward's key splits are merged here too (``decode.merge_splits``)."""
     O, stride_o = O
     stride_ob, stride_on, stride_oh, stride_od = stride_o
     pid = tl.program_id(0)

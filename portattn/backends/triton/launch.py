@@ -329,25 +329,11 @@ def torch_module():
     return torch
 
 def partial_strides(part_out, varlen: bool):
-    """(batch, head, row, col) strides of a (splits, B, N, H, D) float32 partial output (``merge_splits``'s
+    """(batch, head, row, col) strides of a (splits, B, N, H, D) float32 partial output (``decode.merge_splits``'s
     layout), as the forward kernel writes it; varlen: batch stride 0, as ``strides``."""
     _, batch, row, head, col = part_out.stride()
     return (0 if varlen else batch, head, row, col)
 
-
-def merge_splits(part_out, part_lse, out, lse, spec_plan: tuple) -> None:
-    """out = sum_s exp(lse_s - lse) * out_s, lse = logsumexp_s(lse_s), in one launch of the decode kernels'
-    merge; rows no split saw get 0 and -inf. ``part_out`` float32 (splits, B, N, H, D) and ``part_lse``
-    (splits, B, H, N), contiguous; ``out`` (B, H, N, D), ``lse`` (B, H, N) contiguous. ``spec_plan``: the
-    call's (spec, plan), which fix every argument but ``out`` (a repeat is relaunched directly)."""
-    from .decode import kernels as decode_kernels  # the merge kernel lives with the decode kernel it serves too
-
-    splits, batch, rows, heads, dim = part_out.shape
-    o = out.stride()
-    run(decode_kernels().decode_merge, (batch * rows * heads,),
-        (part_out, part_lse, (out, (o[0], o[2], o[1], o[3])), lse, splits, heads, rows),
-        dict(HEAD_DIM=dim, BLOCK_S=max(2, 1 << (splits - 1).bit_length()), BLOCK_D=max(16, 1 << (dim - 1).bit_length())),
-        (*spec_plan, (out,)))
 
 INTERPRETER_TURN = threading.RLock()  # a lock is a context manager: `with on_device(x):` takes it
 
