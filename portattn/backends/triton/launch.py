@@ -329,8 +329,8 @@ def torch_module():
     return torch
 
 def partial_strides(part_out, varlen: bool):
-    """(batch, head, row, col) strides of a (splits, B, N, H, D) float32 partial output (``decode.merge_splits``'s
-    layout), as the forward kernel writes it; varlen: batch stride 0, as ``strides``."""
+    """(batch, head, row, col) strides of a (splits, B, N, H, D) float32 partial output (the layout
+    ``decode.merge_splits`` reads), as the forward kernel writes it; varlen: batch stride 0, as ``strides``."""
     _, batch, row, head, col = part_out.stride()
     return (0 if varlen else batch, head, row, col)
 
