@@ -107,12 +107,31 @@ def merge_splits(part_out, part_lse, out, lse, spec_plan: tuple) -> None:
     (B, H, N) contiguous. ``spec_plan``: the call's (spec, plan), which fix every argument but ``out`` (a
     repeat is relaunched directly)."""
     splits, batch, rows, heads, dim = part_out.shape
+    if launch.interpreting() and batch * rows * heads > INTERPRETED_MERGE_PROGRAMS:
+        _merge_with_torch(part_out, part_lse, out, lse)
+        return
     o = out.stride()
     launch.run(kernels().decode_merge, (batch * rows * heads,),
                (part_out, part_lse, (out, (o[0], o[2], o[1], o[3])), lse, splits, heads, rows),
                dict(HEAD_DIM=dim, BLOCK_S=max(2, 1 << (splits - 1).bit_length()),
                     BLOCK_D=max(16, 1 << (dim - 1).bit_length())),
                (*spec_plan, (out,)))
+
+
+# Triton's interpreter runs every program of a grid in Python, one merge program per row: a prefill's merge
+# grid of thousands of rows takes seconds there, so above this many it merges with torch operations (the same
+# log-sum-exp); smaller grids -- the test suite's -- still run the kernel
+INTERPRETED_MERGE_PROGRAMS = 256
+
+
+def _merge_with_torch(part_out, part_lse, out, lse) -> None:
+    """``merge_splits`` in torch operations, for the interpreter."""
+    import torch
+
+    torch.logsumexp(part_lse, dim=0, out=lse)
+    weights = torch.exp(part_lse - torch.where(torch.isinf(lse), 0.0, lse))  # exp(-inf) = 0 for empty splits
+    merged = (weights.transpose(2, 3).unsqueeze(-1) * part_out).sum(dim=0)  # (B, N, H, D)
+    out.copy_(merged.transpose(1, 2))
 
 
 class Step(NamedTuple):
