@@ -44,7 +44,7 @@ class Backend(ABC):
     extra: ClassVar[str | None]  # the pip extra that installs what it needs
     compute_kind: ClassVar[str]  # the array kind its kernels take: "numpy" or "torch"
     # a "numpy" backend that takes torch's bfloat16 tensors as uint16 views of their bits (arrays.to_numpy_bits) and
-    # gives bfloat16 results back as such bits, converting in its own thread pool; else call.py widens and narrows
+    # gives bfloat16 results back as such bits, converting them itself; else call.py widens and narrows
     bfloat16_bits: ClassVar[bool] = False
     capabilities: ClassVar[Capabilities]
     auto_priority: ClassVar[Mapping[str, int]] = {}  # device kind -> rank for backend="auto"; absent: never

@@ -143,7 +143,7 @@ def _plan_gpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
     # the search depends on the lengths only through the block sizes they allow: a decoding step (one more key
     # each time) reuses the last step's search
     count, best = _gpu_forward_search(
-        device, spec.dtype, head_dim, _fit_to_problem(GPU_BLOCK_Q, spec.seqlen_q, rows_per_warp),
+        device, spec.dtype, head_dim, tuple(stage_options), _fit_to_problem(GPU_BLOCK_Q, spec.seqlen_q, rows_per_warp),
         _fit_to_problem(GPU_BLOCK_K, spec.seqlen_k, 16), batch_heads, spec.seqlen_q, preferred_q, preferred_k,
         _sparse_caps(spec))
     if best is None:
@@ -216,8 +216,8 @@ def _gpu_registers(block_q: int, block_k: int, threads: int, head_dim: int, e: i
 
 
 @functools.lru_cache(maxsize=4096)
-def _gpu_forward_search(device: DeviceSpec, dtype: str, head_dim: int, block_qs: tuple, block_ks: tuple,
-                        batch_heads: int, seqlen_q: int, preferred_q, preferred_k, sparse_caps: tuple):
+def _gpu_forward_search(device: DeviceSpec, dtype: str, head_dim: int, stage_options: tuple, block_qs: tuple,
+                        block_ks: tuple, batch_heads: int, seqlen_q: int, preferred_q, preferred_k, sparse_caps: tuple):
     """G4-G7 over the block sizes the problem allows: (how many tilings fit, the chosen (block_q, block_k,
     warps, stages)), or (0, None) when none fits. Cached: it depends on the key length only through
     ``block_ks`` and the preferred tile."""
@@ -225,7 +225,6 @@ def _gpu_forward_search(device: DeviceSpec, dtype: str, head_dim: int, block_qs:
     unit = device.matrix_unit_for(dtype)
     rows_per_warp = _rows_per_warp(device, dtype)
     k_multiple = unit.k if unit else 1
-    stage_options = range(GPU_MAX_STAGES, 1, -1) if device.has_async_copy else (1,)
     cap_q, cap_k = sparse_caps
     candidates = []
     for block_q in block_qs:

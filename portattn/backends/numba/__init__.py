@@ -1,9 +1,9 @@
 """``numba``: FlashAttention-2 on the CPU, compiled by Numba (kernels in kernels.py, their arguments made in launch.py).
 
 Executes the planner's CPU plan: tile sizes, worker threads and key splits come from the plan; the
-kernels never choose them. float16/bfloat16 inputs are widened to float32 (a linear-size copy, made in
-numba's pool: operands.py) and computed there, bfloat16 results narrowed back there too; float64 inputs
-are computed in float64.
+kernels never choose them. float16/bfloat16 inputs are widened to float32 (a linear-size copy, made by
+serial numba loops: operands.py) and computed there, bfloat16 results narrowed back the same way; float64
+inputs are computed in float64.
 
 Every feature runs in the same kernels, described to them by one ``Features`` tuple (``_features``):
 the feature arrays are handed over read-only and C-contiguous in fixed dtypes, with broadcast axes
@@ -41,7 +41,8 @@ class NumbaBackend(Backend):
     summary = "CPUs: tiled FlashAttention-2 compiled by Numba, parallel over batch x heads x blocks, tile GEMMs in BLAS"
     extra = "numba"
     compute_kind = "numpy"
-    bfloat16_bits = True  # widened and narrowed in numba's pool: torch's conversions would contend with it (operands.py)
+    # widened and narrowed by serial numba loops: torch's conversions contend with numba's pool (operands.py)
+    bfloat16_bits = True
     capabilities = Capabilities(
         device_kinds=frozenset({"cpu"}),
         dtypes=frozenset({"float64", "float32", "float16", "bfloat16"}),

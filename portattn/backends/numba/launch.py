@@ -101,7 +101,8 @@ def row_dots(a, b, spec):
     if a.dtype == b.dtype == dtype:
         return np.einsum("bhnd,bhnd->bhn", a, b)
     out = np.empty(a.shape[:3], dtype)
-    conversions().row_dots(_readable(a, spec)[0], _readable(b, spec)[0], _readable(a, spec)[1], out)
+    (a, table), (b, _) = _readable(a, spec), _readable(b, spec)
+    conversions().row_dots(a, b, table, out)
     return out
 
 def returned(x, like):

@@ -6,6 +6,7 @@ import functools
 from typing import NamedTuple
 
 from ...tiling.decode import MAX_QUERIES
+from ...tiling.planner import next_power_of_two
 from . import launch
 
 LOG2E = 1.4426950408889634
@@ -113,9 +114,7 @@ def merge_splits(part_out, part_lse, out, lse, spec_plan: tuple) -> None:
     o = out.stride()
     launch.run(kernels().decode_merge, (batch * rows * heads,),
                (part_out, part_lse, (out, (o[0], o[2], o[1], o[3])), lse, splits, heads, rows),
-               dict(HEAD_DIM=dim, BLOCK_S=max(2, 1 << (splits - 1).bit_length()),
-                    BLOCK_D=max(16, 1 << (dim - 1).bit_length())),
-               (*spec_plan, (out,)))
+               _merge_meta(splits, dim), (*spec_plan, (out,)))
 
 
 # Triton's interpreter runs every program of a grid in Python, one merge program per row: a prefill's merge
@@ -179,7 +178,7 @@ def _make_step(spec, config: "LaunchConfig", q_shape: tuple, cache_rows: int, pa
     out_strides = (n_q * heads * head_dim, heads * head_dim, head_dim, 1)
     # [lse | partial LSEs | partial outputs]: the partial outputs start 16-byte aligned
     part_out_offset = -(-(n_lse * (1 + splits)) // 4) * 4
-    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    block_d = _block_d(head_dim)
     left, right = spec.window if spec.window is not None else (None, None)
     meta = dict(GROUP=spec.group_size, HEAD_DIM=head_dim, BLOCK_M=config.block_q, BLOCK_N=config.block_k,
                 BLOCK_D=block_d, PAGE_SIZE=page_size, CAUSAL=spec.causal, HAS_LEFT=left is not None,
@@ -200,8 +199,18 @@ def _make_step(spec, config: "LaunchConfig", q_shape: tuple, cache_rows: int, pa
         meta=meta,
         merge_grid=(batch * n_q * heads,),
         merge_scalars=(splits, heads, n_q),
-        merge_meta=dict(HEAD_DIM=head_dim, BLOCK_S=max(2, 1 << (splits - 1).bit_length()), BLOCK_D=block_d),
+        merge_meta=_merge_meta(splits, head_dim),
     )
+
+
+def _block_d(head_dim: int) -> int:
+    """The head dim's tile width: a power of two, at least 16 (``tl.dot``'s smallest K)."""
+    return max(16, next_power_of_two(head_dim))
+
+
+def _merge_meta(splits: int, head_dim: int) -> dict:
+    """The merge kernel's constexprs: every split's partial row in one tile."""
+    return dict(HEAD_DIM=head_dim, BLOCK_S=max(2, next_power_of_two(splits)), BLOCK_D=_block_d(head_dim))
 
 
 class LaunchConfig(NamedTuple):
