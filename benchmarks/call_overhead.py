@@ -23,6 +23,9 @@ import time
 
 SMALL = {
     "prefill (1, 8, 128, 64) causal": dict(q=(1, 8, 128, 64), kv=(1, 8, 128, 64), causal=True),
+    # a model's decoding step at batch 1: the kernels take a few microseconds, so back-to-back calls time the host
+    "decode (1, 32 / 8, 1 q, 1024 k, 128)": dict(q=(1, 32, 1, 128), kv=(1, 8, 1024, 128), causal=False),
+    # a batch whose K/V read (134 MB) takes longer than the host's work: the kernels' time
     "decode (8, 32 / 8, 1 q, 4096 k, 128)": dict(q=(8, 32, 1, 128), kv=(8, 8, 4096, 128), causal=False),
 }
 LARGE = {
@@ -31,7 +34,8 @@ LARGE = {
 }
 # attention_with_kvcache as an engine calls it each step: q (B, 1, H, D), a full (B, Nk, H_kv, D) cache,
 # cache_seqlens on the GPU (the route that never reads them back)
-KVCACHE = {"kvcache step (8, 32 / 8, 1 q, 4096 k, 128)": dict(batch=8, heads=32, kv_heads=8, keys=4096, head_dim=128)}
+KVCACHE = {"kvcache step (1, 32 / 8, 1 q, 1024 k, 128)": dict(batch=1, heads=32, kv_heads=8, keys=1024, head_dim=128),
+           "kvcache step (8, 32 / 8, 1 q, 4096 k, 128)": dict(batch=8, heads=32, kv_heads=8, keys=4096, head_dim=128)}
 CALLS = 2000
 RUNS = 5
 
@@ -91,6 +95,9 @@ def breakdown(torch, portattn, q, k, v, causal):
     from portattn.extras import NONE
 
     pieces["backend forward (launch, enqueue only)"] = _per_call(lambda: call.backend.forward(q, k, v, call.spec, call.plan, NONE), calls=500)
+    if hasattr(call.backend, "forward_output"):  # O alone, as attention() asks when no LSE is needed
+        pieces["backend forward_output (launch, enqueue only)"] = _per_call(
+            lambda: call.backend.forward_output(q, k, v, call.spec, call.plan, NONE), calls=500)
     torch.cuda.synchronize()
     pieces["validation + plan (uncached call)"] = _per_call(lambda: api._prepare(q, k, v, causal=causal, backend="triton"), calls=200)
     return pieces

@@ -125,11 +125,26 @@ def main(argv=None):
             profiler.disable()
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+        for label, implementation in implementations.items():  # the CUDA API calls and kernels of each, side by side
+            text.write(f"\n===== {label}: torch.profiler of generate({min(16, args.new_tokens)} tokens) =====\n")
+            text.write(_device_table(torch, model, implementation, prompt, min(16, args.new_tokens), sync))
         with open(args.profile, "w") as f:
             f.write(text.getvalue())
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
+
+
+def _device_table(torch, model, implementation, prompt, new_tokens: int, sync) -> str:
+    """torch.profiler's table (by self CPU time) of one generate: synchronizations, copies, launches, kernels."""
+    model.set_attn_implementation(implementation)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.inference_mode(), torch.profiler.profile(activities=activities) as prof:
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        sync()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
 
 
 if __name__ == "__main__":

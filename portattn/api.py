@@ -102,18 +102,21 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd
         from . import tuning
 
         call = tuning.tuned_call(call, q, k, v, extras)
-    out, lse = _run(call, q, k, v, extras)
+    out, lse = _run(call, q, k, v, extras, need_lse=return_lse)
     if layout != "bhnd":
         out = arrays.bhnd_view(out, layout)
     return (out, arrays.restore(lse, call.spec.array_kind, "float32", call.spec.device)) if return_lse else out
 
 
-def _run(call: PreparedCall, q, k, v, extras: Extras):
-    """The forward, through torch.autograd when the inputs require grad."""
+def _run(call: PreparedCall, q, k, v, extras: Extras, need_lse: bool = True):
+    """The forward, through torch.autograd when the inputs require grad; ``(out, None)`` when no LSE is needed
+    (neither asked for nor kept for a backward), which spares a backend writing it."""
     if call.spec.requires_grad and _grad_enabled():
         from .autograd import AttentionFunction
 
         return AttentionFunction.apply(q, k, v, call, extras)
+    if not need_lse:
+        return call.output(q, k, v, extras), None
     return call.forward(q, k, v, extras)
 
 
@@ -137,7 +140,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                             varlen=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), align=align,
                             window=window, alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
                             dropout_seed=dropout_seed)
-    out, lse = _run(call, *(arrays.bhnd_view(x, "bnhd") for x in packed), extras)
+    out, lse = _run(call, *(arrays.bhnd_view(x, "bnhd") for x in packed), extras, need_lse=return_lse)
     out = arrays.bhnd_view(out, "bnhd")[0]
     return (out, arrays.restore(lse, call.spec.array_kind, "float32", call.spec.device)[0]) if return_lse else out
 

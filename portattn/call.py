@@ -81,6 +81,15 @@ class PreparedCall:
             out, lse = self.backend.forward(*self._to_backend(q, k, v), self.spec, self.plan, self._extras_to_backend(extras))
         return self._to_caller(out, self.spec.dtype), self._to_caller(lse, None)
 
+    def output(self, q, k, v, extras: Extras = NONE):
+        """``forward``'s ``out`` alone, for a caller that needs no LSE: a backend may then skip writing it."""
+        if self._same_arrays and (id(self), "forward") in _RUN:
+            return self.backend.forward_output(q, k, v, self.spec, self.plan, self._extras_to_backend(extras))
+        with _first_call_notice(self, "forward"):
+            out = self.backend.forward_output(*self._to_backend(q, k, v), self.spec, self.plan,
+                                              self._extras_to_backend(extras))
+        return self._to_caller(out, self.spec.dtype)
+
     @functools.cached_property
     def _same_arrays(self) -> bool:
         """True when the backend computes on the caller's own array kind and dtype (torch tensors on a

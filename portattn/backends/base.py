@@ -182,6 +182,11 @@ class Backend(ABC):
         lse is (B, H, Nq), natural log, at least float32 (float64 where the backend computes in
         float64). Varlen: q, k, v are (1, H, total, D) and so are out and lse's (1, H, total_q)."""
 
+    def forward_output(self, q, k, v, spec, plan: TilePlan, extras):
+        """``out`` alone, for a caller that needs no LSE (inference): ``forward``'s, unless the backend's
+        kernels can skip writing the LSE."""
+        return self.forward(q, k, v, spec, plan, extras)[0]
+
     @abstractmethod
     def backward(self, grad_out, q, k, v, out, lse, spec, plan: TilePlan, extras):
         """``(dq, dk, dv)`` shaped as q, k, v, for arrays of ``compute_kind``."""

@@ -360,6 +360,53 @@ def test_run_relaunches_compiled_kernels_by_layout(monkeypatch):
     assert kernel.compiles == 6
 
 
+@pytest.mark.parametrize("n_q, n_k, align", [(37, 37, "bottom-right"), (37, 300, "top-left"), (130, 4100, "top-left")])
+def test_output_alone_skips_the_lse_and_is_the_same(triton_backend, n_q, n_k, align):
+    """A call that needs no LSE (no return_lse, nothing to differentiate) runs the forward that does not write
+    it -- where one key split writes O directly; key splits need their LSEs to merge -- and gets exactly the
+    output of the call that does. A causal bottom-right call with as many queries as keys (a model's prefill)
+    has no feature flag: it launches the featureless kernel, as top-left does."""
+    from portattn.backends.triton import launch
+
+    q, k, v, _ = (_to(x, torch.float32, grad=False) for x in _inputs(1, 2, 2, n_q, n_k, 32))
+    alone = portattn.attention(q, k, v, causal=True, align=align, backend="triton")
+    out, lse = portattn.attention(q, k, v, causal=True, align=align, backend="triton", return_lse=True)
+    torch.testing.assert_close(alone, out, rtol=0, atol=0)
+    assert torch.isfinite(lse).all()
+    call = api.prepare(q, k, v, causal=True, align=align, backend="triton")
+    fixed = launch.forward_launch(call.spec, call.plan, False)
+    assert fixed.meta["STORE_LSE"] == (fixed.splits > 1)
+    assert launch.forward_launch(call.spec, call.plan, True).meta["STORE_LSE"]
+    assert fixed.featured == (align == "bottom-right" and n_q != n_k)
+
+
+def test_direct_launcher_calls_the_c_launch_as_tritons_wrapper_does(monkeypatch):
+    """Where this Triton's launcher wrapper is one ``launch.direct_launcher`` calls past (it only allocates scratch
+    memory), calling its C entry directly passes exactly what the wrapper would, for a kernel without scratch;
+    a kernel with scratch memory, or a wrapper not known, goes through the wrapper."""
+    from triton.backends.nvidia.driver import CudaLauncher
+
+    from portattn.backends.triton import launch
+
+    if launch._wrapper_source(CudaLauncher) not in launch._PASS_THROUGH_WRAPPERS:
+        pytest.skip("this Triton's launcher wrapper is not one portattn calls past: every launch goes through it "
+                    "(triton 3.5-3.6, the GPU machine's, is)")
+    monkeypatch.setattr(launch, "_driver", lambda: _FakeDriver)
+    calls = []
+    launcher = object.__new__(CudaLauncher)
+    vars(launcher).update(launch=lambda *args: calls.append(args), num_ctas=1, global_scratch_size=0,
+                          global_scratch_align=1, profile_scratch_size=0, profile_scratch_align=1,
+                          launch_cooperative_grid=False, launch_pdl=True)
+    compiled = type("Compiled", (), dict(run=launcher, function="function", packed_metadata="metadata"))()
+    x = torch.zeros(4)
+    args = ((x, (4, 1)), 7, 0.5)
+    launcher(3, 2, 1, "stream0", "function", "metadata", None, None, None, *args, 16, True)  # as CompiledKernel does
+    launch.direct_launcher(compiled, (16, True))(3, 2, 1, 0, args)
+    assert len(calls) == 2 and calls[0] == calls[1]
+    launcher.global_scratch_size = 64  # needs scratch: the wrapper allocates it
+    assert not launch._pass_through(launcher)
+
+
 def test_signature_is_what_triton_specializes_on():
     """Arguments alike for Triton get one signature; each difference Triton compiles apart does not."""
     from portattn.backends.triton.launch import signature

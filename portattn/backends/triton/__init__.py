@@ -125,6 +125,13 @@ class TritonBackend(Backend):
         return probe.probe_cuda(cuda_index(spec.device))
 
     def forward(self, q, k, v, spec, plan, extras):
+        return self._forward(q, k, v, spec, plan, extras, True)
+
+    def forward_output(self, q, k, v, spec, plan, extras):
+        return self._forward(q, k, v, spec, plan, extras, False)[0]
+
+    def _forward(self, q, k, v, spec, plan, extras, store_lse: bool):
+        """(out, lse); ``store_lse`` False: lse is None where the kernel could skip it (one key split)."""
         steps = _decode_steps(self, spec)
         if steps is not None:  # few queries per sequence: the decode kernel (GQA packed, split-KV)
             from . import decode
@@ -134,36 +141,39 @@ class TritonBackend(Backend):
 
         batch, heads, seqlen_q, head_dim = q.shape  # varlen: (1, H, total_q, D)
         out = torch.empty((batch, heads, seqlen_q, head_dim), dtype=q.dtype, device=q.device)
-        lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+        fixed = launch.forward_launch(spec, plan, store_lse)
+        store_lse = fixed.meta["STORE_LSE"]  # several splits need their LSEs to merge
+        lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device) if store_lse else None
         if out.numel() == 0:
-            lse.fill_(float("-inf"))
-            return out, lse
-        fixed = launch.forward_launch(spec, plan)
+            return out, lse.fill_(float("-inf")) if store_lse else None
         splits = fixed.splits
         varlen = spec.varlen
         if splits == 1:  # one split writes O and LSE directly (the split stride is never used)
-            part_out, part_lse, split_strides = out, lse, (0, 0)
+            part_out, split_strides = out, (0, 0)
+            # O needed alone: the kernel writes no LSE and is given O's address in its place
+            part_lse = (lse, (*launch.lse_strides(lse, varlen), 0)) if store_lse else (out, (0, 0, 0))
         else:  # several write float32 partials, (splits, B, N, H, D) as the merge kernel reads them, merged below
             part_out = torch.empty((splits, batch, seqlen_q, heads, head_dim), dtype=torch.float32, device=q.device)
-            part_lse = torch.empty((splits, *lse.shape), dtype=torch.float32, device=q.device)
-            split_strides = (part_out.stride(0), part_lse.stride(0))
+            partial_lse = torch.empty((splits, *lse.shape), dtype=torch.float32, device=q.device)
+            split_strides = (part_out.stride(0), partial_lse.stride(0))
+            part_lse = (partial_lse, (*launch.lse_strides(lse, varlen), split_strides[1]))
         out_strides = launch.strides(out, varlen) if splits == 1 else launch.partial_strides(part_out, varlen)
         tensors = (  # O and LSE: their (split) partials, one more stride each
             launch.view(q, varlen), launch.view(k, varlen), launch.view(v, varlen),
-            (part_out, (*out_strides, split_strides[0])),
-            (part_lse, (*launch.lse_strides(lse, varlen), split_strides[1])),
+            (part_out, (*out_strides, split_strides[0])), part_lse,
         )
         with launch.on_device(q):
+            # a repeat launch is known by the spec and the ForwardLaunch (plan and constexprs) it was made for
             if fixed.featured:
                 features, _ = launch.features(spec, extras, by_keys=False)
                 launch.run(fixed.kernel, fixed.grid, (*tensors, *fixed.scalars, features), fixed.meta,
-                           (spec, plan, (q, k, v)) if extras is NONE else None)
+                           (spec, fixed, (q, k, v)) if extras is NONE else None)
             else:  # every feature off: the same program compiled without the features and their flags
-                launch.run(fixed.kernel, fixed.grid, (*tensors, *fixed.scalars), fixed.meta, (spec, plan, (q, k, v)))
+                launch.run(fixed.kernel, fixed.grid, (*tensors, *fixed.scalars), fixed.meta, (spec, fixed, (q, k, v)))
             if splits > 1:
                 from . import decode  # its merge kernel serves the forward's splits too
 
-                decode.merge_splits(part_out, part_lse, out, lse, (spec, plan))
+                decode.merge_splits(part_out, part_lse[0], out, lse, (spec, fixed))
         return out, lse
 
     def plan(self, spec, device=None):
@@ -248,6 +258,7 @@ class TritonBackend(Backend):
 
 
 @functools.lru_cache(maxsize=4096)
+@launch.identity_cached
 def _decode_steps(backend, spec):
     """The decode plan ``forward`` runs ``spec`` with, or None when it takes the prefill kernels
     (``decode.takes``; what else the decode kernel needs, ``not_supported_reasons`` checked before any forward):

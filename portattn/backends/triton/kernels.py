@@ -501,7 +501,7 @@ def attention_forward_features(
     GQA: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
     KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, SPARSE_MASKED: tl.constexpr, SPARSE_Q: tl.constexpr,
-    SPARSE_K: tl.constexpr, DROPOUT: tl.constexpr,
+    SPARSE_K: tl.constexpr, DROPOUT: tl.constexpr, STORE_LSE: tl.constexpr = True,
 ):
     """One program: BLOCK_M query rows of one (batch, head), over keys [split * KEYS_PER_SPLIT,
     (split + 1) * KEYS_PER_SPLIT) (a multiple of BLOCK_N). Grid (cdiv(N_Q, BLOCK_M), B * H, splits).
@@ -511,6 +511,7 @@ def attention_forward_features(
     With one split, O and LSE are the results; with several (flash-decoding, when the plan splits
     the key loop to fill the device) they are per-split partials that the caller merges by
     log-sum-exp -- every feature only narrows which keys a split visits, so the merge is unchanged.
+    STORE_LSE=False (one split, a caller that needs O alone): LSE is not written, and may be any pointer.
     """
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     Q, stride_q = Q
@@ -582,14 +583,15 @@ def attention_forward_features(
     lse = tl.where(l_i != l_i, l_i, lse)  # a NaN score (NaN in q, k or the mask): the LSE is NaN too, as O is
     _store_rows(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty),
                 offs_m, n_q, offs_d, HEAD_DIM, EVEN_D)
-    tl.store(LSE + offs_m, lse, mask=offs_m < n_q)
+    if STORE_LSE:
+        tl.store(LSE + offs_m, lse, mask=offs_m < n_q)
 
 
 @triton.jit
 def attention_forward(
     Q, K, V, O, LSE, H, N_Q, N_K, qk_scale, KEYS_PER_SPLIT,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, IN_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, IN_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr = True,
 ):
     """The forward of a call with no features: ``attention_forward_features`` called (inlined) with
     every feature off. A kernel of its own so that a plain launch passes neither the ``Features``
@@ -599,7 +601,7 @@ def attention_forward(
         Q, K, V, O, LSE, H, N_Q, N_K, qk_scale, KEYS_PER_SPLIT,
         Features(1, None, None, 0, 0, 0.0, None, 0, 0, None, 0, 0, 0, 0, None, 0, 0, None, 0, 0, 0, None, 0, 0, 0, 0.0, 1.0),
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, IN_PRECISION,
-        False, False, False, False, False, False, False, 0, False, False, False, 0, 0, False,
+        False, False, False, False, False, False, False, 0, False, False, False, 0, 0, False, STORE_LSE,
     )
 
 

@@ -52,15 +52,36 @@ class ForwardLaunch(NamedTuple):
     meta: dict  # constexprs (the feature flags among them when featured) and launch options
 
 
-@functools.lru_cache(maxsize=1024)
-def forward_launch(spec, plan) -> ForwardLaunch:
+def identity_cached(make):
+    """``make(a, b)`` cached by the identity of ``a`` and ``b`` (a call's spec and plan): a repeated call passes
+    the same objects, and a lookup by id costs less than the dataclass hash of every field that lru_cache would
+    take. The entries hold their objects, so no other object can take their ids while they are cached."""
+    cache: dict[tuple, tuple] = {}
+
+    @functools.wraps(make)
+    def cached(a, b, *rest):
+        key = (id(a), id(b), *rest)
+        entry = cache.get(key)
+        if entry is None:
+            if len(cache) >= 4096:
+                cache.clear()
+            entry = cache[key] = (a, b, make(a, b, *rest))
+        return entry[2]
+
+    return cached
+
+
+@identity_cached
+def forward_launch(spec, plan, store_lse: bool = True) -> ForwardLaunch:
+    """``store_lse=False``: a call that needs O alone (inference); with one split its LSE is then not written."""
     key_blocks = -(-spec.seqlen_k // plan.block_k)
     splits = max(1, min(plan.key_splits, key_blocks))
     keys_per_split = -(-key_blocks // splits) * plan.block_k
     flags = feature_flags(spec, by_keys=False, atomic_dq=False)
     featured = any(flags.values())
     meta = dict(HEAD_DIM=spec.head_dim, BLOCK_M=plan.block_q, BLOCK_N=plan.block_k, BLOCK_D=plan.head_dim_padded,
-                CAUSAL=spec.causal, IN_PRECISION=precision_for(spec.dtype), num_warps=plan.warps, num_stages=plan.stages)
+                CAUSAL=spec.causal, IN_PRECISION=precision_for(spec.dtype), STORE_LSE=store_lse or splits > 1,
+                num_warps=plan.warps, num_stages=plan.stages)
     return ForwardLaunch(
         kernel=kernels().attention_forward_features if featured else kernels().attention_forward,
         featured=featured, splits=splits,
@@ -131,7 +152,10 @@ def feature_flags(spec, *, by_keys: bool, atomic_dq: bool) -> dict:
     return dict(
         GQA=spec.group_size > 1,
         VARLEN=spec.varlen,
-        BOTTOM_RIGHT=spec.align == "bottom-right" and (spec.causal or spec.window is not None or spec.alibi),
+        # bottom-right with as many queries as keys places them as top-left does (a model's prefill): no flag, so a
+        # plain causal prefill launches the featureless kernel; varlen sequences may still differ in length
+        BOTTOM_RIGHT=(spec.align == "bottom-right" and (spec.causal or spec.window is not None or spec.alibi)
+                      and (spec.varlen or spec.seqlen_q != spec.seqlen_k)),
         HAS_LEFT=left is not None,
         HAS_RIGHT=right is not None,
         SOFTCAP=spec.softcap is not None,
@@ -191,9 +215,9 @@ def block_reach(spec, query_blocks: int, key_blocks: int, device):
         reach &= key_last[None, :] >= first[:, None] - left
     return reach
 
-# Compiled kernels of earlier launches, by (kernel, spec, plan, the strides and 16-byte alignment of the
-# caller's tensors): what Triton specializes a launch on, for calls whose other arguments follow from
-# the spec and plan alone. Values: (spec, plan, compiled kernel, constexpr values in parameter order).
+# Compiled kernels of earlier launches, by (kernel, spec, plan, GPU, the shapes, strides and 16-byte alignment of
+# the caller's tensors): what Triton specializes a launch on, for calls whose other arguments follow from the
+# spec and plan alone. Values: (spec, plan -- held, so that no other object takes their ids --, the launch).
 _COMPILED: dict[tuple, tuple] = {}
 _COMPILED_MAX = 4096
 # The same compiled kernels by what Triton itself specializes a launch on (``signature``): a call with a new
@@ -203,13 +227,15 @@ _BY_SIGNATURE: dict[tuple, tuple] = {}
 
 def run(kernel, grid, args: tuple, meta: dict, reuse=None) -> None:
     """``kernel[grid](*args, **meta)``. With ``reuse = (spec, plan, tensors)`` -- a launch whose arguments
-    other than ``tensors`` (the caller's, whose strides and alignment vary) follow from spec and plan, and
-    whose other tensors are fresh contiguous allocations -- a repeat launch runs the kernel Triton compiled
-    the first time directly: JITFunction.run binds and specializes every argument on each launch, tens of
-    microseconds that are most of a small call's time. A launch with a new spec or plan looks its kernel up
-    by Triton's own specialization of the arguments (``signature``), so it is compiled or bound through the
-    JIT only when Triton would compile it. Launch hooks (profilers) take the full path."""
-    if reuse is None or not _DIRECT or interpreting() or _launch_hooks():
+    other than ``tensors`` (the caller's, whose strides and alignment vary) follow from spec and plan (or
+    whatever object stands for the rest of the launch, e.g. ``ForwardLaunch``), and whose other tensors are
+    fresh contiguous allocations --
+    a repeat launch runs the kernel Triton compiled the first time directly: JITFunction.run binds and
+    specializes every argument on each launch, tens of microseconds that are most of a small call's time. A
+    launch with a new spec or plan looks its kernel up by Triton's own specialization of the arguments
+    (``signature``), so it is compiled or bound through the JIT only when Triton would compile it. Launch hooks
+    (profilers) take the full path."""
+    if reuse is None:
         kernel[grid](*args, **meta)
         return
     spec, plan, tensors = reuse
@@ -220,37 +246,98 @@ def run(kernel, grid, args: tuple, meta: dict, reuse=None) -> None:
     device = tensors[0].get_device()
     key = (id(kernel), id(spec), id(plan), device, *[(t.shape, t.stride(), t.data_ptr() % 16 == 0) for t in tensors])
     entry = _COMPILED.get(key)
-    if entry is None or entry[0] is not spec or entry[1] is not plan:  # ids can be reused by new objects
-        by_signature = signature(args)
-        by_signature = by_signature and (id(kernel), device, tuple(meta.items()), by_signature)
-        found = _BY_SIGNATURE.get(by_signature) if by_signature else None
-        if found is None or found[0] is not kernel:
-            compiled = kernel[grid](*args, **meta)
-            # the launcher takes every parameter, constexprs included, in the kernel's order
-            found = (kernel, compiled, tuple(meta[name] for name in kernel.arg_names[len(args):]))
-            if by_signature:
-                if len(_BY_SIGNATURE) >= _COMPILED_MAX:
-                    _BY_SIGNATURE.clear()
-                _BY_SIGNATURE[by_signature] = found
-            launched = True
-        else:
-            launched = False
+    if entry is None or _launch_hooks():
+        if not _DIRECT or interpreting() or _launch_hooks():
+            kernel[grid](*args, **meta)
+            return
+        launcher, launched = _find_compiled(kernel, grid, args, meta, device)
         if len(_COMPILED) >= _COMPILED_MAX:
             _COMPILED.clear()
-        entry = _COMPILED[key] = (spec, plan, found[1], found[2])
+        entry = _COMPILED[key] = (spec, plan, launcher)
         if launched:
             return
-    compiled, constexprs = entry[2], entry[3]
-    stream = _driver().active.get_current_stream(device)
     grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
     try:
-        compiled.run(grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                     *args, *constexprs)
+        entry[2](grid_x, grid_y, grid_z, device, args)
     except (TypeError, AttributeError) as error:
         # the launcher's calling convention is Triton's internal (checked against 3.4-3.9); one that takes other
         # arguments refuses them before anything is launched: take Triton's own path from now on, and say so
         _direct_launch_failed(error)
         kernel[grid](*args, **meta)
+
+
+def _find_compiled(kernel, grid, args: tuple, meta: dict, device: int):
+    """(the direct launcher of ``kernel``'s compiled specialization for these arguments, whether finding it
+    launched the kernel): from ``_BY_SIGNATURE``, else compiled (or bound) by Triton's JIT, which launches it."""
+    by_signature = signature(args)
+    by_signature = by_signature and (id(kernel), device, tuple(meta.items()), by_signature)
+    found = _BY_SIGNATURE.get(by_signature) if by_signature else None
+    if found is not None and found[0] is kernel:
+        return found[1], False
+    compiled = kernel[grid](*args, **meta)
+    # the launcher takes every parameter, constexprs included, in the kernel's order
+    found = (kernel, direct_launcher(compiled, tuple(meta[name] for name in kernel.arg_names[len(args):])))
+    if by_signature:
+        if len(_BY_SIGNATURE) >= _COMPILED_MAX:
+            _BY_SIGNATURE.clear()
+        _BY_SIGNATURE[by_signature] = found
+    return found[1], True
+
+
+def direct_launcher(compiled, constexprs: tuple):
+    """``launch(grid_x, grid_y, grid_z, device, args)`` for a kernel Triton compiled: its launcher, called on the
+    device's current stream as ``CompiledKernel`` calls it. Where the launcher's Python wrapper is one this module
+    knows to do nothing but allocate scratch memory (``_PASS_THROUGH_WRAPPERS``) and the kernel needs none, its C
+    entry is called directly: the wrapper costs about a microsecond per launch, a tenth of a small call's launch."""
+    launcher, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
+    stream = _driver().active.get_current_stream  # bound once: each lookup through the driver costs
+    if _pass_through(launcher):
+        c_launch, cooperative, pdl = launcher.launch, launcher.launch_cooperative_grid, launcher.launch_pdl
+
+        def launch(grid_x, grid_y, grid_z, device, args):
+            c_launch(grid_x, grid_y, grid_z, stream(device), function, cooperative, pdl, None, None, metadata, None,
+                     None, None, *args, *constexprs)
+    else:
+        def launch(grid_x, grid_y, grid_z, device, args):
+            launcher(grid_x, grid_y, grid_z, stream(device), function, metadata, None, None, None, *args, *constexprs)
+    return launch
+
+
+# The Python wrappers of Triton's CUDA launcher (``CudaLauncher.__call__``, by its source) that only allocate
+# scratch memory and pass everything on to the C launch: Triton 3.5-3.6's
+_PASS_THROUGH_WRAPPERS = frozenset({"""    def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+
+        def allocate_scratch(size, align, allocator):
+            if size > 0:
+                grid_size = gridX * gridY * gridZ
+                alloc_size = grid_size * self.num_ctas * size
+                alloc_fn = allocator.get()
+                return alloc_fn(alloc_size, align, stream)
+            return None
+
+        global_scratch = allocate_scratch(self.global_scratch_size, self.global_scratch_align, _allocation._allocator)
+        profile_scratch = allocate_scratch(self.profile_scratch_size, self.profile_scratch_align,
+                                           _allocation._profile_allocator)
+        self.launch(gridX, gridY, gridZ, stream, function, self.launch_cooperative_grid, self.launch_pdl,
+                    global_scratch, profile_scratch, *args)
+"""})
+
+
+def _pass_through(launcher) -> bool:
+    """True when ``launcher``'s wrapper is a known pass-through and its kernel needs no scratch memory."""
+    if getattr(launcher, "global_scratch_size", 1) or getattr(launcher, "profile_scratch_size", 1):
+        return False
+    return _wrapper_source(type(launcher)) in _PASS_THROUGH_WRAPPERS
+
+
+@functools.lru_cache(maxsize=None)
+def _wrapper_source(launcher_type) -> str | None:
+    import inspect
+
+    try:
+        return inspect.getsource(launcher_type.__call__)
+    except (OSError, TypeError):
+        return None
 
 
 _I32 = range(-2**31, 2**31)
@@ -342,10 +429,13 @@ def on_device(x):
     """Launch on the tensor's GPU (Triton launches on the current device); no switch when it is current."""
     import torch
 
-    if x.device.type != "cuda":
+    if not x.is_cuda:
         # Triton's interpreter swaps triton.language's functions while it runs a kernel: two threads
         # interpreting at once break each other ("Did you forget to add @triton.jit?"), so they take turns
         return INTERPRETER_TURN
-    if x.device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
+    if x.get_device() == torch.cuda.current_device():
+        return _STAY
     return torch.cuda.device(x.device)
+
+
+_STAY = contextlib.nullcontext()  # reusable: one for every launch on the current device
