@@ -43,11 +43,11 @@ never outside the cache). ``explain_with_kvcache`` reads them, for the plan's ex
 
 from __future__ import annotations
 
-import functools
 import sys
 from dataclasses import dataclass
 
 from . import arrays, dispatch, inputs
+from .memo import by_identity
 from .api import attention
 from .backends import Backend
 from .spec import AttentionSpec
@@ -65,7 +65,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=
     if route.n_new:
         cache.write(k, v, route.old, route.n_new)
     if route.in_place:
-        out, lse = _decode(route, q, cache_seqlens)
+        out, lse = _decode(route, q, cache_seqlens, return_lse)
         return (out, lse) if return_lse else out
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     lengths = route.lengths
@@ -214,7 +214,7 @@ def _checks_key(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend, 
     return tuple(key)
 
 
-@functools.lru_cache(maxsize=4096)
+@by_identity
 def _decode_plan(backend, spec, page_size: int, total: int) -> DecodePlan:
     return backend.decode_plan(spec, page_size, total)
 
@@ -223,16 +223,20 @@ def _on_gpu(x) -> bool:
     return arrays.is_torch(x) and x.device.type != "cpu"
 
 
-def _decode(route: _Route, q, cache_seqlens):
-    """The chosen backend's decode kernel on the cache as it lies, results back in the caller's kind."""
+def _decode(route: _Route, q, cache_seqlens, need_lse: bool = True):
+    """The chosen backend's decode kernel on the cache as it lies, results back in the caller's kind;
+    ``(out, None)`` when the LSE is not needed, which spares a backend writing it."""
     cache, spec, backend = route.cache, route.spec, route.backend
     kind, device = backend.compute_kind, spec.device
     lengths = cache.ops.lengths(route.lengths, cache_seqlens, route.n_new, cache.k_cache)
     if kind == "torch" and spec.array_kind == "torch":
         # torch tensors to a torch backend (every decoding step of a model on a GPU): nothing to convert, and
         # the kernel's results are the caller's (out in q's dtype, lse float32, on q's device)
-        return backend.decode_kvcache(q, cache.k_cache, cache.v_cache, cache.block_table if cache.paged else None,
-                                      lengths, spec, route.plan, route.extras)
+        table = cache.block_table if cache.paged else None
+        if not need_lse:
+            return backend.decode_kvcache_output(q, cache.k_cache, cache.v_cache, table, lengths, spec, route.plan,
+                                                 route.extras), None
+        return backend.decode_kvcache(q, cache.k_cache, cache.v_cache, table, lengths, spec, route.plan, route.extras)
 
     def convert(x):  # host arrays stay views (bfloat16 as its bits: the numpy kernels widen them)
         return arrays.to_numpy_bits(x) if kind == "numpy" else arrays.convert(x, kind, device)

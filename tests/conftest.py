@@ -48,3 +48,31 @@ def usable_backend():
         return backend
 
     return get
+
+
+@pytest.fixture
+def split_decoding(monkeypatch):
+    """Decode plans split the key loop wherever D2 would (the decode planner's D6 -- a merge must pay for
+    itself -- off), so that the tests' short caches run the split kernels and their merge. The caches that
+    hold plans are emptied before and after."""
+    from portattn.tiling import decode
+
+    monkeypatch.setattr(decode, "GPU_MERGE_COST_S", float("-inf"))
+    _forget_plans()
+    yield
+    _forget_plans()
+
+
+def _forget_plans():
+    import sys
+
+    from portattn import api, kvcache
+    from portattn.tiling import decode
+
+    decode.plan_decode.cache_clear()
+    kvcache._decode_plan.cache_clear()
+    api._PREPARED.clear()
+    kvcache._CHECKED.clear()
+    triton_backend = sys.modules.get("portattn.backends.triton")
+    if triton_backend is not None:
+        triton_backend._decode_steps.cache_clear()

@@ -175,6 +175,10 @@ class Backend(ABC):
         backends whose ``capabilities.kvcache`` is set implement it."""
         raise NotImplementedError(f"{self.name} has no kernel that reads a KV cache in place")
 
+    def decode_kvcache_output(self, q, k_cache, v_cache, block_table, lengths, spec, plan: DecodePlan, extras):
+        """``out`` alone of ``decode_kvcache``, for a caller that needs no LSE (``forward_output``'s twin)."""
+        return self.decode_kvcache(q, k_cache, v_cache, block_table, lengths, spec, plan, extras)[0]
+
     @abstractmethod
     def forward(self, q, k, v, spec, plan: TilePlan, extras):
         """``(out, lse)`` for (B, H, N, D) arrays of ``compute_kind`` (k, v with ``spec.kv_heads``

@@ -29,6 +29,12 @@ as soon as enough programs are in flight to keep the memory system busy. The rul
   keys are clamped to the cache's capacity and, paged, its page ids to the cache's pages (a bad
   length or table never reads outside the cache; ``attention_with_kvcache`` checks them on the host
   where it reads them).
+* D6 (GPU) a split must pay for its merge: the merge is one more launch and allocation on the host
+  (``GPU_MERGE_COST_S``, which a batch-1 decoding step -- host-bound -- pays in full) and a kernel. So the
+  key loop is split only when that saves more than it costs: unsplit, a program streams its sequence's K/V
+  alone at ``GPU_PROGRAM_GBS`` (its pipelined tiles in flight over the DRAM latency), split the stream is
+  shared out; each is bounded below by the bytes over the device's bandwidth. Short caches at small batch
+  (up to about 2k keys at D 128) therefore run one program per KV head and one launch.
 * D5 bytes moved: every present key's K and V row once per row block (``total_keys``: the cache's
   capacity per sequence when the lengths stay on the device -- an upper bound), q and out once, plus
   the float32 partials written and merged when split; the predicted time is those bytes over the
@@ -54,6 +60,8 @@ GPU_MAX_SPLITS = 128  # D2: the merge holds every split's partial row of one que
 CPU_TASKS_PER_THREAD = 2  # D2: decode tasks are of equal size, so a couple per thread balance the load
 CPU_BLOCK_K = 128  # D3
 MIN_KEYS_PER_SPLIT = 256  # D2
+GPU_PROGRAM_GBS = 80.0  # D6: one decode program's K/V stream, ~3 stages of 32 KiB tiles in flight over ~1 us of DRAM latency
+GPU_MERGE_COST_S = 10e-6  # D6: the merge's launch and float32 allocation on the host, plus its kernel
 MAX_QUERIES = 16  # the decode kernels serve Nq <= 16 per sequence; longer query blocks take the prefill path
 
 
@@ -133,9 +141,12 @@ def plan_decode(problem: DecodeProblem, device: DeviceSpec) -> DecodePlan:
     if gpu:
         most = min(most, GPU_MAX_SPLITS)
     splits = max(1, min(-(-target // max(1, groups)), most))
+    bandwidth = device.memory_bandwidth_gbs
+    saved = _split_saving(problem, row_blocks, splits, bandwidth) if gpu and splits > 1 and bandwidth else None
+    if saved is not None and saved < GPU_MERGE_COST_S:
+        splits = 1
     programs = groups * splits
     moved = _bytes_moved(problem, row_blocks, splits)
-    bandwidth = device.memory_bandwidth_gbs
     predicted = moved / (bandwidth * 1e9) if bandwidth else None
     unit = "compute units" if gpu else "threads"
     reasons = [
@@ -153,6 +164,10 @@ def plan_decode(problem: DecodeProblem, device: DeviceSpec) -> DecodePlan:
         + (", float32 partials" if splits > 1 else "")
         + (f"; {predicted * 1e6:.1f} us at {bandwidth:g} GB/s" if predicted is not None else ""),
     ]
+    if saved is not None:
+        reasons.append(f"D6 splitting would save {saved * 1e6:.1f} us of the stream "
+                          + (f"< the merge's {GPU_MERGE_COST_S * 1e6:g} us: one split" if splits == 1
+                             else f">= the merge's {GPU_MERGE_COST_S * 1e6:g} us"))
     if problem.page_size:
         reasons.insert(3, f"D4 paged cache, {problem.page_size} keys per page: each key's page found in the block table")
     return DecodePlan(device=device.name, target="gpu" if gpu else "cpu", block_q=block_q, row_blocks=row_blocks,
@@ -160,6 +175,19 @@ def plan_decode(problem: DecodeProblem, device: DeviceSpec) -> DecodePlan:
                       block_k=block_k, warps=warps, stages=stages, threads=threads, key_splits=splits,
                       keys_per_split=keys_per_split, programs=programs, bytes_moved=moved, predicted_s=predicted,
                       bandwidth_gbs=bandwidth, reasons=tuple(reasons))
+
+
+def _split_saving(problem: DecodeProblem, row_blocks: int, splits: int, bandwidth_gbs: float) -> float:
+    """D6: seconds of streaming that ``splits`` key splits save over one, each time the slower of one program's
+    share at ``GPU_PROGRAM_GBS`` and all the bytes at the device's bandwidth."""
+    spec = problem.spec
+    per_program = 2 * spec.seqlen_k * spec.head_dim * DTYPE_BYTES[spec.dtype]  # one KV head of one sequence
+
+    def stream(n: int) -> float:
+        return max(per_program / n / (GPU_PROGRAM_GBS * 1e9),
+                   _bytes_moved(problem, row_blocks, n) / (bandwidth_gbs * 1e9))
+
+    return stream(1) - stream(splits)
 
 
 def _bytes_moved(problem: DecodeProblem, row_blocks: int, splits: int) -> int:

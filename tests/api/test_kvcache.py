@@ -177,7 +177,7 @@ DECODE_TOLERANCE = {"float32": 3e-5, "float16": 4 * 2.0**-11 + 1e-4, "bfloat16":
 
 @pytest.mark.parametrize("backend", ["numba", "triton"])
 @pytest.mark.parametrize("case", list(DECODE_CASES))
-def test_decode_kernels_read_the_cache_in_place(usable_backend, backend, case):
+def test_decode_kernels_read_the_cache_in_place(usable_backend, backend, case, split_decoding):
     torch = pytest.importorskip("torch")
     usable_backend(backend)
     group, n_query, page_size, lengths, n_new, causal, dtype, extras = DECODE_CASES[case]
@@ -227,7 +227,7 @@ def test_gathering_backends_say_why():
 
 
 @pytest.mark.parametrize("backend", ["numba", "triton"])
-def test_lengths_left_on_the_device_give_the_same_answer(usable_backend, backend, monkeypatch):
+def test_lengths_left_on_the_device_give_the_same_answer(usable_backend, backend, monkeypatch, split_decoding):
     """On a GPU, a call without new keys reads neither cache_seqlens nor block_table back (no sync): the plan
     comes from the shapes and the kernels cut each sequence's keys themselves. Simulated here by treating the
     CPU tensors as device-resident."""

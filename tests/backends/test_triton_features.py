@@ -360,24 +360,32 @@ def test_run_relaunches_compiled_kernels_by_layout(monkeypatch):
     assert kernel.compiles == 6
 
 
-@pytest.mark.parametrize("n_q, n_k, align", [(37, 37, "bottom-right"), (37, 300, "top-left"), (130, 4100, "top-left")])
+@pytest.mark.parametrize("n_q, n_k, align", [(37, 37, "bottom-right"), (37, 300, "top-left"), (130, 4100, "top-left"),
+                                             (1, 300, "bottom-right"), (3, 5000, "bottom-right")])
 def test_output_alone_skips_the_lse_and_is_the_same(triton_backend, n_q, n_k, align):
     """A call that needs no LSE (no return_lse, nothing to differentiate) runs the forward that does not write
     it -- where one key split writes O directly; key splits need their LSEs to merge -- and gets exactly the
-    output of the call that does. A causal bottom-right call with as many queries as keys (a model's prefill)
-    has no feature flag: it launches the featureless kernel, as top-left does."""
+    output of the call that does; so do the decode kernel's few-query calls, one split (a short cache, the
+    decode plan's D6) or several. A causal bottom-right call with as many queries as keys (a model's prefill)
+    has no bottom-right flag: it compiles as top-left does (the featureless kernel, without GQA)."""
+    from portattn.backends import triton as triton_module
     from portattn.backends.triton import launch
 
-    q, k, v, _ = (_to(x, torch.float32, grad=False) for x in _inputs(1, 2, 2, n_q, n_k, 32))
+    q, k, v, _ = (_to(x, torch.float32, grad=False) for x in _inputs(1, 4, 2, n_q, n_k, 32))
     alone = portattn.attention(q, k, v, causal=True, align=align, backend="triton")
     out, lse = portattn.attention(q, k, v, causal=True, align=align, backend="triton", return_lse=True)
     torch.testing.assert_close(alone, out, rtol=0, atol=0)
     assert torch.isfinite(lse).all()
     call = api.prepare(q, k, v, causal=True, align=align, backend="triton")
+    steps = triton_module._decode_steps(call.backend, call.spec)
+    if n_q <= 16:  # the decode kernel
+        assert steps is not None and steps.key_splits == (1 if n_k < 1000 else steps.key_splits) and (
+            n_k < 1000 or steps.key_splits > 1)
+        return
     fixed = launch.forward_launch(call.spec, call.plan, False)
     assert fixed.meta["STORE_LSE"] == (fixed.splits > 1)
     assert launch.forward_launch(call.spec, call.plan, True).meta["STORE_LSE"]
-    assert fixed.featured == (align == "bottom-right" and n_q != n_k)
+    assert fixed.meta.get("BOTTOM_RIGHT", False) == (align == "bottom-right" and n_q != n_k)
 
 
 def test_direct_launcher_calls_the_c_launch_as_tritons_wrapper_does(monkeypatch):
@@ -440,7 +448,7 @@ def test_a_refused_direct_relaunch_falls_back_to_the_jit(monkeypatch):
     assert kernel.compiles == 3  # the JIT's path from now on
 
 
-def test_repeat_launches_take_every_kernel_parameter(triton_backend, monkeypatch):
+def test_repeat_launches_take_every_kernel_parameter(triton_backend, monkeypatch, split_decoding):
     """``launch.run`` relaunches a compiled kernel with the positional arguments and then the constexprs
     of ``meta`` in the kernel's parameter order (Triton's launcher takes every parameter): each launch
     that asks for that reuse must name every later parameter in ``meta``. The interpreter never takes the

@@ -44,3 +44,12 @@ def test_cpu_tasks_own_whole_sequences():
     plan = _plan(1, 16384, dtype="float32", page=0, device="zen4-epyc")
     assert plan.target == "cpu" and plan.kv_heads_per_program == 8 and plan.block_q == 4
     assert plan.programs >= decode.CPU_TASKS_PER_THREAD  # one sequence, split over the threads
+
+
+def test_a_short_cache_is_not_split_when_the_merge_costs_more_than_it_saves():
+    """D6: at batch 1, a 1k-key cache streams in a few microseconds per KV head unsplit, less than the merge's
+    launch costs the host: one split, one launch. Long caches still split; the reason says which and why."""
+    short, long = _plan(1, 1024), _plan(1, 8192)
+    assert short.key_splits == 1 and long.key_splits > 1
+    assert any(r.startswith("D6") and "one split" in r for r in short.reasons)
+    assert any(r.startswith("D6") and ">=" in r for r in long.reasons)

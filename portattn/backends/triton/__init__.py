@@ -40,6 +40,7 @@ import functools
 
 from ...devices import catalog, cuda_index, probe
 from ...extras import NONE
+from ...memo import by_identity
 from ...spec import FEATURES
 from ..base import Backend, Capabilities, register
 from . import launch
@@ -136,7 +137,7 @@ class TritonBackend(Backend):
         if steps is not None:  # few queries per sequence: the decode kernel (GQA packed, split-KV)
             from . import decode
 
-            return decode.attention(q, k, v, spec, steps, extras)
+            return decode.attention(q, k, v, spec, steps, extras, store_lse)
         import torch
 
         batch, heads, seqlen_q, head_dim = q.shape  # varlen: (1, H, total_q, D)
@@ -183,6 +184,11 @@ class TritonBackend(Backend):
         from . import decode
 
         return decode.decode_kvcache(q, k_cache, v_cache, block_table, lengths, spec, plan, extras)
+
+    def decode_kvcache_output(self, q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
+        from . import decode
+
+        return decode.decode_kvcache(q, k_cache, v_cache, block_table, lengths, spec, plan, extras, False)[0]
 
     def backward(self, grad_out, q, k, v, out, lse, spec, plan, extras):
         import torch
@@ -258,7 +264,7 @@ class TritonBackend(Backend):
 
 
 @functools.lru_cache(maxsize=4096)
-@launch.identity_cached
+@by_identity
 def _decode_steps(backend, spec):
     """The decode plan ``forward`` runs ``spec`` with, or None when it takes the prefill kernels
     (``decode.takes``; what else the decode kernel needs, ``not_supported_reasons`` checked before any forward):

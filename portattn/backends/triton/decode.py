@@ -19,23 +19,26 @@ def kernels():
     return decode_kernels
 
 
-def decode_kvcache(q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
-    """``Backend.decode_kvcache`` for torch tensors: out (B, Nq, H, D) in q's dtype, lse float32 (B, H, Nq)."""
+def decode_kvcache(q, k_cache, v_cache, block_table, lengths, spec, plan, extras, store_lse: bool = True):
+    """``Backend.decode_kvcache`` for torch tensors: out (B, Nq, H, D) in q's dtype, lse float32 (B, H, Nq)
+    (None when ``store_lse`` is off and one key split wrote out directly)."""
     import torch
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = _launch(_view(q), _view(k_cache), _view(v_cache), _view(out), block_table, lengths, int(k_cache.shape[0]),
-                  spec, plan, extras)
+                  spec, plan, extras, store_lse)
     return out, lse
 
 
-def attention(q, k, v, spec, plan, extras):
+def attention(q, k, v, spec, plan, extras, store_lse: bool = True):
     """``Backend.forward`` of a call ``takes`` accepts: (B, H, Nq, D) q against (B, H_kv, Nk, D) k and v through
-    the decode kernel, every sequence holding all Nk keys. out (B, H, Nq, D) contiguous, lse (B, H, Nq)."""
+    the decode kernel, every sequence holding all Nk keys. out (B, H, Nq, D) contiguous, lse (B, H, Nq) (None
+    when ``store_lse`` is off and one key split wrote out directly)."""
     import torch
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = _launch(*(_view(x, bhnd=True) for x in (q, k, v, out)), None, None, spec.batch, spec, plan, extras)
+    lse = _launch(*(_view(x, bhnd=True) for x in (q, k, v, out)), None, None, spec.batch, spec, plan, extras,
+                  store_lse)
     return out, lse
 
 
@@ -56,23 +59,29 @@ def _view(x, bhnd: bool = False):
     return x, (strides[0], strides[2], strides[1], strides[3]) if bhnd else strides
 
 
-def _launch(q, k, v, out, block_table, lengths, cache_rows: int, spec, plan, extras):
+def _launch(q, k, v, out, block_table, lengths, cache_rows: int, spec, plan, extras, store_lse: bool = True):
     """The decode kernel (and the merge of its key splits) on (tensor, (b, n, h, d) strides) views, writing
-    ``out``; returns the float32 (B, H, Nq) LSE. ``lengths`` None: every sequence holds all its keys."""
+    ``out``; returns the float32 (B, H, Nq) LSE, or None when ``store_lse`` is off and one split writes ``out``
+    (then nothing but ``out`` is allocated). ``lengths`` None: every sequence holds all its keys."""
     import torch
 
     q, q_strides = q
     out, out_strides = out
     paged = block_table is not None
     step = _step(spec, _launch_config(plan), (spec.batch, spec.seqlen_q, spec.heads, spec.head_dim), cache_rows,
-                 int(k[0].shape[1]) if paged else 0, lengths is not None)
-    # LSE and the float32 partials of the key splits in one allocation: a step's host time is mostly such calls
-    floats = torch.empty(step.floats, dtype=torch.float32, device=q.device)
-    lse = floats.as_strided(step.lse_shape, step.lse_strides)
+                 int(k[0].shape[1]) if paged else 0, lengths is not None, store_lse)
+    if step.meta["STORE_LSE"]:
+        # LSE and the float32 partials of the key splits in one allocation: a step's host time is mostly such calls
+        floats = torch.empty(step.floats, dtype=torch.float32, device=q.device)
+        lse = floats.as_strided(step.lse_shape, step.lse_strides)
+    else:
+        lse = None
     if out.numel() == 0:
         return lse
     if step.splits == 1:  # the programs write the results; their split strides are never used
-        part_out, part_lse = (out, (*out_strides, 0)), (lse, (*step.lse_strides, 0))
+        part_out = (out, (*out_strides, 0))
+        # no LSE wanted: the kernel writes none and is given out's address in its place
+        part_lse = (lse, (*step.lse_strides, 0)) if lse is not None else (out, (0, 0, 0, 0))
     else:
         part_out = (floats.as_strided(*step.part_out), step.part_out_strides)
         part_lse = (floats.as_strided(*step.part_lse), step.part_lse_strides)
@@ -92,12 +101,12 @@ def _launch(q, k, v, out, block_table, lengths, cache_rows: int, spec, plan, ext
             kernels().decode_kvcache, step.grid,
             ((q, q_strides), k, v, part_out, part_lse, table, table.stride(0), lengths, slopes, *slope_strides,
              *step.scalars),
-            step.meta, (spec, step.config, callers),
+            step.meta, (spec, step, callers),  # the Step: its plan and constexprs
         )
         if step.splits > 1:
             launch.run(kernels().decode_merge, step.merge_grid,
                        (part_out[0], part_lse[0], (out, out_strides), lse, *step.merge_scalars), step.merge_meta,
-                       (spec, step.config, (out,)))
+                       (spec, step, (out,)))
     return lse
 
 
@@ -157,20 +166,21 @@ class Step(NamedTuple):
 _STEPS: dict[tuple, tuple] = {}
 
 
-def _step(spec, config: "LaunchConfig", q_shape: tuple, cache_rows: int, page_size: int, has_lengths: bool) -> Step:
+def _step(spec, config: "LaunchConfig", q_shape: tuple, cache_rows: int, page_size: int, has_lengths: bool,
+          store_lse: bool) -> Step:
     """``Step`` of a call, looked up by the identity of its spec (a repeated step's is the same object, and a
     dataclass hash of every field would cost more than the lookup saves)."""
-    key = (id(spec), config, q_shape, cache_rows, page_size, has_lengths)
+    key = (id(spec), config, q_shape, cache_rows, page_size, has_lengths, store_lse)
     entry = _STEPS.get(key)
     if entry is None or entry[0] is not spec:  # ids can be reused by new objects
         if len(_STEPS) >= 4096:
             _STEPS.clear()
-        entry = _STEPS[key] = (spec, _make_step(spec, config, q_shape, cache_rows, page_size, has_lengths))
+        entry = _STEPS[key] = (spec, _make_step(spec, config, q_shape, cache_rows, page_size, has_lengths, store_lse))
     return entry[1]
 
 
 def _make_step(spec, config: "LaunchConfig", q_shape: tuple, cache_rows: int, page_size: int,
-               has_lengths: bool) -> Step:
+               has_lengths: bool, store_lse: bool) -> Step:
     batch, n_q, heads, head_dim = q_shape
     splits = config.key_splits
     n_out, n_lse = batch * n_q * heads * head_dim, batch * heads * n_q
@@ -183,8 +193,9 @@ def _make_step(spec, config: "LaunchConfig", q_shape: tuple, cache_rows: int, pa
     meta = dict(GROUP=spec.group_size, HEAD_DIM=head_dim, BLOCK_M=config.block_q, BLOCK_N=config.block_k,
                 BLOCK_D=block_d, PAGE_SIZE=page_size, CAUSAL=spec.causal, HAS_LEFT=left is not None,
                 HAS_RIGHT=right is not None, SOFTCAP=spec.softcap is not None, ALIBI=spec.alibi,
-                IN_PRECISION=launch.precision_for(spec.dtype), HAS_LENGTHS=has_lengths, num_warps=config.warps,
-                num_stages=config.stages)
+                IN_PRECISION=launch.precision_for(spec.dtype), HAS_LENGTHS=has_lengths,
+                STORE_LSE=store_lse or splits > 1,  # the splits' LSEs are merged
+                num_warps=config.warps, num_stages=config.stages)
     return Step(
         config=config, splits=splits,
         floats=part_out_offset + splits * n_out if splits > 1 else n_lse,

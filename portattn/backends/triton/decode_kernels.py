@@ -50,14 +50,15 @@ def decode_kvcache(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, IN_PRECISION: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     """Grid (B * H_kv * row blocks, splits). Q (B, Nq, H, D) and the caches as views (tensor, strides);
     O a (B, Nq, H, D) view with a fifth (split) stride, LSE a (B, H, Nq) one with a fourth; TABLE int32
     (B, max_blocks) (unused when contiguous), LENGTHS int32 (B,) keys per sequence (clamped to [0,
     CAPACITY]; without HAS_LENGTHS every sequence has CAPACITY); SLOPES (B, H) when ALIBI. Sequence b's
     L_b keys are cut into ranges of max(KEYS_PER_SPLIT, ceil(L_b / splits)) keys, rounded up to BLOCK_N
-    (the decode plan's D2); split s takes the s-th."""
+    (the decode plan's D2); split s takes the s-th. STORE_LSE=False (one split, a caller that needs O alone):
+    the LSE is not written, and LSE may be any pointer."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     Q, stride_q = Q
     K, stride_k = K
@@ -134,8 +135,9 @@ def decode_kvcache(
     split64 = split.to(tl.int64)
     tl.store(O + b * stride_ob + query[:, None].to(tl.int64) * stride_on + head[:, None] * stride_oh
              + offs_d[None, :] * stride_od + split64 * stride_os, out.to(O.dtype.element_ty), mask=io_mask)
-    tl.store(LSE + b * stride_lb + head * stride_lh + query.to(tl.int64) * stride_ln + split64 * stride_ls, lse,
-             mask=real)
+    if STORE_LSE:
+        tl.store(LSE + b * stride_lb + head * stride_lh + query.to(tl.int64) * stride_ln + split64 * stride_ls, lse,
+                 mask=real)
 
 
 @triton.jit

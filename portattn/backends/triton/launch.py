@@ -10,6 +10,7 @@ import threading
 from typing import NamedTuple
 
 from ...extras import NONE
+from ...memo import by_identity
 
 LOG2E = 1.4426950408889634
 
@@ -52,26 +53,7 @@ class ForwardLaunch(NamedTuple):
     meta: dict  # constexprs (the feature flags among them when featured) and launch options
 
 
-def identity_cached(make):
-    """``make(a, b)`` cached by the identity of ``a`` and ``b`` (a call's spec and plan): a repeated call passes
-    the same objects, and a lookup by id costs less than the dataclass hash of every field that lru_cache would
-    take. The entries hold their objects, so no other object can take their ids while they are cached."""
-    cache: dict[tuple, tuple] = {}
-
-    @functools.wraps(make)
-    def cached(a, b, *rest):
-        key = (id(a), id(b), *rest)
-        entry = cache.get(key)
-        if entry is None:
-            if len(cache) >= 4096:
-                cache.clear()
-            entry = cache[key] = (a, b, make(a, b, *rest))
-        return entry[2]
-
-    return cached
-
-
-@identity_cached
+@by_identity
 def forward_launch(spec, plan, store_lse: bool = True) -> ForwardLaunch:
     """``store_lse=False``: a call that needs O alone (inference); with one split its LSE is then not written."""
     key_blocks = -(-spec.seqlen_k // plan.block_k)
