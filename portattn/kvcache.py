@@ -192,12 +192,14 @@ _SCALARS = (bool, int, float, str, type(None))
 def _checks_key(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend, options) -> tuple | None:
     """What ``_checked`` depends on, for torch tensors without ALiBi slopes (whose values the extras hold);
     None for anything else (numpy arrays and odd arguments take the full path, which raises their errors).
-    Plain loops, not generators: this runs on every decoding step."""
+    Flat tuples and plain loops, not generators: this runs on every decoding step."""
     tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # None while another thread imports torch
-    if tensor is None or options["alibi_slopes"] is not None or type(backend) is not str:
+    if (tensor is None or options["alibi_slopes"] is not None or type(backend) is not str
+            or type(q) is not tensor or type(k_cache) is not tensor or type(v_cache) is not tensor):
         return None
-    key = [backend]
-    for x in (q, k_cache, v_cache, cache_seqlens, block_table, k, v):
+    key = [backend, q.shape, q.dtype, q.device, q.requires_grad, k_cache.shape, k_cache.dtype, k_cache.device,
+           k_cache.requires_grad, v_cache.shape, v_cache.dtype, v_cache.device, v_cache.requires_grad]
+    for x in (cache_seqlens, block_table, k, v):
         if x is None:
             key.append(None)
         elif type(x) is tensor:
