@@ -252,11 +252,9 @@ def compile_grid(args, max_shared: int) -> dict:
 # 2. time
 
 
-def bench(fn, rep_ms: float) -> float:
+def bench(fn, rep_ms: float, device: str) -> float:
     """Median milliseconds: do_bench on a GPU; the host clock over a few calls under the interpreter."""
-    import torch
-
-    if torch.cuda.is_available():
+    if device == "cuda":
         import triton
 
         return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
@@ -338,7 +336,7 @@ def time_point(point, table, args, first_calls) -> dict:
                     trial["out_err"] = float((out.float() - ref_out.float()).abs().max() / ref_out.float().abs().max())
                     trial["lse_err"] = float((lse - ref_lse).abs().max())
                     wrong = not (trial["out_err"] <= WRONG_OUT and trial["lse_err"] <= WRONG_LSE)
-                    trial["ms"] = bench(run, args.rep_all)
+                    trial["ms"] = bench(run, args.rep_all, args.device)
                     trial["tflops"] = tflops(trial["ms"])
                     trial["status"] = "WRONG" if wrong else "ok"
                 except Exception as error:  # noqa: BLE001 - a configuration that cannot run is a result
@@ -350,7 +348,8 @@ def time_point(point, table, args, first_calls) -> dict:
         best = None
         for trial in ranked:
             config = table[(d, causal, trial["label"])][0]
-            trial["ms_top"] = bench(lambda: hopper.hopper_forward(q, k, v, causal, scale, config), args.rep_top)
+            trial["ms_top"] = bench(lambda: hopper.hopper_forward(q, k, v, causal, scale, config), args.rep_top,
+                                    args.device)
             if best is None or trial["ms_top"] < best["ms_top"]:
                 best = trial
         if best is not None:
@@ -358,7 +357,7 @@ def time_point(point, table, args, first_calls) -> dict:
             row["ms"]["hopper"] = best["ms_top"]
         for name, forward in peers(causal).items():
             try:
-                row["ms"][name] = bench(lambda: forward(q, k, v), args.rep_top)
+                row["ms"][name] = bench(lambda: forward(q, k, v), args.rep_top, args.device)
             except Exception as error:  # noqa: BLE001 - a peer that cannot run this shape is a result
                 row["errors"][name] = _first_line(error)
     row["tflops"] = {name: tflops(ms) for name, ms in row["ms"].items()}
@@ -370,6 +369,46 @@ def time_point(point, table, args, first_calls) -> dict:
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def host_times(table, args, calls: int = 200) -> dict:
+    """Microseconds per call of back-to-back calls on a problem too small to keep the GPU busy (B 1,
+    H = 2048 / D, N 128, the first head dim, not causal): the host's cost of a launch, for each load path
+    (host descriptors are built and encoded per call, device ones cost an allocation) and the peers."""
+    import torch
+
+    from portattn.backends.triton import hopper
+
+    d = args.head_dims[0]
+    heads = 2 if args.smoke else WIDE[1] if d == 256 else HIDDEN // d
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    q, k, v = (torch.randn(1, heads, 128, d, generator=gen, device=args.device, dtype=torch.float16) for _ in range(3))
+    plain = {}  # per load path, a configuration without switches: the first anchor tile where there is one
+    anchor = ANCHORS[d][0]
+    for (dd, causal, _), (config, entry) in sorted(table.items(), key=lambda item: tuple(item[1][0][:4]) != anchor):
+        if dd == d and not causal and entry["ok"] and entry["fits"] and config == config._replace(
+                warp_specialize=False, split_q=False, defer_pv=False, lazy_rescale=0.0):
+            plain.setdefault(config.loads, config)
+    contenders = {f"hopper-{loads}": (lambda config=config: hopper.hopper_forward(q, k, v, False, d ** -0.5, config))
+                  for loads, config in plain.items()}
+    contenders.update({name: (lambda forward=forward: forward(q, k, v)) for name, forward in peers(False).items()})
+    found = {"D": d, "H": heads, "N": 128, "us_per_call": {}, "configs": {name[7:]: c.label() for name, c in
+                                                                        ((f"hopper-{k}", c) for k, c in plain.items())}}
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for name, call in contenders.items():
+            try:
+                for _ in range(10):
+                    call()
+                sync()
+                start = time.perf_counter()
+                for _ in range(calls if args.device == "cuda" else 3):
+                    call()
+                sync()
+                found["us_per_call"][name] = (time.perf_counter() - start) / (calls if args.device == "cuda" else 3) * 1e6
+            except Exception as error:  # noqa: BLE001 - a peer that cannot run here is a result
+                found["us_per_call"][name] = _first_line(error)
+    return found
 
 
 def _line(row) -> str:
@@ -463,6 +502,10 @@ def main(argv=None):
             for entry in record["compile"]:
                 print(_compile_line(entry))
             return record
+        record["host_overhead"] = host_times(table, args)
+        print("host time per call (us):", {name: round(us, 1) if isinstance(us, float) else us
+                                            for name, us in record["host_overhead"]["us_per_call"].items()}, flush=True)
+        save(args, record)
         first_calls: dict[tuple, float] = {}
         grid = points(args) if not args.smoke else [(1, 2, 48, 64, causal) for causal in args.causal]
         for point in grid:
