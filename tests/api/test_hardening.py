@@ -158,6 +158,31 @@ def test_a_nan_makes_its_rows_nan_out_and_lse(usable_backend, backend, where):
         assert torch.isfinite(out[0, 0]).all() and torch.isfinite(lse[0, 0]).all()  # the other head
 
 
+@pytest.mark.parametrize("backend", ["reference", "numba", "triton", "opencl", "cupy"])
+@pytest.mark.parametrize("n_q", [5, 1], ids=["prefill", "decode"])
+def test_very_negative_scores_after_a_fully_masked_tile_still_count(usable_backend, backend, n_q):
+    """Every score of a row far below exp2's range (about -300 here) after a first key tile that the padding
+    hides wholly: the softmax is still uniform over the real keys (O = their values' mean, LSE finite), not a
+    row that seems to see no key. The online softmax must keep such a row's running max at -inf until it sees
+    a key; pinned at 0, its later scores underflow to nothing."""
+    torch = pytest.importorskip("torch")
+    usable_backend(backend)
+    device = "cuda" if backend in ("triton", "cupy") and torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if backend == "cupy" else torch.float32
+    n_k, hidden = 300, 140  # the first 140 keys are padding: more than any backend's key tile
+    q = torch.full((1, 2, n_q, 16), 4.0, dtype=torch.float64)
+    k = torch.full((1, 2, n_k, 16), -4.0, dtype=torch.float64)  # q.k = -256, times 1/sqrt(16): -64 per score...
+    v = torch.randn(1, 2, n_k, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    padding = torch.arange(n_k)[None, :] >= hidden
+    out, lse = portattn.attention(*(x.to(device, dtype) for x in (q, k, v)), scale=1.2, key_padding_mask=padding.to(device),
+                                  backend=backend, return_lse=True)  # ... times 1.2: -307
+    want = v[:, :, hidden:].mean(dim=2, keepdim=True).expand(1, 2, n_q, 16)
+    torch.testing.assert_close(out.double().cpu(), want, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=0)
+    want_lse = -256 * 1.2 + torch.log(torch.tensor(float(n_k - hidden), dtype=torch.float64))
+    torch.testing.assert_close(lse.double().cpu(), torch.full((1, 2, n_q), float(want_lse), dtype=torch.float64),
+                               atol=1e-3, rtol=0)
+
+
 def test_a_numpy_only_install_falls_back_to_the_reference_with_one_warning():
     """With only numpy (no numba, torch, triton, cupy, pyopencl importable), attention still answers,
     through the reference backend, and says once which extra to install; bench says nothing can be timed."""

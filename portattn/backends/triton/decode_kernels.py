@@ -120,9 +120,11 @@ def decode_kvcache(
         qk, _t = _scores(qk, query[:, None], cols[None, :], N_Q, hi, S, True, True, CAUSAL, HAS_LEFT, HAS_RIGHT,
                          SOFTCAP, ALIBI, 0, False)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees no key yet: exp2(-inf - 0) = 0
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
+        # a row that sees no key yet: exp2(-inf - 0) = 0, and its running max stays -inf (pinned at 0, later
+        # scores below -126 would underflow against it)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_ref)
+        p = tl.math.exp2(qk - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v_rows = _cache_rows(table_row, cols, in_range, b, stride_vb, stride_vn, start, NUM_PAGES, PAGE_SIZE, BLOCK_N)
         v = tl.load(v_head + v_rows[:, None], mask=kv_mask, other=0.0)

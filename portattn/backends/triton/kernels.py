@@ -430,10 +430,13 @@ def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, of
     qk, _t = _scores(qk, offs_m[:, None], cols[None, :], n_q, n_k, S,
                      MASKED, True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, KEY_PADDING)
     m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_ref = m_new  # what the exponents are taken against
     if CAN_EMPTY:
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
+        # a row that has seen no key yet: exp2(-inf - 0) = 0; its running max stays -inf (were it pinned at 0,
+        # later scores below -126 would underflow against it and the row would seem to see no key)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_ref)
+    p = tl.math.exp2(qk - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
         p = tl.where(_dropout_keep(S.seed, S.b, S.h, offs_m[:, None], cols[None, :], S.drop_p), p, 0.0)
