@@ -63,8 +63,12 @@
 #define COLS (CN * VW * TN)
 #define THREADS (TM * TN)
 #define LD (D_PAD + VW)
-/* the forward Q tile's swizzle mask: up to 8 rows apart in quads, within a row's D_PAD / 4 quads */
-#if D_PAD % 32 == 0
+/* the forward Q tile's swizzle mask: up to 8 rows apart in quads, within a row's D_PAD / 4 quads; none
+ * under PoCL (no banks: local memory is cache, and unswizzled rows leave the score product's Q reads
+ * at constant offsets instead of per-read index arithmetic) */
+#if !PIECES_INNER
+#define QSW 0
+#elif D_PAD % 32 == 0
 #define QSW 7
 #elif D_PAD % 16 == 0
 #define QSW 3
