@@ -395,11 +395,11 @@ inline void store_rows(__global elem_t *dst, long stride, int row0, int limit, i
 inline float4 halves4_max(floatV v)
 {
 #if VW == 16
-    const float8 h = max(v.lo, v.hi);
+    const float8 h = v.lo > v.hi ? v.lo : v.hi; /* comparisons, not max(): PoCL calls built-ins out of line */
 #else
     const float8 h = v;
 #endif
-    return max(h.lo, h.hi);
+    return h.lo > h.hi ? h.lo : h.hi;
 }
 
 inline float4 halves4_sum(floatV v)
@@ -415,8 +415,8 @@ inline float4 halves4_sum(floatV v)
 inline float lane_max(floatV v)
 {
     const float4 q = halves4_max(v);
-    const float2 d = max(q.lo, q.hi);
-    return max(d.x, d.y);
+    const float2 d = q.lo > q.hi ? q.lo : q.hi;
+    return d.x > d.y ? d.x : d.y;
 }
 
 inline float lane_sum(floatV v)
@@ -701,7 +701,9 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
      * fetches the next ones (after a tile's last K chunk, the next tile's first), then computes; the
      * last V chunk is put after the scores */
     float4 staged_k[STAGE_QUADS], staged_v[STAGE_QUADS];
+#if PIECES_INNER
     if (first < keys.y) fetch_chunk(staged_k, kh, k_n, first, seqlen_k, 0, true);
+#endif
     for (int col0 = first; col0 < keys.y; col0 += COLS) {
         floatV s[RM * CN], t[RM * CN];
 #pragma unroll
@@ -709,15 +711,28 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
 #pragma unroll
         for (int dc = 0; dc < D_PAD; dc += KC) {
             barrier(CLK_LOCAL_MEM_FENCE); /* the previous readers are done with K^T (and V and P) */
+#if PIECES_INNER
             put_keys(kt_tile, staged_k);
             if (dc > 0) put_values(v_tile, staged_v, dc - KC);
             barrier(CLK_LOCAL_MEM_FENCE);
             fetch_chunk(staged_v, vh, v_n, col0, seqlen_k, dc, false);
             if (dc + KC < D_PAD) fetch_chunk(staged_k, kh, k_n, col0, seqlen_k, dc + KC, true);
             else if (col0 + COLS < keys.y) fetch_chunk(staged_k, kh, k_n, col0 + COLS, seqlen_k, 0, true);
+#else
+            /* PoCL: the chunks go straight into local memory (the GPU pipeline's fetched registers live
+             * across a barrier, which PoCL turns into a store and a load per quad of a context array;
+             * the CPU's out-of-order core and prefetchers overlap the loads anyway) */
+            fetch_chunk(staged_k, kh, k_n, col0, seqlen_k, dc, true);
+            put_keys(kt_tile, staged_k);
+            fetch_chunk(staged_v, vh, v_n, col0, seqlen_k, dc, false);
+            put_values(v_tile, staged_v, dc);
+            barrier(CLK_LOCAL_MEM_FENCE);
+#endif
             scores_transposed(q_tile, dc, kt_tile, tm, tn, s);
         }
+#if PIECES_INNER
         put_values(v_tile, staged_v, D_PAD - KC);
+#endif
         block_scores(s, t, row0, col0, tm, tn, true, &vis, mask, padding);
 #pragma unroll
         for (int i = 0; i < RM; i++) {
