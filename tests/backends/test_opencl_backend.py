@@ -193,8 +193,8 @@ def test_forward_chunks_and_loop_orders(queue, head_dim, causal, cases):
     backend = registry()["opencl"]
     whole = backend.retile(call.plan, {"head_dim_chunk": 0})
     grid = rules.forward_grid(whole, head_dim)
-    chunks = [c for c in range(grid.cols, grid.head_dim_padded, grid.cols) if grid.head_dim_padded % c == 0]
-    assert chunks, f"head dim {head_dim} padded to {grid.head_dim_padded} has no chunk of {grid.cols} columns"
+    chunks = [c for c in range(grid.piece, grid.head_dim_padded, grid.piece) if grid.head_dim_padded % c == 0]
+    assert chunks, f"head dim {head_dim} padded to {grid.head_dim_padded} has no chunk of {grid.piece} columns"
     want = reference.attention_forward(q, k, v, scale=head_dim**-0.5, causal=causal)[0]
     for which, target in cases:
         chunk = {"smallest": chunks[0], "largest": chunks[-1]}.get(which, which)
@@ -292,3 +292,26 @@ def test_decoding_runs_the_plain_kernels_without_key_splits(queue, nq, nk, causa
     np.testing.assert_allclose(lse.numpy(), want_lse.numpy(), atol=3e-5, rtol=1e-5)
     for name, x, r in zip(("dq", "dk", "dv"), got, ref):
         np.testing.assert_allclose(x.grad.numpy(), r.grad.numpy(), atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_cpu_forward_plans_take_two_column_vectors_per_work_item():
+    """O1: a CPU device's forward work-items own 4 rows x 2 VW-vectors (``CPU_ITEM_VECTORS``), so its tile is
+    128 x 2 VW with one work-item per row (O6); GPU plans keep 4 x 1, and the backward stays 4 x 1 float4."""
+    from portattn.backends.opencl import plan as rules
+    from portattn.devices import CATALOG, DeviceSpec
+    from portattn.spec import AttentionSpec
+
+    spec = AttentionSpec(1, 8, 2048, 2048, 64)
+    cpu = DeviceSpec(name="pthread-test", vendor="amd", kind="cpu", arch="opencl-3.0", compute_units=2, simd_width=8,
+                     sram_per_block=1 << 20, sram_per_unit=1 << 20, registers_per_unit=256,
+                     max_registers_per_thread=256, max_threads_per_block=4096, matrix_units=(),
+                     compute_capability=None, has_async_copy=False, hardware_threads=2)
+    p = rules.plan(spec, cpu)
+    grid = rules.forward_grid(p, 64)
+    assert (p.vector_width, p.item_rows, p.item_vectors) == (8, 4, rules.CPU_ITEM_VECTORS) == (8, 4, 2)
+    assert (grid.tm, grid.tn, grid.rows, grid.cols, grid.pieces_inner) == (32, 1, rules.CPU_ROWS, 16, False)
+    assert "4 rows x 16 columns" in p.reasons[0]
+    assert rules.backward_grid(p, 64).cn == 1 and rules.backward_grid(p, 64).vw == 4
+    for name in ("h100", "mi300x"):
+        gpu = rules.plan(AttentionSpec(2, 16, 2048, 2048, 128, dtype="float16"), CATALOG[name])
+        assert (gpu.vector_width, gpu.item_rows, gpu.item_vectors) == (4, 4, 1)

@@ -16,7 +16,9 @@ Rules (O for OpenCL), stated where they act:
        loads per FMA). A program's grid is TM x TN with TM, TN powers of two; its score tile is
        ROWS x COLS = RM TM x CN VW TN. The forward kernel also takes taller and wider work-item tiles
        (RM = 8 rows, CN = 2 vectors: fewer local loads per FMA, more registers), which sweeps reach
-       through the plan's ``item_rows`` / ``item_vectors``; plans keep 4 x 1: on the H100 every
+       through the plan's ``item_rows`` / ``item_vectors``; GPU plans keep 4 x 1, CPU plans take 4 x 2
+       (``CPU_ITEM_VECTORS``: eight independent FMA chains in the score product and 2 VW key columns per
+       work-group tile, which PoCL on Zen 4 ran 1.3-1.6x faster than 4 x 1); on the H100 every
        forward already uses all 255 registers, and 4 x 2 matched 4 x 1 at D = 64 (22.3 against 22.2
        TFLOP/s, fp32) and spilled at D = 128 (17.5 against 19.5); 8 x 1 and 8 x 2 lost everywhere
        (benchmarks/results/h100-opencl-sweep-tiles-*.json, with NVIDIA's compiler reports).
@@ -80,6 +82,8 @@ CPU_GROUPS_PER_CORE = 4
 DRIVER_LOCAL_BYTES = 64  # O3: room for what a driver adds to a kernel's local memory (NVIDIA's OpenCL: 4-16 B)
 MIN_CHUNK = 32  # O3: fewer head-dim columns per chunk would cost more barriers than they save
 CPU_ROWS = 128  # O6: PoCL, 2-core AVX-512, (1, 8, 2048, 64) fp32: 128 x 16 tiles 91 GFLOP/s, 64 x 16 68, 32 x 32 36
+CPU_ITEM_VECTORS = 2  # O1: PoCL on Zen 4 (float8, LLVM 14's znver3), (1, 8, 1024, D) fp32 against torch: 4 x 2 tiles
+                      # 0.75x (D 64) / 0.73x (D 128), 4 x 1 0.45x / 0.55x, 8 x 1 0.64x (D 128), 4 x 3 0.74x, 4 x 4 0.65x
 
 
 @dataclass(frozen=True)
@@ -240,11 +244,19 @@ def _rank(grid: Grid, device: DeviceSpec, local: int, registers: int, groups: in
             grid.kc == 0, -grid.kc)
 
 
+def item_vectors(device: DeviceSpec, program: int) -> int:
+    """O1: column vectors per forward work-item: ``CPU_ITEM_VECTORS`` on CPUs (eight independent FMA chains in
+    the score product, two per row, where one per row left half of the FMA units waiting on the chain's
+    latency; and twice the key columns per tile to spread the softmax's per-tile steps over), else 1."""
+    return CPU_ITEM_VECTORS if program == 0 and device.kind == "cpu" else 1
+
+
 def _choose(spec, device: DeviceSpec, vw: int, program: int, local_of, registers_of, groups_of):
     best = None
+    cn = item_vectors(device, program)
     for tm in GRID_SIDES:
         for tn in GRID_SIDES:
-            whole = Grid(tm, tn, spec.head_dim, vw, program, pieces_inner=device.kind != "cpu")
+            whole = Grid(tm, tn, spec.head_dim, vw, program, pieces_inner=device.kind != "cpu", cn=cn)
             if whole.threads > device.max_threads_per_block:  # O5
                 continue
             for kc in chunk_choices(whole, device):
@@ -277,8 +289,9 @@ def plan(spec: "AttentionSpec", device: DeviceSpec) -> OpenCLPlan:
     backward = _choose(spec, device, 4, 1, Grid.backward_local_bytes, Grid.backward_registers,
                        lambda g: spec.batch * spec.kv_heads * _blocks(max(spec.seqlen_k, 1), g.rows))
     reasons = [
-        f"O1 forward: work-group of {grid.tm} x {grid.tn} work-items, each owning 4 rows x {vw} columns of a "
-        f"{grid.rows} x {grid.cols} score tile (float{vw} vectors); {groups} work-groups",
+        f"O1 forward: work-group of {grid.tm} x {grid.tn} work-items, each owning {grid.rm} rows x {grid.cn * vw} columns "
+        f"of a {grid.rows} x {grid.cols} score tile ({grid.cn} float{vw} vector{'s' if grid.cn > 1 else ''} per row); "
+        f"{groups} work-groups",
         f"O2 head dim {spec.head_dim} padded to {grid.head_dim_padded} ({grid.chunks} float{vw} accumulator pieces per "
         "row per work-item)",
         f"O3 forward local memory {local} B of {device.sram_per_block} B"

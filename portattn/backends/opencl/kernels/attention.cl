@@ -63,8 +63,12 @@
 #define COLS (CN * VW * TN)
 #define THREADS (TM * TN)
 #define LD (D_PAD + VW)
-/* the forward Q tile's swizzle mask: up to 8 rows apart in quads, within a row's D_PAD / 4 quads */
-#if D_PAD % 32 == 0
+/* the forward Q tile's swizzle mask: up to 8 rows apart in quads, within a row's D_PAD / 4 quads; none
+ * under PoCL (no banks: local memory is cache, and unswizzled rows leave the score product's Q reads
+ * at constant offsets instead of per-read index arithmetic) */
+#if !PIECES_INNER
+#define QSW 0
+#elif D_PAD % 32 == 0
 #define QSW 7
 #elif D_PAD % 16 == 0
 #define QSW 3
@@ -310,6 +314,48 @@ inline void tile_accumulate(__local const float *p, __local const float *b, int 
 #endif
 }
 
+#if !PIECES_INNER
+/* PoCL's forward P V: acc[i][c] = factor[i] acc[i][c] + sum_n p[tm + TM i][n] b[n][VW (c TN + tn) ..]:
+ * the online softmax's rescale by alpha rides on the copy of each accumulator piece into registers
+ * (no pass of its own over the accumulators, which PoCL keeps in memory), and PAIRS pieces are
+ * updated per key step, RM PAIRS independent FMA chains of one FMA per key (tile_accumulate's
+ * rank-4 steps chain 4 dependent FMAs per row: RM = 4 chains left half of the FMA units idle) */
+#if RM >= 8 || CHUNKS % 2
+#define PAIRS 1
+#else
+#define PAIRS 2
+#endif
+inline void tile_accumulate_scaled(__local const float *p, __local const float *b, int ldb, int tm, int tn,
+                                   floatV acc[RM][CHUNKS], const float factor[RM])
+{
+#pragma unroll
+    for (int c = 0; c < CHUNKS; c += PAIRS) {
+        floatV a[PAIRS][RM];
+#pragma unroll
+        for (int u = 0; u < PAIRS; u++)
+#pragma unroll
+            for (int i = 0; i < RM; i++) a[u][i] = acc[i][c + u] * factor[i];
+        __local const float *bc = b + (c * TN + tn) * VW;
+#pragma unroll 4
+        for (int n = 0; n < COLS; n++) {
+            floatV y[PAIRS];
+#pragma unroll
+            for (int u = 0; u < PAIRS; u++) y[u] = LOCALV(bc, n * ldb + u * TN * VW);
+#pragma unroll
+            for (int i = 0; i < RM; i++) {
+                const float w = p[(tm + TM * i) * LDS + n];
+#pragma unroll
+                for (int u = 0; u < PAIRS; u++) a[u][i] = w * y[u] + a[u][i];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < PAIRS; u++)
+#pragma unroll
+            for (int i = 0; i < RM; i++) acc[i][c + u] = a[u][i];
+    }
+}
+#endif
+
 /* the work-item's score vectors into a local (ROWS x LDS) tile */
 inline void store_block(__local float *dst, int tm, int tn, const floatV s[RM * CN])
 {
@@ -342,6 +388,44 @@ inline void store_rows(__global elem_t *dst, long stride, int row0, int limit, i
     }
 }
 
+#if VW > 4
+/* CPUs (VW 8 or 16): a tree of vector halves, log2 VW steps of SIMD max / add, where the lane loop
+ * below compiled under PoCL to a scalar chain of VW dependent steps (a tenth of the forward's time
+ * outside its tile products) */
+inline float4 halves4_max(floatV v)
+{
+#if VW == 16
+    const float8 h = v.lo > v.hi ? v.lo : v.hi; /* comparisons, not max(): PoCL calls built-ins out of line */
+#else
+    const float8 h = v;
+#endif
+    return h.lo > h.hi ? h.lo : h.hi;
+}
+
+inline float4 halves4_sum(floatV v)
+{
+#if VW == 16
+    const float8 h = v.lo + v.hi;
+#else
+    const float8 h = v;
+#endif
+    return h.lo + h.hi;
+}
+
+inline float lane_max(floatV v)
+{
+    const float4 q = halves4_max(v);
+    const float2 d = q.lo > q.hi ? q.lo : q.hi;
+    return d.x > d.y ? d.x : d.y;
+}
+
+inline float lane_sum(floatV v)
+{
+    const float4 q = halves4_sum(v);
+    const float2 d = q.lo + q.hi;
+    return d.x + d.y;
+}
+#else
 inline float lane_max(floatV v)
 {
     lanes_t x;
@@ -359,6 +443,7 @@ inline float lane_sum(floatV v)
     for (int j = 0; j < VW; j++) total += x.e[j];
     return total;
 }
+#endif
 
 /* ---------------------------------------------------------------------------------------------
  * which scores exist, and their value: portattn/extras.py has the semantics
@@ -616,7 +701,9 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
      * fetches the next ones (after a tile's last K chunk, the next tile's first), then computes; the
      * last V chunk is put after the scores */
     float4 staged_k[STAGE_QUADS], staged_v[STAGE_QUADS];
+#if PIECES_INNER
     if (first < keys.y) fetch_chunk(staged_k, kh, k_n, first, seqlen_k, 0, true);
+#endif
     for (int col0 = first; col0 < keys.y; col0 += COLS) {
         floatV s[RM * CN], t[RM * CN];
 #pragma unroll
@@ -624,15 +711,28 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
 #pragma unroll
         for (int dc = 0; dc < D_PAD; dc += KC) {
             barrier(CLK_LOCAL_MEM_FENCE); /* the previous readers are done with K^T (and V and P) */
+#if PIECES_INNER
             put_keys(kt_tile, staged_k);
             if (dc > 0) put_values(v_tile, staged_v, dc - KC);
             barrier(CLK_LOCAL_MEM_FENCE);
             fetch_chunk(staged_v, vh, v_n, col0, seqlen_k, dc, false);
             if (dc + KC < D_PAD) fetch_chunk(staged_k, kh, k_n, col0, seqlen_k, dc + KC, true);
             else if (col0 + COLS < keys.y) fetch_chunk(staged_k, kh, k_n, col0 + COLS, seqlen_k, 0, true);
+#else
+            /* PoCL: the chunks go straight into local memory (the GPU pipeline's fetched registers live
+             * across a barrier, which PoCL turns into a store and a load per quad of a context array;
+             * the CPU's out-of-order core and prefetchers overlap the loads anyway) */
+            fetch_chunk(staged_k, kh, k_n, col0, seqlen_k, dc, true);
+            put_keys(kt_tile, staged_k);
+            fetch_chunk(staged_v, vh, v_n, col0, seqlen_k, dc, false);
+            put_values(v_tile, staged_v, dc);
+            barrier(CLK_LOCAL_MEM_FENCE);
+#endif
             scores_transposed(q_tile, dc, kt_tile, tm, tn, s);
         }
+#if PIECES_INNER
         put_values(v_tile, staged_v, D_PAD - KC);
+#endif
         block_scores(s, t, row0, col0, tm, tn, true, &vis, mask, padding);
 #pragma unroll
         for (int i = 0; i < RM; i++) {
@@ -642,6 +742,9 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
             PARTIAL(tm + TM * i, tn) = m;
         }
         barrier(CLK_LOCAL_MEM_FENCE); /* row partials and V in place */
+#if !PIECES_INNER
+        float factor[RM];
+#endif
 #pragma unroll
         for (int g = 0; g < RM / 4; g++) {
             float4 m_new = m_run[g];
@@ -659,14 +762,22 @@ __kernel __attribute__((reqd_work_group_size(THREADS, 1, 1))) void attention_for
                     s[i * CN + j] = native_exp2(s[i * CN + j] - (floatV)(COMPONENT(base, r)));
                     sums[r] += lane_sum(s[i * CN + j]);
                 }
+#if PIECES_INNER
 #pragma unroll
                 for (int c = 0; c < CHUNKS; c++) o[i][c] *= COMPONENT(alpha, r);
+#else
+                factor[i] = COMPONENT(alpha, r); /* applied in tile_accumulate_scaled */
+#endif
             }
             l_run[g] = l_run[g] * alpha + (float4)(sums[0], sums[1], sums[2], sums[3]);
         }
         store_block(p_tile, tm, tn, s);
         barrier(CLK_LOCAL_MEM_FENCE); /* P in place */
+#if PIECES_INNER
         tile_accumulate(p_tile, v_tile, D_PAD, tm, tn, o);
+#else
+        tile_accumulate_scaled(p_tile, v_tile, D_PAD, tm, tn, o, factor);
+#endif
     }
     /* the row sums over all of the row's work-items; O divided by them, LSE beside it */
     barrier(CLK_LOCAL_MEM_FENCE);
