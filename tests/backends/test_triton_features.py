@@ -398,7 +398,7 @@ def test_direct_launcher_calls_the_c_launch_as_tritons_wrapper_does(monkeypatch)
 
     if launch._wrapper_source(CudaLauncher) not in launch._PASS_THROUGH_WRAPPERS:
         pytest.skip("this Triton's launcher wrapper is not one portattn calls past: every launch goes through it "
-                    "(triton 3.5-3.6, the GPU machine's, is)")
+                    "(triton 3.6, the GPU machine's, is)")
     monkeypatch.setattr(launch, "_driver", lambda: _FakeDriver)
     calls = []
     launcher = object.__new__(CudaLauncher)

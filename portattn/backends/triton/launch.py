@@ -211,12 +211,11 @@ def run(kernel, grid, args: tuple, meta: dict, reuse=None) -> None:
     """``kernel[grid](*args, **meta)``. With ``reuse = (spec, plan, tensors)`` -- a launch whose arguments
     other than ``tensors`` (the caller's, whose strides and alignment vary) follow from spec and plan (or
     whatever object stands for the rest of the launch, e.g. ``ForwardLaunch``), and whose other tensors are
-    fresh contiguous allocations --
-    a repeat launch runs the kernel Triton compiled the first time directly: JITFunction.run binds and
-    specializes every argument on each launch, tens of microseconds that are most of a small call's time. A
-    launch with a new spec or plan looks its kernel up by Triton's own specialization of the arguments
-    (``signature``), so it is compiled or bound through the JIT only when Triton would compile it. Launch hooks
-    (profilers) take the full path."""
+    fresh contiguous allocations -- a repeat launch runs the kernel Triton compiled the first time directly:
+    JITFunction.run binds and specializes every argument on each launch, tens of microseconds that are most of
+    a small call's time. A launch with a new spec or plan looks its kernel up by Triton's own specialization of
+    the arguments (``signature``), so it is compiled or bound through the JIT only when Triton would compile
+    it. Launch hooks (profilers) take the full path."""
     if reuse is None:
         kernel[grid](*args, **meta)
         return
@@ -286,7 +285,7 @@ def direct_launcher(compiled, constexprs: tuple):
 
 
 # The Python wrappers of Triton's CUDA launcher (``CudaLauncher.__call__``, by its source) that only allocate
-# scratch memory and pass everything on to the C launch: Triton 3.5-3.6's
+# scratch memory and pass everything on to the C launch: Triton 3.6's (checked there; any other wrapper is called)
 _PASS_THROUGH_WRAPPERS = frozenset({"""    def __call__(self, gridX, gridY, gridZ, stream, function, *args):
 
         def allocate_scratch(size, align, allocator):
