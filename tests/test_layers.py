@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "portattn"
 
 # Lowest first. A module belongs to the first layer one of whose prefixes names it or a package above it.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("spec", ("portattn.spec", "portattn.extras", "portattn.reference", "portattn.timing", "portattn.version")),
+    ("spec", ("portattn.spec", "portattn.extras", "portattn.reference", "portattn.timing", "portattn.version",
+              "portattn.memo")),
     ("devices", ("portattn.devices",)),
     ("tiling", ("portattn.tiling",)),
     ("backends", ("portattn.backends",)),
