@@ -57,7 +57,7 @@ def split_decoding(monkeypatch):
     hold plans are emptied before and after."""
     from portattn.tiling import decode
 
-    monkeypatch.setattr(decode, "GPU_MERGE_COST_S", float("-inf"))
+    monkeypatch.setattr(decode, "GPU_MERGE_HOST_S", float("-inf"))
     _forget_plans()
     yield
     _forget_plans()

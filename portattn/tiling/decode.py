@@ -29,12 +29,12 @@ as soon as enough programs are in flight to keep the memory system busy. The rul
   keys are clamped to the cache's capacity and, paged, its page ids to the cache's pages (a bad
   length or table never reads outside the cache; ``attention_with_kvcache`` checks them on the host
   where it reads them).
-* D6 (GPU) a split must pay for its merge: the merge is one more launch and allocation on the host
-  (``GPU_MERGE_COST_S``, which a batch-1 decoding step -- host-bound -- pays in full) and a kernel. So the
-  key loop is split only when that saves more than it costs: unsplit, a program streams its sequence's K/V
-  alone at ``GPU_PROGRAM_GBS`` (its pipelined tiles in flight over the DRAM latency), split the stream is
-  shared out; each is bounded below by the bytes over the device's bandwidth. Short caches at small batch
-  (up to about 2k keys at D 128) therefore run one program per KV head and one launch.
+* D6 (GPU) a split must pay for its merge. A step costs the longer of its host time and its stream
+  (back to back, each hides the other): one launch takes ``GPU_STEP_HOST_S`` of the host, a split step
+  ``GPU_MERGE_HOST_S`` more (the merge's launch and its float32 allocation); unsplit, a program streams
+  its sequence's K/V alone at ``GPU_PROGRAM_GBS``, split the stream is shared out, each bounded below by
+  the bytes over the device's bandwidth. The key loop is split only when that makes the step shorter:
+  at batch 1 to 8 and D 128, caches up to about 2k keys run one program per KV head and one launch.
 * D5 bytes moved: every present key's K and V row once per row block (``total_keys``: the cache's
   capacity per sequence when the lengths stay on the device -- an upper bound), q and out once, plus
   the float32 partials written and merged when split; the predicted time is those bytes over the
@@ -60,8 +60,12 @@ GPU_MAX_SPLITS = 128  # D2: the merge holds every split's partial row of one que
 CPU_TASKS_PER_THREAD = 2  # D2: decode tasks are of equal size, so a couple per thread balance the load
 CPU_BLOCK_K = 128  # D3
 MIN_KEYS_PER_SPLIT = 256  # D2
-GPU_PROGRAM_GBS = 80.0  # D6: one decode program's K/V stream, ~3 stages of 32 KiB tiles in flight over ~1 us of DRAM latency
-GPU_MERGE_COST_S = 10e-6  # D6: the merge's launch and float32 allocation on the host, plus its kernel
+# D6, measured on the H200 (benchmarks/decode_splits.py, 32/8 heads, D 128, fp16): a lone program streamed
+# 26-34 GB/s (1024 keys unsplit in 19.7 us, 8192 in 119 us); back-to-back steps of one launch took 21-22 us
+# per call where the GPU needed less, split ones 38-39 us
+GPU_PROGRAM_GBS = 30.0
+GPU_STEP_HOST_S = 20e-6
+GPU_MERGE_HOST_S = 17e-6
 MAX_QUERIES = 16  # the decode kernels serve Nq <= 16 per sequence; longer query blocks take the prefill path
 
 
@@ -142,8 +146,8 @@ def plan_decode(problem: DecodeProblem, device: DeviceSpec) -> DecodePlan:
         most = min(most, GPU_MAX_SPLITS)
     splits = max(1, min(-(-target // max(1, groups)), most))
     bandwidth = device.memory_bandwidth_gbs
-    saved = _split_saving(problem, row_blocks, splits, bandwidth) if gpu and splits > 1 and bandwidth else None
-    if saved is not None and saved < GPU_MERGE_COST_S:
+    steps = _step_times(problem, row_blocks, splits, bandwidth) if gpu and splits > 1 and bandwidth else None
+    if steps is not None and steps[1] >= steps[0]:
         splits = 1
     programs = groups * splits
     moved = _bytes_moved(problem, row_blocks, splits)
@@ -164,10 +168,9 @@ def plan_decode(problem: DecodeProblem, device: DeviceSpec) -> DecodePlan:
         + (", float32 partials" if splits > 1 else "")
         + (f"; {predicted * 1e6:.1f} us at {bandwidth:g} GB/s" if predicted is not None else ""),
     ]
-    if saved is not None:
-        reasons.append(f"D6 splitting would save {saved * 1e6:.1f} us of the stream "
-                          + (f"< the merge's {GPU_MERGE_COST_S * 1e6:g} us: one split" if splits == 1
-                             else f">= the merge's {GPU_MERGE_COST_S * 1e6:g} us"))
+    if steps is not None:
+        reasons.append(f"D6 a step unsplit takes {steps[0] * 1e6:.1f} us, split {steps[1] * 1e6:.1f} us (the longer of "
+                       "host and stream): " + ("one split" if splits == 1 else "split"))
     if problem.page_size:
         reasons.insert(3, f"D4 paged cache, {problem.page_size} keys per page: each key's page found in the block table")
     return DecodePlan(device=device.name, target="gpu" if gpu else "cpu", block_q=block_q, row_blocks=row_blocks,
@@ -177,9 +180,9 @@ def plan_decode(problem: DecodeProblem, device: DeviceSpec) -> DecodePlan:
                       bandwidth_gbs=bandwidth, reasons=tuple(reasons))
 
 
-def _split_saving(problem: DecodeProblem, row_blocks: int, splits: int, bandwidth_gbs: float) -> float:
-    """D6: seconds of streaming that ``splits`` key splits save over one, each time the slower of one program's
-    share at ``GPU_PROGRAM_GBS`` and all the bytes at the device's bandwidth."""
+def _step_times(problem: DecodeProblem, row_blocks: int, splits: int, bandwidth_gbs: float) -> tuple[float, float]:
+    """D6: seconds of a step unsplit and in ``splits`` key splits, each the longer of its host time and its
+    stream -- one program's share at ``GPU_PROGRAM_GBS`` or all the bytes at the device's bandwidth."""
     spec = problem.spec
     per_program = 2 * spec.seqlen_k * spec.head_dim * DTYPE_BYTES[spec.dtype]  # one KV head of one sequence
 
@@ -187,7 +190,7 @@ def _split_saving(problem: DecodeProblem, row_blocks: int, splits: int, bandwidt
         return max(per_program / n / (GPU_PROGRAM_GBS * 1e9),
                    _bytes_moved(problem, row_blocks, n) / (bandwidth_gbs * 1e9))
 
-    return stream(1) - stream(splits)
+    return max(GPU_STEP_HOST_S, stream(1)), max(GPU_STEP_HOST_S + GPU_MERGE_HOST_S, stream(splits))
 
 
 def _bytes_moved(problem: DecodeProblem, row_blocks: int, splits: int) -> int:
