@@ -29,16 +29,16 @@ as soon as enough programs are in flight to keep the memory system busy. The rul
   keys are clamped to the cache's capacity and, paged, its page ids to the cache's pages (a bad
   length or table never reads outside the cache; ``attention_with_kvcache`` checks them on the host
   where it reads them).
+* D5 bytes moved: every present key's K and V row once per row block (``total_keys``: the cache's
+  capacity per sequence when the lengths stay on the device -- an upper bound), q and out once, plus
+  the float32 partials written and merged when split; the predicted time is those bytes over the
+  device's memory bandwidth (the catalog's, or the probe's) -- the floor the kernel is measured against.
 * D6 (GPU) a split must pay for its merge. A step costs the longer of its host time and its stream
   (back to back, each hides the other): one launch takes ``GPU_STEP_HOST_S`` of the host, a split step
   ``GPU_MERGE_HOST_S`` more (the merge's launch and its float32 allocation); unsplit, a program streams
   its sequence's K/V alone at ``GPU_PROGRAM_GBS``, split the stream is shared out, each bounded below by
   the bytes over the device's bandwidth. The key loop is split only when that makes the step shorter:
   at batch 1 to 8 and D 128, caches up to about 2k keys run one program per KV head and one launch.
-* D5 bytes moved: every present key's K and V row once per row block (``total_keys``: the cache's
-  capacity per sequence when the lengths stay on the device -- an upper bound), q and out once, plus
-  the float32 partials written and merged when split; the predicted time is those bytes over the
-  device's memory bandwidth (the catalog's, or the probe's) -- the floor the kernel is measured against.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ CPU_BLOCK_K = 128  # D3
 MIN_KEYS_PER_SPLIT = 256  # D2
 # D6, measured on the H200 (benchmarks/decode_splits.py, 32/8 heads, D 128, fp16): a lone program streamed
 # 26-34 GB/s (1024 keys unsplit in 19.7 us, 8192 in 119 us); back-to-back steps of one launch took 21-22 us
-# per call where the GPU needed less, split ones 38-39 us
+# per call where the GPU needed less, split ones 38-44 us
 GPU_PROGRAM_GBS = 30.0
 GPU_STEP_HOST_S = 20e-6
 GPU_MERGE_HOST_S = 17e-6

@@ -263,7 +263,6 @@ class TritonBackend(Backend):
         return keep.bool().cpu().numpy()
 
 
-@functools.lru_cache(maxsize=4096)
 @by_identity
 def _decode_steps(backend, spec):
     """The decode plan ``forward`` runs ``spec`` with, or None when it takes the prefill kernels
