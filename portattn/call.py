@@ -74,21 +74,24 @@ class PreparedCall:
         The LSE keeps the backend's precision (float64 for float64 inputs) so that the backward
         pass, which recomputes P from it, loses nothing; ``attention`` hands users float32.
         """
-        if self._same_arrays and (id(self), "forward") in _RUN:
-            # torch tensors to a torch backend, after the first call: nothing to convert, no notice to arm
-            return self.backend.forward(q, k, v, self.spec, self.plan, self._extras_to_backend(extras))
-        with _first_call_notice(self, "forward"):
-            out, lse = self.backend.forward(*self._to_backend(q, k, v), self.spec, self.plan, self._extras_to_backend(extras))
+        (out, lse), as_is = self._on_backend(self.backend.forward, q, k, v, extras)
+        if as_is:
+            return out, lse
         return self._to_caller(out, self.spec.dtype), self._to_caller(lse, None)
 
     def output(self, q, k, v, extras: Extras = NONE):
         """``forward``'s ``out`` alone, for a caller that needs no LSE: a backend may then skip writing it."""
+        out, as_is = self._on_backend(self.backend.forward_output, q, k, v, extras)
+        return out if as_is else self._to_caller(out, self.spec.dtype)
+
+    def _on_backend(self, run, q, k, v, extras: Extras):
+        """(``run`` -- the backend's forward or forward_output -- on the backend's arrays, whether its result is
+        already the caller's): torch tensors to a torch backend, after the first call, have nothing to convert
+        and no notice to arm."""
         if self._same_arrays and (id(self), "forward") in _RUN:
-            return self.backend.forward_output(q, k, v, self.spec, self.plan, self._extras_to_backend(extras))
+            return run(q, k, v, self.spec, self.plan, self._extras_to_backend(extras)), True
         with _first_call_notice(self, "forward"):
-            out = self.backend.forward_output(*self._to_backend(q, k, v), self.spec, self.plan,
-                                              self._extras_to_backend(extras))
-        return self._to_caller(out, self.spec.dtype)
+            return run(*self._to_backend(q, k, v), self.spec, self.plan, self._extras_to_backend(extras)), False
 
     @functools.cached_property
     def _same_arrays(self) -> bool:

@@ -47,9 +47,9 @@ import sys
 from dataclasses import dataclass
 
 from . import arrays, dispatch, inputs
-from .memo import by_identity
 from .api import attention
 from .backends import Backend
+from .memo import by_identity
 from .spec import AttentionSpec
 from .tiling.decode import DecodePlan
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+from ...memo import by_identity
 from ...tiling.decode import MAX_QUERIES
 from ...tiling.planner import next_power_of_two
 from . import launch
@@ -163,20 +164,12 @@ class Step(NamedTuple):
     merge_meta: dict
 
 
-_STEPS: dict[tuple, tuple] = {}
-
-
+@by_identity
 def _step(spec, config: "LaunchConfig", q_shape: tuple, cache_rows: int, page_size: int, has_lengths: bool,
           store_lse: bool) -> Step:
-    """``Step`` of a call, looked up by the identity of its spec (a repeated step's is the same object, and a
-    dataclass hash of every field would cost more than the lookup saves)."""
-    key = (id(spec), config, q_shape, cache_rows, page_size, has_lengths, store_lse)
-    entry = _STEPS.get(key)
-    if entry is None or entry[0] is not spec:  # ids can be reused by new objects
-        if len(_STEPS) >= 4096:
-            _STEPS.clear()
-        entry = _STEPS[key] = (spec, _make_step(spec, config, q_shape, cache_rows, page_size, has_lengths, store_lse))
-    return entry[1]
+    """``Step`` of a call, looked up by the identity of its spec and launch config (a repeated step's are the
+    same objects, and a dataclass hash of every field would cost more than the lookup saves)."""
+    return _make_step(spec, config, q_shape, cache_rows, page_size, has_lengths, store_lse)
 
 
 def _make_step(spec, config: "LaunchConfig", q_shape: tuple, cache_rows: int, page_size: int,
