@@ -25,7 +25,8 @@ timeout 220 python3 -m pytest -q -rf -p no:cacheprovider -n 12 --junitxml="$out/
   tests/api/test_hardening.py tests/backends/test_triton_features.py tests/backends/test_triton_hopper.py \
   tests/tiling/test_decode_plan.py 2>&1 | tail -40
 # small calls back to back (and the large shapes' kernel time), this tree and, when given, an older one
-timeout 120 python3 benchmarks/call_overhead.py --label after --calls 1000 --json "$out/call-overhead-$device.json"
+timeout 150 python3 benchmarks/call_overhead.py --label after --calls 1000 --json "$out/call-overhead-$device.json" \
+  --profile "$out/profile-small-calls-$device.txt"
 # decoding: the KV-cache entry point against SDPA's cuDNN, flash and efficient kernels (fp16, D 128, GQA 8)
 timeout 90 python3 -m portattn bench --decode --no-flex --dtypes float16 --head-dim 128 --group 8 --page-size 0 16 --seqlen 4096 32768 131072 \
   --json "$out/decode-$device.json"
