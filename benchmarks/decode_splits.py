@@ -7,7 +7,7 @@ Two times per point: the GPU's (``triton.testing.do_bench``, median: what a GPU-
 per-call time of back-to-back calls (host and GPU together: what a batch-1 model step costs, where the
 host is the bound). D6 keeps one split where the merge's launch costs more than splitting saves.
 ``--tiles`` also sweeps the kernel's key tile, warps and stages at batch 1 on long caches (the plan's
-splits), against the bytes a step must read: the fraction of the memory bandwidth each reaches.
+splits and twice as many), against the bytes a step must read: the fraction of the memory bandwidth each reaches.
 
     python benchmarks/decode_splits.py --tiles --json decode-splits.json
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import platform
 import sys
@@ -50,6 +51,7 @@ def main(argv=None):
     parser.add_argument("--keys", type=int, nargs="+", default=list(KEYS))
     parser.add_argument("--tiles", action="store_true", help="also sweep block_k, warps, stages at batch 1")
     parser.add_argument("--tile-keys", type=int, nargs="+", default=[16384, 131072])
+    parser.add_argument("--tiles-only", action="store_true", help="the tile sweep alone (no split counts)")
     args = parser.parse_args(argv)
     import torch
     import triton
@@ -69,7 +71,7 @@ def main(argv=None):
                            "python": platform.python_version(), "cuda": torch.version.cuda},
               "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "float16", "queries": 1},
               "points": []}
-    for batch in args.batches:
+    for batch in [] if args.tiles_only else args.batches:
         for keys in args.keys:
             q = torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.float16)
             k, v = (torch.randn(batch, KV_HEADS, keys, HEAD_DIM, device="cuda", dtype=torch.float16) for _ in range(2))
@@ -90,7 +92,7 @@ def main(argv=None):
             point.update(best_gpu_splits=best_gpu, best_per_call_splits=best_call)
             record["points"].append(point)
             print(json.dumps(point), flush=True)
-    if args.tiles:
+    if args.tiles or args.tiles_only:
         record["tiles"] = [sweep_tiles(torch, triton, keys, sdpa) for keys in args.tile_keys]
     if args.json:
         with open(args.json, "w") as f:
@@ -98,12 +100,13 @@ def main(argv=None):
 
 
 def sweep_tiles(torch, triton, keys: int, sdpa) -> dict:
-    """GPU time of a batch-1 step over ``keys`` keys for each (block_k, warps, stages), the plan's splits;
+    """GPU time of a batch-1 step over ``keys`` keys for each (block_k, warps, stages) at the plan's splits and twice;
     achieved bandwidth = the plan's bytes moved / time."""
     from portattn import api
     from portattn.backends import triton as triton_backend
     from portattn.backends.triton import decode
     from portattn.extras import NONE
+    from portattn.tiling.decode import GPU_MAX_SPLITS
 
     q = torch.randn(1, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.float16)
     k, v = (torch.randn(1, KV_HEADS, keys, HEAD_DIM, device="cuda", dtype=torch.float16) for _ in range(2))
@@ -112,21 +115,20 @@ def sweep_tiles(torch, triton, keys: int, sdpa) -> dict:
     result = {"keys": keys, "planned": [planned.block_k, planned.warps, planned.stages, planned.key_splits],
               "bytes_moved": planned.bytes_moved, "configs": [],
               "sdpa_gpu_us": triton.testing.do_bench(lambda: sdpa(q, k, v, enable_gqa=True), return_mode="median") * 1e3}
-    for block_k in (32, 64, 128):
-        for warps in (2, 4, 8):
-            for stages in (2, 3, 4):
-                keys_per_split = -(-planned.keys_per_split // block_k) * block_k
-                plan = dataclasses.replace(planned, block_k=block_k, warps=warps, stages=stages,
-                                           keys_per_split=keys_per_split)
-                run = lambda plan=plan: decode.attention(q, k, v, call.spec, plan, NONE, False)  # noqa: E731
-                try:
-                    us = triton.testing.do_bench(run, return_mode="median") * 1e3
-                except Exception as error:  # a configuration out of shared memory or registers
-                    result["configs"].append({"block_k": block_k, "warps": warps, "stages": stages,
-                                              "error": str(error).splitlines()[0][:120]})
-                    continue
-                result["configs"].append({"block_k": block_k, "warps": warps, "stages": stages, "gpu_us": us,
-                                          "tb_per_s": planned.bytes_moved / us / 1e6})
+    # the plan's splits and twice as many (more programs in flight per SM), at most the kernels' limit
+    for splits in sorted({planned.key_splits, min(2 * planned.key_splits, GPU_MAX_SPLITS)}):
+        for block_k, warps, stages in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)):
+            keys_per_split = -(-planned.keys_per_split // block_k) * block_k
+            plan = dataclasses.replace(planned, block_k=block_k, warps=warps, stages=stages, key_splits=splits,
+                                       keys_per_split=keys_per_split)
+            run = lambda plan=plan: decode.attention(q, k, v, call.spec, plan, NONE, False)  # noqa: E731
+            config = {"block_k": block_k, "warps": warps, "stages": stages, "splits": splits}
+            try:
+                us = triton.testing.do_bench(run, return_mode="median") * 1e3
+            except Exception as error:  # a configuration out of shared memory or registers
+                result["configs"].append({**config, "error": str(error).splitlines()[0][:120]})
+                continue
+            result["configs"].append({**config, "gpu_us": us, "tb_per_s": planned.bytes_moved / us / 1e6})
     timed = [c for c in result["configs"] if "gpu_us" in c]
     result["best"] = min(timed, key=lambda c: c["gpu_us"]) if timed else None
     print(json.dumps({key: result[key] for key in ("keys", "planned", "sdpa_gpu_us", "best")}), flush=True)
