@@ -100,9 +100,14 @@ def test_eight_threads_twenty_calls_each_from_a_cold_process(usable_backend, bac
     import sys
 
     usable_backend(backend)
+    # numpy arrays, except for triton on a GPU (interpreted, it takes host arrays): CUDA tensors, results
+    # checked on the host
+    on_gpu = backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1"
     code = (
         "import threading, numpy as np, portattn\n"
-        "rng = np.random.default_rng(0)\n"
+        + ("import torch\nto_device, to_host = (lambda x: torch.from_numpy(x).cuda()), (lambda x: x.cpu().numpy())\n"
+           if on_gpu else "to_device = to_host = lambda x: x\n")
+        + "rng = np.random.default_rng(0)\n"
         "cases = [[rng.standard_normal((1, 2, n, 16)).astype('float32') for _ in range(3)] for n in (7, 33, 64)]\n"
         "def expected(q, k, v):\n"
         "    s = np.einsum('bhqd,bhkd->bhqk', q.astype(np.float64), k) / 4.0\n"
@@ -114,7 +119,7 @@ def test_eight_threads_twenty_calls_each_from_a_cold_process(usable_backend, bac
         "    for i in range(20):\n"
         "        try:\n"
         "            case = (t + i) % 3\n"
-        f"            out = portattn.attention(*cases[case], backend={backend!r})\n"
+        f"            out = to_host(portattn.attention(*map(to_device, cases[case]), backend={backend!r}))\n"
         "            if not np.allclose(out, wanted[case], atol=1e-4):\n"
         "                errors.append(f'thread {t} call {i}: wrong result')\n"
         "        except Exception as error:\n"

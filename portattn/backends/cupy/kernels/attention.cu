@@ -614,7 +614,8 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
     }
     wait_copies<0>();
 
-    // epilogue: O / l, LSE = (max + log2 l) * ln 2; a row that saw no key: O = 0, LSE = -inf
+    // epilogue: O / l, LSE = (max + log2 l) * ln 2; a row that saw no key: O = 0, LSE = -inf. The tests
+    // are !(l <= 0), not l > 0: a NaN score makes l NaN, and the row's LSE must be NaN as its O is, not -inf
     float *lse_rows = lse + batch * lse_sb + head * lse_sh;
     const int rows = min(16, seqlen_q - warp_query);
 #if REGISTER_SOFTMAX
@@ -622,19 +623,19 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
 #pragma unroll
     for (int r = 0; r < ACC_ROWS; ++r) {
         const float total = row_sum_across_lanes(row_sum[r]);
-        inv_sum[r] = total > 0.f ? 1.f / total : 0.f;
+        inv_sum[r] = !(total <= 0.f) ? 1.f / total : 0.f;
         const int row = row_of[first_element_of_slot(r)];
-        if (row < rows) lse_rows[warp_query + row] = total > 0.f ? (row_max[r] + log2f(total)) * LN2 : -INFINITY;
+        if (row < rows) lse_rows[warp_query + row] = !(total <= 0.f) ? (row_max[r] + log2f(total)) * LN2 : -INFINITY;
     }
 #pragma unroll
     for (int j = 0; j < FRAGS_D; ++j)
 #pragma unroll
         for (int i = 0; i < 8; ++i) o_acc[j].x[i] *= inv_sum[ACC_SLOT[i]];
 #else
-    const float inv_sum = row_sum > 0.f ? 1.f / row_sum : 0.f;
+    const float inv_sum = !(row_sum <= 0.f) ? 1.f / row_sum : 0.f;
     if (my_half == 0) {
         scratch.row[my_row] = inv_sum;
-        if (my_row < rows) lse_rows[my_query] = row_sum > 0.f ? (row_max + log2f(row_sum)) * LN2 : -INFINITY;
+        if (my_row < rows) lse_rows[my_query] = !(row_sum <= 0.f) ? (row_max + log2f(row_sum)) * LN2 : -INFINITY;
     }
     __syncwarp();
     float row_inv[8];
