@@ -59,6 +59,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import portattn  # noqa: E402
+from portattn.backends import registry as backend_registry  # noqa: E402
 
 TORCH_SDPA = F.scaled_dot_product_attention  # the original, kept before any patching
 CHECKS = []
@@ -78,10 +79,29 @@ def torch_sdpa(*args, **kwargs):
 
 
 class Env:
-    """What a check needs: the device, whether to keep shapes small, and tolerance helpers."""
+    """What a check needs: the device, whether to keep shapes small, the dtypes the backend takes, and
+    ``wide``: float64 where the backend takes it (torch's tests compare in float64), else float32."""
 
-    def __init__(self, device: str, small: bool):
+    def __init__(self, device: str, small: bool, backend: str):
         self.device, self.small = device, small
+        names = ({"float64", "float32", "float16", "bfloat16"} if backend == "auto"
+                 else set(backend_registry()[backend].capabilities.dtypes))
+        self.dtypes = tuple(getattr(torch, name) for name in ("float64", "float32", "bfloat16", "float16")
+                            if name in names)
+        self.wide = torch.float64 if torch.float64 in self.dtypes else torch.float32
+        self.dropout = backend == "auto" or "dropout" in backend_registry()[backend].capabilities.features
+        self.skipped = []
+
+    def tol(self, tight: float) -> float:
+        """A float64 check's tolerance, or float32's where the check runs in float32."""
+        return tight if self.wide == torch.float64 else max(tight, 2e-5)
+
+    def gradcheck(self, fn, inputs, what: str) -> None:
+        """torch's gradcheck (float64 only: its finite differences need it), else noted as skipped."""
+        if self.wide != torch.float64:
+            self.skipped.append(f"gradcheck {what}: no float64")
+            return
+        assert torch.autograd.gradcheck(fn, inputs, atol=1e-5, rtol=1e-3, nondet_tol=0.0), what
 
     def randn(self, *shape, dtype=torch.float32, requires_grad=False):
         return torch.randn(*shape, dtype=dtype, device=self.device).requires_grad_(requires_grad)
@@ -140,11 +160,6 @@ def expect_error(kinds, fn, match=None, what=""):
     raise AssertionError(f"{what}: no {kinds} raised")
 
 
-def gradcheck(fn, inputs):
-    """torch's gradcheck with its test suite's settings for SDPA (float64, fast mode off)."""
-    assert torch.autograd.gradcheck(fn, inputs, atol=1e-5, rtol=1e-3, nondet_tol=0.0)
-
-
 def with_seed(fn, *args, **kwargs):
     """The OpInfo's ``wrapper_set_seed``: one seed before every call, so dropout is the same each time."""
     torch.manual_seed(42)
@@ -187,7 +202,7 @@ def _opinfo_samples_spelled_out(env, dtype, requires_grad):
 @check
 def opinfo_samples_match_math(env):
     count = 0
-    for dtype in (torch.float64, torch.float32):
+    for dtype in (d for d in (torch.float64, torch.float32) if d in env.dtypes):
         atol, rtol = (1e-7, 1e-7) if dtype == torch.float64 else (2e-5, 2e-5)
         for i, (q, k, v, kwargs) in enumerate(opinfo_samples(env, dtype, requires_grad=True)):
             if kwargs.get("dropout_p", 0.0) > 0:
@@ -203,8 +218,14 @@ def opinfo_samples_match_math(env):
 
 @check
 def opinfo_dropout_samples_are_seeded_and_differentiable(env):
+    if not env.dropout:  # a refusal that says why is what SDPA's contract allows a backend without it
+        q = env.randn(1, 2, 4, 16, dtype=env.wide)
+        expect_error(RuntimeError, lambda: F.scaled_dot_product_attention(q, q, q, dropout_p=0.5), "dropout",
+                     "dropout on a backend without it")
+        env.skipped.append("dropout: the backend refuses it (checked: a RuntimeError naming dropout)")
+        return None
     count = 0
-    for i, (q, k, v, kwargs) in enumerate(opinfo_samples(env, torch.float64, requires_grad=True)):
+    for i, (q, k, v, kwargs) in enumerate(opinfo_samples(env, env.wide, requires_grad=True)):
         if kwargs.get("dropout_p", 0.0) == 0:
             continue
         inputs = (q, k, v)
@@ -214,7 +235,7 @@ def opinfo_dropout_samples_are_seeded_and_differentiable(env):
         assert torch.isfinite(first).all()
         if count < (1 if env.small else 3):  # gradcheck is slow: a few samples
             small = [x[:1].detach().requires_grad_() for x in inputs]
-            gradcheck(functools.partial(with_seed, F.scaled_dot_product_attention, **kwargs), small)
+            env.gradcheck(functools.partial(with_seed, F.scaled_dot_product_attention, **kwargs), small, f"sample {i}")
         count += 1
     return f"{count} samples"
 
@@ -229,7 +250,8 @@ def transformers_test_scaled_dot_product_attention(env):
     N, N_prime, L, S, E = 5, 2, 4, 3, 6
     cases = [(3, None, False), (3, 2, False), (3, 2, True), (3, 3, False), (3, 3, True),
              (4, None, False), (4, 2, False), (4, 2, True), (4, 4, False), (4, 4, True)]
-    for dtype in (torch.float64, torch.float32):
+    for dtype in (d for d in (torch.float64, torch.float32) if d in env.dtypes):
+        tol = 1e-6 if dtype == torch.float64 else 1e-5  # float32: assertEqual's default atol
         for input_dim, mask_dim, is_causal in cases:
             lead = (N,) if input_dim == 3 else (N, N_prime)
             q, k, v = env.randn(*lead, L, E, dtype=dtype), env.randn(*lead, S, E, dtype=dtype), env.randn(*lead, S, E, dtype=dtype)
@@ -240,15 +262,16 @@ def transformers_test_scaled_dot_product_attention(env):
                 mask = ones.tril() if is_causal else torch.randint(0, 2, shape, device=env.device).bool()
             what = f"{input_dim}D mask {mask_dim} causal {is_causal} {dtype}"
             if is_causal:
-                compare_with_math(env, [q, k, v], dict(is_causal=True), 1e-6, 1e-6, what=what)
+                compare_with_math(env, [q, k, v], dict(is_causal=True), tol, tol, what=what)
                 expect_error(RuntimeError, lambda: F.scaled_dot_product_attention(q, k, v, mask, 0.0, True),
                              "Explicit attn_mask should not be set when is_causal=True", what)
             else:
-                compare_with_math(env, [q, k, v], dict(attn_mask=mask), 1e-6, 1e-6, what=what)
+                compare_with_math(env, [q, k, v], dict(attn_mask=mask), tol, tol, what=what)
             count += 1
-    q, k, v = (env.randn(N, N_prime, n, E, dtype=torch.float64, requires_grad=True) for n in (L, S, S))
-    for dropout_p in (0.0, 0.2, 0.5):
-        gradcheck(functools.partial(with_seed, F.scaled_dot_product_attention), (q, k, v, None, dropout_p))
+    q, k, v = (env.randn(N, N_prime, n, E, dtype=env.wide, requires_grad=True) for n in (L, S, S))
+    for dropout_p in (0.0, 0.2, 0.5) if env.dropout else (0.0,):
+        env.gradcheck(functools.partial(with_seed, F.scaled_dot_product_attention), (q, k, v, None, dropout_p),
+                      f"dropout {dropout_p}")
     return f"{count} cases, 3 gradchecks"
 
 
@@ -257,11 +280,12 @@ def sdpa_math_gradcheck(env):
     """TestSDPA.test_sdp_math_gradcheck: packed qkv, contiguous or not, float64."""
     batch, seq, heads, head_dim = 4, 4, 2, 16
     for contiguous in (True, False):
-        qkv = env.randn(batch, seq, 3 * heads * head_dim, dtype=torch.float64, requires_grad=True)
+        qkv = env.randn(batch, seq, 3 * heads * head_dim, dtype=env.wide, requires_grad=True)
         q, k, v = (x.view(batch, -1, heads, head_dim).transpose(1, 2) for x in qkv.chunk(3, dim=-1))
         if contiguous:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        gradcheck(functools.partial(with_seed, F.scaled_dot_product_attention), (q, k, v, None, 0.0, False))
+        env.gradcheck(functools.partial(with_seed, F.scaled_dot_product_attention), (q, k, v, None, 0.0, False),
+                      f"contiguous {contiguous}")
 
 
 def packed_heads(x, batch, seq, heads, head_dim):
@@ -274,7 +298,7 @@ def fused_attention_vs_math_cpu(env):
     sequence lengths trimmed for the emulated backends)."""
     count = 0
     seqs = (33,) if env.small else (267, 1030)
-    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+    for dtype in env.dtypes:
         atol, rtol = tolerance(dtype)
         for seq, heads, head_dim, causal in ((s, h, d, c) for s in seqs for h in (1, 3) for d in (8, 16)
                                               for c in (True, False)):
@@ -299,7 +323,7 @@ def fused_attention_mask_vs_math_cpu(env):
     batch, q_len, kv_len, heads, head_dim = 2, env.size(267, 19), env.size(514, 37), 3, 8
     shapes = [(a, b) for a in (q_len, 1) for b in (kv_len, 1)]
     shapes += [(w, x, y, z) for w in (batch, 1) for x in (heads, 1) for y in (q_len, 1) for z in (kv_len, 1)]
-    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+    for dtype in env.dtypes:
         atol, rtol = tolerance(dtype)
         for shape in shapes:
             for bool_mask in (False, True):
@@ -401,8 +425,8 @@ def gqa_and_broadcast_shapes(env):
         ((2, 3, 5, 24), (2, 3, 7, 24), (2, 3, 7, 8), False),
     ]
     for q_shape, k_shape, v_shape, gqa in cases:
-        inputs = [env.randn(*s, dtype=torch.float64, requires_grad=True) for s in (q_shape, k_shape, v_shape)]
-        compare_with_math(env, inputs, dict(enable_gqa=gqa), 1e-7, 1e-7, what=f"{q_shape} {k_shape} {v_shape} gqa {gqa}")
+        inputs = [env.randn(*s, dtype=env.wide, requires_grad=True) for s in (q_shape, k_shape, v_shape)]
+        compare_with_math(env, inputs, dict(enable_gqa=gqa), env.tol(1e-7), env.tol(1e-7), what=f"{q_shape} {k_shape} {v_shape} gqa {gqa}")
     return f"{len(cases)} cases"
 
 
@@ -410,7 +434,7 @@ def gqa_and_broadcast_shapes(env):
 def attn_mask_dtypes(env):
     """SDPA takes a bool mask, a float32 one or one of query's dtype, and refuses the others."""
     count = 0
-    for q_dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+    for q_dtype in env.dtypes:
         for mask_dtype in (torch.bool, torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64):
             q = env.randn(1, 2, 5, 8, dtype=q_dtype)
             mask = torch.zeros(5, 5, device=env.device).to(mask_dtype)
@@ -422,10 +446,11 @@ def attn_mask_dtypes(env):
 
 
 def _accepts(fn) -> bool:
+    """False where the call is refused for its attn_mask (not for what the backend cannot run)."""
     try:
         fn()
-    except RuntimeError:
-        return False
+    except RuntimeError as error:
+        return "attn_mask" not in str(error)
     return True
 
 
@@ -434,8 +459,8 @@ def empty_and_degenerate(env):
     """Empty axes, dropout_p of 1, fully masked rows: what torch's CPU SDPA gives."""
     for shape_q, shape_kv in [((0, 2, 4, 8), (0, 2, 4, 8)), ((2, 0, 4, 8), (2, 0, 4, 8)),
                               ((2, 2, 0, 8), (2, 2, 4, 8)), ((2, 2, 4, 8), (2, 2, 0, 8))]:
-        inputs = [env.randn(*s, dtype=torch.float64, requires_grad=True) for s in (shape_q, shape_kv, shape_kv)]
-        compare_with_math(env, inputs, {}, 1e-7, 1e-7, what=f"empty {shape_q} {shape_kv}")
+        inputs = [env.randn(*s, dtype=env.wide, requires_grad=True) for s in (shape_q, shape_kv, shape_kv)]
+        compare_with_math(env, inputs, {}, env.tol(1e-7), env.tol(1e-7), what=f"empty {shape_q} {shape_kv}")
     q = env.randn(1, 2, 4, 8, requires_grad=True)
     out = F.scaled_dot_product_attention(q, q, q, dropout_p=1.0)
     assert out.shape == q.shape and (out == 0).all(), "dropout_p=1 gives zeros"
@@ -443,8 +468,8 @@ def empty_and_degenerate(env):
     assert (q.grad == 0).all()
     mask = torch.ones(4, 4, dtype=torch.bool, device=env.device)
     mask[1] = False
-    compare_with_math(env, [env.randn(1, 2, 4, 8, dtype=torch.float64, requires_grad=True) for _ in "qkv"],
-                      dict(attn_mask=mask), 1e-7, 1e-7, what="fully masked row")
+    compare_with_math(env, [env.randn(1, 2, 4, 8, dtype=env.wide, requires_grad=True) for _ in "qkv"],
+                      dict(attn_mask=mask), env.tol(1e-7), env.tol(1e-7), what="fully masked row")
 
 
 @check
@@ -452,13 +477,14 @@ def float_mask_gradient(env):
     """A float attn_mask that requires grad gets SDPA's gradient, whatever its broadcast shape."""
     shapes = [(5, 7), (2, 3, 5, 7), (2, 1, 5, 7), (1, 3, 1, 7), (3, 5, 7)]
     for shape in shapes:
-        q = env.randn(2, 3, 5, 16, dtype=torch.float64, requires_grad=True)
-        k, v = (env.randn(2, 3, 7, 16, dtype=torch.float64, requires_grad=True) for _ in "kv")
-        mask = env.randn(*shape, dtype=torch.float64, requires_grad=True)
-        compare_with_math(env, [q, k, v, mask], dict(attn_mask=mask), 1e-7, 1e-7, what=f"mask grad {shape}")
-    q, k, v = (env.randn(1, 2, 4, 8, dtype=torch.float64, requires_grad=True) for _ in "qkv")
-    mask = env.randn(4, 4, dtype=torch.float64, requires_grad=True)
-    gradcheck(F.scaled_dot_product_attention, (q, k, v, mask))
+        q = env.randn(2, 3, 5, 16, dtype=env.wide, requires_grad=True)
+        k, v = (env.randn(2, 3, 7, 16, dtype=env.wide, requires_grad=True) for _ in "kv")
+        mask = env.randn(*shape, dtype=env.wide, requires_grad=True)
+        compare_with_math(env, [q, k, v, mask], dict(attn_mask=mask), env.tol(1e-7), env.tol(1e-7),
+                          what=f"mask grad {shape}")
+    q, k, v = (env.randn(1, 2, 4, 8, dtype=env.wide, requires_grad=True) for _ in "qkv")
+    mask = env.randn(4, 4, dtype=env.wide, requires_grad=True)
+    env.gradcheck(F.scaled_dot_product_attention, (q, k, v, mask), "float mask")
     return f"{len(shapes)} shapes, 1 gradcheck"
 
 
@@ -488,6 +514,9 @@ def run(backend: str, env: Env, selected, verbose: bool) -> tuple[int, int]:
             else:
                 passed += 1
                 print(f"  ok   {backend:8} {fn.__name__}" + (f" ({note})" if note else ""))
+            for skipped in env.skipped:
+                print(f"       {backend:8} {fn.__name__}: skipped {skipped}")
+            env.skipped.clear()
     return passed, failed
 
 
@@ -503,7 +532,7 @@ def main(argv=None) -> int:
     totals = {}
     for backend in args.backend or DEFAULT_BACKENDS:
         small = args.small or (backend in EMULATED and args.device == "cpu")
-        totals[backend] = run(backend, Env(args.device, small), selected, args.v)
+        totals[backend] = run(backend, Env(args.device, small, backend), selected, args.v)
     print("\nbackend   passed  failed")
     for backend, (passed, failed) in totals.items():
         print(f"{backend:8} {passed:7} {failed:7}")

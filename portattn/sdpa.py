@@ -17,7 +17,8 @@ changing one import. It maps the call onto :func:`portattn.attention`:
 * ``is_causal``: top-left aligned, as SDPA; an error with ``attn_mask`` too, as SDPA's math backend.
 * ``Ev != E``: value (or query and key) are zero-padded to the larger head dim, the scale kept at
   ``1/sqrt(E)``, and the output sliced back to Ev -- exact, since zero columns add nothing to q.k
-  and give zero output columns.
+  and give zero output columns. The same padding lifts a head dim below a named backend's smallest
+  (Triton's 16) to it, so that SDPA's small head dims (8, 6, ...) run there too.
 * ``dropout_p > 0``: dropped with portattn's counter-based generator on a seed drawn from torch's
   default generator (so ``torch.manual_seed`` makes it reproducible); applied whenever
   ``dropout_p > 0``, as SDPA (it has no notion of training mode). ``dropout_p == 1`` gives zeros.
@@ -41,6 +42,9 @@ import numpy as np
 
 from . import arrays
 from .api import attention
+from .backends import registry
+
+_MIN_HEAD_DIM_OF_ANY = 16  # no backend asks for a larger smallest head dim (Triton's is 16)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -75,7 +79,7 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         # of the caller's E, before any padding; with E == 0 every score is 0 whatever the scale
         scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
     q, k, v = _as_bhnd(query, key, value, shapes, lead, kv_heads)
-    width = max(head_dim, value_dim)
+    width = _kernel_width(max(head_dim, value_dim), backend)
     q, k, v = pad_last(q, width), pad_last(k, width), pad_last(v, width)
     seed = _dropout_seed() if dropout_p > 0 else None
     mask_grad = _mask_requires_grad(attn_mask)
@@ -204,6 +208,16 @@ def _as_bhnd(query, key, value, shapes: dict, lead: tuple[int, ...], kv_heads: i
             x = arrays.broadcast_view(x, target)
         folded.append(x if len(target) == 4 else x.reshape(math.prod(batch), x_heads, *shape[-2:]))
     return folded
+
+
+def _kernel_width(width: int, backend) -> int:
+    """The head dim the kernels get: ``width`` (the larger of E and Ev), zero-padded up to a named backend's
+    smallest (Triton's: its tl.dot takes 16 and up), as SDPA takes any E -- exact, as for Ev != E."""
+    if width >= _MIN_HEAD_DIM_OF_ANY or not isinstance(backend, str) or backend.strip().lower() == "auto":
+        return width  # auto picks a backend that takes this head dim
+    backends = registry()
+    name = backend.strip().lower()
+    return max(width, backends[name].capabilities.min_head_dim) if name in backends else width
 
 
 def _repeat_heads(x, times: int):

@@ -127,3 +127,17 @@ def test_causal_bias_is_the_causal_flag_with_its_alignment(variant):
     torch.testing.assert_close(got, peer(q, k, v, attn_mask=made._materialize("cpu")))
     with pytest.raises(ValueError, match="CausalBias should not be used with causal=True"):
         sdpa(q, k, v, attn_mask=made, is_causal=True)
+
+
+@pytest.mark.parametrize("head_dim,value_dim", [(8, 8), (6, 12)])
+def test_head_dims_below_triton_s_smallest_run_padded(usable_backend, head_dim, value_dim):
+    """torch's tests use head dims 6, 8 and 15; Triton's kernels take 16 and up, so SDPA pads to 16 (exact)."""
+    usable_backend("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (x.to(device).detach().requires_grad_()
+               for x in leaves((1, 2, 5, head_dim), (1, 2, 7, head_dim), (1, 2, 7, value_dim), dtype=torch.float32))
+    got = portattn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
+    expected = peer(*(x.double() for x in (q, k, v)), is_causal=True)
+    torch.testing.assert_close(got, expected.float(), atol=2e-5, rtol=2e-5)
+    got.sum().backward()
+    assert q.grad.shape == q.shape and torch.isfinite(q.grad).all()
