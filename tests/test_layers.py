@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("backends", ("portattn.backends",)),
     ("inputs/dispatch", ("portattn.arrays", "portattn.inputs", "portattn.dispatch", "portattn.call", "portattn.autograd",
                          "portattn.torch_ops", "portattn.tuning", "portattn.status", "portattn.capabilities")),
-    ("api", ("portattn.api", "portattn.sdpa", "portattn.kvcache")),
+    ("api", ("portattn.api", "portattn.sdpa", "portattn.sdpa_mask_grad", "portattn.kvcache")),
     ("integrations, bench, cli", ("portattn.integrations", "portattn.bench", "portattn.cli", "portattn.__main__",
                                   "portattn.distributed")),
     ("package", ("portattn",)),  # __init__.py: re-exports only
