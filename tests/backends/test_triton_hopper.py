@@ -174,3 +174,61 @@ def test_eligible_specs():
                             (dict(device="cpu", array_kind="numpy"), "torch"), (dict(scale=-1.0), "scale")):
         reasons = hopper.ineligible(plain.with_(**changes))
         assert reasons and any(reason in r for r in reasons), (changes, reasons)
+
+
+def test_serves_large_plain_calls_on_hopper_only():
+    """``TritonBackend.forward`` takes the Hopper kernel for eligible calls of at least MIN_FLOPS on a 9.x
+    device, and the portable forward for small ones (host time) and other devices; each rule's tiles."""
+    from portattn.spec import AttentionSpec
+
+    small = AttentionSpec(1, 8, 128, 128, 64, causal=True, dtype="float16", device="cuda:0", array_kind="torch")
+    large = small.with_(heads=32, seqlen_q=2048, seqlen_k=2048, head_dim=128)  # a 7B model's 2k-token prefill
+    assert hopper.flops(large) == hopper.MIN_FLOPS
+    assert not hopper.serves(large.with_(seqlen_q=2047), (9, 0))
+    assert not hopper.serves(small, (9, 0)) and hopper.serves(large, (9, 0))
+    assert not hopper.serves(large, (8, 0)) and not hopper.serves(large, None)
+    picks = {(d, causal): hopper.config_for(large.with_(head_dim=d, causal=causal, seqlen_q=1024, seqlen_k=1024)).label()
+             for d in (64, 128, 256) for causal in (False, True)}
+    assert picks == {(64, False): "64x128-w4-s2-host", (64, True): "64x128-w4-s2-host",
+                     (128, False): "128x64-w4-s2-host", (128, True): "64x64-w4-s3-host",
+                     (256, False): "128x64-w8-s2-host", (256, True): "128x64-w8-s2-host"}
+    assert hopper.config_for(large.with_(head_dim=64, seqlen_q=8192, seqlen_k=8192)).num_stages == 3  # H1
+
+
+def test_attention_runs_the_hopper_forward_where_it_serves(usable, monkeypatch):
+    """With the work threshold lowered, ``portattn.attention`` on triton runs the Hopper forward (on the
+    interpreter's catalog H100 or a 9.x GPU), says so in its plan, and its output and gradients (the
+    portable backward on the Hopper LSE) match the portable forward's."""
+    from portattn.backends import registry
+    from portattn.backends.triton import _hopper_config
+
+    backend = registry()["triton"]
+    q, k, v = _inputs(1, 4, 2, 70, 70, 64, torch.float16)
+    if backend.device(spec_from_arrays(q, k, v)).compute_capability[0] != hopper.HOPPER_MAJOR:
+        pytest.skip("the Hopper forward serves compute capability 9.x only; this GPU is another")
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q.dtype).to(q.device)
+
+    def run():
+        api._PREPARED.clear()
+        _hopper_config.cache_clear()
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = api.attention(*leaves, causal=True, backend="triton")
+        out.backward(do)
+        return out.detach(), [x.grad for x in leaves]
+
+    portable_out, portable_grads = run()
+    launched = []
+    monkeypatch.setattr(hopper, "MIN_FLOPS", 0)
+    monkeypatch.setattr(hopper, "config_for", lambda spec: _config())
+    monkeypatch.setattr(hopper, "hopper_forward", lambda *a, **kw: launched.append(a[5]) or _real_forward(*a, **kw))
+    out, grads = run()
+    assert launched == [_config()]
+    assert "H0 the forward runs the Hopper kernel" in str(api.explain(q, k, v, causal=True, backend="triton"))
+    bound = BOUNDS["float16"]
+    check_close("out", out, portable_out.cpu().double().numpy(), bound.out)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, portable_grads):
+        check_close(name, got, want.cpu().double().numpy(), bound.grad)
+    _hopper_config.cache_clear()
+
+
+_real_forward = hopper.hopper_forward

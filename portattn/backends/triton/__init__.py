@@ -43,7 +43,7 @@ from ...extras import NONE
 from ...memo import by_identity
 from ...spec import FEATURES
 from ..base import Backend, Capabilities, register
-from . import launch
+from . import hopper, launch
 from .launch import interpreting
 
 LOG2E = 1.4426950408889634
@@ -138,6 +138,10 @@ class TritonBackend(Backend):
             from . import decode
 
             return decode.attention(q, k, v, spec, steps, extras, store_lse)
+        config = _hopper_config(self, spec)
+        if config is not None:  # a large plain call on Hopper: TMA and wgmma (hopper.py)
+            return hopper.hopper_forward(q, k, v, spec.causal, spec.softmax_scale, config,
+                                         bottom_right=spec.align == "bottom-right")
         import torch
 
         batch, heads, seqlen_q, head_dim = q.shape  # varlen: (1, H, total_q, D)
@@ -178,7 +182,8 @@ class TritonBackend(Backend):
         return out, lse
 
     def plan(self, spec, device=None):
-        return _with_decode_reason(super().plan(spec, device), spec, _decode_steps(self, spec))
+        plan = _with_decode_reason(super().plan(spec, device), spec, _decode_steps(self, spec))
+        return _with_hopper_reason(plan, _hopper_config(self, spec))
 
     def decode_kvcache(self, q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
         from . import decode
@@ -273,6 +278,25 @@ def _decode_steps(backend, spec):
     if backend.capabilities.kvcache is None or not decode.takes(spec):
         return None
     return backend.decode_plan(spec, 0, spec.batch * spec.seqlen_k)
+
+
+@by_identity
+def _hopper_config(backend, spec):
+    """The Hopper forward's configuration for ``spec`` when ``forward`` runs it there (``hopper.serves`` on the
+    device's compute capability), else None: cached per spec, since a forward asks on every call."""
+    if not hopper.serves(spec, backend.device(spec).compute_capability):
+        return None
+    return hopper.config_for(spec)
+
+
+@functools.lru_cache(maxsize=4096)
+def _with_hopper_reason(plan, config):
+    """``plan``, saying so when ``forward`` runs the Hopper kernel with ``config``."""
+    if config is None:
+        return plan
+    return dataclasses.replace(plan, reasons=(*plan.reasons, (
+        f"H0 the forward runs the Hopper kernel (TMA loads, wgmma), {config.label()} (hopper.config_for, rules "
+        "H1-H3 in docs/tiling.md); the tiles above serve the backward")))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -1,17 +1,13 @@
 """Launching the Hopper forward (``hopper_kernels.py``): which calls it serves, its configuration, and
 ``hopper_forward``, which allocates O and the LSE and launches it.
 
-Not wired into ``TritonBackend.forward`` yet (GPU numbers decide). The wiring, when it comes, is one
-branch in ``forward`` after the decode branch, for a spec ``eligible`` accepts on a device of compute
-capability 9.x (``self.device(spec)`` is the probed or, interpreting, the catalog's H100)::
-
-    if hopper.eligible(spec, self.device(spec).compute_capability):
-        return hopper.hopper_forward(q, k, v, spec.causal, spec.softmax_scale, hopper.config_for(spec),
-                                     bottom_right=spec.align == "bottom-right")
-
-The LSE it returns is the one ``attention_forward`` returns (natural log, float32, (B, H, Nq)), so the
-backward runs unchanged. Tensors whose strides TMA cannot take (``tma_ready``: 16-byte aligned base
-and strides, last stride 1) run the same kernel with pointer loads, through any strides.
+``TritonBackend.forward`` runs it for a spec ``serves`` accepts on a device of compute capability 9.x
+(plain attention, causal or not, GQA, fp16/bf16, head dim 64/128/256, at least ``MIN_FLOPS`` of work),
+with ``config_for``'s configuration: on the H100 it was 1.01-1.20x the portable forward at every point of
+flash-attention's grid (``benchmarks/results/h100-hopper-forward.json``). The LSE it returns is the one
+``attention_forward`` returns (natural log, float32, (B, H, Nq)), so the backward runs unchanged.
+Tensors whose strides TMA cannot take (``tma_ready``: 16-byte aligned base and strides, last stride 1)
+run the same kernel with pointer loads, through any strides.
 """
 
 from __future__ import annotations
@@ -69,12 +65,38 @@ class HopperConfig(NamedTuple):
 DEFAULT = HopperConfig()
 
 
+# Below this much work (FLOPs, halved when causal) the portable forward serves the call: a Hopper launch
+# goes through Triton's JIT and builds four TMA descriptors, ~50 us more host time per call than the
+# portable forward's direct relaunch (``host_overhead`` in the H100 record), more than its faster kernel
+# saves on a smaller problem. 2^35 is a batch-1 causal prefill of 2048 tokens over 32 heads of 128 (~90 us
+# of kernel at 400 TFLOP/s); the flash grid's smallest points, e.g. (16, 32, 1024, 64) causal, are 2^36.
+MIN_FLOPS = 1 << 35
+
+
+def flops(spec) -> float:
+    """4 B H Nq Nk D, halved when causal (the two GEMMs of the forward)."""
+    work = 4.0 * spec.batch * spec.heads * spec.seqlen_q * spec.seqlen_k * spec.head_dim
+    return work / 2 if spec.causal else work
+
+
 def config_for(spec) -> HopperConfig:
-    """The configuration for ``spec``. A placeholder until benchmarks/hopper_forward.py has GPU numbers:
-    64-row blocks for head dim 256 (the accumulator of 128 x 256 float32 fills the registers)."""
-    if spec.head_dim == 256:
-        return DEFAULT._replace(block_m=64, block_n=64, num_warps=4, num_stages=2)
-    return DEFAULT
+    """The configuration for ``spec``, from the H100 sweep of flash-attention's grid (each rule's pick was
+    the best of 57-69 configurations after re-timing, or within 3% of it; docs/tiling.md, H1-H3):
+
+    * H1 D = 64: 64 x 128 tiles, 4 warps, 2 stages; 3 stages when causal and N >= 8192 (long causal rows
+      keep the deeper pipeline busy).
+    * H2 D = 128: 128 x 64, 4 warps, 2 stages; causal 64 x 64, 3 stages (smaller query blocks waste less
+      of the diagonal and balance the SMs).
+    * H3 D = 256: 128 x 64, 8 warps, 2 stages (a 128 x 256 float32 accumulator needs 8 warps' registers).
+    """
+    if spec.head_dim <= 64:
+        stages = 3 if spec.causal and max(spec.seqlen_q, spec.seqlen_k) >= 8192 else 2
+        return DEFAULT._replace(block_m=64, block_n=128, num_warps=4, num_stages=stages)
+    if spec.head_dim <= 128:
+        if spec.causal:
+            return DEFAULT._replace(block_m=64, block_n=64, num_warps=4, num_stages=3)
+        return DEFAULT._replace(block_m=128, block_n=64, num_warps=4, num_stages=2)
+    return DEFAULT._replace(block_m=128, block_n=64, num_warps=8, num_stages=2)
 
 
 def ineligible(spec, capability: tuple[int, int] | None = None) -> list[str]:
@@ -103,6 +125,12 @@ def ineligible(spec, capability: tuple[int, int] | None = None) -> list[str]:
 
 def eligible(spec, capability: tuple[int, int] | None = None) -> bool:
     return not ineligible(spec, capability)
+
+
+def serves(spec, capability: tuple[int, int] | None) -> bool:
+    """True when ``TritonBackend.forward`` runs ``spec`` on the Hopper forward: ``eligible`` on a device of
+    compute capability 9.x, with at least ``MIN_FLOPS`` of work."""
+    return capability is not None and eligible(spec, capability) and flops(spec) >= MIN_FLOPS
 
 
 def tma_ready(*tensors) -> bool:
