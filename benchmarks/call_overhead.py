@@ -103,6 +103,34 @@ def breakdown(torch, portattn, q, k, v, causal):
     return pieces
 
 
+def kvcache_breakdown(torch, portattn, q, k_cache, v_cache, lengths):
+    """Seconds per call of the pieces of an ``attention_with_kvcache`` step (where this tree has them): the
+    route (checks reused, plan), the decode launch alone, the whole call back to back with and without
+    ``cache_seqlens``, and the same decode problem through ``attention`` on (B, H, N, D) views."""
+    try:
+        from portattn import kvcache
+    except ImportError:
+        return {}
+    if not hasattr(kvcache, "_route"):
+        return {}
+    sync = torch.cuda.synchronize
+    options = dict(causal=False, scale=None, window=None, softcap=None, alibi_slopes=None)
+    route = kvcache._route(q, k_cache, v_cache, lengths, None, None, None, "triton", options)
+    pieces = {"route (checks reused, plan)": _per_call(
+        lambda: kvcache._route(q, k_cache, v_cache, lengths, None, None, None, "triton", options))}
+    if route.in_place:
+        pieces["decode launch alone (back to back)"] = _per_call(lambda: kvcache._decode(route, q, lengths, False),
+                                                                 sync=sync, warmup=20)
+    pieces["whole call (back to back)"] = _per_call(
+        lambda: portattn.attention_with_kvcache(q, k_cache, v_cache, lengths, backend="triton"), sync=sync, warmup=20)
+    pieces["whole call, cache_seqlens None"] = _per_call(
+        lambda: portattn.attention_with_kvcache(q, k_cache, v_cache, None, backend="triton"), sync=sync, warmup=20)
+    qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    pieces["attention on the (B, H, N, D) views"] = _per_call(lambda: portattn.attention(qt, kt, vt, backend="triton"),
+                                                              sync=sync, warmup=20)
+    return pieces
+
+
 def _kvcache_inputs(torch, case, device, dtype):
     b, h, hk, n, d = (case[name] for name in ("batch", "heads", "kv_heads", "keys", "head_dim"))
     q = torch.randn((b, 1, h, d), device=device, dtype=dtype)
@@ -207,7 +235,9 @@ def main(argv=None):
             except RuntimeError as error:
                 row[peer] = f"refused: {str(error).splitlines()[0][:80]}"
         record["small_us"][name] = row
-        print(name, json.dumps(row), flush=True)
+        record["breakdown_us"][name] = {piece: t * 1e6 for piece, t in
+                                        kvcache_breakdown(torch, portattn, q, k_cache, v_cache, lengths).items()}
+        print(name, json.dumps(row), json.dumps(record["breakdown_us"][name]), flush=True)
     if args.profile:
         profiled = {}
         for name, case in SMALL.items():
