@@ -506,7 +506,10 @@ attention_forward(const elem_t *__restrict__ q, const elem_t *__restrict__ k, co
             for (int i = 0; i < 8; ++i) {
                 float x = s_acc[c].x[i] * scale_log2;
 #if SCORE_MASK
-                x += scratch.scores[row_of[i] * SLD + c * 16 + col_of[i]];  // -inf where hidden
+                // the mask's term, -inf where hidden: a hidden score is -inf even when it is NaN (NaN + -inf
+                // is NaN: a NaN key would spoil rows that never see it), as the shared-memory path has it
+                const float bias = scratch.scores[row_of[i] * SLD + c * 16 + col_of[i]];
+                x = bias == -INFINITY ? -INFINITY : x + bias;
 #else
                 if (masked) {
                     if (vis.key_hidden(warp_query + row_of[i], key_base + c * 16 + col_of[i])) x = -INFINITY;
@@ -763,8 +766,9 @@ __device__ __forceinline__ void probabilities(frag_acc (&acc)[BWD_BLOCK_N / 16],
 #endif
     for_each_element<BWD_BLOCK_N>(acc, scratch, row_of, col_of, lane, [&](int row, int col, int slot, float s, elem_t &p) {
         const float lse_log2 = TRANSPOSED ? col_lse[col] : row_lse[slot];
-#if SCORE_MASK && REGISTER_SOFTMAX  // the staged bias: -inf where hidden, so P = 0
-        p = from_float(exp2f(s * scale_log2 + scratch.scores[row * WarpScratch<BWD_BLOCK_N>::SLD + col] - lse_log2));
+#if SCORE_MASK && REGISTER_SOFTMAX  // the staged bias: -inf where hidden, so P = 0 (even for a NaN score)
+        const float bias = scratch.scores[row * WarpScratch<BWD_BLOCK_N>::SLD + col];
+        p = from_float(bias == -INFINITY ? 0.f : exp2f(s * scale_log2 + bias - lse_log2));
 #elif SCORE_MASK
         p = from_float(exp2f(tile.template score<TRANSPOSED>(row, col, s * scale_log2) - lse_log2));  // 0 where hidden
 #else
