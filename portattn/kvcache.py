@@ -34,7 +34,8 @@ Two ways to run it, chosen per call (``explain_with_kvcache`` says which, and wh
   rows in front. One batched call on any backend with key padding.
 
 Reading the lengths takes one device-to-host copy of ``cache_seqlens`` per call -- except on the
-in-place route with ``cache_seqlens`` on a GPU and no ``k``/``v`` to append: then neither the lengths
+in-place route with ``cache_seqlens`` on a GPU (or None, with q on a GPU: every sequence holds the whole
+cache, and no lengths array is made) and no ``k``/``v`` to append: then neither the lengths
 nor the block table are read back (the call never waits for the device; the decode plan comes from the
 shapes, each kernel program cuts its own sequence's keys), and instead of the host's errors the kernels
 clamp a length to the cache's capacity and a page id to its pages (a wrong table reads wrong pages,
@@ -151,7 +152,7 @@ def _route(q, k_cache, v_cache, cache_seqlens, block_table, k, v, backend, optio
     cache = _Cache(k_cache, v_cache, block_table, ops, tuple(q.shape), spec.device, spec.dtype)
     batch = spec.batch
     page_size = cache.page_size if cache.paged else 0
-    if not refusals and not n_new and not read_lengths and _on_gpu(cache_seqlens):
+    if not refusals and not n_new and not read_lengths and (_on_gpu(cache_seqlens) or cache_seqlens is None and _on_gpu(q)):
         old = lengths = None
         total = batch * cache.capacity
     else:
@@ -230,8 +231,13 @@ def _decode(route: _Route, q, cache_seqlens, need_lse: bool = True):
     ``(out, None)`` when the LSE is not needed, which spares a backend writing it."""
     cache, spec, backend = route.cache, route.spec, route.backend
     kind, device = backend.compute_kind, spec.device
-    lengths = cache.ops.lengths(route.lengths, cache_seqlens, route.n_new, cache.k_cache)
-    if kind == "torch" and spec.array_kind == "torch":
+    native = kind == "torch" and spec.array_kind == "torch"
+    if cache_seqlens is None and route.lengths is None and native:
+        lengths = None  # every sequence holds the whole cache: the kernel takes its capacity, no lengths array
+    else:
+        known = route.lengths if route.lengths is not None else [cache.capacity] * spec.batch
+        lengths = cache.ops.lengths(known, cache_seqlens, route.n_new, cache.k_cache)
+    if native:
         # torch tensors to a torch backend (every decoding step of a model on a GPU): nothing to convert, and
         # the kernel's results are the caller's (out in q's dtype, lse float32, on q's device)
         table = cache.block_table if cache.paged else None

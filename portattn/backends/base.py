@@ -170,7 +170,8 @@ class Backend(ABC):
         """``(out, lse)`` of one decoding step read from the cache where it lies, for arrays of
         ``compute_kind``: q (B, Nq, H, D); k_cache, v_cache (B, Nmax, H_kv, D), or pages
         (num_blocks, page_size, H_kv, D) with ``block_table`` (B, max_blocks) int32 (None when
-        contiguous); ``lengths`` (B,) int32, each sequence's keys. Bottom-right alignment per sequence
+        contiguous); ``lengths`` (B,) int32, each sequence's keys (None, for a backend whose
+        ``compute_kind`` is "torch": every sequence holds the whole cache). Bottom-right alignment per sequence
         (``portattn/kvcache.py``). out is (B, Nq, H, D) in q's dtype, lse float32 (B, H, Nq). Only
         backends whose ``capabilities.kvcache`` is set implement it."""
         raise NotImplementedError(f"{self.name} has no kernel that reads a KV cache in place")

@@ -251,6 +251,30 @@ def test_lengths_left_on_the_device_give_the_same_answer(usable_backend, backend
     np.testing.assert_allclose(device[0].double().cpu().numpy(), expected, atol=3e-5)
 
 
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_a_full_cache_on_the_device_needs_no_lengths(usable_backend, backend, monkeypatch):
+    """cache_seqlens=None with q on a GPU (simulated) takes the route that reads nothing back, and a torch
+    kernel gets no lengths array at all (it takes the capacity; no host-to-device copy per step): the
+    answer is the one given explicit full lengths."""
+    torch = pytest.importorskip("torch")
+    usable_backend(backend)
+    from portattn.backends.triton import decode
+
+    on = _device_for(torch, backend)
+    rng = np.random.default_rng(5)
+    q = torch.from_numpy(rng.standard_normal((2, 1, 4, 16)).astype(np.float32)).to(on)
+    cache = torch.from_numpy(rng.standard_normal((2, 300, 2, 16)).astype(np.float32)).to(on)
+    full = torch.full((2,), 300, dtype=torch.int32, device=on)
+    explicit = portattn.attention_with_kvcache(q, cache, cache, full, causal=True, backend=backend)
+    seen = []
+    launch = decode._launch
+    monkeypatch.setattr(decode, "_launch", lambda *a, **kw: seen.append(a[5]) or launch(*a, **kw))
+    monkeypatch.setattr(portattn.kvcache, "_on_gpu", lambda x: True)
+    implied = portattn.attention_with_kvcache(q, cache, cache, None, causal=True, backend=backend)
+    torch.testing.assert_close(implied, explicit, rtol=1e-6, atol=1e-6)
+    assert seen == ([None] if backend == "triton" else [])
+
+
 def _device_for(torch, backend: str) -> str:
     """Where a backend's torch inputs live: triton's on the GPU when there is one (else its interpreter's CPU)."""
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
