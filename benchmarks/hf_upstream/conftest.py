@@ -63,6 +63,18 @@ DEFAULT_SKIP = (r"pipeline|hub|push_to|from_pretrained_no_checkpoint|compile|tor
 CALLS = {"layers": 0}
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# triton's kernels in its interpreter on a CPU machine. Set on import, before anything imports triton:
+# triton reads it once, and jit functions made before it is set run compiled inside interpreted kernels
+if ACTIVE and not os.environ.get("TRITON_INTERPRET") and not _has_cuda():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
 def _backend() -> str:
     return os.environ.get("PORTATTN_HF_BACKEND", "auto")
 
@@ -195,8 +207,8 @@ def _gradients_match_eager(self):
             continue
         config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
         set_config_for_less_flaky_test(config)
-        for key in ("attention_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob", "dropout"):
-            if hasattr(config, key):
+        for key, value in config.to_dict().items():  # attention_dropout, hidden_dropout_prob, attn_pdrop, ...
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
                 setattr(config, key, 0.0)
         inputs = {k: v.to(torch_device) for k, v in self._prepare_for_class(inputs, model_class).items()
                   if isinstance(v, torch.Tensor)}
@@ -207,7 +219,7 @@ def _gradients_match_eager(self):
             inputs["attention_mask"][-1, :2] = 0  # the last sequence left-padded
         grads = [_gradients(model_class, config, inputs, impl) for impl in ("eager", NAME)]
         for name, eager in grads[0].items():
-            torch.testing.assert_close(grads[1][name], eager, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(grads[1][name], eager, atol=1e-5, rtol=1e-4, msg=lambda m: f"{model_class.__name__} {name}: {m}")
 
 
 def _gradients(model_class, config, inputs, attn_implementation):
@@ -229,17 +241,9 @@ def pytest_configure(config):
     _shim_older_tests()
     if _backend() == "off":
         return
-    if not os.environ.get("TRITON_INTERPRET") and not _has_cuda():
-        os.environ["TRITON_INTERPRET"] = "1"  # triton's kernels in its interpreter on a CPU machine
     _register()
     _route_sdpa_to_portattn()
     _add_portattn_tests()
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config, items):
