@@ -253,7 +253,8 @@ def _decode(route: _Route, q, cache_seqlens, need_lse: bool = True):
     extras = route.extras.map_arrays(convert)
     out, lse = backend.decode_kvcache(convert(q), convert(cache.k_cache), convert(cache.v_cache), table,
                                       convert(lengths), spec, route.plan, extras)
-    return arrays.restore(out, spec.array_kind, spec.dtype, device), arrays.restore(lse, spec.array_kind, "float32", device)
+    out = arrays.restore(out, spec.array_kind, spec.dtype, device)
+    return out, arrays.restore(lse, spec.array_kind, "float32", device) if need_lse else None
 
 
 def _check_seqlens(cache_seqlens, batch: int) -> None:

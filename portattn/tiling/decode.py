@@ -19,11 +19,11 @@ as soon as enough programs are in flight to keep the memory system busy. The rul
   ``GPU_MAX_SPLITS`` on a GPU (the merge holds one query's partials of every split in registers). The
   kernels cut each sequence's own keys, L_b, evenly: ranges of ``max(keys_per_split, ceil(L_b /
   key_splits))`` keys rounded up to ``block_k``, so a short sequence uses fewer splits and the rest of
-  its programs exit at once. ``keys_per_split`` = ``MIN_KEYS_PER_SPLIT`` rounded up to ``block_k``: a
-  shorter range costs more in the merge's partials than it gains in parallelism. The lengths never
-  enter the plan, so a GPU call needs no device-to-host copy of them (``portattn/kvcache.py``).
+  its programs exit at once. ``keys_per_split`` = ``MIN_KEYS_PER_SPLIT`` (``CPU_MIN_KEYS_PER_SPLIT`` on a
+  CPU) rounded up to ``block_k``: a shorter range costs more in the merge's partials than it gains in
+  parallelism. The lengths never enter the plan, so a GPU call needs no device-to-host copy of them (``portattn/kvcache.py``).
 * D3 key tile: GPU ``block_k`` 64 keys at D <= 128 (32 above: K and V tiles of 16 KiB per stage in
-  fp16), 4 warps, 3 stages where the device copies asynchronously; CPU 128 keys per softmax rescale
+  fp16), 4 warps, 3 stages where the device copies asynchronously; CPU 64 keys per softmax rescale
   (the K/V rows go straight from the cache to the FMAs: no tile is copied).
 * D4 the grid is (sequence, KV head, row block) x ``key_splits`` whatever the lengths; sequence b's
   keys are clamped to the cache's capacity and, paged, its page ids to the cache's pages (a bad
@@ -58,8 +58,13 @@ GPU_DECODE_WAVES = 4  # D2: programs per compute unit
 GPU_WARPS = 4
 GPU_MAX_SPLITS = 128  # D2: the merge holds every split's partial row of one query in registers
 CPU_TASKS_PER_THREAD = 2  # D2: decode tasks are of equal size, so a couple per thread balance the load
-CPU_BLOCK_K = 128  # D3
+# D3: 64 keys per softmax rescale on a CPU (the G x Nq rows' scores of a tile stay in L1): 1.1-1.3x the
+# speed of 128 at batch 1-8 and 4k-16k keys on this project's EPYC
+CPU_BLOCK_K = 64
 MIN_KEYS_PER_SPLIT = 256  # D2
+# D2 on a CPU: a split's merge is a few microseconds there, so a cache of 256 keys already takes two
+# threads (1.5x the one-task step at batch 1)
+CPU_MIN_KEYS_PER_SPLIT = 128
 # D6, measured on the H200 (benchmarks/decode_splits.py, 32/8 heads, D 128, fp16): a lone program streamed
 # 26-34 GB/s (1024 keys unsplit in 19.7 us, 8192 in 119 us); back-to-back steps of one launch took 21-22 us
 # per call where the GPU needed less, split ones 38-44 us
@@ -140,7 +145,7 @@ def plan_decode(problem: DecodeProblem, device: DeviceSpec) -> DecodePlan:
     kv_heads_per_program = 1 if gpu else spec.kv_heads
     groups = spec.batch * (spec.kv_heads // kv_heads_per_program) * row_blocks
     # D2: as many splits as fill the target, at most as many as the capacity has ranges of keys_per_split keys
-    keys_per_split = -(-MIN_KEYS_PER_SPLIT // block_k) * block_k
+    keys_per_split = -(-(MIN_KEYS_PER_SPLIT if gpu else CPU_MIN_KEYS_PER_SPLIT) // block_k) * block_k
     most = max(1, -(-spec.seqlen_k // keys_per_split))
     if gpu:
         most = min(most, GPU_MAX_SPLITS)

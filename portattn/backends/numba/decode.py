@@ -22,6 +22,7 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
+from .kernels import exp2_shifted
 from .operands import widen_table
 
 LN2 = math.log(2.0)
@@ -127,11 +128,9 @@ def decode(q, k, v, table, lengths, capacity, page_size, widen, part_out, part_l
                     scores[r, :n] = 0.0
                     continue
                 alpha = np.float32(2.0) ** (m[r] - top)
-                total = np.float32(0.0)
-                for jj in range(n):
-                    p = np.float32(2.0) ** (scores[r, jj] - top)
-                    scores[r, jj] = p
-                    total += p
+                # the forward's vectorized exp2 (a hidden score's weight is 2**-125, as there): float32 pow
+                # per score was most of a short step's time
+                total = exp2_shifted(scores[r, :n], top, 0)
                 ell[r] = ell[r] * alpha + total
                 m[r] = top
                 for d in range(dim):
@@ -203,7 +202,7 @@ def run(q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
     paged = block_table is not None
     from .launch import run_with  # numba's pool sized by the plan
 
-    with run_with(plan.threads):
+    with run_with(plan.threads, blas=False):  # the decode kernels call no BLAS
         decode(query, k_cache, v_cache, np.ascontiguousarray(block_table) if paged else _NO_PAGES,
                np.ascontiguousarray(lengths, np.int32), spec.seqlen_k, int(k_cache.shape[1]) if paged else 0, table,
                part_out, part_lse,

@@ -31,16 +31,17 @@ def blas_controller():
 
 class run_with:
     """Numba's pool sized by the plan, and BLAS single-threaded inside it (else each worker's GEMM
-    would spawn its own BLAS threads and oversubscribe the cores); both restored on exit.
+    would spawn its own BLAS threads and oversubscribe the cores); both restored on exit. ``blas=False``
+    (a kernel that calls no BLAS: decoding) leaves BLAS alone, which spares a small call its settings.
 
     threadpoolctl's ``limit(limits=1, user_api="blas")`` without its per-call ``info()`` dictionaries
     (about 10 us of a small call): the BLAS controllers are found once and read and set directly, and
     a library already at one thread is left alone."""
 
-    __slots__ = ("threads", "previous", "changed", "set")
+    __slots__ = ("threads", "blas", "previous", "changed", "set")
 
-    def __init__(self, threads: int):
-        self.threads = threads
+    def __init__(self, threads: int, blas: bool = True):
+        self.threads, self.blas = threads, blas
 
     def __enter__(self):
         import numba
@@ -50,7 +51,7 @@ class run_with:
         self.set = threads != self.previous
         if self.set:
             numba.set_num_threads(threads)
-        self.changed = [(lib, n) for lib in blas_libraries() if (n := lib.num_threads) is not None and n != 1]
+        self.changed = [(lib, n) for lib in blas_libraries() if (n := lib.num_threads) is not None and n != 1] if self.blas else []
         for lib, _ in self.changed:
             lib.set_num_threads(1)
         return self
