@@ -261,3 +261,23 @@ def test_every_feature_is_declared_with_a_note():
     caps = NUMBA.capabilities
     assert caps.features == frozenset(FEATURES)
     assert set(caps.feature_notes) == set(FEATURES)
+
+
+def test_blas_threads_are_limited_only_where_a_tile_gemm_could_start_them(usable_backend, monkeypatch):
+    """BLAS is kept to one thread inside numba's threads only when a tile GEMM is large enough for OpenBLAS to
+    thread it (above 65536 multiply-adds); a tiny call skips the setting, and both give the reference's answer."""
+    usable_backend("numba")
+    from portattn.backends.numba import launch
+
+    assert not launch.blas_may_thread(16, 16, 64) and not launch.blas_may_thread(32, 32, 64)
+    assert launch.blas_may_thread(64, 64, 64) and launch.blas_may_thread(256, 512, 64)
+    asked = []
+    entered = launch.run_with.__enter__
+    monkeypatch.setattr(launch.run_with, "__enter__", lambda self: asked.append(self.blas) or entered(self))
+    rng = np.random.default_rng(4)
+    for n in (16, 200):
+        q, k, v = (rng.standard_normal((1, 2, n, 64)).astype(np.float32) for _ in range(3))
+        out = portattn.attention(q, k, v, causal=True, backend="numba")
+        want, _ = reference.attention_forward(q, k, v, scale=0.125, causal=True)
+        np.testing.assert_allclose(out, want, atol=2e-5)
+    assert asked == [False, True]

@@ -72,7 +72,7 @@ class NumbaBackend(Backend):
         out = np.empty(q.shape, dtype)
         lse = np.empty(q.shape[:3], dtype)
         features = launch.features(spec, extras, dtype)
-        with launch.run_with(plan.threads):
+        with launch.run_with(plan.threads, blas=launch.blas_may_thread(plan.block_q, plan.block_k, spec.head_dim)):
             launch.kernels().forward(q_scaled, k_wide, v_wide, out, lse, features, plan.block_q, plan.block_k,
                                      plan.key_splits)
         return launch.returned(out, q), lse
@@ -89,7 +89,7 @@ class NumbaBackend(Backend):
         block_q, block_k = plan.backward.block_q, plan.backward.block_k
         scale = dtype(spec.softmax_scale)
         key_blocks = -(-spec.seqlen_k // block_k)
-        with launch.run_with(plan.threads):
+        with launch.run_with(plan.threads, blas=launch.blas_may_thread(block_q, block_k, spec.head_dim)):
             if plan.backward.dq_separate:
                 kernels.backward_key_pass(q_wide, q_scaled, k_wide, v_wide, do, lse, delta, dq, dk, dv, scale,
                                           features, block_q, block_k, 1, False)

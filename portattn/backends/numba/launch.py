@@ -68,6 +68,19 @@ class run_with:
         return False
 
 
+# OpenBLAS runs a GEMM on one thread when m * n * k <= SMP_THRESHOLD_MIN (65536) * GEMM_MULTITHREAD_THRESHOLD
+# (a build setting, 4 by default, at least 1): tile products of at most this many multiply-adds never
+# start its threads, so a call whose tiles are all that small need not limit them -- setting and restoring
+# OpenBLAS's thread count was 17 of a (1, 8, 16, 64) call's 42 us. Above it, limiting is a must: OpenBLAS's
+# threads inside numba's hung back ("Detect OpenMP Loop") and a (1, 8, 128, 64) call took 11 ms, not 0.34.
+BLAS_SERIAL_MNK = 65536
+
+
+def blas_may_thread(block_q: int, block_k: int, head_dim: int) -> bool:
+    """Whether a kernel's tile GEMMs (block_q x block_k x head_dim multiply-adds each) may start BLAS threads."""
+    return block_q * block_k * head_dim > BLAS_SERIAL_MNK
+
+
 @functools.lru_cache(maxsize=None)
 def blas_libraries() -> tuple:
     return tuple(blas_controller().select(user_api="blas").lib_controllers)
