@@ -183,7 +183,7 @@ def test_serves_large_plain_calls_on_hopper_only():
 
     small = AttentionSpec(1, 8, 128, 128, 64, causal=True, dtype="float16", device="cuda:0", array_kind="torch")
     large = small.with_(heads=32, seqlen_q=2048, seqlen_k=2048, head_dim=128)  # a 7B model's 2k-token prefill
-    assert hopper.flops(large) == hopper.MIN_FLOPS
+    assert large.flops_forward == hopper.MIN_FLOPS
     assert not hopper.serves(large.with_(seqlen_q=2047), (9, 0))
     assert not hopper.serves(small, (9, 0)) and hopper.serves(large, (9, 0))
     assert not hopper.serves(large, (8, 0)) and not hopper.serves(large, None)

@@ -65,18 +65,12 @@ class HopperConfig(NamedTuple):
 DEFAULT = HopperConfig()
 
 
-# Below this much work (FLOPs, halved when causal) the portable forward serves the call: a Hopper launch
-# goes through Triton's JIT and builds four TMA descriptors, ~50 us more host time per call than the
-# portable forward's direct relaunch (``host_overhead`` in the H100 record), more than its faster kernel
-# saves on a smaller problem. 2^35 is a batch-1 causal prefill of 2048 tokens over 32 heads of 128 (~90 us
+# Below this much work (``spec.flops_forward``: FLOPs, halved when causal) the portable forward serves the
+# call: a Hopper launch goes through Triton's JIT and builds four TMA descriptors, ~50 us more host time
+# per call than the portable forward's direct relaunch (``host_overhead`` in the H100 record), more than
+# its faster kernel saves on a smaller problem. 2^35 is a batch-1 causal prefill of 2048 tokens over 32 heads of 128 (~90 us
 # of kernel at 400 TFLOP/s); the flash grid's smallest points, e.g. (16, 32, 1024, 64) causal, are 2^36.
 MIN_FLOPS = 1 << 35
-
-
-def flops(spec) -> float:
-    """4 B H Nq Nk D, halved when causal (the two GEMMs of the forward)."""
-    work = 4.0 * spec.batch * spec.heads * spec.seqlen_q * spec.seqlen_k * spec.head_dim
-    return work / 2 if spec.causal else work
 
 
 def config_for(spec) -> HopperConfig:
@@ -130,7 +124,7 @@ def eligible(spec, capability: tuple[int, int] | None = None) -> bool:
 def serves(spec, capability: tuple[int, int] | None) -> bool:
     """True when ``TritonBackend.forward`` runs ``spec`` on the Hopper forward: ``eligible`` on a device of
     compute capability 9.x, with at least ``MIN_FLOPS`` of work."""
-    return capability is not None and eligible(spec, capability) and flops(spec) >= MIN_FLOPS
+    return capability is not None and eligible(spec, capability) and spec.flops_forward >= MIN_FLOPS
 
 
 def tma_ready(*tensors) -> bool:
