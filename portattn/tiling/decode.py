@@ -21,7 +21,8 @@ as soon as enough programs are in flight to keep the memory system busy. The rul
   key_splits))`` keys rounded up to ``block_k``, so a short sequence uses fewer splits and the rest of
   its programs exit at once. ``keys_per_split`` = ``MIN_KEYS_PER_SPLIT`` (``CPU_MIN_KEYS_PER_SPLIT`` on a
   CPU) rounded up to ``block_k``: a shorter range costs more in the merge's partials than it gains in
-  parallelism. The lengths never enter the plan, so a GPU call needs no device-to-host copy of them (``portattn/kvcache.py``).
+  parallelism. The lengths never enter the plan, so a GPU call needs no device-to-host copy of them
+  (``portattn/kvcache.py``).
 * D3 key tile: GPU ``block_k`` 64 keys at D <= 128 (32 above: K and V tiles of 16 KiB per stage in
   fp16), 4 warps, 3 stages where the device copies asynchronously; CPU 64 keys per softmax rescale
   (the K/V rows go straight from the cache to the FMAs: no tile is copied).

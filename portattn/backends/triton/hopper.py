@@ -68,8 +68,9 @@ DEFAULT = HopperConfig()
 # Below this much work (``spec.flops_forward``: FLOPs, halved when causal) the portable forward serves the
 # call: a Hopper launch goes through Triton's JIT and builds four TMA descriptors, ~50 us more host time
 # per call than the portable forward's direct relaunch (``host_overhead`` in the H100 record), more than
-# its faster kernel saves on a smaller problem. 2^35 is a batch-1 causal prefill of 2048 tokens over 32 heads of 128 (~90 us
-# of kernel at 400 TFLOP/s); the flash grid's smallest points, e.g. (16, 32, 1024, 64) causal, are 2^36.
+# its faster kernel saves on a smaller problem. 2^35 is a batch-1 causal prefill of 2048 tokens over 32
+# heads of 128 (~90 us of kernel at 400 TFLOP/s); the flash grid's smallest points, e.g. (16, 32, 1024,
+# 64) causal, are 2^36.
 MIN_FLOPS = 1 << 35
 
 
