@@ -137,3 +137,30 @@ def test_feature_arrays_that_require_grad_are_refused_not_silently_ignored(name)
     with pytest.raises(ValueError, match=f"{name} requires grad"):
         portattn.attention(q, q, q, **{name: given}, backend="reference")
     portattn.attention(q, q, q, **{name: given.detach()}, backend="reference")  # detached: fine
+
+
+def test_repeated_plain_calls_take_the_direct_path_and_keep_every_argument():
+    """A plain 4-D call is remembered (``sdpa._DIRECT``) and repeated calls go straight to ``attention``:
+    calls of the same shapes with another ``is_causal``, ``scale`` or GQA layout must not be served the
+    remembered one's answer, and a call with a mask must not take the path at all."""
+    from portattn import sdpa
+
+    sdpa._DIRECT.clear()
+    q = _randn(1, 4, 7, 16, dtype=torch.float32, device="cpu", seed=1)
+    k, v = (_randn(1, 4, 7, 16, dtype=torch.float32, device="cpu", seed=s) for s in (2, 3))
+    k2, v2 = k[:, :2].contiguous(), v[:, :2].contiguous()
+    calls = [dict(is_causal=True), dict(is_causal=False), dict(is_causal=True, scale=0.3), dict(scale=0.3)]
+    for _ in range(2):  # the second round is served from the remembered mappings
+        for kwargs in calls:
+            expected = _peer(q.double(), k.double(), v.double(), **kwargs).float()
+            torch.testing.assert_close(portattn.scaled_dot_product_attention(q, k, v, backend="numba", **kwargs),
+                                       expected, atol=2e-5, rtol=0)
+        expected = _peer(q.double(), k2.double(), v2.double(), is_causal=True, enable_gqa=True).float()
+        torch.testing.assert_close(portattn.scaled_dot_product_attention(q, k2, v2, is_causal=True, enable_gqa=True,
+                                                                         backend="numba"), expected, atol=2e-5, rtol=0)
+    assert len(sdpa._DIRECT) == len(calls) + 1
+    mask = _bool_mask((7, 7), 4, "cpu")
+    expected = _peer(q.double(), k.double(), v.double(), attn_mask=mask).float()
+    torch.testing.assert_close(portattn.scaled_dot_product_attention(q, k, v, mask, backend="numba"), expected,
+                               atol=2e-5, rtol=0)
+    assert len(sdpa._DIRECT) == len(calls) + 1

@@ -67,14 +67,13 @@ class NumbaBackend(Backend):
 
     def forward(self, q, k, v, spec, plan, extras):
         dtype = launch.compute_dtype(spec)
-        q_scaled = launch.operand(q, spec, launch.log2_scale(spec))
-        k_wide, v_wide = launch.operand(k, spec), launch.operand(v, spec)
+        q_wide, k_wide, v_wide = launch.operand(q, spec), launch.operand(k, spec), launch.operand(v, spec)
         out = np.empty(q.shape, dtype)
         lse = np.empty(q.shape[:3], dtype)
         features = launch.features(spec, extras, dtype)
         with launch.run_with(plan.threads, blas=launch.blas_may_thread(plan.block_q, plan.block_k, spec.head_dim)):
-            launch.kernels().forward(q_scaled, k_wide, v_wide, out, lse, features, plan.block_q, plan.block_k,
-                                     plan.key_splits)
+            launch.kernels().forward(q_wide, k_wide, v_wide, out, lse, features, dtype(launch.log2_scale(spec)),
+                                     plan.block_q, plan.block_k, plan.key_splits)
         return launch.returned(out, q), lse
 
     def backward(self, grad_out, q, k, v, out, lse, spec, plan, extras):

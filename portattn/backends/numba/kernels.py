@@ -442,11 +442,13 @@ def _has_keys(lse):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def forward(q_scaled, k, v, out, lse, feat, block_q, block_k, key_splits):
+def forward(q, k, v, out, lse, feat, q_factor, block_q, block_k, key_splits):
     """O and LSE (natural log) for (B, H, N, D) arrays into ``out``/``lse`` (both of q's dtype).
 
-    ``q_scaled`` is q times the softmax scale times log2(e): the scores come out of the GEMM
-    ready for ``exp2``, with no pass over the tile to scale them. K/V head h // group_size serves
+    Each task multiplies its query tile by ``q_factor`` (the softmax scale times log2(e)) once:
+    the scores then come out of the GEMM ready for ``exp2``, with no pass over a score tile to
+    scale them, and no scaled copy of all of q is made before the kernel (4 of a small call's
+    ~50 us). K/V head h // group_size serves
     query head h (GQA). A query tile visits only the key blocks its rows can see (causal, window)
     and that the block mask keeps; a row's score work beyond the GEMM is a column range, plus
     ``_feature_row`` when a feature touches single scores.
@@ -454,7 +456,7 @@ def forward(q_scaled, k, v, out, lse, feat, block_q, block_k, key_splits):
     With ``key_splits > 1`` each query tile's key blocks are cut in that many independent tasks
     whose partial results are merged by log-sum-exp afterwards (flash-decoding).
     """
-    batch, heads, total_q, head_dim = q_scaled.shape
+    batch, heads, total_q, head_dim = q.shape
     total_k = k.shape[2]
     sequences = _sequences(feat, batch)
     query_blocks = _ceil_div(_longest(feat.cu_q, total_q, feat.varlen), block_q)
@@ -485,7 +487,7 @@ def forward(q_scaled, k, v, out, lse, feat, block_q, block_k, key_splits):
         scores = np.empty(rows * block_k, out.dtype)
         exponent_bits = np.empty(block_k, np.int32)
         cap_grad = np.empty(block_k, out.dtype)  # unused by the forward
-        q_tile = q_scaled[ab, h, q0 + i0:q0 + i1]
+        q_tile = q[ab, h, q0 + i0:q0 + i1] * q_factor
         for key_block in range(first, last):
             j0 = key_block * block_k
             j1 = min(j0 + block_k, seqlen_k)
