@@ -78,13 +78,21 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", layout="bhnd
                                 attn_mask=attn_mask, alibi_slopes=alibi_slopes, softcap=softcap, block_mask=block_mask,
                                 block_size=block_size, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
                                 dropout_seed=dropout_seed, device=device)
-    # a call with no feature array (every step of most models) is looked up by its arrays' metadata and its
-    # scalar options; tested one by one, not through a dict of the features: this runs on every call
+    # a call is looked up by its arrays' metadata and its scalar options (every step of a model repeats them);
+    # with no feature array (most calls) that is all, tested one by one: this runs on every call
     plain = (attn_mask is None and alibi_slopes is None and block_mask is None and block_size is None
              and key_padding_mask is None and dropout_seed is None and device is None and dropout_p == 0.0)
-    key = _call_key(q, k, v, causal, scale, backend, layout, align, window, softcap) if plain else None
+    key = _call_key(q, k, v, causal, scale, backend, layout, align, window, softcap)
+    if key is not None and not plain:
+        features_key = _features_key(q, attn_mask, alibi_slopes, key_padding_mask, block_mask, block_size, dropout_p,
+                                     device)
+        key = None if features_key is None else (key, features_key)
     call = _PREPARED.get(key) if key is not None else None
     extras = NONE
+    if call is not None and not plain:  # checked once for these shapes; the arrays themselves are new each call
+        extras = inputs.extras_from_arguments(call.spec, attn_mask=attn_mask, alibi_slopes=alibi_slopes,
+                                              key_padding_mask=key_padding_mask, block_mask=block_mask,
+                                              dropout_seed=dropout_seed)
     if call is None:
         # inputs.FEATURE_KEYWORDS names these (tests/api/test_api.py checks that the two agree); spelled out,
         # not read from locals(), which torch.compile cannot trace
@@ -190,6 +198,30 @@ def _call_key(q, k, v, causal, scale, backend, layout, align="top-left", window=
         window = (window, type(window[0]), type(window[1]))
     # the types too: causal=1 hashes like causal=True but must be refused, not served from the cache
     return (metas, causal, scale, backend, layout, type(causal), type(scale), align, window, softcap, type(softcap))
+
+
+def _features_key(q, attn_mask, alibi_slopes, key_padding_mask, block_mask, block_size, dropout_p, device) -> tuple | None:
+    """What the checks and the plan read of a call's features -- the feature arrays' metadata, ``block_size``,
+    ``dropout_p`` and ``device`` -- for feature arrays of q's tensor type (None for any other call, which takes
+    the full path). ``dropout_seed`` is not in it: ``extras_from_arguments`` checks it on every call."""
+    if type(q).__module__.split(".", 1)[0] != "torch":
+        return None  # pyopencl arrays (the other kind _call_key takes): their features take the full path
+    metas = []
+    for x in (attn_mask, alibi_slopes, key_padding_mask, block_mask):
+        if x is None:
+            metas.append(None)
+        elif type(x) is type(q):
+            metas.append((x.shape, x.dtype, x.device, x.requires_grad))
+        else:
+            return None
+    if type(block_size) is tuple:
+        if not all(type(side) is int for side in block_size):
+            return None
+    elif type(block_size) not in (int, type(None)):
+        return None
+    if type(dropout_p) not in (float, int) or type(device) not in _SCALAR_TYPES:
+        return None
+    return (*metas, block_size, type(block_size), dropout_p, device)
 
 
 def _traced(q) -> bool:

@@ -106,14 +106,17 @@ def mask(batch_size: int, q_length: int | None = None, kv_length: int | None = N
     def full():
         return mu.sdpa_mask(**given, allow_is_causal_skip=False, allow_is_bidirectional_skip=False, allow_torch_fix=False)
 
-    if _tracing(attention_mask):  # no tensor's value may be read, nor a tensor type made
-        return full()
-    device = kwargs.get("device") or (cache_position.device if cache_position is not None else "cpu")
+    tracing = _tracing(attention_mask)
+    if tracing and (attention_mask is not None or isinstance(q_offset, torch.Tensor)):
+        return full()  # no tensor's value may be read (the padding's, a static cache's offset), nor a tensor type made
     q_offset = int(q_offset)  # a tensor for static caches
     queries_last = q_offset - kv_offset == kv_length - q_length  # bottom-right alignment
     causal = mask_function is mu.causal_mask_function and local_size is None and allow_is_causal_skip and queries_last
     bidirectional = (mask_function is getattr(mu, "bidirectional_mask_function", None)  # transformers 4.57+
                      and local_size is None and allow_is_bidirectional_skip)
+    if tracing:  # nothing padded: the plain patterns need no mask (the layers' kernels then run without one)
+        return None if causal or bidirectional else full()
+    device = kwargs.get("device") or (cache_position.device if cache_position is not None else "cpu")
     sliding = (local_size is not None and allow_is_causal_skip and queries_last
                and _is_sliding_causal(mask_function, local_size, config, device))
     if not (causal or bidirectional or sliding):

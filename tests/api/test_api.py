@@ -163,6 +163,43 @@ def test_repeated_calls_with_scalar_options_reuse_their_checks_and_keep_them_apa
             assert (a - b).abs().max() > 1e-3
 
 
+def test_repeated_calls_with_feature_arrays_reuse_their_checks_but_read_each_call_s_arrays():
+    """A call with masks (a padded batch: every layer, every step) is served from the cache of checked calls by
+    its arrays' metadata, but each call's own mask values count; a mask of another shape, dtype or one that
+    requires grad is checked afresh (and refused where it must be), never served."""
+    from portattn import api
+
+    api._PREPARED.clear()
+    q, k = torch.randn(2, 2, 5, 16, dtype=torch.float64), torch.randn(2, 2, 7, 16, dtype=torch.float64)
+    paddings = [torch.ones(2, 7, dtype=torch.bool), torch.ones(2, 7, dtype=torch.bool)]
+    paddings[1][0, :3] = False
+    masks = [torch.rand(5, 7) > 0.3, torch.rand(5, 7) > 0.3]
+    for m in masks:
+        m[:, -1] = True
+    for _ in range(2):  # the second round is served from the cache
+        for padding in paddings:
+            got = portattn.attention(q, k, k, causal=True, align="bottom-right", key_padding_mask=padding,
+                                     backend="reference")
+            expected = portattn.attention(q, k, k, attn_mask=_causal_bottom_right(5, 7) & padding[:, None, None, :],
+                                          backend="reference")
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+        for m in masks:
+            expected = torch.nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=m)
+            torch.testing.assert_close(portattn.attention(q, k, k, attn_mask=m, backend="reference"), expected)
+    assert len(api._PREPARED) == 3  # one checked call per mask shape and options: padding, (2, 1, 5, 7), (5, 7)
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        portattn.attention(q, k, k, key_padding_mask=torch.ones(2, 6, dtype=torch.bool), backend="reference")
+    with pytest.raises(ValueError, match="requires grad"):
+        portattn.attention(q, k, k, attn_mask=torch.zeros(5, 7, dtype=torch.float64, requires_grad=True),
+                           backend="reference")
+    with pytest.raises(ValueError, match="dropout_seed"):
+        portattn.attention(q, k, k, attn_mask=masks[0], dropout_p=0.5, backend="reference")
+
+
+def _causal_bottom_right(rows: int, keys: int):
+    return torch.arange(keys)[None, :] <= torch.arange(rows)[:, None] + keys - rows
+
+
 def test_selecting_a_backend_asks_only_the_backends_it_needs(monkeypatch):
     """A named backend is asked alone, and auto asks in priority order until one can run the call: another
     backend's reasons can cost a plan of its own (opencl's took milliseconds), on every new shape. Every

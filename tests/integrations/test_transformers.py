@@ -190,6 +190,30 @@ def test_mask_function_means_what_sdpa_mask_means(case):
         assert type(result).padded == (not bool(result.as_subclass(torch.Tensor).all()))
 
 
+@pytest.mark.parametrize("case", MASK_CASES)
+@pytest.mark.parametrize("padding_given", [False, True])
+def test_mask_function_while_traced_reads_no_value(case, padding_given, monkeypatch):
+    """Under torch.compile no tensor value may be read: with no attention_mask given, the plain causal and
+    bidirectional patterns still need no mask (so the compiled layers run the kernels without one, as SDPA's
+    do); every other call gets transformers' own 4-D mask -- and means what sdpa_mask means either way."""
+    function, causal, window, q_length, kv_length, q_offset, kv_offset, padded, form = MASK_CASES[case]
+    padding = torch.ones(2, q_offset + q_length, dtype=torch.bool) if padding_given else None
+    arguments = dict(batch_size=2, **_positions(q_length, q_offset), kv_length=kv_length, kv_offset=kv_offset,
+                     mask_function=function, attention_mask=padding, local_size=window if window else None,
+                     allow_is_causal_skip=causal, allow_is_bidirectional_skip=not causal,
+                     config=transformers.MistralConfig(sliding_window=window))
+    monkeypatch.setattr(integration, "_tracing", lambda tensor: True)
+    result = integration.mask(**arguments)
+    plain = not padding_given and window is None and form in ("None", "padding") and q_offset - kv_offset == kv_length - q_length
+    assert (result is None) == plain, result
+    if result is not None:
+        assert result.ndim == 4 and type(result) is torch.Tensor
+    expected = masking_utils.sdpa_mask(**{**arguments, "allow_is_causal_skip": False,
+                                          "allow_is_bidirectional_skip": False})
+    got = _dense(result, 2, q_length, kv_length, causal)
+    assert torch.equal(got, expected.expand_as(got))
+
+
 # --- models ---
 
 def test_bert_padded_batch_and_from_pretrained(name, tmp_path):
