@@ -13,7 +13,7 @@ import sys
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import arrays
 from .backends import Backend
@@ -29,6 +29,9 @@ class PreparedCall:
     spec: AttentionSpec
     backend: Backend
     plan: TilePlan
+    # the passes ("forward", "backward") that have run once: their first-call notice is done (kept on the call,
+    # not by its id in a global set, where a new call could take a freed one's id and its notice)
+    ran: set = field(default_factory=set, init=False, compare=False, repr=False)
 
     def _to_backend(self, *xs):
         convert = self._converters[0]
@@ -88,7 +91,7 @@ class PreparedCall:
         """(``run`` -- the backend's forward or forward_output -- on the backend's arrays, whether its result is
         already the caller's): torch tensors to a torch backend, after the first call, have nothing to convert
         and no notice to arm."""
-        if self._same_arrays and (id(self), "forward") in _RUN:
+        if self._same_arrays and "forward" in self.ran:
             return run(q, k, v, self.spec, self.plan, self._extras_to_backend(extras)), True
         with _first_call_notice(self, "forward"):
             return run(*self._to_backend(q, k, v), self.spec, self.plan, self._extras_to_backend(extras)), False
@@ -106,9 +109,6 @@ class PreparedCall:
         return tuple(self._to_caller(g, self.spec.dtype) for g in grads)
 
 
-# (id of a prepared call, pass) pairs that have run once; a prepared call lives in api's cache, so its id is stable
-_RUN: set[tuple[int, str]] = set()
-_RUN_MAX = 1 << 16  # a model decoding meets a new shape every step: forget old ids rather than grow without end
 NOTICE_AFTER_S = 1.0
 
 
@@ -120,8 +120,7 @@ def _first_call_notice(call: PreparedCall, what: str):
     (once per configuration; numba and Triton keep them on disk). Printed only when the first call of
     a prepared call is still running after ``NOTICE_AFTER_S``, so warm and cached starts stay quiet;
     later calls pay one set lookup."""
-    key = (id(call), what)
-    return _QUIET if key in _RUN else _timed_notice(call, what, key)
+    return _QUIET if what in call.ran else _timed_notice(call, what)
 
 
 class _Watch:
@@ -175,7 +174,7 @@ _WATCH = _Watch()
 
 
 @contextlib.contextmanager
-def _timed_notice(call: PreparedCall, what: str, key: tuple[int, str]):
+def _timed_notice(call: PreparedCall, what: str):
     token = _WATCH.arm(lambda: (
         f"portattn: the first {call.backend.name} {what} for {call.spec.label()} has taken over {NOTICE_AFTER_S:g} s: "
         f"{call.backend.name} compiles its kernels on first use (once per configuration) ..."))
@@ -183,6 +182,4 @@ def _timed_notice(call: PreparedCall, what: str, key: tuple[int, str]):
         yield
     finally:
         _WATCH.disarm(token)
-        if len(_RUN) >= _RUN_MAX:
-            _RUN.clear()
-        _RUN.add(key)
+        call.ran.add(what)

@@ -27,7 +27,7 @@ weight with probability 1 - p and scales it by 1 / (1 - p); the LSE is that of t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -43,12 +43,16 @@ class Extras:
 
     def arrays(self) -> dict[str, Any]:
         """The array fields that are set, by name."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name != "dropout_seed" and getattr(self, f.name) is not None}
+        return {name: x for name in ARRAY_FIELDS if (x := getattr(self, name)) is not None}
 
     def map_arrays(self, convert) -> "Extras":
-        """The same extras with every array passed through ``convert`` (e.g. to a backend's kind)."""
-        return replace(self, **{name: convert(x) for name, x in self.arrays().items()})
+        """The same extras with every array passed through ``convert`` (e.g. to a backend's kind). Built field by
+        field, not by ``dataclasses.replace`` (which reads ``fields()``): a masked call runs this every time."""
+        return Extras(*(None if (x := getattr(self, name)) is None else convert(x) for name in ARRAY_FIELDS),
+                      dropout_seed=self.dropout_seed)
+
+
+ARRAY_FIELDS = tuple(f.name for f in fields(Extras) if f.name != "dropout_seed")  # in field order
 
 
 NONE = Extras()
