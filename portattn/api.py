@@ -225,15 +225,17 @@ def _features_key(q, attn_mask, alibi_slopes, key_padding_mask, block_mask, bloc
 
 
 def _traced(q) -> bool:
-    """True when ``q`` is a torch tensor that torch.compile or torch.export is tracing, or a tensor subclass
-    (a fake or functional tensor): then the call goes through the custom op ``portattn::attention_forward``."""
+    """True when ``q`` is a torch tensor that torch.compile or torch.export is tracing, a tensor subclass
+    (a fake or functional tensor) or a meta tensor: then the call goes through the custom op
+    ``portattn::attention_forward``, whose fake implementation checks the call and gives the results' shapes."""
     # a class defined in torch (torch.Tensor, Parameter, FakeTensor, ...): read off the type, which Dynamo
     # folds to a constant (not sys.modules: Dynamo would guard on that dict)
     if type(q).__module__.split(".", 1)[0] != "torch":
         return False
     import torch  # a torch tensor exists: torch is imported already
 
-    return torch.compiler.is_compiling() or type(q) is not torch.Tensor and type(q) is not torch.nn.Parameter
+    return (torch.compiler.is_compiling() or type(q) is not torch.Tensor and type(q) is not torch.nn.Parameter
+            or q.device.type == "meta")  # shapes only (a model on the meta device): the op's fake implementation
 
 
 def _grad_enabled() -> bool:

@@ -36,6 +36,7 @@ from . import dispatch, inputs
 from .autograd import NOT_TWICE
 from .call import PreparedCall
 from .extras import NONE
+from .spec import AttentionSpec
 
 MASKS = ("attn_mask", "alibi_slopes", "key_padding_mask", "block_mask")
 # the scalar options of the operators, in schema order after q, k, v and the masks
@@ -155,6 +156,13 @@ def prepared(q, k, v, masks, options):
 
 def _prepare(q, k, v, masks, options) -> PreparedCall:
     """Every check of the call (as ``portattn.attention`` makes them), its backend and plan."""
+    spec = _spec(q, k, v, masks, options)
+    chosen = dispatch.select(spec, options[2])
+    return PreparedCall(spec, chosen, chosen.plan(spec))
+
+
+def _spec(q, k, v, masks, options) -> AttentionSpec:
+    """The checks of the call that read no backend (all of them on the meta device, where none runs)."""
     (causal, scale, backend, layout, align, window, softcap, block_size, dropout_p, dropout_seed, device,
      requires_grad, _) = options
     dispatch.check_name(backend)
@@ -167,8 +175,7 @@ def _prepare(q, k, v, masks, options) -> PreparedCall:
         dropout_seed=dropout_seed, device=device, **dict(zip(MASKS, masks)))
     if spec.requires_grad != requires_grad:
         spec = spec.with_(requires_grad=requires_grad)
-    chosen = dispatch.select(spec, backend)
-    return PreparedCall(spec, chosen, chosen.plan(spec))
+    return spec
 
 
 def _check_traced(q, k, v, masks, options) -> None:
@@ -178,7 +185,7 @@ def _check_traced(q, k, v, masks, options) -> None:
     concrete = concrete and not any(isinstance(value, torch.SymInt) for value in options) and not any(
         isinstance(side, torch.SymInt) for value in (options[5], options[7]) if value is not None for side in value)
     if concrete:
-        _prepare(q, k, v, masks, options)
+        (_spec if q.device.type == "meta" else _prepare)(q, k, v, masks, options)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -164,3 +164,22 @@ def test_repeated_plain_calls_take_the_direct_path_and_keep_every_argument():
     torch.testing.assert_close(portattn.scaled_dot_product_attention(q, k, v, mask, backend="numba"), expected,
                                atol=2e-5, rtol=0)
     assert len(sdpa._DIRECT) == len(calls) + 1
+
+
+def test_meta_tensors_give_shapes_and_the_same_errors():
+    """On the meta device (shape inference, a model built there) nothing is computed: the results' shapes
+    come from the custom op's fake implementation, gradients too, and a bad call is refused as on a real
+    device -- as torch's SDPA does for meta tensors."""
+    q = torch.empty(2, 4, 8, 16, device="meta")
+    k = torch.empty(2, 2, 11, 16, device="meta", requires_grad=True)
+    out = portattn.scaled_dot_product_attention(q, k, k, enable_gqa=True)
+    assert out.shape == F.scaled_dot_product_attention(q, k, k, enable_gqa=True).shape and out.device.type == "meta"
+    out, lse = portattn.attention(q, k, k, causal=True, return_lse=True)
+    assert (out.shape, lse.shape) == ((2, 4, 8, 16), (2, 4, 8))
+    out.sum().backward()
+    assert k.grad.shape == k.shape and k.grad.device.type == "meta"
+    assert portattn.scaled_dot_product_attention(q[..., :8], q[..., :8], q).shape == (2, 4, 8, 16)  # Ev != E
+    with pytest.raises(ValueError, match="head dim"):
+        portattn.attention(q, torch.empty(2, 4, 8, 32, device="meta"), q)
+    with pytest.raises(RuntimeError, match="enable_gqa"):
+        portattn.scaled_dot_product_attention(q, k, k)
