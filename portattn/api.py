@@ -200,7 +200,8 @@ def _call_key(q, k, v, causal, scale, backend, layout, align="top-left", window=
     return (metas, causal, scale, backend, layout, type(causal), type(scale), align, window, softcap, type(softcap))
 
 
-def _features_key(q, attn_mask, alibi_slopes, key_padding_mask, block_mask, block_size, dropout_p, device) -> tuple | None:
+def _features_key(q, attn_mask, alibi_slopes, key_padding_mask, block_mask, block_size, dropout_p,
+                  device) -> tuple | None:
     """What the checks and the plan read of a call's features -- the feature arrays' metadata, ``block_size``,
     ``dropout_p`` and ``device`` -- for feature arrays of q's tensor type (None for any other call, which takes
     the full path). ``dropout_seed`` is not in it: ``extras_from_arguments`` checks it on every call."""

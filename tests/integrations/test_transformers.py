@@ -204,7 +204,8 @@ def test_mask_function_while_traced_reads_no_value(case, padding_given, monkeypa
                      config=transformers.MistralConfig(sliding_window=window))
     monkeypatch.setattr(integration, "_tracing", lambda tensor: True)
     result = integration.mask(**arguments)
-    plain = not padding_given and window is None and form in ("None", "padding") and q_offset - kv_offset == kv_length - q_length
+    queries_last = q_offset - kv_offset == kv_length - q_length
+    plain = not padding_given and window is None and form in ("None", "padding") and queries_last
     assert (result is None) == plain, result
     if result is not None:
         assert result.ndim == 4 and type(result) is torch.Tensor

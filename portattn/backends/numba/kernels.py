@@ -448,9 +448,10 @@ def forward(q, k, v, out, lse, feat, q_factor, block_q, block_k, key_splits):
     Each task multiplies its query tile by ``q_factor`` (the softmax scale times log2(e)) once:
     the scores then come out of the GEMM ready for ``exp2``, with no pass over a score tile to
     scale them, and no scaled copy of all of q is made before the kernel (4 of a small call's
-    ~50 us). K/V head h // group_size serves query head h (GQA). A query tile visits only the key blocks its rows can see (causal, window)
-    and that the block mask keeps; a row's score work beyond the GEMM is a column range, plus
-    ``_feature_row`` when a feature touches single scores.
+    ~50 us). K/V head h // group_size serves query head h (GQA). A query tile visits only the
+    key blocks its rows can see (causal, window) and that the block mask keeps; a row's score
+    work beyond the GEMM is a column range, plus ``_feature_row`` when a feature touches single
+    scores.
 
     With ``key_splits > 1`` each query tile's key blocks are cut in that many independent tasks
     whose partial results are merged by log-sum-exp afterwards (flash-decoding).
