@@ -543,9 +543,18 @@ def test_repeated_calls_skip_the_jit_on_a_gpu(triton_backend, monkeypatch):
     assert jitted == [], f"these launches went through Triton's JIT again: {jitted}"
 
 
+def _left_padding(n_k: int):
+    """(2, n_k) key padding: sequence 1 left-padded by 9 keys, both with a few holes (True = a real key)."""
+    padding = torch.rand(2, n_k, generator=torch.Generator().manual_seed(3)) > 0.1
+    padding[1, :9] = False
+    padding[:, -1] = True
+    return padding
+
+
 @pytest.mark.parametrize("n_q, n_k, kv_heads, causal, kwargs", [
     (1, 301, 2, True, {}), (3, 77, 4, True, {"softcap": 10.0}), (16, 130, 1, True, {"window": (7, 0)}),
-    (5, 53, 2, False, {}),
+    (5, 53, 2, False, {}), (1, 90, 2, True, {"key_padding_mask": _left_padding(90)}),
+    (4, 700, 1, True, {"key_padding_mask": _left_padding(700)}),
 ])
 def test_few_query_calls_run_the_decode_kernel_forward_and_backward(triton_backend, monkeypatch, n_q, n_k, kv_heads,
                                                                     causal, kwargs):

@@ -47,9 +47,10 @@ def takes(spec) -> bool:
     """True when ``attention`` should run ``spec`` through the decode kernel: few queries per sequence (at most
     ``MAX_QUERIES``: decoding, speculative steps), which it packs with the query heads of their KV group so each
     K/V row is read once for the group, with its key splits merged by a kernel; and features it has (causal,
-    window and ALiBi bottom-right aligned, as it places queries -- or without a position rule --, softcap).
-    Masks, key padding, dropout, varlen and block sparsity take the prefill kernel."""
-    return (0 < spec.seqlen_q <= MAX_QUERIES and spec.mask is None and not spec.key_padding and not spec.varlen
+    window and ALiBi bottom-right aligned, as it places queries -- or without a position rule --,
+    softcap, and a key padding (a padded batch's decoding step). Masks, dropout, varlen and block sparsity take
+    the prefill kernel."""
+    return (0 < spec.seqlen_q <= MAX_QUERIES and spec.mask is None and not spec.varlen
             and spec.block_size is None and not spec.dropout_p
             and (spec.align == "bottom-right" or not (spec.causal or spec.window is not None or spec.alibi)))
 
@@ -89,19 +90,21 @@ def _launch(q, k, v, out, block_table, lengths, cache_rows: int, spec, plan, ext
     # every argument but the caller's tensors (and the page count, read off k_cache's shape) follows from spec,
     # plan and the shapes (out and the partials are fresh allocations): a repeated step relaunches the compiled
     # kernel directly (launch.run), keyed by those tensors; k stands in for the pointers never read
+    padding = extras.key_padding_mask.view(torch.uint8) if spec.key_padding else None  # as the prefill reads it
     callers = [q, k[0], v[0]]
-    for given in (block_table, lengths, extras.alibi_slopes if spec.alibi else None):
+    for given in (block_table, lengths, extras.alibi_slopes if spec.alibi else None, padding):
         if given is not None:
             callers.append(given)
     table = block_table if paged else (lengths if lengths is not None else k[0])
     lengths = lengths if lengths is not None else k[0]
     slopes = extras.alibi_slopes if spec.alibi else k[0]
     slope_strides = slopes.stride() if spec.alibi else (0, 0)
+    padding, padding_strides = (padding, padding.stride()) if padding is not None else (k[0], (0, 0))
     with launch.on_device(q):
         launch.run(
             kernels().decode_kvcache, step.grid,
             ((q, q_strides), k, v, part_out, part_lse, table, table.stride(0), lengths, slopes, *slope_strides,
-             *step.scalars),
+             padding, *padding_strides, *step.scalars),
             step.meta, (spec, step, callers),  # the Step: its plan and constexprs
         )
         if step.splits > 1:
@@ -186,6 +189,7 @@ def _make_step(spec, config: "LaunchConfig", q_shape: tuple, cache_rows: int, pa
     meta = dict(GROUP=spec.group_size, HEAD_DIM=head_dim, BLOCK_M=config.block_q, BLOCK_N=config.block_k,
                 BLOCK_D=block_d, PAGE_SIZE=page_size, CAUSAL=spec.causal, HAS_LEFT=left is not None,
                 HAS_RIGHT=right is not None, SOFTCAP=spec.softcap is not None, ALIBI=spec.alibi,
+                KEY_PADDING=spec.key_padding,
                 IN_PRECISION=launch.precision_for(spec.dtype), HAS_LENGTHS=has_lengths,
                 STORE_LSE=store_lse or splits > 1,  # the splits' LSEs are merged
                 num_warps=config.warps, num_stages=config.stages)

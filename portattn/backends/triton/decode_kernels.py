@@ -13,7 +13,7 @@ uses one or two), so a power of two compiles to shifts; a page that holds whole 
 too) one per key, gathered. Every tile is masked (the keys past this split's end or the sequence's,
 causal and window edges) -- decoding is bound by the bytes it reads, not by that arithmetic -- and
 the scores go through the forward's own ``_scores`` (softcap, ALiBi, causal/window in the log2
-domain, bottom-right aligned on each sequence's length). One split writes O (q's dtype) and the LSE
+domain, bottom-right aligned on each sequence's length, and ``attention``'s key padding). One split writes O (q's dtype) and the LSE
 directly; several write float32 partials that ``decode_merge`` combines in one more launch.
 """
 
@@ -46,16 +46,18 @@ def _cache_rows(table_row, cols, in_range, b, stride_cb, stride_cn, start, num_p
 @triton.jit
 def decode_kvcache(
     Q, K, V, O, LSE, TABLE, stride_table, LENGTHS, SLOPES, stride_slopes_b, stride_slopes_h,
+    KPAD, stride_kpad_b, stride_kpad_j,
     H_KV, N_Q, CAPACITY, NUM_PAGES, qk_scale, KEYS_PER_SPLIT, win_left, win_right, softcap2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, IN_PRECISION: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, STORE_LSE: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, KEY_PADDING: tl.constexpr,
+    IN_PRECISION: tl.constexpr, HAS_LENGTHS: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     """Grid (B * H_kv * row blocks, splits). Q (B, Nq, H, D) and the caches as views (tensor, strides);
     O a (B, Nq, H, D) view with a fifth (split) stride, LSE a (B, H, Nq) one with a fourth; TABLE int32
     (B, max_blocks) (unused when contiguous), LENGTHS int32 (B,) keys per sequence (clamped to [0,
-    CAPACITY]; without HAS_LENGTHS every sequence has CAPACITY); SLOPES (B, H) when ALIBI. Sequence b's
+    CAPACITY]; without HAS_LENGTHS every sequence has CAPACITY); SLOPES (B, H) when ALIBI; KPAD uint8 (B, Nk),
+    nonzero for a real key, when KEY_PADDING (``attention``'s padded batches: a hidden key is -inf). Sequence b's
     L_b keys are cut into ranges of max(KEYS_PER_SPLIT, ceil(L_b / splits)) keys, rounded up to BLOCK_N
     (the decode plan's D2); split s takes the s-th. STORE_LSE=False (one split, a caller that needs O alone):
     the LSE is not written, and LSE may be any pointer."""
@@ -100,7 +102,10 @@ def decode_kvcache(
     if ALIBI:
         slope2 = tl.load(SLOPES + b * stride_slopes_b + head * stride_slopes_h, mask=real, other=0.0)
         slope2 = (slope2.to(tl.float32) * LOG2E)[:, None]
-    S = HeadFeatures(off, win_left, win_right, softcap2, slope2, 0, 0, 0, 0, 0, 0, 0.0, 1.0, 0, 0)
+    kpad = 0
+    if KEY_PADDING:
+        kpad = KPAD + b * stride_kpad_b
+    S = HeadFeatures(off, win_left, win_right, softcap2, slope2, 0, 0, 0, kpad, stride_kpad_j, 0, 0.0, 1.0, 0, 0)
     table_row = TABLE + b * stride_table
     k_head = K + hk * stride_kh + offs_d[None, :] * stride_kd
     v_head = V + hk * stride_vh + offs_d[None, :] * stride_vd
@@ -118,7 +123,7 @@ def decode_kvcache(
         k = tl.load(k_head + k_rows[:, None], mask=kv_mask, other=0.0)
         qk = _mma(q, tl.trans(k), None, IN_PRECISION) * qk_scale
         qk, _t = _scores(qk, query[:, None], cols[None, :], N_Q, hi, S, True, True, CAUSAL, HAS_LEFT, HAS_RIGHT,
-                         SOFTCAP, ALIBI, 0, False)
+                         SOFTCAP, ALIBI, 0, KEY_PADDING)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # a row that sees no key yet: exp2(-inf - 0) = 0, and its running max stays -inf (pinned at 0, later
         # scores below -126 would underflow against it)
