@@ -13,8 +13,9 @@ uses one or two), so a power of two compiles to shifts; a page that holds whole 
 too) one per key, gathered. Every tile is masked (the keys past this split's end or the sequence's,
 causal and window edges) -- decoding is bound by the bytes it reads, not by that arithmetic -- and
 the scores go through the forward's own ``_scores`` (softcap, ALiBi, causal/window in the log2
-domain, bottom-right aligned on each sequence's length, and ``attention``'s key padding). One split writes O (q's dtype) and the LSE
-directly; several write float32 partials that ``decode_merge`` combines in one more launch.
+domain, bottom-right aligned on each sequence's length, and ``attention``'s key padding). One split
+writes O (q's dtype) and the LSE directly; several write float32 partials that ``decode_merge``
+combines in one more launch.
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ def decode_kvcache(
     """Grid (B * H_kv * row blocks, splits). Q (B, Nq, H, D) and the caches as views (tensor, strides);
     O a (B, Nq, H, D) view with a fifth (split) stride, LSE a (B, H, Nq) one with a fourth; TABLE int32
     (B, max_blocks) (unused when contiguous), LENGTHS int32 (B,) keys per sequence (clamped to [0,
-    CAPACITY]; without HAS_LENGTHS every sequence has CAPACITY); SLOPES (B, H) when ALIBI; KPAD uint8 (B, Nk),
-    nonzero for a real key, when KEY_PADDING (``attention``'s padded batches: a hidden key is -inf). Sequence b's
-    L_b keys are cut into ranges of max(KEYS_PER_SPLIT, ceil(L_b / splits)) keys, rounded up to BLOCK_N
+    CAPACITY]; without HAS_LENGTHS every sequence has CAPACITY); SLOPES (B, H) when ALIBI; KPAD uint8
+    (B, Nk), nonzero for a real key, when KEY_PADDING (``attention``'s padded batches: a hidden key is
+    -inf). Sequence b's L_b keys are cut into ranges of max(KEYS_PER_SPLIT, ceil(L_b / splits)) keys, rounded up to BLOCK_N
     (the decode plan's D2); split s takes the s-th. STORE_LSE=False (one split, a caller that needs O alone):
     the LSE is not written, and LSE may be any pointer."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
