@@ -41,7 +41,7 @@ import sys
 import numpy as np
 
 from . import arrays
-from .api import attention
+from .api import _call_key, _traced, attention
 from .backends import registry
 
 _MIN_HEAD_DIM_OF_ANY = 16  # no backend asks for a larger smallest head dim (Triton's is 16)
@@ -71,20 +71,15 @@ _DIRECT_MAX = 1024
 
 
 def _direct_key(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend) -> tuple | None:
-    """What the mapping of a torch call without mask or dropout depends on; None for any other call (and while
-    torch.compile traces, which must not read a dict of shapes)."""
+    """What the mapping of a call without mask or dropout depends on: ``attention``'s own call key (its arrays'
+    metadata and scalar options) and ``enable_gqa``; None for any other call, and while torch.compile traces
+    (which must not read a dict of shapes)."""
     if attn_mask is not None or not (type(dropout_p) is float or type(dropout_p) is int) or dropout_p != 0:
         return None
-    tensor = getattr(sys.modules.get("torch"), "Tensor", None)
-    if tensor is None or type(query) is not tensor or type(key) is not tensor or type(value) is not tensor:
-        return None  # other arrays, parameters and fake or traced tensors take the full path
-    if sys.modules["torch"].compiler.is_compiling():
+    if type(enable_gqa) is not bool or _traced(query):
         return None
-    if not (type(is_causal) is bool and type(enable_gqa) is bool and type(scale) in (float, int, type(None))
-            and type(backend) is str):
-        return None
-    return (query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
-            value.device, is_causal, scale, type(scale), enable_gqa, backend)
+    call_key = _call_key(query, key, value, is_causal, scale, backend, "bhnd")
+    return None if call_key is None else (call_key, enable_gqa)
 
 
 def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, direct=None):
