@@ -281,3 +281,68 @@ def test_blas_threads_are_limited_only_where_a_tile_gemm_could_start_them(usable
         want, _ = reference.attention_forward(q, k, v, scale=0.125, causal=True)
         np.testing.assert_allclose(out, want, atol=2e-5)
     assert asked == [False, True]
+
+
+def _mkl_or_skip():
+    from portattn.backends.numba import blas
+
+    chosen = blas.chosen()
+    if not chosen.bfloat16:
+        pytest.skip(f"the numba kernels' BLAS here is {chosen.name}, with no bfloat16 GEMM: bfloat16 is computed in float32")
+    return chosen
+
+
+@pytest.mark.parametrize("shape, causal", [((2, 4, 77, 64), True), ((1, 2, 300, 128), False)], ids=["d64-causal", "d128"])
+def test_bfloat16_tiles_multiply_in_bfloat16_as_accurately_as_torch(usable_backend, shape, causal):
+    """Where MKL is in the process (torch's CPU library), bfloat16 calls keep their bits (no widened copy)
+    and multiply tiles in bfloat16: O and the gradients are as close to float64 as torch's own bfloat16
+    SDPA is, and the calling thread's MKL setting (what torch's matmuls use next) is left as it was."""
+    usable_backend("numba")
+    _mkl_or_skip()
+    import ctypes
+    import os
+
+    from portattn.backends.numba import launch
+
+    spec = AttentionSpec(batch=1, heads=1, seqlen_q=4, seqlen_k=4, head_dim=64, dtype="bfloat16")
+    bits = np.zeros((1, 1, 4, 64), np.uint16)
+    assert launch.bfloat16_products(spec) and launch.product_operand(bits, spec) is bits
+    rng = _rng(7)
+    q, k, v = (_tensor(rng.standard_normal(shape) * 2, torch.bfloat16, grad=True) for _ in range(3))
+    grad = _tensor(rng.standard_normal(shape), torch.bfloat16)
+    exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(*exact, is_causal=causal)
+    want = (want, *torch.autograd.grad(want, exact, grad.double()))
+    peer = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    peer = (peer, *torch.autograd.grad(peer, (q, k, v), grad))
+    got = portattn.attention(q, k, v, causal=causal, backend="numba")
+    got = (got, *torch.autograd.grad(got, (q, k, v), grad))
+    for name, g, p, w in zip(("out", "dq", "dk", "dv"), got, peer, want):
+        ours, theirs = _max_error(g, w), _max_error(p, w)
+        assert ours <= 2 * theirs + 1e-3, f"{name}: portattn {ours:.2e} against torch's bfloat16 {theirs:.2e}"
+    library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    assert library.MKL_Set_Num_Threads_Local(0) == 0, "a kernel left this thread's MKL threads set"
+
+
+def test_openblas_can_be_chosen_instead_and_computes_bfloat16_in_float32(usable_backend):
+    """``PORTATTN_NUMBA_BLAS=openblas`` (read once per process) makes the kernels call SciPy's OpenBLAS: bfloat16
+    is then widened to float32, and the answers still match the reference."""
+    usable_backend("numba")
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np, torch, portattn
+from portattn import reference
+from portattn.backends.numba import blas
+q, k, v = (torch.randn(1, 2, 50, 32, dtype=torch.bfloat16) for _ in range(3))
+out = portattn.attention(q, k, v, causal=True, backend="numba")
+want, _ = reference.attention_forward(*(x.double().numpy() for x in (q, k, v)), scale=32 ** -0.5, causal=True)
+print(blas.chosen().name, float(np.abs(out.double().numpy() - want).max()))
+"""
+    env = dict(os.environ, PORTATTN_NUMBA_BLAS="openblas")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    name, error = done.stdout.split()[-3:-1], float(done.stdout.split()[-1])
+    assert name == ["openblas", "(scipy)"] and error < 2e-2, done.stdout

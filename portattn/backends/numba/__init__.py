@@ -1,9 +1,12 @@
 """``numba``: FlashAttention-2 on the CPU, compiled by Numba (kernels in kernels.py, their arguments made in launch.py).
 
 Executes the planner's CPU plan: tile sizes, worker threads and key splits come from the plan; the
-kernels never choose them. float16/bfloat16 inputs are widened to float32 (a linear-size copy, made by
-serial numba loops: operands.py) and computed there, bfloat16 results narrowed back the same way; float64
-inputs are computed in float64.
+kernels never choose them. Tile products run in the BLAS that blas.py finds: MKL where the process has it
+(torch's CPU library), else SciPy's OpenBLAS. With MKL, bfloat16 inputs stay bfloat16 and their products
+run as bf16 GEMMs with float32 sums (P and dS rounded to bfloat16 for theirs, as on GPUs); otherwise
+float16/bfloat16 inputs are widened to float32 (a linear-size copy, made by serial numba loops:
+operands.py) and computed there. bfloat16 results are narrowed back the same way; float64 inputs are
+computed in float64.
 
 Every feature runs in the same kernels, described to them by one ``Features`` tuple (``_features``):
 the feature arrays are handed over read-only and C-contiguous in fixed dtypes, with broadcast axes
@@ -38,7 +41,7 @@ FEATURE_NOTES = {
 @register
 class NumbaBackend(Backend):
     name = "numba"
-    summary = "CPUs: tiled FlashAttention-2 compiled by Numba, parallel over batch x heads x blocks, tile GEMMs in BLAS"
+    summary = "CPUs: tiled FlashAttention-2 compiled by Numba, parallel over batch x heads x blocks, tile GEMMs in MKL or OpenBLAS"
     extra = "numba"
     compute_kind = "numpy"
     # widened and narrowed by serial numba loops: torch's conversions contend with numba's pool (operands.py)
@@ -49,7 +52,8 @@ class NumbaBackend(Backend):
         max_head_dim=1024,
         features=frozenset(FEATURE_NOTES),
         feature_notes=FEATURE_NOTES,
-        notes=("float16 and bfloat16 inputs are computed in float32", "float64 inputs are computed in float64"),
+        notes=(("bfloat16 tile products run in bfloat16 (float32 sums) where MKL is loaded (torch's CPU library), "
+                "else in float32"), "float16 inputs are computed in float32", "float64 inputs are computed in float64"),
         kvcache="decode.py: a task per (sequence, key split) streams every KV head's cache rows in place (pages through "
                 "the block table), each row shared by its group's query heads; splits merged by LSE",
     )
@@ -67,7 +71,7 @@ class NumbaBackend(Backend):
 
     def forward(self, q, k, v, spec, plan, extras):
         dtype = launch.compute_dtype(spec)
-        q_wide, k_wide, v_wide = launch.operand(q, spec), launch.operand(k, spec), launch.operand(v, spec)
+        q_wide, k_wide, v_wide = (launch.product_operand(x, spec) for x in (q, k, v))
         out = np.empty(q.shape, dtype)
         lse = np.empty(q.shape[:3], dtype)
         features = launch.features(spec, extras, dtype)
@@ -79,8 +83,11 @@ class NumbaBackend(Backend):
     def backward(self, grad_out, q, k, v, out, lse, spec, plan, extras):
         dtype = launch.compute_dtype(spec)
         delta = launch.row_dots(grad_out, out, spec)  # rowsum(dO * O), the softmax-Jacobian term (dropout too)
-        q_scaled = launch.operand(q, spec, launch.log2_scale(spec))
-        do, q_wide, k_wide, v_wide = (launch.operand(x, spec) for x in (grad_out, q, k, v))
+        do, q_wide, k_wide, v_wide = (launch.product_operand(x, spec) for x in (grad_out, q, k, v))
+        if launch.bfloat16_products(spec):  # the score GEMM scales (bf16 q scaled and rounded again would lose bits)
+            q_scaled, q_factor = q_wide, dtype(launch.log2_scale(spec))
+        else:
+            q_scaled, q_factor = launch.operand(q, spec, launch.log2_scale(spec)), dtype(1.0)
         lse = np.ascontiguousarray(lse, dtype=dtype)
         dq, dk, dv = np.zeros(q.shape, dtype), np.empty(k.shape, dtype), np.empty(v.shape, dtype)
         kernels = launch.kernels()
@@ -90,13 +97,13 @@ class NumbaBackend(Backend):
         key_blocks = -(-spec.seqlen_k // block_k)
         with launch.run_with(plan.threads, blas=launch.blas_may_thread(block_q, block_k, spec.head_dim)):
             if plan.backward.dq_separate:
-                kernels.backward_key_pass(q_wide, q_scaled, k_wide, v_wide, do, lse, delta, dq, dk, dv, scale,
-                                          features, block_q, block_k, 1, False)
-                kernels.backward_query_pass(q_scaled, k_wide, v_wide, do, lse, delta, dq, scale, features,
+                kernels.backward_key_pass(q_wide, q_scaled, q_factor, k_wide, v_wide, do, lse, delta, dq, dk, dv,
+                                          scale, features, block_q, block_k, 1, False)
+                kernels.backward_query_pass(q_scaled, q_factor, k_wide, v_wide, do, lse, delta, dq, scale, features,
                                             block_q, block_k)
             else:  # a task owns all of a K/V head's key blocks, so it may add into that group's dQ rows
-                kernels.backward_key_pass(q_wide, q_scaled, k_wide, v_wide, do, lse, delta, dq, dk, dv, scale,
-                                          features, block_q, block_k, max(1, key_blocks), True)
+                kernels.backward_key_pass(q_wide, q_scaled, q_factor, k_wide, v_wide, do, lse, delta, dq, dk, dv,
+                                          scale, features, block_q, block_k, max(1, key_blocks), True)
         return tuple(launch.returned(g, q) for g in (dq, dk, dv))
 
     def decode_kvcache(self, q, k_cache, v_cache, block_table, lengths, spec, plan, extras):

@@ -4,9 +4,9 @@ sparsity, key padding, packed sequences, key splits, dropout).
 
 Each parallel task owns one tile of rows (``prange`` over batch x heads x blocks), streams the other
 operand through in blocks, and keeps only tile-sized scratch: memory is linear in N. The GEMMs on
-tiles go through BLAS (``np.dot`` with an ``out`` buffer, which numba lowers to sgemm/dgemm); the
-softmax runs in log2 space with the scale folded in, as the GPU kernels do, so one ``exp2`` per
-score. State names follow the other backends: ``m_i`` (running max), ``l_i`` (running sum),
+tiles go through the BLAS that blas.py chose (``gemm``: MKL's or OpenBLAS's sgemm, numba's dgemm, MKL's
+bf16 GEMM for bfloat16 bits); the softmax runs in log2 space with the scale folded in, as the GPU
+kernels do, so one ``exp2`` per score. State names follow the other backends: ``m_i`` (running max), ``l_i`` (running sum),
 ``acc`` (unnormalized output).
 
 Features cost nothing where they do not act. Causality and windows become key ranges: a tile visits
@@ -19,8 +19,9 @@ change single scores (softcap, ALiBi, attn_mask, key padding) take a per-row pas
 same mask without storing it. Masked scores inside a visited row are -inf; float32's fast ``exp2``
 turns them into 2**-125 (~1e-38) rather than 0, far below float32's resolution.
 
-Callers must run these with BLAS limited to one thread (see launch.py): numba's worker threads
-already use every core, and a multi-threaded BLAS inside each of them oversubscribes the machine.
+BLAS runs single-threaded inside the tasks: numba's worker threads already use every core, and a
+multi-threaded BLAS inside each of them oversubscribes the machine. MKL is set per task
+(``blas_threads_local``); OpenBLAS, which has no per-thread setting, is limited by the caller (launch.py).
 """
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ from llvmlite import ir
 from numba.extending import intrinsic, overload
 from numba.np.linalg import ensure_blas
 
+from . import blas
 from .operands import float32_from_bits
 
-ensure_blas()  # numba's BLAS helper (``gemm`` calls it as np.dot does) finds SciPy's BLAS
+ensure_blas()  # numba's BLAS helper (``gemm`` calls it for float64 as np.dot does) finds SciPy's BLAS
+blas.chosen()  # binds the names the float32 and bfloat16 products call
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -84,65 +87,97 @@ def row_max(row, lo, hi):
 @intrinsic
 def gemm(typingctx, a, b, c, transpose_a, transpose_b, alpha, beta):
     """``c = alpha * op(a) @ op(b) + beta * c``, op(x) = x.T where ``transpose_x``, on 2-D row-major arrays whose rows
-    are contiguous (any row stride: slices of bigger tiles), through the BLAS numba's own ``np.dot``
-    calls (SciPy's). Unlike ``np.dot(a, b, out)`` it accumulates (``beta`` = 1: no product tile and no
-    pass to add it) and scales in the product. Shapes are the caller's to get right."""
+    are contiguous (any row stride: slices of bigger tiles), through the BLAS of blas.py: float32 by its
+    SGEMM (MKL's or OpenBLAS's), float64 by numba's own helper (as ``np.dot``), and bfloat16 bits (uint16
+    ``a`` and ``b``, float32 ``c``) by MKL's bf16 x bf16 -> float32 GEMM. Unlike ``np.dot(a, b, out)`` it
+    accumulates (``beta`` = 1: no product tile and no pass to add it) and scales in the product. Shapes
+    are the caller's to get right."""
     arrays = (a, b, c)
     if not all(isinstance(x, types.Array) and x.ndim == 2 for x in arrays):
         return None
-    if not (a.dtype == b.dtype == c.dtype and c.dtype in (types.float32, types.float64)):
+    bits = a.dtype == b.dtype == types.uint16 and c.dtype == types.float32
+    if not (bits or a.dtype == b.dtype == c.dtype and c.dtype in (types.float32, types.float64)):
         return None
-    dtype = c.dtype
     signature = types.intc(a, b, c, transpose_a, transpose_b, alpha, beta)
 
     def codegen(context, builder, signature, args):
         from numba.core import cgutils
-        from numba.np.linalg import check_blas_return
 
-        a_value, b_value, c_value, transpose_a_value, transpose_b_value, alpha_value, beta_value = args
         a_arr, b_arr, c_arr = (context.make_array(ty)(context, builder, value)
-                               for ty, value in zip(signature.args[:3], (a_value, b_value, c_value)))
-        item = context.get_constant(types.intp, context.get_abi_sizeof(context.get_data_type(dtype)))
+                               for ty, value in zip(signature.args[:3], args[:3]))
+        intp = context.get_value_type(types.intp)
 
         def shape(arr, axis):
             return cgutils.unpack_tuple(builder, arr.shape, 2)[axis]
 
-        def leading(arr):  # the row stride in elements: the leading dimension of its column-major view
-            row_stride = cgutils.unpack_tuple(builder, arr.strides, 2)[0]
+        def leading(arr, ty):  # the row stride in elements: BLAS's leading dimension
+            item = intp(context.get_abi_sizeof(context.get_data_type(ty.dtype)))
+            row_stride = builder.sdiv(cgutils.unpack_tuple(builder, arr.strides, 2)[0], item)
             cols = shape(arr, 1)
             # a single row may carry any stride; BLAS wants ld >= the row length
-            return builder.select(builder.icmp_signed(">", builder.sdiv(row_stride, item), cols),
-                                  builder.sdiv(row_stride, item), builder.select(
-                                      builder.icmp_signed(">", cols, item.type(1)), cols, item.type(1)))
+            at_least = builder.select(builder.icmp_signed(">", cols, intp(1)), cols, intp(1))
+            return builder.select(builder.icmp_signed(">", row_stride, cols), row_stride, at_least)
 
+        flags = [context.cast(builder, value, ty, types.boolean) for value, ty in zip(args[3:5], signature.args[3:5])]
         rows, cols = shape(c_arr, 0), shape(c_arr, 1)
-        transpose_a_flag = context.cast(builder, transpose_a_value, signature.args[3], types.boolean)
-        inner = builder.select(transpose_a_flag, shape(a_arr, 0), shape(a_arr, 1))
-        char = ir.IntType(8)
-        transpose_a_char = builder.select(transpose_a_flag, char(ord("t")), char(ord("n")))
-        transpose_b_char = builder.select(
-            context.cast(builder, transpose_b_value, signature.args[4], types.boolean),
-            char(ord("t")), char(ord("n")))
-        void_p = ir.IntType(8).as_pointer()
-        intp = context.get_value_type(types.intp)
-        fnty = ir.FunctionType(ir.IntType(32), [char, char, char, intp, intp, intp, void_p, void_p, intp, void_p, intp,
-                                                void_p, void_p, intp])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
-        alpha_slot = cgutils.alloca_once_value(
-            builder, context.cast(builder, alpha_value, signature.args[5], dtype))
-        beta_slot = cgutils.alloca_once_value(
-            builder, context.cast(builder, beta_value, signature.args[6], dtype))
-        kind = char(ord("s" if dtype == types.float32 else "d"))
-        # row-major C = A op(B) is column-major C^T = op(B)^T A^T: B first, then A
-        result = builder.call(fn, (kind, transpose_b_char, transpose_a_char, cols, rows, inner,
-                                   builder.bitcast(alpha_slot, void_p), builder.bitcast(b_arr.data, void_p),
-                                   leading(b_arr), builder.bitcast(a_arr.data, void_p), leading(a_arr),
-                                   builder.bitcast(beta_slot, void_p), builder.bitcast(c_arr.data, void_p),
-                                   leading(c_arr)))
-        check_blas_return(context, builder, result)
-        return result
+        inner = builder.select(flags[0], shape(a_arr, 0), shape(a_arr, 1))
+        lds = [leading(arr, ty) for arr, ty in zip((a_arr, b_arr, c_arr), signature.args[:3])]
+        scalar = context.get_value_type(types.float64 if c.dtype == types.float64 else types.float32)
+        alpha_value, beta_value = (context.cast(builder, value, ty, types.float64 if c.dtype == types.float64 else types.float32)
+                                   for value, ty in zip(args[5:7], signature.args[5:7]))
+        data = [builder.bitcast(arr.data, cgutils.voidptr_t) for arr in (a_arr, b_arr, c_arr)]
+        if bits:
+            _call_gemm_bf16(builder, flags, rows, cols, inner, alpha_value, beta_value, data, lds)
+        else:
+            _call_fortran_gemm(context, builder, c.dtype, scalar, flags, rows, cols, inner, alpha_value, beta_value,
+                               data, lds)
+        return context.get_constant(types.intc, 0)
 
     return signature, codegen
+
+
+def _call_gemm_bf16(builder, flags, rows, cols, inner, alpha, beta, data, lds):
+    """cblas_gemm_bf16bf16f32(RowMajor, op_a, op_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)."""
+    from numba.core import cgutils
+
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [i32] * 6 + [ir.FloatType(), cgutils.voidptr_t, i32, cgutils.voidptr_t, i32,
+                                                      ir.FloatType(), cgutils.voidptr_t, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, blas.GEMM_BF16)
+    ops = [builder.select(flag, i32(112), i32(111)) for flag in flags]  # CblasTrans, CblasNoTrans
+    small = [builder.trunc(x, i32) for x in (rows, cols, inner, *lds)]
+    builder.call(fn, (i32(101), *ops, *small[:3], alpha, data[0], small[3], data[1], small[4], beta, data[2], small[5]))
+
+
+def _call_fortran_gemm(context, builder, dtype, scalar, flags, rows, cols, inner, alpha, beta, data, lds):
+    """Row-major C = op(A) op(B) as the column-major C^T = op(B)^T op(A)^T that Fortran BLAS computes:
+    float32 through blas.py's SGEMM (every argument by pointer), float64 through numba's helper."""
+    from numba.core import cgutils
+    from numba.np.linalg import check_blas_return
+
+    char = ir.IntType(8)
+    op_a, op_b = (builder.select(flag, char(ord("t")), char(ord("n"))) for flag in flags)
+    if dtype == types.float64:
+        intp = context.get_value_type(types.intp)
+        fnty = ir.FunctionType(ir.IntType(32), [char, char, char, intp, intp, intp, cgutils.voidptr_t, cgutils.voidptr_t,
+                                                intp, cgutils.voidptr_t, intp, cgutils.voidptr_t, cgutils.voidptr_t, intp])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
+        slots = [builder.bitcast(cgutils.alloca_once_value(builder, x), cgutils.voidptr_t) for x in (alpha, beta)]
+        result = builder.call(fn, (char(ord("d")), op_b, op_a, cols, rows, inner, slots[0], data[1], lds[1], data[0],
+                                   lds[0], slots[1], data[2], lds[2]))
+        check_blas_return(context, builder, result)
+        return
+    i32 = ir.IntType(32)
+    by_pointer = [cgutils.alloca_once_value(builder, x) for x in
+                  (op_b, op_a, *(builder.trunc(n, i32) for n in (cols, rows, inner)), alpha,
+                   builder.trunc(lds[1], i32), builder.trunc(lds[0], i32), beta, builder.trunc(lds[2], i32))]
+    p_op_b, p_op_a, p_cols, p_rows, p_inner, p_alpha, p_ldb, p_lda, p_beta, p_ldc = by_pointer
+    fnty = ir.FunctionType(ir.VoidType(), [char.as_pointer()] * 2 + [i32.as_pointer()] * 3 + [
+        scalar.as_pointer(), cgutils.voidptr_t, i32.as_pointer(), cgutils.voidptr_t, i32.as_pointer(),
+        scalar.as_pointer(), cgutils.voidptr_t, i32.as_pointer()])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, blas.SGEMM)
+    builder.call(fn, (p_op_b, p_op_a, p_cols, p_rows, p_inner, p_alpha, data[1], p_ldb, data[0], p_lda, p_beta, data[2],
+                      p_ldc))
 
 
 def exp2_shifted(row, shift, exponent_bits):
@@ -185,6 +220,90 @@ def _exp2_shifted_impl(row, shift, exponent_bits):
         return row.sum()
 
     return exp2_generic
+
+
+@intrinsic
+def blas_threads_local(typingctx, threads):
+    """Set this thread's BLAS threads (MKL's per-thread setting: numba's workers must not each start
+    MKL's own pool) and return the previous setting, to restore at the end of the task: the calling
+    thread is one of numba's workers and keeps its setting after the kernel. A no-op under OpenBLAS,
+    which ``launch.run_with`` limits for the whole call (blas.py)."""
+    if not isinstance(threads, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from numba.core import cgutils
+
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [i32]), blas.THREADS_LOCAL)
+        return builder.call(fn, [context.cast(builder, args[0], signature.args[0], types.int32)])
+
+    return types.int32(threads), codegen
+
+
+@intrinsic
+def wide_vectors(typingctx):
+    """Let LLVM vectorize the calling function's loops with 512-bit registers where the CPU has them.
+    Its cost model keeps Intel's AVX-512 cores at 256 bits by default (``prefer-vector-width``, against
+    the clock drop of older Xeons); on the project's Sapphire Rapids the exp2 pass of a 256 x 512 score
+    tile took 38 us in 256-bit vectors, 25 in 512-bit ones. Called inside a ``prange`` body it marks the
+    outlined task function, so only the kernels' loops are affected, never a user's numba code.
+    (llvmlite accepts only flag attributes, hence ``set.add``: an LLVM string attribute is valid IR.)"""
+
+    def codegen(context, builder, signature, args):
+        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@intrinsic
+def _bits_of(typingctx, x):
+    """The uint32 bit pattern of the float32 ``x`` (a register bitcast)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(x), codegen
+
+
+def operand_like(x, tile, scratch):
+    """The float32 ``tile`` as a GEMM with ``x`` takes it: ``tile`` itself, or, when ``x`` holds bfloat16
+    bits, ``tile`` rounded (to nearest even) into bfloat16 bits in ``scratch`` -- P and dS enter the bf16
+    products as the GPU kernels' do, while every sum stays float32."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(operand_like, inline="always")
+def _operand_like_impl(x, tile, scratch):
+    if x.dtype != types.uint16:
+        return lambda x, tile, scratch: tile
+    round_bit, half = np.uint32(1), np.uint32(0x7FFF)
+
+    def narrowed(x, tile, scratch):
+        rows, cols = tile.shape
+        out = scratch[: rows * cols].reshape(rows, cols)
+        for r in range(rows):
+            for c in range(cols):  # arithmetic NaNs (0x7FC00000) stay NaN; the tiles hold no other
+                value = _bits_of(tile[r, c])
+                out[r, c] = np.uint16((value + half + ((value >> np.uint32(16)) & round_bit)) >> np.uint32(16))
+        return out
+
+    return narrowed
+
+
+def bits_scratch(x, size):
+    """Room for a tile of ``size`` bfloat16 bits when ``x`` holds them (``operand_like``), else none."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(bits_scratch, inline="always")
+def _bits_scratch_impl(x, size):
+    if x.dtype != types.uint16:
+        return lambda x, size: np.empty(0, np.uint16)
+    return lambda x, size: np.empty(size, np.uint16)
 
 
 # --- what a call adds to plain attention ---------------------------------------------------------
@@ -445,10 +564,10 @@ def _has_keys(lse):
 def forward(q, k, v, out, lse, feat, q_factor, block_q, block_k, key_splits):
     """O and LSE (natural log) for (B, H, N, D) arrays into ``out``/``lse`` (both of q's dtype).
 
-    Each task multiplies its query tile by ``q_factor`` (the softmax scale times log2(e)) once:
-    the scores then come out of the GEMM ready for ``exp2``, with no pass over a score tile to
-    scale them, and no scaled copy of all of q is made before the kernel (4 of a small call's
-    ~50 us). K/V head h // group_size serves query head h (GQA). A query tile visits only the
+    The score GEMM multiplies by ``q_factor`` (the softmax scale times log2(e)) as it writes: the
+    scores come out ready for ``exp2``, with no pass over a score tile to scale them and no scaled
+    copy of q. q, k and v are float arrays, or bfloat16 bits (uint16, with ``out`` and ``lse``
+    float32) whose products run on blas.py's bf16 GEMM, the weights rounded to bfloat16 for P V. K/V head h // group_size serves query head h (GQA). A query tile visits only the
     key blocks its rows can see (causal, window) and that the block mask keeps; a row's score
     work beyond the GEMM is a column range, plus ``_feature_row`` when a feature touches single
     scores.
@@ -472,6 +591,8 @@ def forward(q, k, v, out, lse, feat, q_factor, block_q, block_k, key_splits):
         i0 = query_block * block_q
         if i0 >= seqlen_q:  # a shorter packed sequence: no such tile
             continue
+        wide_vectors()
+        threads = blas_threads_local(1)
         i1 = min(i0 + block_q, seqlen_q)
         rows = i1 - i0
         ab = 0 if feat.varlen else b  # the arrays' batch index
@@ -487,7 +608,8 @@ def forward(q, k, v, out, lse, feat, q_factor, block_q, block_k, key_splits):
         scores = np.empty(rows * block_k, out.dtype)
         exponent_bits = np.empty(block_k, np.int32)
         cap_grad = np.empty(block_k, out.dtype)  # unused by the forward
-        q_tile = q[ab, h, q0 + i0:q0 + i1] * q_factor
+        weight_bits = bits_scratch(v, rows * block_k)
+        q_tile = q[ab, h, q0 + i0:q0 + i1]
         for key_block in range(first, last):
             j0 = key_block * block_k
             j1 = min(j0 + block_k, seqlen_k)
@@ -497,7 +619,7 @@ def forward(q, k, v, out, lse, feat, q_factor, block_q, block_k, key_splits):
                 continue
             row_pass = feat.row_pass or blocks == BLOCKS_MIXED
             s = scores[: rows * cols].reshape(rows, cols)
-            gemm(q_tile, k[ab, hk, k0 + j0:k0 + j1], s, False, True, 1.0, 0.0)
+            gemm(q_tile, k[ab, hk, k0 + j0:k0 + j1], s, False, True, q_factor, 0.0)
             for r in range(rows):
                 i = i0 + r
                 c_lo, c_hi = _row_columns(feat, i + offset, seqlen_k, j0, cols)
@@ -524,7 +646,8 @@ def forward(q, k, v, out, lse, feat, q_factor, block_q, block_k, key_splits):
                     acc[r] *= alpha
                 if feat.dropout_p > 0.0:  # after l_i: the LSE is that of the undropped weights
                     _dropout_row(row, c_lo, c_hi, feat, b, h, i, j0)
-            gemm(s, v[ab, hk, k0 + j0:k0 + j1], acc, False, False, 1.0, 1.0)  # acc += P V, in the product
+            v_tile = v[ab, hk, k0 + j0:k0 + j1]
+            gemm(operand_like(v_tile, s, weight_bits), v_tile, acc, False, False, 1.0, 1.0)  # acc += P V, in the product
         for r in range(rows):
             at = q0 + i0 + r
             if l_i[r] > 0.0:
@@ -533,6 +656,7 @@ def forward(q, k, v, out, lse, feat, q_factor, block_q, block_k, key_splits):
             else:  # no visible key: zeros and -inf, never NaN
                 part_out[split, ab, h, at] = 0.0
                 part_lse[split, ab, h, at] = -np.inf
+        blas_threads_local(threads)
     if key_splits > 1:
         _merge_splits(part_out, part_lse, out, lse)
 
@@ -565,14 +689,15 @@ def _merge_splits(part_out, part_lse, out, lse):
 
 
 @njit(inline="always")
-def _probabilities_and_ds(q_scaled_tile, k_tile, v_tile, do_tile, lse_log2, has_keys, delta, feat, b, h, i0, j0,
-                          offset, seqlen_k, slope_log2, blocks, p, dp, exponent_bits, cap_grad):
+def _probabilities_and_ds(q_scaled_tile, q_factor, k_tile, v_tile, do_tile, lse_log2, has_keys, delta, feat, b, h, i0,
+                          j0, offset, seqlen_k, slope_log2, blocks, p, dp, exponent_bits, cap_grad):
     """Recompute P = exp2(scores - LSE * log2e) for one tile (the forward's scores: same column
     ranges, same ``_feature_row``), then dS = P * (dP - delta) into ``dp``, times softcap's
     derivative. With dropout, dP is masked and scaled as the forward's weights were and ``p`` ends
-    up holding the dropped weights (what dV takes), while dS uses the undropped ones."""
+    up holding the dropped weights (what dV takes), while dS uses the undropped ones. The scores are
+    ``q_factor`` * ``q_scaled_tile`` K^T (see ``backward_key_pass``)."""
     rows, cols = p.shape
-    gemm(q_scaled_tile, k_tile, p, False, True, 1.0, 0.0)
+    gemm(q_scaled_tile, k_tile, p, False, True, q_factor, 0.0)
     gemm(do_tile, v_tile, dp, False, True, 1.0, 0.0)
     row_pass = feat.row_pass or blocks == BLOCKS_MIXED
     for r in range(rows):
@@ -622,7 +747,7 @@ def _load_lse(lse, ab, h, at, rows, lse_log2, has_keys):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def backward_key_pass(q, q_scaled, k, v, do, lse, delta, dq, dk, dv, scale, feat, block_q, block_k,
+def backward_key_pass(q, q_scaled, q_factor, k, v, do, lse, delta, dq, dk, dv, scale, feat, block_q, block_k,
                       key_blocks_per_task, accumulate_dq):
     """dK, dV (and dQ when ``accumulate_dq``) for (B, H, N, D) arrays; ``delta`` = rowsum(dO * O).
 
@@ -630,8 +755,9 @@ def backward_key_pass(q, q_scaled, k, v, do, lse, delta, dq, dk, dv, scale, feat
     each query head of its group (GQA: summed, K/V never repeated), the query tiles that can see
     them (causal and window bound the range; block-sparse skips empty tiles). dQ may only be
     accumulated here when a task owns all of a head's key blocks, so no two tasks add into the
-    same dQ rows. ``q_scaled`` is q times scale times log2(e) (see ``forward``); ``scale`` is a
-    scalar of the arrays' dtype.
+    same dQ rows. The scores are ``q_factor`` * ``q_scaled`` K^T in log2 units (see ``forward``):
+    float arrays come with q_scaled = q times scale times log2(e) and a factor of 1, bfloat16 bits
+    (uint16; dq, dk, dv float32) with q_scaled = q and that factor. ``scale`` is a scalar of dq's dtype.
     """
     batch, kv_heads, total_k, head_dim = k.shape
     total_q = q.shape[2]
@@ -652,6 +778,9 @@ def backward_key_pass(q, q_scaled, k, v, do, lse, delta, dq, dk, dv, scale, feat
         has_keys = np.empty(block_q, np.bool_)
         exponent_bits = np.empty(block_k, np.int32)
         cap_grad = np.empty(block_k, dq.dtype)
+        weight_bits, ds_bits = bits_scratch(do, block_q * block_k), bits_scratch(q, block_q * block_k)
+        wide_vectors()
+        threads = blas_threads_local(1)
         for key_block in range(first, min(first + key_blocks_per_task, key_blocks)):
             j0 = key_block * block_k
             if j0 >= seqlen_k:  # a shorter packed sequence
@@ -673,21 +802,24 @@ def backward_key_pass(q, q_scaled, k, v, do, lse, delta, dq, dk, dv, scale, feat
                     pt = p[: rows * cols].reshape(rows, cols)
                     ds = dp[: rows * cols].reshape(rows, cols)
                     _load_lse(lse, ab, h, q0 + i0, rows, lse_log2, has_keys)
-                    _probabilities_and_ds(q_scaled[ab, h, q0 + i0:q0 + i1], k[ab, hk, k0 + j0:k0 + j1],
+                    _probabilities_and_ds(q_scaled[ab, h, q0 + i0:q0 + i1], q_factor, k[ab, hk, k0 + j0:k0 + j1],
                                           v[ab, hk, k0 + j0:k0 + j1], do[ab, h, q0 + i0:q0 + i1], lse_log2, has_keys,
                                           delta[ab, h, q0 + i0:q0 + i1], feat, b, h, i0, j0, offset, seqlen_k,
                                           slope_log2, blocks, pt, ds, exponent_bits, cap_grad)
+                    do_tile, q_tile = do[ab, h, q0 + i0:q0 + i1], q[ab, h, q0 + i0:q0 + i1]
+                    ds_operand = operand_like(q_tile, ds, ds_bits)
                     # accumulated in the products (beta = 1), dQ scaled there too (alpha)
-                    gemm(pt, do[ab, h, q0 + i0:q0 + i1], dv_acc, True, False, 1.0, 1.0)
-                    gemm(ds, q[ab, h, q0 + i0:q0 + i1], dk_acc, True, False, 1.0, 1.0)
+                    gemm(operand_like(do_tile, pt, weight_bits), do_tile, dv_acc, True, False, 1.0, 1.0)
+                    gemm(ds_operand, q_tile, dk_acc, True, False, 1.0, 1.0)
                     if accumulate_dq:
-                        gemm(ds, k[ab, hk, k0 + j0:k0 + j1], dq[ab, h, q0 + i0:q0 + i1], False, False, scale, 1.0)
+                        gemm(ds_operand, k[ab, hk, k0 + j0:k0 + j1], dq[ab, h, q0 + i0:q0 + i1], False, False, scale, 1.0)
             dk[ab, hk, k0 + j0:k0 + j1] = dk_acc * scale
             dv[ab, hk, k0 + j0:k0 + j1] = dv_acc
+        blas_threads_local(threads)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def backward_query_pass(q_scaled, k, v, do, lse, delta, dq, scale, feat, block_q, block_k):
+def backward_query_pass(q_scaled, q_factor, k, v, do, lse, delta, dq, scale, feat, block_q, block_k):
     """dQ alone, a task per query tile over the key blocks it can see: used when tasks of the key
     pass share heads."""
     batch, heads, total_q, head_dim = q_scaled.shape
@@ -714,6 +846,9 @@ def backward_query_pass(q_scaled, k, v, do, lse, delta, dq, scale, feat, block_q
         has_keys = np.empty(rows, np.bool_)
         exponent_bits = np.empty(block_k, np.int32)
         cap_grad = np.empty(block_k, dq.dtype)
+        ds_bits = bits_scratch(k, rows * block_k)
+        wide_vectors()
+        threads = blas_threads_local(1)
         _load_lse(lse, ab, h, q0 + i0, rows, lse_log2, has_keys)
         lo, hi = _key_range(feat, i0 + offset, i1 - 1 + offset, seqlen_k)
         first, last = _block_range(lo, hi, block_k, 0, 1)
@@ -726,8 +861,10 @@ def backward_query_pass(q_scaled, k, v, do, lse, delta, dq, scale, feat, block_q
                 continue
             pt = p[: rows * cols].reshape(rows, cols)
             ds = dp[: rows * cols].reshape(rows, cols)
-            _probabilities_and_ds(q_scaled[ab, h, q0 + i0:q0 + i1], k[ab, hk, k0 + j0:k0 + j1], v[ab, hk, k0 + j0:k0 + j1],
+            k_tile = k[ab, hk, k0 + j0:k0 + j1]
+            _probabilities_and_ds(q_scaled[ab, h, q0 + i0:q0 + i1], q_factor, k_tile, v[ab, hk, k0 + j0:k0 + j1],
                                   do[ab, h, q0 + i0:q0 + i1], lse_log2, has_keys, delta[ab, h, q0 + i0:q0 + i1], feat,
                                   b, h, i0, j0, offset, seqlen_k, slope_log2, blocks, pt, ds, exponent_bits, cap_grad)
-            gemm(ds, k[ab, hk, k0 + j0:k0 + j1], dq_acc, False, False, 1.0, 1.0)
+            gemm(operand_like(k_tile, ds, ds_bits), k_tile, dq_acc, False, False, 1.0, 1.0)
         dq[ab, h, q0 + i0:q0 + i1] = dq_acc * scale
+        blas_threads_local(threads)

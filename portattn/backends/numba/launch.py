@@ -108,6 +108,18 @@ def operand(x, spec, factor: float = 1.0):
     conversions().widen(*_readable(x, spec), dtype(factor), out)
     return out
 
+def bfloat16_products(spec) -> bool:
+    """Whether a bfloat16 call's tile products run in bfloat16 (the BLAS has a bf16 GEMM: blas.py) rather
+    than widened to float32."""
+    return spec.dtype == "bfloat16" and kernels().blas.chosen().bfloat16
+
+def product_operand(x, spec):
+    """``x`` as the kernels' GEMMs take it: bfloat16 bits as they are (C-contiguous) where
+    ``bfloat16_products``, else widened by ``operand``."""
+    if x.dtype == np.uint16 and bfloat16_products(spec):
+        return np.ascontiguousarray(x)
+    return operand(x, spec)
+
 def row_dots(a, b, spec):
     """rowsum(a * b) over the last axis of (B, H, N, D) arrays as they came: the backward's delta from dO
     and O (by numpy's einsum for float arrays, else read from the bits as ``operand`` reads them)."""

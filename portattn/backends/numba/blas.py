@@ -1,0 +1,86 @@
+"""The BLAS that the numba kernels' tile products call, chosen once per process.
+
+* **Intel MKL** where this process has it: torch's CPU library links MKL in and exports its BLAS
+  (``libtorch_cpu.so``: ``sgemm_``, ``cblas_gemm_bf16bf16f32``), and Intel's ``mkl`` wheel ships
+  ``libmkl_rt``. float32 tiles then go through MKL's SGEMM (on the project's 2-core Xeon 15-25% faster
+  than OpenBLAS on 256 x 512 x 128 tiles, single-threaded), and bfloat16 inputs stay bfloat16: their
+  tile products run as ``cblas_gemm_bf16bf16f32`` (bf16 x bf16, float32 accumulation) -- AMX or
+  AVX512-BF16 where the CPU has them, ~4-7x the float32 rate on that Xeon (benchmarks/cpu_numba_vs_torch.py).
+* **SciPy's OpenBLAS** otherwise, the one numba's own ``np.dot`` calls: float32 and float64, bfloat16
+  inputs widened to float32.
+
+MKL is taken from torch only when torch is already imported (a numpy-only user does not pay for loading
+it). ``PORTATTN_NUMBA_BLAS=openblas`` forces OpenBLAS (to compare the two; bfloat16 is then computed
+in float32 as before).
+
+The kernels call fixed names -- ``portattn_sgemm``, ``portattn_gemm_bf16``, ``portattn_blas_threads_local``
+-- that are bound here to the chosen library's functions (``llvmlite.binding.add_symbol``), never its
+addresses: numba's on-disk cache of the kernels stays valid in a process that made the other choice.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import sys
+from typing import NamedTuple
+
+import llvmlite.binding as llvm
+
+SGEMM = "portattn_sgemm"  # Fortran sgemm_: every argument by pointer
+GEMM_BF16 = "portattn_gemm_bf16"  # cblas_gemm_bf16bf16f32 (row-major layout, 32-bit ints)
+THREADS_LOCAL = "portattn_blas_threads_local"  # int f(int): this thread's BLAS threads, returns the previous value
+
+
+class Blas(NamedTuple):
+    name: str  # "mkl (libtorch_cpu.so)", "openblas (scipy)"
+    bfloat16: bool  # whether bfloat16 tiles are multiplied as bfloat16
+
+
+def _address(function) -> int:
+    return ctypes.cast(function, ctypes.c_void_p).value
+
+
+def _mkl_library():
+    """A loaded library exporting MKL's BLAS, with a name for it, or (None, None)."""
+    candidates = []
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch, "__file__", None):
+        candidates.append(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    candidates += ["libmkl_rt.so.2", "libmkl_rt.so", ctypes.util.find_library("mkl_rt")]
+    for path in filter(None, candidates):
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        if all(hasattr(library, name) for name in ("sgemm_", "cblas_gemm_bf16bf16f32", "MKL_Set_Num_Threads_Local")):
+            return library, os.path.basename(path)
+    return None, None
+
+
+def _openblas_sgemm() -> int:
+    """SciPy's Fortran sgemm (its ``cython_blas`` capsule): what numba's ``np.dot`` calls."""
+    import scipy.linalg.cython_blas as cython_blas
+
+    capsule = cython_blas.__pyx_capi__["sgemm"]
+    get_name, get_pointer = ctypes.pythonapi.PyCapsule_GetName, ctypes.pythonapi.PyCapsule_GetPointer
+    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    return get_pointer(capsule, get_name(capsule))
+
+
+@functools.lru_cache(maxsize=None)
+def chosen() -> Blas:
+    """Bind the kernels' BLAS names (once per process) and say what they are bound to."""
+    library, name = (None, None) if os.environ.get("PORTATTN_NUMBA_BLAS", "").lower() == "openblas" else _mkl_library()
+    if library is not None:
+        llvm.add_symbol(SGEMM, _address(library.sgemm_))
+        llvm.add_symbol(GEMM_BF16, _address(library.cblas_gemm_bf16bf16f32))
+        llvm.add_symbol(THREADS_LOCAL, _address(library.MKL_Set_Num_Threads_Local))
+        return Blas(f"mkl ({name})", True)
+    llvm.add_symbol(SGEMM, _openblas_sgemm())
+    # OpenBLAS has no per-thread setting (launch.run_with limits it for the whole call); libc's abs(),
+    # an int -> int function that does nothing, stands in: abs(1) "returns the previous value" 1.
+    llvm.add_symbol(THREADS_LOCAL, _address(ctypes.CDLL(None).abs))
+    return Blas("openblas (scipy)", False)
