@@ -264,13 +264,18 @@ def test_every_feature_is_declared_with_a_note():
 
 
 def test_blas_threads_are_limited_only_where_a_tile_gemm_could_start_them(usable_backend, monkeypatch):
-    """BLAS is kept to one thread inside numba's threads only when a tile GEMM is large enough for OpenBLAS to
-    thread it (above 65536 multiply-adds); a tiny call skips the setting, and both give the reference's answer."""
+    """OpenBLAS is kept to one thread inside numba's threads only when a tile GEMM is large enough for it to
+    thread (above 65536 multiply-adds) and OpenBLAS runs it: a tiny call skips the setting, and so does any
+    float32 call where MKL serves the products (set per task in the kernels); all give the reference's answer."""
     usable_backend("numba")
-    from portattn.backends.numba import launch
+    from portattn.backends.numba import blas, launch
 
     assert not launch.blas_may_thread(16, 16, 64) and not launch.blas_may_thread(32, 32, 64)
     assert launch.blas_may_thread(64, 64, 64) and launch.blas_may_thread(256, 512, 64)
+    mkl = blas.chosen().name.startswith("mkl")
+    for dtype in ("float32", "float64"):
+        spec = AttentionSpec(batch=1, heads=1, seqlen_q=512, seqlen_k=512, head_dim=64, dtype=dtype)
+        assert launch.blas_may_thread(256, 512, 64, spec) is not (mkl and dtype == "float32")
     asked = []
     entered = launch.run_with.__enter__
     monkeypatch.setattr(launch.run_with, "__enter__", lambda self: asked.append(self.blas) or entered(self))
@@ -280,7 +285,7 @@ def test_blas_threads_are_limited_only_where_a_tile_gemm_could_start_them(usable
         out = portattn.attention(q, k, v, causal=True, backend="numba")
         want, _ = reference.attention_forward(q, k, v, scale=0.125, causal=True)
         np.testing.assert_allclose(out, want, atol=2e-5)
-    assert asked == [False, True]
+    assert asked == [False, not mkl]
 
 
 def _mkl_or_skip():

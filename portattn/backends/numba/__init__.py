@@ -75,7 +75,7 @@ class NumbaBackend(Backend):
         out = np.empty(q.shape, dtype)
         lse = np.empty(q.shape[:3], dtype)
         features = launch.features(spec, extras, dtype)
-        with launch.run_with(plan.threads, blas=launch.blas_may_thread(plan.block_q, plan.block_k, spec.head_dim)):
+        with launch.run_with(plan.threads, blas=launch.blas_may_thread(plan.block_q, plan.block_k, spec.head_dim, spec)):
             launch.kernels().forward(q_wide, k_wide, v_wide, out, lse, features, dtype(launch.log2_scale(spec)),
                                      plan.block_q, plan.block_k, plan.key_splits)
         return launch.returned(out, q), lse
@@ -95,7 +95,7 @@ class NumbaBackend(Backend):
         block_q, block_k = plan.backward.block_q, plan.backward.block_k
         scale = dtype(spec.softmax_scale)
         key_blocks = -(-spec.seqlen_k // block_k)
-        with launch.run_with(plan.threads, blas=launch.blas_may_thread(block_q, block_k, spec.head_dim)):
+        with launch.run_with(plan.threads, blas=launch.blas_may_thread(block_q, block_k, spec.head_dim, spec)):
             if plan.backward.dq_separate:
                 kernels.backward_key_pass(q_wide, q_scaled, q_factor, k_wide, v_wide, do, lse, delta, dq, dk, dv,
                                           scale, features, block_q, block_k, 1, False)

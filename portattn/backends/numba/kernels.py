@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange, types
+from numba import errors, njit, prange, types
 from llvmlite import ir
 from numba.extending import intrinsic, overload
 from numba.np.linalg import ensure_blas
@@ -98,6 +98,8 @@ def gemm(typingctx, a, b, c, transpose_a, transpose_b, alpha, beta):
     bits = a.dtype == b.dtype == types.uint16 and c.dtype == types.float32
     if not (bits or a.dtype == b.dtype == c.dtype and c.dtype in (types.float32, types.float64)):
         return None
+    if bits and not blas.chosen().bfloat16:  # the bf16 name is bound to nothing: a call would jump to address 0
+        raise errors.TypingError(f"bfloat16 tile products need MKL; the BLAS here is {blas.chosen().name}")
     signature = types.intc(a, b, c, transpose_a, transpose_b, alpha, beta)
 
     def codegen(context, builder, signature, args):
