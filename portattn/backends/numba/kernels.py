@@ -553,6 +553,14 @@ def dropout_keep(feat, keep):
             keep[b, h, i, j] = _dropout_uniform(row_key, j) >= feat.dropout_p
 
 
+@njit(inline="always")
+def _scaled_into(target, source, factor):
+    """``target[:] = source * factor`` for rows, with no temporary: ``target[:] = source / l`` allocates a
+    row per call, which was a third of a small tile's time (0.8 of 2.6 us for 16 x 16 x 64)."""
+    for d in range(source.size):
+        target[d] = source[d] * factor
+
+
 @njit(fastmath=False)
 def _has_keys(lse):
     """False for a row that saw no key (LSE -inf); outside fastmath, which may fold inf tests away."""
@@ -653,7 +661,7 @@ def forward(q, k, v, out, lse, feat, q_factor, block_q, block_k, key_splits):
         for r in range(rows):
             at = q0 + i0 + r
             if l_i[r] > 0.0:
-                part_out[split, ab, h, at] = acc[r] / l_i[r]
+                _scaled_into(part_out[split, ab, h, at], acc[r], 1.0 / l_i[r])
                 part_lse[split, ab, h, at] = (m_i[r] + np.log2(l_i[r])) * LN2
             else:  # no visible key: zeros and -inf, never NaN
                 part_out[split, ab, h, at] = 0.0
@@ -815,7 +823,8 @@ def backward_key_pass(q, q_scaled, q_factor, k, v, do, lse, delta, dq, dk, dv, s
                     gemm(ds_operand, q_tile, dk_acc, True, False, 1.0, 1.0)
                     if accumulate_dq:
                         gemm(ds_operand, k[ab, hk, k0 + j0:k0 + j1], dq[ab, h, q0 + i0:q0 + i1], False, False, scale, 1.0)
-            dk[ab, hk, k0 + j0:k0 + j1] = dk_acc * scale
+            for c in range(cols):
+                _scaled_into(dk[ab, hk, k0 + j0 + c], dk_acc[c], scale)
             dv[ab, hk, k0 + j0:k0 + j1] = dv_acc
         blas_threads_local(threads)
 
@@ -868,5 +877,6 @@ def backward_query_pass(q_scaled, q_factor, k, v, do, lse, delta, dq, scale, fea
                                   do[ab, h, q0 + i0:q0 + i1], lse_log2, has_keys, delta[ab, h, q0 + i0:q0 + i1], feat,
                                   b, h, i0, j0, offset, seqlen_k, slope_log2, blocks, pt, ds, exponent_bits, cap_grad)
             gemm(operand_like(k_tile, ds, ds_bits), k_tile, dq_acc, False, False, 1.0, 1.0)
-        dq[ab, h, q0 + i0:q0 + i1] = dq_acc * scale
+        for r in range(rows):
+            _scaled_into(dq[ab, h, q0 + i0 + r], dq_acc[r], scale)
         blas_threads_local(threads)
