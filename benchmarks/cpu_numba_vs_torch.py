@@ -5,8 +5,8 @@ on the same torch CPU tensors, (1, 8, N, D), in one process: a first call and on
 ``--reps`` rounds in which the two take turns (a slow spell of a shared machine hits both), medians
 kept. fwd+bwd is one forward and ``backward`` of a fixed grad. FLOPs as flash-attention counts them
 (forward 4 B H N^2 D, halved when causal; fwd+bwd 3.5x). The peak: a numba register-blocked FMA loop
-(8 independent 16-lane accumulators per thread) on 1 and all threads, and a 2048^3 sgemm through the
-BLAS numba's kernels call (SciPy's OpenBLAS) and through torch (MKL).
+(8 independent 16-lane accumulators per thread) on 1 and all threads, a 2048^3 sgemm through SciPy's
+OpenBLAS and through torch (MKL, which the kernels call where torch is loaded), and torch's bf16 matmul.
 
     python benchmarks/cpu_numba_vs_torch.py --json benchmarks/results/cpu-numba-vs-torch-<date>.json
 
@@ -37,7 +37,10 @@ def cpu_model() -> str:
 
 
 def fma_peak(threads: int, steps: int = 20_000_000) -> float:
-    """GFLOP/s of a register-blocked FMA loop on ``threads`` numba threads (best of 5)."""
+    """GFLOP/s of a register-blocked FMA loop on ``threads`` numba threads (best of 5). In LLVM's default
+    vector width: 256 bits on Intel's AVX-512 cores, so half their 512-bit peak there (the 512-bit build of
+    this loop, as the kernels' ``wide_vectors`` makes it, reads twice the possible rate: LLVM shortcuts it).
+    The sgemm rates below are the practical peak."""
     import numba
     from numba import njit, prange
 
@@ -82,7 +85,19 @@ def sgemm_rates(n: int = 2048) -> dict:
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
         ta @ tb
         rates[f"torch_mkl_{threads}t"] = 2 * n ** 3 / min(_timed(lambda: ta @ tb) for _ in range(5)) / 1e9
+        ha, hb = ta.bfloat16(), tb.bfloat16()  # bf16 x bf16 -> float32 sums: AMX / AVX512-BF16 where present
+        ha @ hb
+        rates[f"torch_bf16_{threads}t"] = 2 * n ** 3 / min(_timed(lambda: ha @ hb) for _ in range(5)) / 1e9
     return rates
+
+
+def numba_blas() -> str:
+    """The BLAS the timed tree's kernels call (trees before blas.py: SciPy's OpenBLAS, bfloat16 widened)."""
+    try:
+        from portattn.backends.numba import blas
+    except ImportError:
+        return "openblas (scipy), before blas.py"
+    return blas.chosen().name
 
 
 def _timed(fn) -> float:
@@ -155,7 +170,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(), "cores": os.cpu_count(),
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-                     "numba": numba.__version__, "portattn_file": portattn.__file__},
+                     "numba": numba.__version__, "portattn_file": portattn.__file__, "numba_blas": numba_blas()},
         "method": "medians of --reps interleaved rounds after a first call and a warm-up; host clock; (1, 8, N, D)",
         "results": [],
     }

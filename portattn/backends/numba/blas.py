@@ -10,8 +10,11 @@
   inputs widened to float32.
 
 MKL is taken from torch only when torch is already imported (a numpy-only user does not pay for loading
-it). ``PORTATTN_NUMBA_BLAS=openblas`` forces OpenBLAS (to compare the two; bfloat16 is then computed
-in float32 as before).
+it), and only on Intel CPUs: on the project's earlier AMD EPYC (Zen 4) MKL's tile products were no faster
+than OpenBLAS's (docs/benchmarks.md), and MKL's code paths for other vendors' CPUs are its generic ones.
+bfloat16 products need the CPU's bf16 instructions (AMX-BF16 or AVX512-BF16); without them MKL would only
+emulate them. ``PORTATTN_NUMBA_BLAS=openblas`` or ``=mkl`` overrides the choice (to compare the two; with
+OpenBLAS bfloat16 is computed in float32).
 
 The kernels call fixed names -- ``portattn_sgemm``, ``portattn_gemm_bf16``, ``portattn_blas_threads_local``
 -- that are bound here to the chosen library's functions (``llvmlite.binding.add_symbol``), never its
@@ -70,15 +73,36 @@ def _openblas_sgemm() -> int:
     return get_pointer(capsule, get_name(capsule))
 
 
+def _cpu_info() -> tuple[str, set[str]]:
+    """(vendor, flags) of this machine's CPU as Linux reports them; ("", set()) elsewhere."""
+    vendor, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    vendor = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return vendor, flags
+
+
 @functools.lru_cache(maxsize=None)
 def chosen() -> Blas:
     """Bind the kernels' BLAS names (once per process) and say what they are bound to."""
-    library, name = (None, None) if os.environ.get("PORTATTN_NUMBA_BLAS", "").lower() == "openblas" else _mkl_library()
+    wanted = os.environ.get("PORTATTN_NUMBA_BLAS", "").lower()
+    vendor, flags = _cpu_info()
+    use_mkl = wanted == "mkl" or (wanted != "openblas" and vendor == "GenuineIntel")
+    library, name = _mkl_library() if use_mkl else (None, None)
     if library is not None:
+        bfloat16 = bool(flags & {"amx_bf16", "avx512_bf16"}) or wanted == "mkl"
         llvm.add_symbol(SGEMM, _address(library.sgemm_))
         llvm.add_symbol(GEMM_BF16, _address(library.cblas_gemm_bf16bf16f32))
         llvm.add_symbol(THREADS_LOCAL, _address(library.MKL_Set_Num_Threads_Local))
-        return Blas(f"mkl ({name})", True)
+        return Blas(f"mkl ({name})", bfloat16)
     llvm.add_symbol(SGEMM, _openblas_sgemm())
     # OpenBLAS has no per-thread setting (launch.run_with limits it for the whole call); libc's abs(),
     # an int -> int function that does nothing, stands in: abs(1) "returns the previous value" 1.
