@@ -141,13 +141,14 @@ LIVE_KINDS = ("cpu", "cuda", "opencl")
 def _bench_problems(args, grid_kind: str):
     from . import bench
 
+    dtypes = args.dtypes or ([args.dtype] if args.dtype else None)
     if args.decode:
-        dtypes = args.dtypes or ([args.dtype] if args.dtype else None)
         return bench.decode_grid(grid_kind, batches=args.batch, seqlens=args.seqlen, head_dims=args.head_dim,
                                  groups=args.group, dtypes=dtypes, page_sizes=args.page_size, queries=args.queries)
     masks = (True,) if args.causal else (False,) if args.no_causal else None
-    return bench.default_grid(grid_kind, quick=args.quick, seqlens=args.seqlen, head_dims=args.head_dim, masks=masks,
-                              modes=args.mode, dtype=args.dtype, heads=args.batch_heads)
+    return [problem for dtype in dtypes or [None]
+            for problem in bench.default_grid(grid_kind, quick=args.quick, seqlens=args.seqlen, head_dims=args.head_dim,
+                                              masks=masks, modes=args.mode, dtype=dtype, heads=args.batch_heads)]
 
 
 def _methods(device_kind: str, repeats: int, warmup: int, budget: float) -> dict:
@@ -338,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--group", type=int, nargs="+", default=None, help="query heads per KV head (GQA group)")
     decode.add_argument("--page-size", type=int, nargs="+", default=None, help="0 for a contiguous cache, else pages of this size")
     decode.add_argument("--queries", type=int, default=1, help="new queries per sequence (default 1)")
-    decode.add_argument("--dtypes", choices=DTYPES, nargs="+", default=None, help="dtypes of the decoding grid")
+    bench.add_argument("--dtypes", choices=DTYPES, nargs="+", default=None,
+                       help="several dtypes, one grid each (decoding's or attention's); overrides --dtype")
     bench.add_argument("--backend", nargs="+", default=None, help="also time these (e.g. reference, for tiny sizes only)")
     bench.add_argument("--peer", nargs="+", default=None, metavar="NAME",
                        help="time these peers instead of the default ones (cpu: torch-sdpa-flash, torch-sdpa-math; cuda: "

@@ -87,6 +87,20 @@ def test_bench_json_plot_and_redraw_from_json(tmp_path, capsys):
     assert (tmp_path / "again-d16-full-fwd.png").exists() and (tmp_path / "again-d16-causal-fwd.png").exists()
 
 
+def test_bench_dtypes_time_one_grid_per_dtype_and_the_table_names_each(tmp_path, capsys):
+    """``--dtypes`` is not decoding's alone: attention's grid is timed in each dtype, and the table's dtype
+    column tells the rows apart (it used to drop every dtype but the default, silently)."""
+    pytest.importorskip("numba", reason="the numba backend needs numba (pip install 'portattn[numba]')")
+    saved = tmp_path / "r.json"
+    argv = ["bench", "--device", "cpu", "--seqlen", "64", "--head-dim", "16", "--repeats", "2", "--no-peers", "--causal",
+            "--backend", "numba", "--dtypes", "float32", "bfloat16", "--json", str(saved)]
+    assert main(argv) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("numba ")]
+    assert [line[6] for line in lines] == ["float32", "bfloat16"]
+    record = json.loads(saved.read_text())
+    assert [r["dtype"] for r in record["results"] if r["backend"] == "numba"] == ["float32", "bfloat16"]
+
+
 def test_bench_decode_times_the_kvcache_entry_contiguous_and_paged(tmp_path, capsys):
     """``--decode``: attention_with_kvcache on a contiguous and a paged cache (pages shuffled) against
     the CPU peer, rated in GB/s; the record keeps the decoding fields, and redraws from JSON."""

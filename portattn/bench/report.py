@@ -20,8 +20,9 @@ import numpy as np
 from .problems import Problem
 from .run import Result
 
-TABLE_COLUMNS = ("backend", "BxH", "N", "D", "causal", "mode", "median ms", "GFLOP/s", "vs best peer", "peak mem", "plan")
-_LEFT = {0, 5}  # backend and mode read left-aligned; numbers right-aligned
+TABLE_COLUMNS = ("backend", "BxH", "N", "D", "causal", "mode", "dtype", "median ms", "GFLOP/s", "vs best peer", "peak mem",
+                 "plan")
+_LEFT = {0, 5, 6}  # backend, mode and dtype read left-aligned; numbers right-aligned
 
 
 def _size(n: int | None) -> str:
@@ -39,7 +40,7 @@ def _row(r: Result, unit: str) -> tuple[str, ...]:
     if p.decoding:  # B x H/H_kv, Nq x Nk, decode (paged P)
         heads, seqlen = f"{heads}/{p.kv_heads or p.heads}", f"{p.queries}x{p.seqlen}"
         mode += f" paged {p.page_size}" if p.page_size else ""
-    head = (r.name, heads, seqlen, str(p.head_dim), "1" if p.causal else "0", mode)
+    head = (r.name, heads, seqlen, str(p.head_dim), "1" if p.causal else "0", mode, p.dtype)
     if r.error is not None:
         return head + ("-", "-", "-", "-", f"not run: {r.error}")
     rate = r.gbps if unit == "GB/s" else r.gflops / 1e3 if unit == "TFLOP/s" else r.gflops
