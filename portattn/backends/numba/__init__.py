@@ -41,7 +41,8 @@ FEATURE_NOTES = {
 @register
 class NumbaBackend(Backend):
     name = "numba"
-    summary = "CPUs: tiled FlashAttention-2 compiled by Numba, parallel over batch x heads x blocks, tile GEMMs in MKL or OpenBLAS"
+    summary = ("CPUs: tiled FlashAttention-2 compiled by Numba, parallel over batch x heads x blocks, "
+               "tile GEMMs in MKL or OpenBLAS")
     extra = "numba"
     compute_kind = "numpy"
     # widened and narrowed by serial numba loops: torch's conversions contend with numba's pool (operands.py)

@@ -6,8 +6,8 @@ Each parallel task owns one tile of rows (``prange`` over batch x heads x blocks
 operand through in blocks, and keeps only tile-sized scratch: memory is linear in N. The GEMMs on
 tiles go through the BLAS that blas.py chose (``gemm``: MKL's or OpenBLAS's sgemm, numba's dgemm, MKL's
 bf16 GEMM for bfloat16 bits); the softmax runs in log2 space with the scale folded in, as the GPU
-kernels do, so one ``exp2`` per score. State names follow the other backends: ``m_i`` (running max), ``l_i`` (running sum),
-``acc`` (unnormalized output).
+kernels do, so one ``exp2`` per score. State names follow the other backends: ``m_i`` (running max),
+``l_i`` (running sum), ``acc`` (unnormalized output).
 
 Features cost nothing where they do not act. Causality and windows become key ranges: a tile visits
 only the key blocks its rows can see (``_key_range``; the backward's key pass only the query tiles
@@ -572,15 +572,16 @@ def _has_keys(lse):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def forward(q, k, v, out, lse, feat, q_factor, block_q, block_k, key_splits):
-    """O and LSE (natural log) for (B, H, N, D) arrays into ``out``/``lse`` (both of q's dtype).
+    """O and LSE (natural log) for (B, H, N, D) arrays into ``out``/``lse`` (both of q's dtype, float32
+    for bfloat16 bits).
 
-    The score GEMM multiplies by ``q_factor`` (the softmax scale times log2(e)) as it writes: the
-    scores come out ready for ``exp2``, with no pass over a score tile to scale them and no scaled
-    copy of q. q, k and v are float arrays, or bfloat16 bits (uint16, with ``out`` and ``lse``
-    float32) whose products run on blas.py's bf16 GEMM, the weights rounded to bfloat16 for P V. K/V head h // group_size serves query head h (GQA). A query tile visits only the
-    key blocks its rows can see (causal, window) and that the block mask keeps; a row's score
-    work beyond the GEMM is a column range, plus ``_feature_row`` when a feature touches single
-    scores.
+    q, k and v are float arrays, or bfloat16 bits (uint16) whose products run on blas.py's bf16 GEMM,
+    the weights rounded to bfloat16 for P V. The score GEMM multiplies by ``q_factor`` (the softmax
+    scale times log2(e)) as it writes: the scores come out ready for ``exp2``, with no pass over a
+    score tile to scale them and no scaled copy of q. K/V head h // group_size serves query head h
+    (GQA). A query tile visits only the key blocks its rows can see (causal, window) and that the
+    block mask keeps; a row's score work beyond the GEMM is a column range, plus ``_feature_row``
+    when a feature touches single scores.
 
     With ``key_splits > 1`` each query tile's key blocks are cut in that many independent tasks
     whose partial results are merged by log-sum-exp afterwards (flash-decoding).
