@@ -1,6 +1,6 @@
 """portattn inside Hugging Face transformers models: tiny random models built in code (no downloads),
 run with ``attn_implementation`` set to portattn and to SDPA (eager where SDPA lacks the feature:
-Gemma 2's softcapping) with the same weights, in float32.
+Gemma 2's softcapping) with the same weights, in float32 (and a Llama in bfloat16 against the float32 one).
 
 A backend refusing a call (``backend '...' cannot run ...``, e.g. opencl's decoding or dropout) is an
 xfail with that reason; any other error fails.
@@ -313,6 +313,28 @@ def test_llama_training_gradients(name):
     ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     _refusals_xfail(lambda: ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward())
     _same_gradients(ours, ref)
+
+
+def test_llama_bfloat16_is_as_close_to_float32_as_sdpa_in_bfloat16(name):
+    """A bfloat16 model (as CPUs with bf16 instructions run them; numba multiplies bf16 tiles in bf16 there):
+    logits of a left-padded batch and a training step's attention gradients are as close to the float32
+    model's as SDPA's own bfloat16 run is."""
+    ref, ours = _pair(transformers.LlamaForCausalLM, transformers.LlamaConfig(**TINY), name)
+    exact = copy.deepcopy(ref)
+    ref, ours = ref.to(torch.bfloat16), ours.to(torch.bfloat16)
+    ids, mask = _batch([40, 23, 9], 40)
+    seen = mask.bool()
+    want = _logits(exact, ids, mask)
+    got = _refusals_xfail(lambda: _logits(ours, ids, mask))
+    ours_error, sdpa_error = ((x.float() - want)[seen].abs().max().item() for x in (got, _logits(ref, ids, mask)))
+    assert ours_error <= 2 * sdpa_error + 1e-2, (ours_error, sdpa_error)
+    labels = _labels(ids, mask)
+    for model in (exact, ref, ours):
+        model.train()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    grads = [dict(model.named_parameters())["model.layers.0.self_attn.q_proj.weight"].grad.float() for model in (exact, ref, ours)]
+    ours_error, sdpa_error = ((g - grads[0]).abs().max().item() for g in (grads[2], grads[1]))
+    assert ours_error <= 2 * sdpa_error + 1e-3 * grads[0].abs().max().item(), (ours_error, sdpa_error)
 
 
 def test_llama_compiles_fullgraph_forward_and_backward(name):
