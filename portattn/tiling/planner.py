@@ -42,7 +42,9 @@ CPU (a task owns ``block_q`` query rows of one head; GEMMs on tiles go through B
         on the CPU).
   * C5  causal: block_k <= block_q. The diagonal tile is multiplied whole and its masked part thrown
         away; a key block wider than the query block wastes more of it (AMD EPYC Zen 4, fp32, d = 64:
-        256 x 256 ran 6-12% faster than 256 x 512 at N = 1024-8192, non-causal the two tie).
+        256 x 256 ran 6-12% faster than 256 x 512 at N = 1024-8192, non-causal the two tie). Not for
+        Nq <= 16 (a decoding step's few queries): the masked part is under Nq^2 / 2 scores, and 16-key
+        blocks made a (4, 8, 1 q, 40 k, 32) step three tile loops per task instead of one.
 """
 
 from __future__ import annotations
@@ -344,7 +346,7 @@ def _plan_cpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
         for block_k in _fit_to_problem(CPU_BLOCK_K, spec.seqlen_k, 16):
             if working_set(block_q, block_k) > cache or block_q > cap_q or block_k > cap_k:
                 continue
-            if spec.causal and block_k > block_q:  # C5
+            if spec.causal and block_k > block_q and spec.seqlen_q > CPU_BLOCK_Q[-1]:  # C5
                 continue
             work = batch_heads * _blocks(spec.seqlen_q, block_q)
             rank = (work >= CPU_TASKS_PER_THREAD * threads, block_q, block_k)  # C2
@@ -359,7 +361,7 @@ def _plan_cpu(spec: "AttentionSpec", device: DeviceSpec) -> TilePlan:
         f"(head dim {spec.head_dim} rounded to {head_dim} for {lanes}-lane vectors)",
         f"C2 chose {block_q}x{block_k} of {len(candidates)} that fit: {work} tasks for {threads} threads",
     ]
-    if spec.causal:
+    if spec.causal and spec.seqlen_q > CPU_BLOCK_Q[-1]:
         reasons.append("C5 causal: key blocks no wider than query blocks (less of the diagonal tile computed and masked)")
     if splits > 1:
         reasons.append(f"C3 key loop split {splits} ways so {work * splits} tasks keep {threads} threads busy")

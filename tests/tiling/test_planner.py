@@ -212,8 +212,8 @@ def test_cpu_plan_fits_and_follows_rules(key, spec):
     # C4
     assert p.backward.dq_separate == (spec.batch * spec.heads < 2 * threads)
     assert p.backward.block_q <= p.block_q  # C4 halves it when the backward tiles overflow L2
-    # C5
-    if spec.causal:
+    # C5 (not for a decoding step's few queries)
+    if spec.causal and spec.seqlen_q > 16:
         assert p.block_k <= p.block_q
     check_common(p, spec, device)
 
