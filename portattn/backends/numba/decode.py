@@ -128,7 +128,7 @@ def decode(q, k, v, table, lengths, capacity, page_size, widen, part_out, part_l
                     scores[r, :n] = 0.0
                     continue
                 alpha = np.float32(2.0) ** (m[r] - top)
-                # the forward's vectorized exp2 (a hidden score's weight is 2**-125, as there): float32 pow
+                # the forward's vectorized exp2 (a hidden score's weight is 0, as there): float32 pow
                 # per score was most of a short step's time
                 total = exp2_shifted(scores[r, :n], top, 0)
                 ell[r] = ell[r] * alpha + total

@@ -16,8 +16,7 @@ Block-sparse tiles that the block mask empties are skipped before any load. Only
 change single scores (softcap, ALiBi, attn_mask, key padding) take a per-row pass,
 ``_feature_row``; a plain call skips it with one flag. Dropout draws from a counter
 (``_dropout_row_key``/``_dropout_uniform``), so the backward and ``dropout_keep`` redraw the very
-same mask without storing it. Masked scores inside a visited row are -inf; float32's fast ``exp2``
-turns them into 2**-125 (~1e-38) rather than 0, far below float32's resolution.
+same mask without storing it. Masked scores inside a visited row are -inf, whose weight is exactly 0.
 
 BLAS runs single-threaded inside the tasks: numba's worker threads already use every core, and a
 multi-threaded BLAS inside each of them oversubscribes the machine. MKL is set per task
@@ -46,7 +45,11 @@ LN2 = 0.6931471805599453
 # ~1e-7, float32's own rounding). Written out so LLVM vectorizes it; libm's exp is a scalar call.
 _EXP2_P = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3,
            5.550332471162809e-2, 2.402264791363012e-1, 6.931472028550421e-1)
-_EXP2_FLOOR = -125.0  # below this 2**t is under float32's normal range; 2**-125 ~ 2e-38 is as good as 0
+# Below this exp2 gives exactly 0. Not at float32's normal limit (2**-126): weights that small times V's
+# values are subnormal, and subnormal operands cost the GEMMs microcode assists -- a padded decoding step,
+# whose hidden keys all got 2**-125, ran 2.6x slower (MKL's sgemv at 100+ cycles per element). A weight
+# under 2**-100 of the row's largest (which is 1) never shows in a float32 sum.
+_EXP2_FLOOR = -100.0
 
 
 @intrinsic
@@ -193,7 +196,7 @@ def _exp2_shifted_impl(row, shift, exponent_bits):
     if row.dtype == types.float32:
         # float32 constants throughout: a float64 one would promote the loop and halve its lanes
         p0, p1, p2, p3, p4, p5 = (np.float32(c) for c in _EXP2_P)
-        floor, half, one = np.float32(_EXP2_FLOOR), np.float32(0.5), np.float32(1.0)
+        floor, half, one, zero = np.float32(_EXP2_FLOOR), np.float32(0.5), np.float32(1.0), np.float32(0.0)
         bias, mantissa = np.int32(127), np.int32(23)
 
         def exp2_float32(row, shift, exponent_bits):
@@ -204,12 +207,15 @@ def _exp2_shifted_impl(row, shift, exponent_bits):
             total = np.float32(0.0)
             for j in range(row.size):
                 x = row[j] - shift
-                if x < floor:  # with fastmath a NaN may land either side; exp2(NaN) stays NaN below
+                below = x < floor  # with fastmath a NaN may land either side; exp2(NaN) stays NaN below
+                if below:
                     x = floor
                 n = np.floor(x + half)
                 f = x - n
                 p = one + f * (((((p0 * f + p1) * f + p2) * f + p3) * f + p4) * f + p5)
                 p *= float32_from_bits(np.int32(np.int32(np.int32(n) + bias) << mantissa))
+                if below:  # exactly 0, never a subnormal-making 2**-100 (``_EXP2_FLOOR``)
+                    p = zero
                 row[j] = p
                 total += p
             return total
