@@ -351,3 +351,29 @@ print(blas.chosen().name, float(np.abs(out.double().numpy() - want).max()))
     assert done.returncode == 0, done.stderr
     name, error = done.stdout.split()[-3:-1], float(done.stdout.split()[-1])
     assert name == ["openblas", "(scipy)"] and error < 2e-2, done.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n_q, n_k, kw", [
+    (1, 300, dict(causal=True, align="bottom-right")),
+    (5, 77, dict(causal=True, align="bottom-right", window=(20, 0))),
+    (3, 40, dict(softcap=2.0)),
+    (16, 33, dict(alibi_slopes=M["slopes"], causal=True, align="bottom-right")),
+], ids=["decode-causal", "spec-window", "softcap", "alibi-16q"])
+def test_few_query_calls_run_the_decode_kernel_forward_and_backward(monkeypatch, dtype, n_q, n_k, kw):
+    """``attention`` with at most 16 queries per sequence (a model's decoding step through its own cache) runs
+    the decode kernel, GQA packed, reading K/V in their (B, H, N, D) layout: O, LSE and, through the usual
+    backward, the gradients match the reference. A key padding keeps the tiled forward."""
+    from portattn.backends.numba import decode
+
+    ran = []
+    original = decode.attention
+    monkeypatch.setattr(decode, "attention", lambda *args: ran.append(1) or original(*args))
+    _check_against_reference((B, H, n_q, D), (B, HKV, n_k, D), dtype=dtype, **kw)
+    assert ran
+    ran.clear()
+    _check_against_reference((B, H, 2, D), (B, HKV, n_k, D), dtype=dtype, key_padding_mask=M["padding"][:, :1].expand(B, n_k),
+                             causal=True, align="bottom-right")
+    assert not ran
+    assert "decode kernel" in " ".join(NUMBA.plan(AttentionSpec(batch=1, heads=4, kv_heads=2, seqlen_q=1, seqlen_k=64,
+                                                                head_dim=32, causal=True, align="bottom-right")).reasons)

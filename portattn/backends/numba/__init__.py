@@ -15,9 +15,12 @@ compute dtype compiles once, and a plain call reuses a cached tuple.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ...devices import probe
+from ...memo import by_identity
 from ..base import Backend, Capabilities, register
 from . import launch
 
@@ -71,6 +74,12 @@ class NumbaBackend(Backend):
         return probe.probe_cpu()
 
     def forward(self, q, k, v, spec, plan, extras):
+        steps = _decode_steps(self, spec)
+        if steps is not None:  # few queries per sequence: the decode kernel (GQA packed, split-KV)
+            from . import decode
+
+            out, lse = decode.attention(q, k, v, spec, steps, extras)
+            return launch.returned(out, q), lse
         dtype = launch.compute_dtype(spec)
         q_wide, k_wide, v_wide = (launch.product_operand(x, spec) for x in (q, k, v))
         out = np.empty(q.shape, dtype)
@@ -107,6 +116,15 @@ class NumbaBackend(Backend):
                                           scale, features, block_q, block_k, max(1, key_blocks), True)
         return tuple(launch.returned(g, q) for g in (dq, dk, dv))
 
+    def plan(self, spec, device=None):
+        steps = _decode_steps(self, spec)
+        plan = super().plan(spec, device)
+        if steps is None:
+            return plan
+        return dataclasses.replace(plan, reasons=(*plan.reasons, (
+            f"the forward runs the decode kernel ({spec.seqlen_q} queries per sequence: decode.takes), "
+            f"{steps.key_splits} key split(s); the tiles above serve the backward")))
+
     def decode_kvcache(self, q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
         from . import decode  # imports numba: only when a decoding step runs
 
@@ -119,3 +137,18 @@ class NumbaBackend(Backend):
         keep = np.empty((spec.batch, spec.heads, spec.seqlen_q, spec.seqlen_k), np.bool_)
         launch.kernels().dropout_keep(launch.features(spec, extras, launch.compute_dtype(spec)), keep)
         return keep
+
+
+@by_identity
+def _decode_steps(backend, spec):
+    """The decode plan ``forward`` runs ``spec`` with (``decode.takes``), or None for the tiled forward: cached
+    per spec, since a forward asks on every call. (decode.py imports numba; ``takes`` alone is asked first.)"""
+    if not _takes_decode(spec):
+        return None
+    return backend.decode_plan(spec, 0, spec.batch * spec.seqlen_k)
+
+
+def _takes_decode(spec) -> bool:
+    from . import decode
+
+    return decode.takes(spec)

@@ -29,17 +29,26 @@ LN2 = math.log(2.0)
 LOG2E = 1.4426950408889634
 
 
-def _row(cache, page, pos, head, buffer, table):
-    """Row ``cache[page, pos, head]`` as floats: the row itself, or 16-bit bits widened into ``buffer``."""
+def _row(cache, page, pos, head, heads_first, buffer, table):
+    """Row ``cache[page, pos, head]`` (``cache[page, head, pos]`` when ``heads_first``: an attention call's
+    (B, H, N, D) keys) as floats: the row itself, or 16-bit bits widened into ``buffer``."""
+
+
+@numba.njit(inline="always")
+def _axis1(pos, head, heads_first):
+    """The index along axis 1 of the cache: the position, or the head when ``heads_first`` (0 or 1). In
+    arithmetic, not a conditional, which in an inlined overload trips numba's SSA check (a phi out of scope)."""
+    return pos + (head - pos) * heads_first
 
 
 @overload(_row, inline="always")
-def _row_impl(cache, page, pos, head, buffer, table):
+def _row_impl(cache, page, pos, head, heads_first, buffer, table):
     if isinstance(cache.dtype, types.Float):
-        return lambda cache, page, pos, head, buffer, table: cache[page, pos, head]
+        return lambda cache, page, pos, head, heads_first, buffer, table: cache[
+            page, _axis1(pos, head, heads_first), _axis1(head, pos, heads_first)]
 
-    def widen(cache, page, pos, head, buffer, table):
-        row = cache[page, pos, head]
+    def widen(cache, page, pos, head, heads_first, buffer, table):
+        row = cache[page, _axis1(pos, head, heads_first), _axis1(head, pos, heads_first)]
         for d in range(row.shape[0]):
             buffer[d] = table[row[d]]
         return buffer
@@ -55,14 +64,15 @@ NOTHING_SEEN = -5e29  # a row whose running max is below this has seen no key ye
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def decode(q, k, v, table, lengths, capacity, page_size, widen, part_out, part_lse, group, causal, win_left,
-           win_right, softcap2, alibi, slopes2, keys_per_split, block_k):
+           win_right, softcap2, alibi, slopes2, keys_per_split, block_k, heads_first):
     """Partials of every (split, sequence) task, each over all KV heads. q: float32 (B, Nq, H, D),
     already scaled by scale * log2(e); k, v: the cache (float, or uint16 bits widened by the ``widen``
     table); ``table`` int32 (B, max_blocks) when ``page_size`` > 0, else unused (sequence b's key j at
     ``k[b, j]``); ``lengths`` int32 (B,), clamped to [0, capacity], each cut into ranges of
     max(keys_per_split, ceil(L_b / splits)) keys rounded up to ``block_k`` (the plan's D2). part_out float32 (splits, B, Nq, H, D), part_lse (splits, B,
     H, Nq) in natural log. Window sides < 0 are unbounded; ``softcap2`` = softcap * log2(e), 0 for
-    none; ``slopes2`` (B, H) ALiBi slopes * log2(e) when ``alibi``.
+    none; ``slopes2`` (B, H) ALiBi slopes * log2(e) when ``alibi``. ``heads_first`` (1, else 0): k and v are
+    an attention call's (B, H_kv, N, D) arrays rather than a cache (each KV head's rows then stream apart).
 
     Row r of a task is query r % Nq of query head r // Nq, so KV head hk's rows are the G x Nq from
     hk * G * Nq on. A task walks its keys in order and, per key, every KV head's row: the (H_kv, D)
@@ -100,7 +110,7 @@ def decode(q, k, v, table, lengths, capacity, page_size, widen, part_out, part_l
                 j = start + jj
                 page, pos = (min(max(table[b, j // page_size], 0), last_page), j % page_size) if page_size > 0 else (b, j)
                 for hk in range(kv_heads):
-                    k_row = _row(k, page, pos, hk, buffer, widen)
+                    k_row = _row(k, page, pos, hk, heads_first, buffer, widen)
                     for r in range(hk * per_head, (hk + 1) * per_head):
                         s = np.float32(0.0)
                         for d in range(dim):
@@ -139,7 +149,7 @@ def decode(q, k, v, table, lengths, capacity, page_size, widen, part_out, part_l
                 j = start + jj
                 page, pos = (min(max(table[b, j // page_size], 0), last_page), j % page_size) if page_size > 0 else (b, j)
                 for hk in range(kv_heads):
-                    v_row = _row(v, page, pos, hk, buffer, widen)
+                    v_row = _row(v, page, pos, hk, heads_first, buffer, widen)
                     for r in range(hk * per_head, (hk + 1) * per_head):
                         p = scores[r, jj]
                         for d in range(dim):
@@ -147,7 +157,9 @@ def decode(q, k, v, table, lengths, capacity, page_size, widen, part_out, part_l
         for r in range(rows):
             i, h = r % n_q, r // n_q
             if ell[r] > 0.0:
-                part_out[split, b, i, h, :] = acc[r] / ell[r]
+                inverse = np.float32(1.0) / ell[r]  # row by row: ``acc[r] / ell[r]`` would allocate a row
+                for d in range(dim):
+                    part_out[split, b, i, h, d] = acc[r, d] * inverse
                 part_lse[split, b, h, i] = (m[r] + math.log2(ell[r])) * LN2
             else:  # no visible key in this split: an empty partial the merge ignores (or the result: 0, -inf)
                 part_out[split, b, i, h, :] = 0.0
@@ -184,9 +196,10 @@ _NO_PAGES = np.zeros((1, 1), np.int32)
 _NO_SLOPES = np.zeros((1, 1), np.float32)
 
 
-def run(q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
+def run(q, k_cache, v_cache, block_table, lengths, spec, plan, extras, heads_first=False):
     """``Backend.decode_kvcache`` for numpy arrays (float16/bfloat16 as uint16 bits, as
-    ``arrays.to_numpy_bits`` hands them over): (out float32 (B, Nq, H, D), lse float32 (B, H, Nq))."""
+    ``arrays.to_numpy_bits`` hands them over): (out float32 (B, Nq, H, D), lse float32 (B, H, Nq)).
+    ``heads_first``: the K/V are (B, H_kv, N, D), C-contiguous (``attention``)."""
     sixteen = spec.dtype in ("float16", "bfloat16")
     table = widen_table(spec.dtype)
     if sixteen:  # float16 arrays as their bits too (bfloat16 arrives so): one kernel widens both kinds
@@ -207,10 +220,37 @@ def run(q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
                np.ascontiguousarray(lengths, np.int32), spec.seqlen_k, int(k_cache.shape[1]) if paged else 0, table,
                part_out, part_lse,
                spec.group_size, spec.causal, -1 if left is None else int(left), -1 if right is None else int(right),
-               float(spec.softcap or 0.0) * LOG2E, spec.alibi, slopes, plan.keys_per_split, plan.block_k)
+               float(spec.softcap or 0.0) * LOG2E, spec.alibi, slopes, plan.keys_per_split, plan.block_k,
+               int(heads_first))
         if splits == 1:
             return part_out[0], part_lse[0]
         out = np.empty((batch, n_q, heads, dim), np.float32)
         lse = np.empty((batch, heads, n_q), np.float32)
         merge(part_out, part_lse, out, lse)
     return out, lse
+
+
+MAX_QUERIES = 16  # queries per sequence up to which ``attention`` takes this kernel (as the triton backend's)
+
+
+def takes(spec) -> bool:
+    """True when ``attention`` should run ``spec`` through this kernel rather than the tiled forward: few
+    queries per sequence (a decoding or speculative step), whose group's query heads then share each K/V
+    row read (the forward kernel gives each query head its own task, which reads its KV head's keys
+    again), and only features this kernel has: causal, window and ALiBi bottom-right aligned (as it
+    places queries) or without a position rule, and softcap. Masks, key padding, dropout, varlen and
+    block sparsity take the forward kernel."""
+    return (0 < spec.seqlen_q <= MAX_QUERIES and spec.mask is None and not spec.key_padding and not spec.varlen
+            and spec.block_size is None and not spec.dropout_p and spec.dtype != "float64"
+            and (spec.align == "bottom-right" or not (spec.causal or spec.window is not None or spec.alibi)))
+
+
+def attention(q, k, v, spec, plan, extras):
+    """``Backend.forward`` of a few-query call through ``run``: K and V read in their (B, H, N, D) layout
+    (``heads_first``; a transposed view of them, as a cache, would lose the rows' unit stride and with it
+    the vectorized dot products: 7x slower), every sequence holding all its keys. (out, lse) as the
+    forward kernel gives them: out float32 (B, H, Nq, D) (a view), lse (B, H, Nq)."""
+    lengths = np.full(spec.batch, spec.seqlen_k, np.int32)
+    k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
+    out, lse = run(q.transpose(0, 2, 1, 3), k, v, None, lengths, spec, plan, extras, heads_first=True)
+    return out.transpose(0, 2, 1, 3), lse
