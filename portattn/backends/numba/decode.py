@@ -196,10 +196,22 @@ _NO_PAGES = np.zeros((1, 1), np.int32)
 _NO_SLOPES = np.zeros((1, 1), np.float32)
 
 
-def run(q, k_cache, v_cache, block_table, lengths, spec, plan, extras, heads_first=False):
+def _heads_first(k_cache, v_cache, paged: bool):
+    """(k, v, 1) when a contiguous cache is a (B, Nk, H_kv, D) view of C-contiguous (B, H_kv, Nk, D) arrays
+    -- a model's own K/V seen in flash-attn's layout, as ``attention`` and ``portattn bench`` pass them -- so
+    the kernel reads them in their own layout; else (k_cache, v_cache, 0). Read through the view, whose
+    rows lose their unit stride in numba's typing, the kernel's dot products did not vectorize: 4-8x slower."""
+    if paged or k_cache.flags.c_contiguous:
+        return k_cache, v_cache, 0
+    k, v = k_cache.transpose(0, 2, 1, 3), v_cache.transpose(0, 2, 1, 3)
+    if k.flags.c_contiguous and v.flags.c_contiguous:
+        return k, v, 1
+    return k_cache, v_cache, 0
+
+
+def run(q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
     """``Backend.decode_kvcache`` for numpy arrays (float16/bfloat16 as uint16 bits, as
-    ``arrays.to_numpy_bits`` hands them over): (out float32 (B, Nq, H, D), lse float32 (B, H, Nq)).
-    ``heads_first``: the K/V are (B, H_kv, N, D), C-contiguous (``attention``)."""
+    ``arrays.to_numpy_bits`` hands them over): (out float32 (B, Nq, H, D), lse float32 (B, H, Nq))."""
     sixteen = spec.dtype in ("float16", "bfloat16")
     table = widen_table(spec.dtype)
     if sixteen:  # float16 arrays as their bits too (bfloat16 arrives so): one kernel widens both kinds
@@ -213,6 +225,7 @@ def run(q, k_cache, v_cache, block_table, lengths, spec, plan, extras, heads_fir
     left, right = spec.window if spec.window is not None else (None, None)
     slopes = (np.ascontiguousarray(extras.alibi_slopes, np.float32) * np.float32(LOG2E) if spec.alibi else _NO_SLOPES)
     paged = block_table is not None
+    k_cache, v_cache, heads_first = _heads_first(k_cache, v_cache, paged)
     from .launch import run_with  # numba's pool sized by the plan
 
     with run_with(plan.threads, blas=False):  # the decode kernels call no BLAS
@@ -220,8 +233,7 @@ def run(q, k_cache, v_cache, block_table, lengths, spec, plan, extras, heads_fir
                np.ascontiguousarray(lengths, np.int32), spec.seqlen_k, int(k_cache.shape[1]) if paged else 0, table,
                part_out, part_lse,
                spec.group_size, spec.causal, -1 if left is None else int(left), -1 if right is None else int(right),
-               float(spec.softcap or 0.0) * LOG2E, spec.alibi, slopes, plan.keys_per_split, plan.block_k,
-               int(heads_first))
+               float(spec.softcap or 0.0) * LOG2E, spec.alibi, slopes, plan.keys_per_split, plan.block_k, heads_first)
         if splits == 1:
             return part_out[0], part_lse[0]
         out = np.empty((batch, n_q, heads, dim), np.float32)
@@ -247,10 +259,9 @@ def takes(spec) -> bool:
 
 def attention(q, k, v, spec, plan, extras):
     """``Backend.forward`` of a few-query call through ``run``: K and V read in their (B, H, N, D) layout
-    (``heads_first``; a transposed view of them, as a cache, would lose the rows' unit stride and with it
-    the vectorized dot products: 7x slower), every sequence holding all its keys. (out, lse) as the
-    forward kernel gives them: out float32 (B, H, Nq, D) (a view), lse (B, H, Nq)."""
+    (``_heads_first``), every sequence holding all its keys. (out, lse) as the forward kernel gives them:
+    out float32 (B, H, Nq, D) (a view), lse (B, H, Nq)."""
     lengths = np.full(spec.batch, spec.seqlen_k, np.int32)
-    k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
-    out, lse = run(q.transpose(0, 2, 1, 3), k, v, None, lengths, spec, plan, extras, heads_first=True)
+    q, k, v = (np.ascontiguousarray(x).transpose(0, 2, 1, 3) for x in (q, k, v))
+    out, lse = run(q, k, v, None, lengths, spec, plan, extras)
     return out.transpose(0, 2, 1, 3), lse
