@@ -366,6 +366,7 @@ def test_few_query_calls_run_the_decode_kernel_forward_and_backward(monkeypatch,
     backward, the gradients match the reference. A key padding keeps the tiled forward."""
     from portattn.backends.numba import decode
 
+    monkeypatch.setattr(decode, "MIN_KEY_ELEMENTS", 0)  # these short calls would take the forward kernel
     ran = []
     original = decode.attention
     monkeypatch.setattr(decode, "attention", lambda *args: ran.append(1) or original(*args))
@@ -375,5 +376,6 @@ def test_few_query_calls_run_the_decode_kernel_forward_and_backward(monkeypatch,
     _check_against_reference((B, H, 2, D), (B, HKV, n_k, D), dtype=dtype, key_padding_mask=M["padding"][:, :1].expand(B, n_k),
                              causal=True, align="bottom-right")
     assert not ran
-    assert "decode kernel" in " ".join(NUMBA.plan(AttentionSpec(batch=1, heads=4, kv_heads=2, seqlen_q=1, seqlen_k=64,
+    assert "decode kernel" in " ".join(NUMBA.plan(AttentionSpec(batch=1, heads=4, kv_heads=2, seqlen_q=1, seqlen_k=8192,
                                                                 head_dim=32, causal=True, align="bottom-right")).reasons)
+    assert not decode.takes(AttentionSpec(batch=1, heads=4, kv_heads=4, seqlen_q=1, seqlen_k=8192, head_dim=32))  # no GQA

@@ -243,16 +243,22 @@ def run(q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
 
 
 MAX_QUERIES = 16  # queries per sequence up to which ``attention`` takes this kernel (as the triton backend's)
+# ... and only with GQA and at least this many key elements (Nk x D) per sequence: below, the tiled forward
+# (MKL's products per head) was as fast or faster on the 2-core Xeon -- 1 q, 32/8 heads, D 128: 1024 keys
+# 485 against 499 us, 2048 keys 836 against 1041, 4096 keys 1461 against 2647; D 32 or one query head per
+# KV head, the forward at every length up to 4096.
+MIN_KEY_ELEMENTS = 2048 * 128
 
 
 def takes(spec) -> bool:
     """True when ``attention`` should run ``spec`` through this kernel rather than the tiled forward: few
-    queries per sequence (a decoding or speculative step), whose group's query heads then share each K/V
-    row read (the forward kernel gives each query head its own task, which reads its KV head's keys
-    again), and only features this kernel has: causal, window and ALiBi bottom-right aligned (as it
+    queries per sequence (a decoding or speculative step) with GQA and enough keys (``MIN_KEY_ELEMENTS``),
+    whose group's query heads then share each K/V row read (the forward kernel gives each query head its
+    own task, which reads its KV head's keys again), and only features this kernel has: causal, window and ALiBi bottom-right aligned (as it
     places queries) or without a position rule, and softcap. Masks, key padding, dropout, varlen and
     block sparsity take the forward kernel."""
-    return (0 < spec.seqlen_q <= MAX_QUERIES and spec.mask is None and not spec.key_padding and not spec.varlen
+    return (0 < spec.seqlen_q <= MAX_QUERIES and spec.group_size > 1 and spec.seqlen_k * spec.head_dim >= MIN_KEY_ELEMENTS
+            and spec.mask is None and not spec.key_padding and not spec.varlen
             and spec.block_size is None and not spec.dropout_p and spec.dtype != "float64"
             and (spec.align == "bottom-right" or not (spec.causal or spec.window is not None or spec.alibi)))
 
