@@ -39,6 +39,7 @@ THREADS_LOCAL = "portattn_blas_threads_local"  # int f(int): this thread's BLAS 
 class Blas(NamedTuple):
     name: str  # "mkl (libtorch_cpu.so)", "openblas (scipy)"
     bfloat16: bool  # whether bfloat16 tiles are multiplied as bfloat16
+    threads_per_task: bool  # whether the kernels set its threads per task (MKL); else the caller limits them
 
 
 def _address(function) -> int:
@@ -102,9 +103,9 @@ def chosen() -> Blas:
         llvm.add_symbol(SGEMM, _address(library.sgemm_))
         llvm.add_symbol(GEMM_BF16, _address(library.cblas_gemm_bf16bf16f32))
         llvm.add_symbol(THREADS_LOCAL, _address(library.MKL_Set_Num_Threads_Local))
-        return Blas(f"mkl ({name})", bfloat16)
+        return Blas(f"mkl ({name})", bfloat16, True)
     llvm.add_symbol(SGEMM, _openblas_sgemm())
     # OpenBLAS has no per-thread setting (launch.run_with limits it for the whole call); libc's abs(),
     # an int -> int function that does nothing, stands in: abs(1) "returns the previous value" 1.
     llvm.add_symbol(THREADS_LOCAL, _address(ctypes.CDLL(None).abs))
-    return Blas("openblas (scipy)", False)
+    return Blas("openblas (scipy)", False, False)

@@ -254,12 +254,12 @@ def takes(spec) -> bool:
     """True when ``attention`` should run ``spec`` through this kernel rather than the tiled forward: few
     queries per sequence (a decoding or speculative step) with GQA and enough keys (``MIN_KEY_ELEMENTS``),
     whose group's query heads then share each K/V row read (the forward kernel gives each query head its
-    own task, which reads its KV head's keys again), and only features this kernel has: causal, window and ALiBi bottom-right aligned (as it
-    places queries) or without a position rule, and softcap. Masks, key padding, dropout, varlen and
-    block sparsity take the forward kernel."""
-    return (0 < spec.seqlen_q <= MAX_QUERIES and spec.group_size > 1 and spec.seqlen_k * spec.head_dim >= MIN_KEY_ELEMENTS
-            and spec.mask is None and not spec.key_padding and not spec.varlen
-            and spec.block_size is None and not spec.dropout_p and spec.dtype != "float64"
+    own task, which reads its KV head's keys again), and only features this kernel has: causal, window
+    and ALiBi bottom-right aligned (as it places queries) or without a position rule, and softcap. Masks,
+    key padding, dropout, varlen and block sparsity take the forward kernel."""
+    return (0 < spec.seqlen_q <= MAX_QUERIES and spec.group_size > 1
+            and spec.seqlen_k * spec.head_dim >= MIN_KEY_ELEMENTS and spec.mask is None and not spec.key_padding
+            and not spec.varlen and spec.block_size is None and not spec.dropout_p and spec.dtype != "float64"
             and (spec.align == "bottom-right" or not (spec.causal or spec.window is not None or spec.alibi)))
 
 

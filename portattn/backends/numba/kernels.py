@@ -127,9 +127,8 @@ def gemm(typingctx, a, b, c, transpose_a, transpose_b, alpha, beta):
         rows, cols = shape(c_arr, 0), shape(c_arr, 1)
         inner = builder.select(flags[0], shape(a_arr, 0), shape(a_arr, 1))
         lds = [leading(arr, ty) for arr, ty in zip((a_arr, b_arr, c_arr), signature.args[:3])]
-        scalar = context.get_value_type(types.float64 if c.dtype == types.float64 else types.float32)
-        alpha_value, beta_value = (context.cast(builder, value, ty, types.float64 if c.dtype == types.float64 else types.float32)
-                                   for value, ty in zip(args[5:7], signature.args[5:7]))
+        scalar = context.get_value_type(c.dtype)  # alpha and beta in c's dtype (float32 for bf16 bits too)
+        alpha_value, beta_value = (context.cast(builder, value, ty, c.dtype) for value, ty in zip(args[5:7], signature.args[5:7]))
         data = [builder.bitcast(arr.data, cgutils.voidptr_t) for arr in (a_arr, b_arr, c_arr)]
         if bits:
             _call_gemm_bf16(builder, flags, rows, cols, inner, alpha_value, beta_value, data, lds)

@@ -80,7 +80,7 @@ def blas_may_thread(block_q: int, block_k: int, head_dim: int, spec=None) -> boo
     """Whether a kernel's tile GEMMs (block_q x block_k x head_dim multiply-adds each) may start OpenBLAS threads:
     never where MKL runs them (``spec``'s float32 or bfloat16 products, when blas.py chose MKL), which the
     kernels set single-threaded per task, with no call-wide setting to make and undo."""
-    if spec is not None and spec.dtype != "float64" and kernels().blas.chosen().name.startswith("mkl"):
+    if spec is not None and spec.dtype != "float64" and kernels().blas.chosen().threads_per_task:
         return False
     return block_q * block_k * head_dim > BLAS_SERIAL_MNK
 
