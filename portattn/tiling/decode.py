@@ -44,6 +44,7 @@ as soon as enough programs are in flight to keep the memory system busy. The rul
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -53,6 +54,7 @@ from ..spec import DTYPE_BYTES
 
 if TYPE_CHECKING:  # the spec module imports tiling; importing it back at run time would be circular
     from ..spec import AttentionSpec
+    from .plan import TilePlan
 
 GPU_MAX_ROWS = 64  # D1: G x Nq rows of one tile at most (the O accumulator stays in registers over 4 warps)
 GPU_DECODE_WAVES = 4  # D2: programs per compute unit
@@ -213,3 +215,15 @@ def _bytes_moved(problem: DecodeProblem, row_blocks: int, splits: int) -> int:
     if splits > 1:
         moved += 2 * splits * queries * (d + 1) * 4
     return moved
+
+
+@functools.lru_cache(maxsize=4096)
+def with_decode_reason(plan: "TilePlan", spec: "AttentionSpec", steps: DecodePlan | None) -> "TilePlan":
+    """``plan``, saying so when a backend's forward runs its decode kernel for ``spec`` (``steps``, its decode
+    plan; None: the tiled forward, and ``plan`` as it is)."""
+    if steps is None:
+        return plan
+    return dataclasses.replace(plan, reasons=(*plan.reasons, (
+        f"D0 {spec.seqlen_q} queries per sequence: the forward runs the decode kernel, {steps.key_splits} key "
+        f"split(s) of >= {steps.keys_per_split} keys, {steps.block_k}-key tiles, the {spec.group_size} query heads "
+        "of a KV group packed into one tile (tiling/decode.py); the tiles above serve the backward")))

@@ -15,12 +15,11 @@ compute dtype compiles once, and a plain call reuses a cached tuple.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from ...devices import probe
 from ...memo import by_identity
+from ...tiling.decode import with_decode_reason
 from ..base import Backend, Capabilities, register
 from . import launch
 
@@ -117,13 +116,7 @@ class NumbaBackend(Backend):
         return tuple(launch.returned(g, q) for g in (dq, dk, dv))
 
     def plan(self, spec, device=None):
-        steps = _decode_steps(self, spec)
-        plan = super().plan(spec, device)
-        if steps is None:
-            return plan
-        return dataclasses.replace(plan, reasons=(*plan.reasons, (
-            f"the forward runs the decode kernel ({spec.seqlen_q} queries per sequence: decode.takes), "
-            f"{steps.key_splits} key split(s); the tiles above serve the backward")))
+        return with_decode_reason(super().plan(spec, device), spec, _decode_steps(self, spec))
 
     def decode_kvcache(self, q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
         from . import decode  # imports numba: only when a decoding step runs

@@ -42,6 +42,7 @@ from ...devices import catalog, cuda_index, probe
 from ...extras import NONE
 from ...memo import by_identity
 from ...spec import FEATURES
+from ...tiling.decode import with_decode_reason
 from ..base import Backend, Capabilities, register
 from . import hopper, launch
 from .launch import interpreting
@@ -182,7 +183,7 @@ class TritonBackend(Backend):
         return out, lse
 
     def plan(self, spec, device=None):
-        plan = _with_decode_reason(super().plan(spec, device), spec, _decode_steps(self, spec))
+        plan = with_decode_reason(super().plan(spec, device), spec, _decode_steps(self, spec))
         return _with_hopper_reason(plan, _hopper_config(self, spec))
 
     def decode_kvcache(self, q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
@@ -299,12 +300,3 @@ def _with_hopper_reason(plan, config):
         "H1-H3 in docs/tiling.md); the tiles above serve the backward")))
 
 
-@functools.lru_cache(maxsize=4096)
-def _with_decode_reason(plan, spec, steps):
-    """``plan``, saying so when ``forward`` runs the decode kernel (``steps``, its decode plan)."""
-    if steps is None:
-        return plan
-    return dataclasses.replace(plan, reasons=(*plan.reasons, (
-        f"D0 {spec.seqlen_q} queries per sequence: the forward runs the decode kernel, {steps.key_splits} key "
-        f"split(s) of >= {steps.keys_per_split} keys, {steps.block_k}-key tiles, the {spec.group_size} query heads "
-        "of a KV group packed into one tile (tiling/decode.py); the tiles above serve the backward")))
