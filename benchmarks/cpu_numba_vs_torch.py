@@ -152,7 +152,7 @@ def time_problem(n: int, d: int, causal: bool, mode: str, dtype: str, reps: int)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seqlen", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    parser.add_argument("--bwd-seqlen", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--bwd-seqlen", type=int, nargs="*", default=[512, 1024, 2048, 4096], help="none: no fwd+bwd")
     parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--reps", type=int, default=5)

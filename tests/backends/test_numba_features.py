@@ -329,6 +329,66 @@ def test_bfloat16_tiles_multiply_in_bfloat16_as_accurately_as_torch(usable_backe
     assert library.MKL_Set_Num_Threads_Local(0) == 0, "a kernel left this thread's MKL threads set"
 
 
+def _packed_tiles_or_skip():
+    from portattn.backends.numba import blas
+
+    _mkl_or_skip()
+    if not blas.packed_tiles():
+        pytest.skip("torch's bfloat16 micro-kernel is not usable here (its could_pack(BFloat16) is False: no AMX, or "
+                    "oneDNN disabled): the forward's bfloat16 products run on MKL's GEMM")
+
+
+def test_packed_operands_are_laid_out_as_torchs_own_packing():
+    """pair_keys/pair_values give exactly what torch's ``cpublas::pack`` makes of K^T and V (VNNI pairs), the
+    layout its micro-kernel reads."""
+    _packed_tiles_or_skip()
+    import ctypes
+    import os
+
+    from portattn.backends.numba import kernels
+
+    library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    pack = library._ZN2at6native7cpublas4packEllllN3c1010ScalarTypeES3_PKvPv
+    pack.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int8] * 2 + [ctypes.c_void_p] * 2
+
+    def torch_pack(matrix):  # (K, N) bfloat16 bits -> VNNI pairs as torch packs them
+        rows, cols = matrix.shape
+        out = np.empty((rows // 2, cols), np.uint32)
+        pack(rows, cols, cols, cols, 15, 15, matrix.ctypes.data, out.ctypes.data)
+        return out
+
+    k, v = (_rng(3).integers(0, 2 ** 16, (1, 1, 128, 64), dtype=np.uint16) for _ in range(2))
+    k_pairs = np.empty((1, 1, 2, 32, 64), np.uint32)
+    kernels.pair_keys(k.view(np.uint32), 64, k_pairs)
+    v_pairs = np.empty((1, 1, 64, 64), np.uint32)
+    kernels.pair_values(v, v_pairs)
+    for block in range(2):
+        np.testing.assert_array_equal(k_pairs[0, 0, block], torch_pack(np.ascontiguousarray(k[0, 0, 64 * block:64 * (block + 1)].T)))
+    np.testing.assert_array_equal(v_pairs[0, 0], torch_pack(v[0, 0]))
+
+
+@pytest.mark.parametrize("case", ["plain", "causal-bottom-right", "bool-mask", "softcap-alibi-window"])
+@pytest.mark.parametrize("n_k, head_dim", [(NK, D), (301, 96)], ids=["odd-keys-d16", "d96"])
+def test_bfloat16_forward_runs_on_torchs_micro_kernel_with_packed_operands(monkeypatch, case, n_k, head_dim):
+    """Where torch's bfloat16 micro-kernel runs (AMX), the forward's products take it on K and V packed once per
+    call (an odd key count, GQA, masks, features): against the reference within bfloat16's tolerance; with
+    oneDNN switched off in torch (``torch.backends.mkldnn.enabled = False``) the same call runs on MKL's GEMM."""
+    _packed_tiles_or_skip()
+    from portattn.backends.numba import launch
+
+    packed = []
+    original = launch.packed_pairs
+    monkeypatch.setattr(launch, "packed_pairs", lambda *args: packed.append(original(*args)[0] is not None) or original(*args))
+    shape_q, shape_kv = (B, H, NQ, head_dim), (B, HKV, n_k, head_dim)
+    kw = dict(CASES[case])
+    if case == "bool-mask":
+        kw["attn_mask"] = torch.tensor(_rng(5).random((B, 1, NQ, n_k)) < 0.7)
+    _check_against_reference(shape_q, shape_kv, dtype=torch.bfloat16, **kw)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    _check_against_reference(shape_q, shape_kv, dtype=torch.bfloat16, **kw)
+    assert packed == [True, False]
+
+
 def test_openblas_can_be_chosen_instead_and_computes_bfloat16_in_float32(usable_backend):
     """``PORTATTN_NUMBA_BLAS=openblas`` (read once per process) makes the kernels call SciPy's OpenBLAS: bfloat16
     is then widened to float32, and the answers still match the reference."""

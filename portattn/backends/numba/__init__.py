@@ -85,8 +85,9 @@ class NumbaBackend(Backend):
         lse = np.empty(q.shape[:3], dtype)
         features = launch.features(spec, extras, dtype)
         with launch.run_with(plan.threads, blas=launch.blas_may_thread(plan.block_q, plan.block_k, spec.head_dim, spec)):
+            k_pairs, v_pairs = launch.packed_pairs(k_wide, v_wide, spec, plan.block_k)
             launch.kernels().forward(q_wide, k_wide, v_wide, out, lse, features, dtype(launch.log2_scale(spec)),
-                                     plan.block_q, plan.block_k, plan.key_splits)
+                                     plan.block_q, plan.block_k, plan.key_splits, k_pairs, v_pairs)
         return launch.returned(out, q), lse
 
     def backward(self, grad_out, q, k, v, out, lse, spec, plan, extras):

@@ -16,8 +16,16 @@ bfloat16 products need the CPU's bf16 instructions (AMX-BF16 or AVX512-BF16); wi
 emulate them. ``PORTATTN_NUMBA_BLAS=openblas`` or ``=mkl`` overrides the choice (to compare the two; with
 OpenBLAS bfloat16 is computed in float32).
 
-The kernels call fixed names -- ``portattn_sgemm``, ``portattn_gemm_bf16``, ``portattn_blas_threads_local``
--- that are bound here to the chosen library's functions (``llvmlite.binding.add_symbol``), never its
+Where torch's CPU library also exports its oneDNN micro-kernel for bfloat16 tiles with a pre-packed right
+operand (``at::native::cpublas::brgemm``, AMX; the kernel torch's own CPU flash attention runs) and this CPU
+can run it (``could_pack``), the forward's two products take it instead of MKL's GEMM, which re-packs both
+operands into AMX's layout on every call (K once per query tile): the kernels pack K and V once per call
+(kernels.pair_keys/pair_values). These are C++ functions: bound by their mangled names, called only with
+the arguments they accept (even inner sizes, VNNI-paired right operands), since a refusal there is a C++
+exception that would end the process.
+
+The kernels call fixed names -- ``portattn_sgemm``, ``portattn_gemm_bf16``, ``portattn_blas_threads_local``,
+``portattn_brgemm_bf16``, ``portattn_brgemm_release`` -- that are bound here to the chosen library's functions (``llvmlite.binding.add_symbol``), never its
 addresses: numba's on-disk cache of the kernels stays valid in a process that made the other choice.
 """
 from __future__ import annotations
@@ -34,12 +42,24 @@ import llvmlite.binding as llvm
 SGEMM = "portattn_sgemm"  # Fortran sgemm_: every argument by pointer
 GEMM_BF16 = "portattn_gemm_bf16"  # cblas_gemm_bf16bf16f32 (row-major layout, 32-bit ints)
 THREADS_LOCAL = "portattn_blas_threads_local"  # int f(int): this thread's BLAS threads, returns the previous value
+# void brgemm(int64 m, n, k, lda, ldb, ldc, bool accumulate, const bf16* a, const bf16* b_vnni, float* c, bool vnni)
+BRGEMM_BF16 = "portattn_brgemm_bf16"
+BRGEMM_RELEASE = "portattn_brgemm_release"  # void f(bool vnni): gives this thread's AMX tile state back
+
+# at::native::cpublas (ATen/native/CPUBlas.h), Itanium-mangled: brgemm's bfloat16 overload, brgemm_release, could_pack
+_TORCH_BRGEMM = {
+    BRGEMM_BF16: "_ZN2at6native7cpublas6brgemmEllllllbPKN3c108BFloat16ES5_Pfb",
+    BRGEMM_RELEASE: "_ZN2at6native7cpublas14brgemm_releaseEb",
+}
+_TORCH_COULD_PACK = "_ZN2at6native7cpublas10could_packEN3c1010ScalarTypeE"
+_SCALAR_TYPE_BFLOAT16 = 15  # c10::ScalarType::BFloat16
 
 
 class Blas(NamedTuple):
     name: str  # "mkl (libtorch_cpu.so)", "openblas (scipy)"
     bfloat16: bool  # whether bfloat16 tiles are multiplied as bfloat16
     threads_per_task: bool  # whether the kernels set its threads per task (MKL); else the caller limits them
+    could_pack: object = None  # torch's could_pack(ScalarType) where its bf16 micro-kernel is bound (``packed_tiles``)
 
 
 def _address(function) -> int:
@@ -103,9 +123,29 @@ def chosen() -> Blas:
         llvm.add_symbol(SGEMM, _address(library.sgemm_))
         llvm.add_symbol(GEMM_BF16, _address(library.cblas_gemm_bf16bf16f32))
         llvm.add_symbol(THREADS_LOCAL, _address(library.MKL_Set_Num_Threads_Local))
-        return Blas(f"mkl ({name})", bfloat16, True)
+        return Blas(f"mkl ({name})", bfloat16, True, _bind_torch_brgemm(library) if bfloat16 else None)
     llvm.add_symbol(SGEMM, _openblas_sgemm())
     # OpenBLAS has no per-thread setting (launch.run_with limits it for the whole call); libc's abs(),
     # an int -> int function that does nothing, stands in: abs(1) "returns the previous value" 1.
     llvm.add_symbol(THREADS_LOCAL, _address(ctypes.CDLL(None).abs))
     return Blas("openblas (scipy)", False, False)
+
+
+def _bind_torch_brgemm(library):
+    """Bind the micro-kernel names to torch's and return its ``could_pack``; None where ``library`` (MKL
+    alone, or another torch build) lacks them."""
+    if not all(hasattr(library, symbol) for symbol in (*_TORCH_BRGEMM.values(), _TORCH_COULD_PACK)):
+        return None
+    for name, symbol in _TORCH_BRGEMM.items():
+        llvm.add_symbol(name, _address(getattr(library, symbol)))
+    could_pack = getattr(library, _TORCH_COULD_PACK)
+    could_pack.restype, could_pack.argtypes = ctypes.c_bool, [ctypes.c_int8]
+    return could_pack
+
+
+def packed_tiles() -> bool:
+    """Whether bfloat16 tiles may run on torch's micro-kernel now: bound, and torch says this CPU packs
+    bfloat16 (AMX) with oneDNN enabled -- asked per call, since ``torch.backends.mkldnn.enabled`` may be
+    switched off at any time, and the micro-kernel then raises instead of computing."""
+    could_pack = chosen().could_pack
+    return could_pack is not None and could_pack(_SCALAR_TYPE_BFLOAT16)

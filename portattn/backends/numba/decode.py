@@ -140,7 +140,7 @@ def decode(q, k, v, table, lengths, capacity, page_size, widen, part_out, part_l
                 alpha = np.float32(2.0) ** (m[r] - top)
                 # the forward's vectorized exp2 (a hidden score's weight is 0, as there): float32 pow
                 # per score was most of a short step's time
-                total = exp2_shifted(scores[r, :n], top, 0)
+                total = exp2_shifted(scores[r, :n], 1.0, top, scores[r, :n])
                 ell[r] = ell[r] * alpha + total
                 m[r] = top
                 for d in range(dim):

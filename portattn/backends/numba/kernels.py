@@ -184,46 +184,113 @@ def _call_fortran_gemm(context, builder, dtype, scalar, flags, rows, cols, inner
                       p_ldc))
 
 
-def exp2_shifted(row, shift, exponent_bits):
-    """``row[j] = 2 ** (row[j] - shift)`` in place; returns the row's new sum. ``exponent_bits`` is
-    unused (kept for the callers' signatures)."""
+@intrinsic
+def packed_gemm(typingctx, a, b_pairs, c, accumulate):
+    """``c (+)= a @ B`` on torch's bfloat16 micro-kernel (blas.py; AMX): ``a`` (m, k) bfloat16 bits, ``B`` (k, n)
+    given VNNI-paired as ``b_pairs`` (k / 2, n) uint32, each holding B[2i, j] (low half) and B[2i + 1, j],
+    float32 ``c`` (m, n); every row contiguous, any row stride. k = 2 * b_pairs.shape[0] must be even and
+    ``a`` that wide (an odd k stops the process: the caller pads). Only where ``blas.packed_tiles()``."""
+    if not (all(isinstance(x, types.Array) and x.ndim == 2 for x in (a, b_pairs, c)) and a.dtype == types.uint16
+            and b_pairs.dtype == types.uint32 and c.dtype == types.float32):
+        return None
+    if blas.chosen().could_pack is None:  # the names are bound to nothing: a call would jump to address 0
+        raise errors.TypingError(f"packed bfloat16 tiles need torch's CPU library; the BLAS here is {blas.chosen().name}")
+
+    def codegen(context, builder, signature, args):
+        from numba.core import cgutils
+
+        arrays = [context.make_array(ty)(context, builder, value) for ty, value in zip(signature.args[:3], args[:3])]
+        i64 = ir.IntType(64)
+
+        def leading(arr, item):  # the row stride in elements
+            return builder.sdiv(cgutils.unpack_tuple(builder, arr.strides, 2)[0], i64(item))
+
+        (rows, cols), pairs = cgutils.unpack_tuple(builder, arrays[2].shape, 2), cgutils.unpack_tuple(builder, arrays[1].shape, 2)[0]
+        inner = builder.mul(pairs, i64(2))
+        flag = context.cast(builder, args[3], signature.args[3], types.boolean)
+        ptr = cgutils.voidptr_t
+        fnty = ir.FunctionType(ir.VoidType(), [i64] * 6 + [ir.IntType(1), ptr, ptr, ptr, ir.IntType(1)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, blas.BRGEMM_BF16)
+        builder.call(fn, (rows, cols, inner, leading(arrays[0], 2), leading(arrays[1], 4), leading(arrays[2], 4), flag,
+                          *(builder.bitcast(arr.data, ptr) for arr in arrays), ir.IntType(1)(1)))
+        return context.get_dummy_value()
+
+    return types.none(a, b_pairs, c, accumulate), codegen
+
+
+@intrinsic
+def release_tiles(typingctx):
+    """Give back this thread's AMX tile state after ``packed_gemm`` calls (torch's ``brgemm_release``): the
+    thread is one of numba's workers, whose next task may run other AMX code (MKL's bf16 GEMM)."""
+
+    def codegen(context, builder, signature, args):
+        from numba.core import cgutils
+
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(1)]),
+                                            blas.BRGEMM_RELEASE)
+        builder.call(fn, [ir.IntType(1)(1)])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+def exp2_shifted(row, scale, shift, out):
+    """``out[j] = 2 ** (scale * row[j] - shift)``; returns the sum of those values. ``out`` is ``row`` itself
+    (in place: any other float array is ignored) or, for bfloat16 products, a row of bfloat16 bits that gets
+    the values rounded to nearest even (no pass of its own). (``scale``: scores from a GEMM that could not scale them, ``packed_gemm``; else 1.)"""
     raise NotImplementedError("only callable from numba-compiled code")
 
 
-@overload(exp2_shifted, inline="always")
-def _exp2_shifted_impl(row, shift, exponent_bits):
-    if row.dtype == types.float32:
-        # float32 constants throughout: a float64 one would promote the loop and halve its lanes
-        p0, p1, p2, p3, p4, p5 = (np.float32(c) for c in _EXP2_P)
-        floor, half, one, zero = np.float32(_EXP2_FLOOR), np.float32(0.5), np.float32(1.0), np.float32(0.0)
-        bias, mantissa = np.int32(127), np.int32(23)
+# float32 constants throughout: a float64 one would promote the loops and halve their lanes
+_P0, _P1, _P2, _P3, _P4, _P5 = (np.float32(c) for c in _EXP2_P)
+_FLOOR32, _HALF32, _ONE32, _ZERO32 = np.float32(_EXP2_FLOOR), np.float32(0.5), np.float32(1.0), np.float32(0.0)
 
-        def exp2_float32(row, shift, exponent_bits):
-            # 2**t = 2**n * 2**f with n = round(t), f in [-0.5, 0.5]: the polynomial gives 2**f, and
-            # 2**n is the float whose exponent field is n + 127, made in a register (one pass over the
-            # row, the sum in the same loop; a second pass adding n << 23 to the stored bits cost 1.6x).
-            # (np.floor, not math.floor: the latter returns int64, which AVX2 cannot convert in vectors.)
-            total = np.float32(0.0)
+
+@njit(inline="always", fastmath=True)
+def _exp2_float32(x):
+    """2**x for float32 x: 2**t = 2**n * 2**f with n = round(t), f in [-0.5, 0.5]; the polynomial gives 2**f,
+    and 2**n is the float whose exponent field is n + 127, made in a register (a second pass adding n << 23
+    to the stored bits cost 1.6x). (np.floor, not math.floor: the latter returns int64, which AVX2 cannot
+    convert in vectors.)"""
+    below = x < _FLOOR32  # with fastmath a NaN may land either side; exp2(NaN) stays NaN below
+    if below:
+        x = _FLOOR32
+    n = np.floor(x + _HALF32)
+    f = x - n
+    p = _ONE32 + f * (((((_P0 * f + _P1) * f + _P2) * f + _P3) * f + _P4) * f + _P5)
+    p *= float32_from_bits(np.int32(np.int32(np.int32(n) + np.int32(127)) << np.int32(23)))
+    return _ZERO32 if below else p  # exactly 0, never a subnormal-making 2**-100 (``_EXP2_FLOOR``)
+
+
+@overload(exp2_shifted, inline="always")
+def _exp2_shifted_impl(row, scale, shift, out):
+    if row.dtype == types.float32 and out.dtype == types.uint16:
+        def exp2_into_bits(row, scale, shift, out):
+            total, factor = _ZERO32, np.float32(scale)
             for j in range(row.size):
-                x = row[j] - shift
-                below = x < floor  # with fastmath a NaN may land either side; exp2(NaN) stays NaN below
-                if below:
-                    x = floor
-                n = np.floor(x + half)
-                f = x - n
-                p = one + f * (((((p0 * f + p1) * f + p2) * f + p3) * f + p4) * f + p5)
-                p *= float32_from_bits(np.int32(np.int32(np.int32(n) + bias) << mantissa))
-                if below:  # exactly 0, never a subnormal-making 2**-100 (``_EXP2_FLOOR``)
-                    p = zero
+                p = _exp2_float32(row[j] * factor - shift)
+                out[j] = bfloat16_bits(p)
+                total += p
+            return total
+
+        return exp2_into_bits
+
+    # ``out`` is ``row`` (the contract): written through ``row`` alone, since stores through a second array
+    # object that LLVM cannot prove the same kept the loop scalar (the float32 forward ran at half speed)
+    if row.dtype == types.float32:
+        def exp2_float32(row, scale, shift, out):  # one pass over the row, the sum in the same loop
+            total, factor = _ZERO32, np.float32(scale)
+            for j in range(row.size):
+                p = _exp2_float32(row[j] * factor - shift)
                 row[j] = p
                 total += p
             return total
 
         return exp2_float32
 
-    def exp2_generic(row, shift, exponent_bits):  # float64: accuracy over speed
+    def exp2_generic(row, scale, shift, out):  # float64: accuracy over speed
         for j in range(row.size):
-            row[j] = np.exp2(row[j] - shift)
+            row[j] = np.exp2(row[j] * scale - shift)
         return row.sum()
 
     return exp2_generic
@@ -287,18 +354,100 @@ def operand_like(x, tile, scratch):
 def _operand_like_impl(x, tile, scratch):
     if x.dtype != types.uint16:
         return lambda x, tile, scratch: tile
-    round_bit, half = np.uint32(1), np.uint32(0x7FFF)
 
     def narrowed(x, tile, scratch):
         rows, cols = tile.shape
         out = scratch[: rows * cols].reshape(rows, cols)
         for r in range(rows):
-            for c in range(cols):  # arithmetic NaNs (0x7FC00000) stay NaN; the tiles hold no other
-                value = _bits_of(tile[r, c])
-                out[r, c] = np.uint16((value + half + ((value >> np.uint32(16)) & round_bit)) >> np.uint32(16))
+            for c in range(cols):
+                out[r, c] = bfloat16_bits(tile[r, c])
         return out
 
     return narrowed
+
+
+_ROUND_BIT, _ROUND_HALF = np.uint32(1), np.uint32(0x7FFF)
+
+
+@njit(inline="always")
+def bfloat16_bits(x):
+    """The float32 ``x`` rounded to nearest even bfloat16, as its bits. Arithmetic NaNs (0x7FC00000) stay
+    NaN; the kernels' tiles hold no other."""
+    value = _bits_of(x)
+    return np.uint16((value + _ROUND_HALF + ((value >> np.uint32(16)) & _ROUND_BIT)) >> np.uint32(16))
+
+
+# Tile scratch rows lie ``block + ROW_PAD`` elements apart, never a power of two: with 512 float32 scores
+# (2 KiB) per row, the 16 rows a GEMM micro-kernel stores at once all fall in the same L1 cache sets. A
+# 256 x 512 x 64 bfloat16 score product took 45.6 us into rows 512 apart, 17.1 us into rows 528 apart.
+ROW_PAD = 16
+
+
+@njit(parallel=True, cache=True)
+def pair_keys(k_words, block_k, out):
+    """K^T VNNI-paired per key block, the right operand of the score product on ``packed_gemm``:
+    ``out[b, h, kb, i, n]`` = K[b, h, kb * block_k + n, 2i] (low half) and K[..., 2i + 1], read from ``k_words``,
+    K's bfloat16 bits viewed as (B, H, N, D / 2) uint32 pairs -- so the packing is a transpose of words.
+    Zero past the keys."""
+    batch, heads, seqlen, _ = k_words.shape
+    blocks = out.shape[2]
+    for task in prange(batch * heads * blocks):
+        b, h, kb = task // (heads * blocks), (task // blocks) % heads, task % blocks
+        j0 = kb * block_k
+        tile = out[b, h, kb]
+        cols = min(block_k, seqlen - j0)
+        for i in range(tile.shape[0]):
+            tile[i, cols:] = 0
+        for n0 in range(0, cols, 16):  # 16 keys at a time: their rows stay in L1 while each pair row is written
+            n1 = min(n0 + 16, cols)
+            words = k_words[b, h, j0 + n0:j0 + n1]
+            for i in range(tile.shape[0]):
+                for n in range(n1 - n0):
+                    tile[i, n0 + n] = words[n, i]
+
+
+@njit(parallel=True, cache=True)
+def pair_values(v, out):
+    """V VNNI-paired, the right operand of P V on ``packed_gemm``: ``out[b, h, c, d]`` = V[b, h, 2c, d] (low
+    half) and V[b, h, 2c + 1, d], from V's bfloat16 bits; an odd last key is paired with 0."""
+    batch, heads, seqlen, head_dim = v.shape
+    pairs = out.shape[2]
+    for task in prange(batch * heads):
+        b, h = task // heads, task % heads
+        for c in range(pairs):
+            low, paired = v[b, h, 2 * c], out[b, h, c]
+            if 2 * c + 1 < seqlen:
+                high = v[b, h, 2 * c + 1]
+                for d in range(head_dim):
+                    paired[d] = np.uint32(low[d]) | (np.uint32(high[d]) << np.uint32(16))
+            else:
+                for d in range(head_dim):
+                    paired[d] = np.uint32(low[d])
+
+
+def _weights_row(k_pairs, row, p_bits, r, width):
+    """Where the forward's exp2 pass writes row r's weights P: over its scores ``row`` (the GEMM path), or into
+    ``p_bits`` as bfloat16 bits ``width`` wide (the packed path, when ``k_pairs`` is given)."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(_weights_row, inline="always")
+def _weights_row_impl(k_pairs, row, p_bits, r, width):
+    if isinstance(k_pairs, types.NoneType):
+        return lambda k_pairs, row, p_bits, r, width: row
+    return lambda k_pairs, row, p_bits, r, width: p_bits[r, :width]
+
+
+def _unit(x):
+    """1 in the type of the float ``x`` (a float64 1.0 would widen float32 row loops)."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(_unit, inline="always")
+def _unit_impl(x):
+    if x == types.float32:
+        return lambda x: np.float32(1.0)
+    return lambda x: 1.0
 
 
 def bits_scratch(x, size):
@@ -576,7 +725,7 @@ def _has_keys(lse):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def forward(q, k, v, out, lse, feat, q_factor, block_q, block_k, key_splits):
+def forward(q, k, v, out, lse, feat, q_factor, block_q, block_k, key_splits, k_pairs=None, v_pairs=None):
     """O and LSE (natural log) for (B, H, N, D) arrays into ``out``/``lse`` (both of q's dtype, float32
     for bfloat16 bits).
 
@@ -590,6 +739,10 @@ def forward(q, k, v, out, lse, feat, q_factor, block_q, block_k, key_splits):
 
     With ``key_splits > 1`` each query tile's key blocks are cut in that many independent tasks
     whose partial results are merged by log-sum-exp afterwards (flash-decoding).
+
+    Given ``k_pairs``/``v_pairs`` (bfloat16 bits only: ``pair_keys``/``pair_values`` of k and v, packed once
+    per call; a positive ``q_factor``, an even head dim and ``block_k``, no varlen), both products run on
+    ``packed_gemm``, which cannot scale: the row passes multiply the raw scores by ``q_factor``.
     """
     batch, heads, total_q, head_dim = q.shape
     total_k = k.shape[2]
@@ -621,11 +774,13 @@ def forward(q, k, v, out, lse, feat, q_factor, block_q, block_k, key_splits):
         acc = np.zeros((rows, head_dim), out.dtype)
         m_i = np.full(rows, -np.inf, out.dtype)
         l_i = np.zeros(rows, out.dtype)
-        scores = np.empty(rows * block_k, out.dtype)
-        exponent_bits = np.empty(block_k, np.int32)
+        scores = np.empty(rows * (block_k + ROW_PAD), out.dtype)
         cap_grad = np.empty(block_k, out.dtype)  # unused by the forward
         weight_bits = bits_scratch(v, rows * block_k)
+        # P as packed_gemm takes it: bfloat16 bits that the exp2 pass writes (rows ROW_PAD apart, an even width)
+        p_bits = np.empty((0 if k_pairs is None else rows, block_k + ROW_PAD), np.uint16)
         q_tile = q[ab, h, q0 + i0:q0 + i1]
+        score_scale = _unit(q_factor) if k_pairs is None else q_factor  # what the score GEMM left undone
         for key_block in range(first, last):
             j0 = key_block * block_k
             j1 = min(j0 + block_k, seqlen_k)
@@ -634,36 +789,49 @@ def forward(q, k, v, out, lse, feat, q_factor, block_q, block_k, key_splits):
             if blocks == BLOCKS_NONE:  # an empty sparse block: never loaded, never multiplied
                 continue
             row_pass = feat.row_pass or blocks == BLOCKS_MIXED
-            s = scores[: rows * cols].reshape(rows, cols)
-            gemm(q_tile, k[ab, hk, k0 + j0:k0 + j1], s, False, True, q_factor, 0.0)
+            tile = scores[: rows * (cols + ROW_PAD)].reshape(rows, cols + ROW_PAD)
+            s = tile[:, :cols]  # for the GEMMs; the row passes read ``tile``'s rows, which vectorize
+            if k_pairs is None:
+                gemm(q_tile, k[ab, hk, k0 + j0:k0 + j1], s, False, True, q_factor, 0.0)
+            else:
+                packed_gemm(q_tile, k_pairs[ab, hk, key_block, :, :cols], s, False)
+            width = cols + cols % 2  # packed_gemm's inner size is even: a 0 weight meets the 0 paired with an odd last key
             for r in range(rows):
                 i = i0 + r
                 c_lo, c_hi = _row_columns(feat, i + offset, seqlen_k, j0, cols)
-                row = s[r]
+                row = tile[r, :cols]
+                weights = _weights_row(k_pairs, row, p_bits, r, width)
                 if c_hi <= c_lo:
-                    row[:] = 0.0
+                    weights[:] = 0
                     continue
-                if row_pass:
+                row_scale = score_scale
+                if row_pass:  # features work on scores in log2 units
+                    if row_scale != 1.0:
+                        _scaled_into(row[c_lo:c_hi], row[c_lo:c_hi], row_scale)
+                        row_scale = _unit(q_factor)
                     top, found = _feature_row(row, c_lo, c_hi, feat, b, h, i, i + offset, j0, slope_log2,
                                               blocks == BLOCKS_MIXED, cap_grad)
                     if not found:  # every key of this block is masked for the row
-                        row[:] = 0.0
+                        weights[:] = 0
                         continue
                 else:
-                    top = row_max(row, c_lo, c_hi)
+                    top = row_max(row, c_lo, c_hi) * row_scale
                 m_new = max(m_i[r], top)
                 alpha = np.exp2(m_i[r] - m_new)  # 0 on the first visible block (m_i = -inf)
-                l_i[r] = l_i[r] * alpha + exp2_shifted(row[c_lo:c_hi], m_new, exponent_bits)
-                if c_lo > 0 or c_hi < cols:  # the causal diagonal or a window edge
-                    row[:c_lo] = 0.0
-                    row[c_hi:] = 0.0
+                l_i[r] = l_i[r] * alpha + exp2_shifted(row[c_lo:c_hi], row_scale, m_new, weights[c_lo:c_hi])
+                if c_lo > 0 or c_hi < weights.size:  # the causal diagonal, a window edge, an odd last key
+                    weights[:c_lo] = 0
+                    weights[c_hi:] = 0
                 m_i[r] = m_new
                 if alpha != 1.0:  # the max moved: rescale what was summed under the old one
                     acc[r] *= alpha
-                if feat.dropout_p > 0.0:  # after l_i: the LSE is that of the undropped weights
+                if feat.dropout_p > 0.0:  # after l_i: the LSE is that of the undropped weights (not packed: launch.py)
                     _dropout_row(row, c_lo, c_hi, feat, b, h, i, j0)
-            v_tile = v[ab, hk, k0 + j0:k0 + j1]
-            gemm(operand_like(v_tile, s, weight_bits), v_tile, acc, False, False, 1.0, 1.0)  # acc += P V, in the product
+            if k_pairs is None:
+                v_tile = v[ab, hk, k0 + j0:k0 + j1]
+                gemm(operand_like(v_tile, s, weight_bits), v_tile, acc, False, False, 1.0, 1.0)  # acc += P V, in the product
+            else:
+                packed_gemm(p_bits[:, :width], v_pairs[ab, hk, j0 // 2:(j0 + width) // 2], acc, True)
         for r in range(rows):
             at = q0 + i0 + r
             if l_i[r] > 0.0:
@@ -672,6 +840,8 @@ def forward(q, k, v, out, lse, feat, q_factor, block_q, block_k, key_splits):
             else:  # no visible key: zeros and -inf, never NaN
                 part_out[split, ab, h, at] = 0.0
                 part_lse[split, ab, h, at] = -np.inf
+        if k_pairs is not None:
+            release_tiles()
         blas_threads_local(threads)
     if key_splits > 1:
         _merge_splits(part_out, part_lse, out, lse)
@@ -706,7 +876,7 @@ def _merge_splits(part_out, part_lse, out, lse):
 
 @njit(inline="always")
 def _probabilities_and_ds(q_scaled_tile, q_factor, k_tile, v_tile, do_tile, lse_log2, has_keys, delta, feat, b, h, i0,
-                          j0, offset, seqlen_k, slope_log2, blocks, p, dp, exponent_bits, cap_grad):
+                          j0, offset, seqlen_k, slope_log2, blocks, p, dp, cap_grad):
     """Recompute P = exp2(scores - LSE * log2e) for one tile (the forward's scores: same column
     ranges, same ``_feature_row``), then dS = P * (dP - delta) into ``dp``, times softcap's
     derivative. With dropout, dP is masked and scaled as the forward's weights were and ``p`` ends
@@ -733,7 +903,7 @@ def _probabilities_and_ds(q_scaled_tile, q_factor, k_tile, v_tile, do_tile, lse_
                 row[:] = 0.0
                 dp[r] = 0.0
                 continue
-        exp2_shifted(row[c_lo:c_hi], lse_log2[r], exponent_bits)
+        exp2_shifted(row[c_lo:c_hi], 1.0, lse_log2[r], row[c_lo:c_hi])
         row[:c_lo] = 0.0
         row[c_hi:] = 0.0
         if feat.dropout_p > 0.0:
@@ -792,7 +962,6 @@ def backward_key_pass(q, q_scaled, q_factor, k, v, do, lse, delta, dq, dk, dv, s
         dp = np.empty(block_q * block_k, dq.dtype)
         lse_log2 = np.empty(block_q, dq.dtype)
         has_keys = np.empty(block_q, np.bool_)
-        exponent_bits = np.empty(block_k, np.int32)
         cap_grad = np.empty(block_k, dq.dtype)
         weight_bits, ds_bits = bits_scratch(do, block_q * block_k), bits_scratch(q, block_q * block_k)
         wide_vectors()
@@ -821,7 +990,7 @@ def backward_key_pass(q, q_scaled, q_factor, k, v, do, lse, delta, dq, dk, dv, s
                     _probabilities_and_ds(q_scaled[ab, h, q0 + i0:q0 + i1], q_factor, k[ab, hk, k0 + j0:k0 + j1],
                                           v[ab, hk, k0 + j0:k0 + j1], do[ab, h, q0 + i0:q0 + i1], lse_log2, has_keys,
                                           delta[ab, h, q0 + i0:q0 + i1], feat, b, h, i0, j0, offset, seqlen_k,
-                                          slope_log2, blocks, pt, ds, exponent_bits, cap_grad)
+                                          slope_log2, blocks, pt, ds, cap_grad)
                     do_tile, q_tile = do[ab, h, q0 + i0:q0 + i1], q[ab, h, q0 + i0:q0 + i1]
                     ds_operand = operand_like(q_tile, ds, ds_bits)
                     # accumulated in the products (beta = 1), dQ scaled there too (alpha)
@@ -861,7 +1030,6 @@ def backward_query_pass(q_scaled, q_factor, k, v, do, lse, delta, dq, scale, fea
         dq_acc = np.zeros((rows, head_dim), dq.dtype)
         lse_log2 = np.empty(rows, dq.dtype)
         has_keys = np.empty(rows, np.bool_)
-        exponent_bits = np.empty(block_k, np.int32)
         cap_grad = np.empty(block_k, dq.dtype)
         ds_bits = bits_scratch(k, rows * block_k)
         wide_vectors()
@@ -881,7 +1049,7 @@ def backward_query_pass(q_scaled, q_factor, k, v, do, lse, delta, dq, scale, fea
             k_tile = k[ab, hk, k0 + j0:k0 + j1]
             _probabilities_and_ds(q_scaled[ab, h, q0 + i0:q0 + i1], q_factor, k_tile, v[ab, hk, k0 + j0:k0 + j1],
                                   do[ab, h, q0 + i0:q0 + i1], lse_log2, has_keys, delta[ab, h, q0 + i0:q0 + i1], feat,
-                                  b, h, i0, j0, offset, seqlen_k, slope_log2, blocks, pt, ds, exponent_bits, cap_grad)
+                                  b, h, i0, j0, offset, seqlen_k, slope_log2, blocks, pt, ds, cap_grad)
             gemm(operand_like(k_tile, ds, ds_bits), k_tile, dq_acc, False, False, 1.0, 1.0)
         for r in range(rows):
             _scaled_into(dq[ab, h, q0 + i0 + r], dq_acc[r], scale)

@@ -124,6 +124,21 @@ def product_operand(x, spec):
         return np.ascontiguousarray(x)
     return operand(x, spec)
 
+def packed_pairs(k, v, spec, block_k: int):
+    """(k_pairs, v_pairs): k and v (bfloat16 bits from ``product_operand``) VNNI-paired for the forward's
+    products on torch's micro-kernel (kernels.packed_gemm, AMX), packed once per call where it can take them
+    (blas.py: bound, and torch's could_pack; even head dim and block_k; no varlen, no dropout; a positive scale,
+    which the row passes apply); else (None, None), and the forward runs on ``gemm``."""
+    if not (k.dtype == np.uint16 and bfloat16_products(spec) and spec.head_dim % 2 == 0 and block_k % 2 == 0
+            and not spec.varlen and not spec.dropout_p and spec.softmax_scale > 0 and kernels().blas.packed_tiles()):
+        return None, None
+    batch, heads_k, seqlen_k, head_dim = k.shape
+    k_pairs = np.empty((batch, heads_k, -(-seqlen_k // block_k), head_dim // 2, block_k + kernels().ROW_PAD), np.uint32)
+    kernels().pair_keys(k.view(np.uint32), block_k, k_pairs)
+    v_pairs = np.empty((batch, heads_k, -(-seqlen_k // 2), head_dim), np.uint32)
+    kernels().pair_values(v, v_pairs)
+    return k_pairs, v_pairs
+
 def row_dots(a, b, spec):
     """rowsum(a * b) over the last axis of (B, H, N, D) arrays as they came: the backward's delta from dO
     and O (by numpy's einsum for float arrays, else read from the bits as ``operand`` reads them)."""
