@@ -6,7 +6,8 @@ set here, before any test imports them; a GPU machine leaves it unset and runs t
 
 ``--full-grid`` runs the conformance suite's whole grid on the CPU emulations (Triton's interpreter,
 OpenCL on a CPU device such as PoCL) too; without it they run a trimmed grid
-(``tests/conformance/conftest.py``). Backends that run natively always run the whole grid.
+(``tests/conformance/conftest.py``). Backends that run natively always run the whole grid. Tests marked
+``full_grid`` (a few whose OpenCL builds take tens of seconds on PoCL) run only with it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,22 @@ def pytest_addoption(parser):
         help="run every conformance case on the slow CPU emulations too (Triton's interpreter, OpenCL on a "
              "CPU device such as PoCL), not only the default's trimmed grid; natively run backends always run all")
 
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "full_grid: a case whose kernel builds take tens of seconds on the CPU emulations; runs only with "
+                   "--full-grid (ci/gpu.sh passes it), its siblings cover the same code paths by default")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full-grid"):
+        return
+    for item in items:
+        if item.get_closest_marker("full_grid"):
+            item.add_marker(pytest.mark.skip(
+                reason="kept to pytest --full-grid: its kernel builds cost tens of seconds on a CPU device, and the "
+                       "default run keeps its siblings, which reach the same code paths"))
 
 @pytest.fixture(scope="session")
 def usable_backend():

@@ -172,12 +172,19 @@ def test_forward_register_tiles(queue, rows, vectors, target, chunk):
     np.testing.assert_allclose(lse, want_lse, atol=3e-5)
 
 
-# (head dim, causal, [(chunk: smallest / largest / 0 = none, loop order)]): each build costs seconds on PoCL
-CHUNK_CASES = [(128, False, [("smallest", "cpu"), ("largest", "gpu")]), (72, True, [(0, "gpu"), ("smallest", "gpu")])]
+# (head dim, causal, chunk: smallest / largest / 0 = none, loop order): each build costs 20-50 s on PoCL, so
+# the default run keeps the two chunked GPU-order builds (the paths GPUs with small local memory take) and
+# --full-grid adds the CPU order and the unchunked one (which test_forward_register_tiles also reaches)
+CHUNK_CASES = [
+    pytest.param(128, False, "largest", "gpu", id="d128-largest-gpu"),
+    pytest.param(72, True, "smallest", "gpu", id="d72-causal-smallest-gpu"),
+    pytest.param(128, False, "smallest", "cpu", id="d128-smallest-cpu", marks=pytest.mark.full_grid),
+    pytest.param(72, True, 0, "gpu", id="d72-causal-whole-gpu", marks=pytest.mark.full_grid),
+]
 
 
-@pytest.mark.parametrize("head_dim, causal, cases", CHUNK_CASES, ids=["d128", "d72-causal"])
-def test_forward_chunks_and_loop_orders(queue, head_dim, causal, cases):
+@pytest.mark.parametrize("head_dim, causal, which, target", CHUNK_CASES)
+def test_forward_chunks_and_loop_orders(queue, head_dim, causal, which, target):
     """The forward that stages K and V a chunk of head-dim columns at a time (the plan GPUs with small
     local memory get at large head dims), with either loop order of the tile products (GPU plans put
     accumulator pieces inside), matches the reference: forced on the default device whatever its own
@@ -196,15 +203,14 @@ def test_forward_chunks_and_loop_orders(queue, head_dim, causal, cases):
     chunks = [c for c in range(grid.piece, grid.head_dim_padded, grid.piece) if grid.head_dim_padded % c == 0]
     assert chunks, f"head dim {head_dim} padded to {grid.head_dim_padded} has no chunk of {grid.piece} columns"
     want = reference.attention_forward(q, k, v, scale=head_dim**-0.5, causal=causal)[0]
-    for which, target in cases:
-        chunk = {"smallest": chunks[0], "largest": chunks[-1]}.get(which, which)
-        plan = dataclasses.replace(backend.retile(call.plan, {"head_dim_chunk": chunk}), target=target)
-        forward = rules.forward_grid(plan, head_dim)
-        assert forward.chunk == (chunk or grid.head_dim_padded) and forward.pieces_inner == (target == "gpu")
-        if chunk:
-            assert plan.sram_bytes < whole.sram_bytes  # the K^T buffer holds a chunk, not all of D
-        out = dataclasses.replace(call, plan=plan).forward(q, k, v)[0]
-        np.testing.assert_allclose(out, want, atol=3e-5, err_msg=f"chunk {chunk}, {target} loop order")
+    chunk = {"smallest": chunks[0], "largest": chunks[-1]}.get(which, which)
+    plan = dataclasses.replace(backend.retile(call.plan, {"head_dim_chunk": chunk}), target=target)
+    forward = rules.forward_grid(plan, head_dim)
+    assert forward.chunk == (chunk or grid.head_dim_padded) and forward.pieces_inner == (target == "gpu")
+    if chunk:
+        assert plan.sram_bytes < whole.sram_bytes  # the K^T buffer holds a chunk, not all of D
+    out = dataclasses.replace(call, plan=plan).forward(q, k, v)[0]
+    np.testing.assert_allclose(out, want, atol=3e-5, err_msg=f"chunk {chunk}, {target} loop order")
 
 
 @pytest.mark.parametrize("head_dim, aligned", [(40, True), (111, False)])
