@@ -3,7 +3,8 @@
 Executes the planner's CPU plan: tile sizes, worker threads and key splits come from the plan; the
 kernels never choose them. Tile products run in the BLAS that blas.py finds: MKL where the process has it
 (torch's CPU library), else SciPy's OpenBLAS. With MKL, bfloat16 inputs stay bfloat16 and their products
-run as bf16 GEMMs with float32 sums (P and dS rounded to bfloat16 for theirs, as on GPUs); otherwise
+run as bf16 GEMMs with float32 sums (P and dS rounded to bfloat16 for theirs, as on GPUs) -- the forward's
+on torch's own AMX micro-kernel where the CPU has AMX, with K and V packed once per call; otherwise
 float16/bfloat16 inputs are widened to float32 (a linear-size copy, made by serial numba loops:
 operands.py) and computed there. bfloat16 results are narrowed back the same way; float64 inputs are
 computed in float64.
@@ -56,7 +57,7 @@ class NumbaBackend(Backend):
         features=frozenset(FEATURE_NOTES),
         feature_notes=FEATURE_NOTES,
         notes=(("bfloat16 tile products run in bfloat16 (float32 sums) where MKL is loaded (torch's CPU library), "
-                "else in float32"), "float16 inputs are computed in float32", "float64 inputs are computed in float64"),
+                "the forward's on torch's AMX micro-kernel (cpublas::brgemm) where the CPU has AMX; else in float32"), "float16 inputs are computed in float32", "float64 inputs are computed in float64"),
         kvcache="decode.py: a task per (sequence, key split) streams every KV head's cache rows in place (pages through "
                 "the block table), each row shared by its group's query heads; splits merged by LSE",
     )
