@@ -363,7 +363,8 @@ def test_packed_operands_are_laid_out_as_torchs_own_packing():
     v_pairs = np.empty((1, 1, 64, 64), np.uint32)
     kernels.pair_values(v, v_pairs)
     for block in range(2):
-        np.testing.assert_array_equal(k_pairs[0, 0, block], torch_pack(np.ascontiguousarray(k[0, 0, 64 * block:64 * (block + 1)].T)))
+        keys = np.ascontiguousarray(k[0, 0, 64 * block:64 * (block + 1)].T)
+        np.testing.assert_array_equal(k_pairs[0, 0, block], torch_pack(keys))
     np.testing.assert_array_equal(v_pairs[0, 0], torch_pack(v[0, 0]))
 
 

@@ -57,7 +57,8 @@ class NumbaBackend(Backend):
         features=frozenset(FEATURE_NOTES),
         feature_notes=FEATURE_NOTES,
         notes=(("bfloat16 tile products run in bfloat16 (float32 sums) where MKL is loaded (torch's CPU library), "
-                "the forward's on torch's AMX micro-kernel (cpublas::brgemm) where the CPU has AMX; else in float32"), "float16 inputs are computed in float32", "float64 inputs are computed in float64"),
+                "the forward's on torch's AMX micro-kernel (cpublas::brgemm) where the CPU has AMX; else in float32"),
+               "float16 inputs are computed in float32", "float64 inputs are computed in float64"),
         kvcache="decode.py: a task per (sequence, key split) streams every KV head's cache rows in place (pages through "
                 "the block table), each row shared by its group's query heads; splits merged by LSE",
     )

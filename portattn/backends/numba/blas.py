@@ -25,8 +25,9 @@ the arguments they accept (even inner sizes, VNNI-paired right operands), since 
 exception that would end the process.
 
 The kernels call fixed names -- ``portattn_sgemm``, ``portattn_gemm_bf16``, ``portattn_blas_threads_local``,
-``portattn_brgemm_bf16``, ``portattn_brgemm_release`` -- that are bound here to the chosen library's functions (``llvmlite.binding.add_symbol``), never its
-addresses: numba's on-disk cache of the kernels stays valid in a process that made the other choice.
+``portattn_brgemm_bf16``, ``portattn_brgemm_release`` -- that are bound here to the chosen library's
+functions (``llvmlite.binding.add_symbol``), never its addresses: numba's on-disk cache of the kernels
+stays valid in a process that made the other choice.
 """
 from __future__ import annotations
 

@@ -205,7 +205,8 @@ def packed_gemm(typingctx, a, b_pairs, c, accumulate):
         def leading(arr, item):  # the row stride in elements
             return builder.sdiv(cgutils.unpack_tuple(builder, arr.strides, 2)[0], i64(item))
 
-        (rows, cols), pairs = cgutils.unpack_tuple(builder, arrays[2].shape, 2), cgutils.unpack_tuple(builder, arrays[1].shape, 2)[0]
+        rows, cols = cgutils.unpack_tuple(builder, arrays[2].shape, 2)
+        pairs = cgutils.unpack_tuple(builder, arrays[1].shape, 2)[0]
         inner = builder.mul(pairs, i64(2))
         flag = context.cast(builder, args[3], signature.args[3], types.boolean)
         ptr = cgutils.voidptr_t
@@ -237,7 +238,8 @@ def release_tiles(typingctx):
 def exp2_shifted(row, scale, shift, out):
     """``out[j] = 2 ** (scale * row[j] - shift)``; returns the sum of those values. ``out`` is ``row`` itself
     (in place: any other float array is ignored) or, for bfloat16 products, a row of bfloat16 bits that gets
-    the values rounded to nearest even (no pass of its own). (``scale``: scores from a GEMM that could not scale them, ``packed_gemm``; else 1.)"""
+    the values rounded to nearest even (no pass of its own). (``scale``: scores from a GEMM that could not
+    scale them, ``packed_gemm``; else 1.)"""
     raise NotImplementedError("only callable from numba-compiled code")
 
 
@@ -379,7 +381,8 @@ def bfloat16_bits(x):
 
 # Tile scratch rows lie ``block + ROW_PAD`` elements apart, never a power of two: with 512 float32 scores
 # (2 KiB) per row, the 16 rows a GEMM micro-kernel stores at once all fall in the same L1 cache sets. A
-# 256 x 512 x 64 bfloat16 score product took 45.6 us into rows 512 apart, 17.1 us into rows 528 apart.
+# 256 x 512 x 64 bfloat16 score product took 45.6 us into rows 512 apart, 17.1 us into rows 528 apart (one
+# measurement on the project's Xeon VM, whose micro-kernel times vary ~2x with the buffers' placement).
 ROW_PAD = 16
 
 
