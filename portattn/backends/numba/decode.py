@@ -62,6 +62,26 @@ HIDDEN = -1e30
 NOTHING_SEEN = -5e29  # a row whose running max is below this has seen no key yet
 
 
+@numba.njit(inline="always")
+def _locate(table, b, start, n, page_size, last_page, pages, positions):
+    """(cache block, row in it) of sequence b's keys start..start + n into ``pages``/``positions``: once per
+    key block for both the K and the V pass, walking the block table without a division per key (the page
+    lookup per key and pass cost a paged step a third of its time). Page ids are clamped to the cache: a
+    bad table reads a wrong page, never outside. Unpaged (``page_size`` 0): row j of sequence b."""
+    if page_size == 0:
+        for jj in range(n):
+            pages[jj], positions[jj] = b, start + jj
+        return
+    entry, pos = start // page_size, start % page_size
+    page = min(max(table[b, entry], 0), last_page)
+    for jj in range(n):
+        if pos == page_size:
+            entry, pos = entry + 1, 0
+            page = min(max(table[b, entry], 0), last_page)
+        pages[jj], positions[jj] = page, pos
+        pos += 1
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def decode(q, k, v, table, lengths, capacity, page_size, widen, part_out, part_lse, group, causal, win_left,
            win_right, softcap2, alibi, slopes2, keys_per_split, block_k, heads_first):
@@ -83,7 +103,7 @@ def decode(q, k, v, table, lengths, capacity, page_size, widen, part_out, part_l
     kv_heads = heads // group
     rows = heads * n_q
     per_head = group * n_q
-    last_page = k.shape[0] - 1  # page ids clamped to the cache: a bad table reads a wrong page, never outside
+    last_page = k.shape[0] - 1  # page ids clamped to the cache (``_locate``)
     modified = causal or win_left >= 0 or win_right >= 0 or softcap2 > 0.0 or alibi
     for task in prange(batch * splits):
         split = task % splits
@@ -104,11 +124,13 @@ def decode(q, k, v, table, lengths, capacity, page_size, widen, part_out, part_l
         ell = np.zeros(rows, np.float32)
         scores = np.empty((rows, block_k), np.float32)
         buffer = np.empty(dim, np.float32)
+        pages = np.empty(block_k, np.int64)
+        positions = np.empty(block_k, np.int64)
         for start in range(lo, hi, block_k):
             n = min(block_k, hi - start)
+            _locate(table, b, start, n, page_size, last_page, pages, positions)
             for jj in range(n):
-                j = start + jj
-                page, pos = (min(max(table[b, j // page_size], 0), last_page), j % page_size) if page_size > 0 else (b, j)
+                page, pos = pages[jj], positions[jj]
                 for hk in range(kv_heads):
                     k_row = _row(k, page, pos, hk, heads_first, buffer, widen)
                     for r in range(hk * per_head, (hk + 1) * per_head):
@@ -146,8 +168,7 @@ def decode(q, k, v, table, lengths, capacity, page_size, widen, part_out, part_l
                 for d in range(dim):
                     acc[r, d] *= alpha
             for jj in range(n):
-                j = start + jj
-                page, pos = (min(max(table[b, j // page_size], 0), last_page), j % page_size) if page_size > 0 else (b, j)
+                page, pos = pages[jj], positions[jj]
                 for hk in range(kv_heads):
                     v_row = _row(v, page, pos, hk, heads_first, buffer, widen)
                     for r in range(hk * per_head, (hk + 1) * per_head):
