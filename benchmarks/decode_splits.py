@@ -60,7 +60,6 @@ def main(argv=None):
 
     import portattn
     from portattn import api
-    from portattn.backends import triton as triton_backend
     from portattn.backends.triton import decode
     from portattn.extras import NONE
 
@@ -76,7 +75,7 @@ def main(argv=None):
             q = torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.float16)
             k, v = (torch.randn(batch, KV_HEADS, keys, HEAD_DIM, device="cuda", dtype=torch.float16) for _ in range(2))
             call = api.prepare(q, k, v, backend="triton")
-            planned = triton_backend._decode_steps(call.backend, call.spec)
+            planned = call.backend.forward_decode_plan(call.spec)
             point = {"batch": batch, "keys": keys, "planned_splits": planned.key_splits, "splits": {},
                      "sdpa": {"gpu_us": triton.testing.do_bench(lambda: sdpa(q, k, v, enable_gqa=True),
                                                                 return_mode="median") * 1e3,
@@ -103,7 +102,6 @@ def sweep_tiles(torch, triton, keys: int, sdpa) -> dict:
     """GPU time of a batch-1 step over ``keys`` keys for each (block_k, warps, stages) at the plan's splits and twice;
     achieved bandwidth = the plan's bytes moved / time."""
     from portattn import api
-    from portattn.backends import triton as triton_backend
     from portattn.backends.triton import decode
     from portattn.extras import NONE
     from portattn.tiling.decode import GPU_MAX_SPLITS
@@ -111,7 +109,7 @@ def sweep_tiles(torch, triton, keys: int, sdpa) -> dict:
     q = torch.randn(1, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.float16)
     k, v = (torch.randn(1, KV_HEADS, keys, HEAD_DIM, device="cuda", dtype=torch.float16) for _ in range(2))
     call = api.prepare(q, k, v, backend="triton")
-    planned = triton_backend._decode_steps(call.backend, call.spec)
+    planned = call.backend.forward_decode_plan(call.spec)
     result = {"keys": keys, "planned": [planned.block_k, planned.warps, planned.stages, planned.key_splits],
               "bytes_moved": planned.bytes_moved, "configs": [],
               "sdpa_gpu_us": triton.testing.do_bench(lambda: sdpa(q, k, v, enable_gqa=True), return_mode="median") * 1e3}

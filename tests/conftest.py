@@ -81,15 +81,12 @@ def split_decoding(monkeypatch):
 
 
 def _forget_plans():
-    import sys
-
     from portattn import api, kvcache
+    from portattn.backends import base
     from portattn.tiling import decode
 
     decode.plan_decode.cache_clear()
     kvcache._decode_plan.cache_clear()
     api._PREPARED.clear()
     kvcache._CHECKED.clear()
-    triton_backend = sys.modules.get("portattn.backends.triton")
-    if triton_backend is not None:
-        triton_backend._decode_steps.cache_clear()
+    base._forward_decode_plan.cache_clear()

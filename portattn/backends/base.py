@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
 from ..devices import DeviceSpec
+from ..memo import by_identity
 from ..spec import FEATURES
 from ..tiling import TilePlan
 from ..tiling import plan as make_plan
-from ..tiling.decode import MAX_QUERIES, DecodePlan, DecodeProblem, plan_decode
+from ..tiling.decode import MAX_QUERIES, DecodePlan, DecodeProblem, plan_decode, with_decode_reason
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,17 @@ class Backend(ABC):
         """The description of the device this backend would run ``spec`` on."""
 
     def plan(self, spec, device: DeviceSpec | None = None) -> TilePlan:
-        return make_plan(spec, device or self.device(spec))
+        return with_decode_reason(make_plan(spec, device or self.device(spec)), spec, self.forward_decode_plan(spec))
+
+    def takes_decode(self, spec) -> bool:
+        """Whether ``forward`` runs ``spec`` (a few queries per sequence) through this backend's decode kernel
+        rather than its tiled one; a backend with such a kernel says when (its decode module's ``takes``)."""
+        return False
+
+    def forward_decode_plan(self, spec) -> DecodePlan | None:
+        """The decode plan ``forward`` runs ``spec`` with (``takes_decode``), or None for the tiled forward:
+        cached per spec, since a forward asks on every call."""
+        return _forward_decode_plan(self, spec)
 
     def retile(self, plan: TilePlan, changes: Mapping[str, object]) -> TilePlan | None:
         """``plan`` with some tile fields changed (an autotuning candidate, or a remembered winner), or
@@ -211,3 +222,10 @@ def register(cls: type[Backend]) -> type[Backend]:
     """Class decorator: one instance of each backend goes into ``REGISTRY``."""
     REGISTRY[cls.name] = cls()
     return cls
+
+
+@by_identity
+def _forward_decode_plan(backend, spec):
+    if backend.capabilities.kvcache is None or not backend.takes_decode(spec):
+        return None
+    return backend.decode_plan(spec, 0, spec.batch * spec.seqlen_k)

@@ -368,7 +368,6 @@ def test_output_alone_skips_the_lse_and_is_the_same(triton_backend, n_q, n_k, al
     output of the call that does; so do the decode kernel's few-query calls, one split (a short cache, the
     decode plan's D6) or several. A causal bottom-right call with as many queries as keys (a model's prefill)
     has no bottom-right flag: it compiles as top-left does (the featureless kernel, without GQA)."""
-    from portattn.backends import triton as triton_module
     from portattn.backends.triton import launch
 
     q, k, v, _ = (_to(x, torch.float32, grad=False) for x in _inputs(1, 4, 2, n_q, n_k, 32))
@@ -377,7 +376,7 @@ def test_output_alone_skips_the_lse_and_is_the_same(triton_backend, n_q, n_k, al
     torch.testing.assert_close(alone, out, rtol=0, atol=0)
     assert torch.isfinite(lse).all()
     call = api.prepare(q, k, v, causal=True, align=align, backend="triton")
-    steps = triton_module._decode_steps(call.backend, call.spec)
+    steps = call.backend.forward_decode_plan(call.spec)
     if n_q <= 16:  # the decode kernel
         assert steps is not None and steps.key_splits == (1 if n_k < 1000 else steps.key_splits) and (
             n_k < 1000 or steps.key_splits > 1)

@@ -19,8 +19,6 @@ from __future__ import annotations
 import numpy as np
 
 from ...devices import probe
-from ...memo import by_identity
-from ...tiling.decode import with_decode_reason
 from ..base import Backend, Capabilities, register
 from . import launch
 
@@ -75,7 +73,7 @@ class NumbaBackend(Backend):
         return probe.probe_cpu()
 
     def forward(self, q, k, v, spec, plan, extras):
-        steps = _decode_steps(self, spec)
+        steps = self.forward_decode_plan(spec)
         if steps is not None:  # few queries per sequence: the decode kernel (GQA packed, split-KV)
             from . import decode
 
@@ -118,8 +116,10 @@ class NumbaBackend(Backend):
                                           scale, features, block_q, block_k, max(1, key_blocks), True)
         return tuple(launch.returned(g, q) for g in (dq, dk, dv))
 
-    def plan(self, spec, device=None):
-        return with_decode_reason(super().plan(spec, device), spec, _decode_steps(self, spec))
+    def takes_decode(self, spec) -> bool:
+        from . import decode  # imports numba: only when asked
+
+        return decode.takes(spec)
 
     def decode_kvcache(self, q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
         from . import decode  # imports numba: only when a decoding step runs
@@ -133,18 +133,3 @@ class NumbaBackend(Backend):
         keep = np.empty((spec.batch, spec.heads, spec.seqlen_q, spec.seqlen_k), np.bool_)
         launch.kernels().dropout_keep(launch.features(spec, extras, launch.compute_dtype(spec)), keep)
         return keep
-
-
-@by_identity
-def _decode_steps(backend, spec):
-    """The decode plan ``forward`` runs ``spec`` with (``decode.takes``), or None for the tiled forward: cached
-    per spec, since a forward asks on every call. (decode.py imports numba; ``takes`` alone is asked first.)"""
-    if not _takes_decode(spec):
-        return None
-    return backend.decode_plan(spec, 0, spec.batch * spec.seqlen_k)
-
-
-def _takes_decode(spec) -> bool:
-    from . import decode
-
-    return decode.takes(spec)

@@ -42,7 +42,6 @@ from ...devices import catalog, cuda_index, probe
 from ...extras import NONE
 from ...memo import by_identity
 from ...spec import FEATURES
-from ...tiling.decode import with_decode_reason
 from ..base import Backend, Capabilities, register
 from . import hopper, launch
 from .launch import interpreting
@@ -134,7 +133,7 @@ class TritonBackend(Backend):
 
     def _forward(self, q, k, v, spec, plan, extras, store_lse: bool):
         """(out, lse); ``store_lse`` False: lse is None where the kernel could skip it (one key split)."""
-        steps = _decode_steps(self, spec)
+        steps = self.forward_decode_plan(spec)
         if steps is not None:  # few queries per sequence: the decode kernel (GQA packed, split-KV)
             from . import decode
 
@@ -183,8 +182,12 @@ class TritonBackend(Backend):
         return out, lse
 
     def plan(self, spec, device=None):
-        plan = with_decode_reason(super().plan(spec, device), spec, _decode_steps(self, spec))
-        return _with_hopper_reason(plan, _hopper_config(self, spec))
+        return _with_hopper_reason(super().plan(spec, device), _hopper_config(self, spec))
+
+    def takes_decode(self, spec) -> bool:
+        from . import decode
+
+        return decode.takes(spec)
 
     def decode_kvcache(self, q, k_cache, v_cache, block_table, lengths, spec, plan, extras):
         from . import decode
@@ -267,18 +270,6 @@ class TritonBackend(Backend):
                 kernels.dropout_mask[grid](keep, *keep.stride()[:3], h, nq, nk, int(extras.dropout_seed),
                                            float(spec.dropout_p), BLOCK_M=32, BLOCK_N=32)
         return keep.bool().cpu().numpy()
-
-
-@by_identity
-def _decode_steps(backend, spec):
-    """The decode plan ``forward`` runs ``spec`` with, or None when it takes the prefill kernels
-    (``decode.takes``; what else the decode kernel needs, ``not_supported_reasons`` checked before any forward):
-    cached per spec, since a forward asks on every call."""
-    from . import decode
-
-    if backend.capabilities.kvcache is None or not decode.takes(spec):
-        return None
-    return backend.decode_plan(spec, 0, spec.batch * spec.seqlen_k)
 
 
 @by_identity
